@@ -1,0 +1,64 @@
+"""What every command shares: the console, error reporting and option aliases."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from freetumor_cli.core.errors import FreetumorError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="YAML file with configuration values (overridden by --set and flags).", show_default=False
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override one configuration value, e.g. --set rules.abdomen_hu_change=[60,120]. Repeatable.",
+        show_default=False,
+    ),
+]
+SeedOption = Annotated[
+    int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default="0")
+]
+
+
+def report_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn a :class:`FreetumorError` into a one-line message and its exit code (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except FreetumorError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished outputs are kept, none is half-written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)

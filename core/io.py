@@ -1,0 +1,243 @@
+"""Volume I/O: NIfTI images with their geometry, written atomically and in the input's geometry.
+
+A :class:`Volume` holds the voxel array, its 4×4 voxel-to-world affine (RAS+ millimetres, as nibabel
+reports it) and the header it came with. New arrays are made "like" a reference volume, so anything
+written for an input carries that input's affine, shape and orientation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from freetumor_cli.core.errors import GeometryError, InputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# Relative tolerance on affines when comparing an image with its labels: header round-offs in
+# real data (float32 qform vs sform) are far below it; a different grid is far above.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D array with its geometry.
+
+    Attributes:
+        array: voxel values, shape ``(I, J, K)``.
+        affine: voxel-to-world matrix, shape ``(4, 4)``, millimetres.
+        header: the NIfTI header the volume was read with (None for volumes made in memory).
+        path: where it was read from, if anywhere.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+    path: Path | None = field(default=None)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis (the column norms of the affine), shape ``(3,)``."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def like(self, array: np.ndarray) -> Volume:
+        """A new volume with ``array`` on this volume's grid (same affine and header)."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"shape {array.shape} does not match {self.shape}")
+        return Volume(array, self.affine.copy(), self.header, None)
+
+    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """World coordinates (mm) of voxel indices, shape ``(..., 3)``."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """The case id of an image path: the file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith("_0000"):
+        name = name[: -len("_0000")]
+    return name
+
+
+def is_nifti(path: str | os.PathLike[str]) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+    """Read a 3D NIfTI volume.
+
+    Integer data without scaling keeps its dtype; scaled data comes back as float. A 4D volume
+    whose extra axes have length 1 is squeezed to 3D.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        what: what the file is, for error messages ("image", "labels", ...).
+
+    Raises:
+        InputError: the file is missing, unreadable or not NIfTI.
+        GeometryError: the volume is not 3D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}", hint="check the path")
+    if path.is_dir():
+        raise InputError(f"{what} path is a folder, expected a NIfTI file: {path}")
+    if not is_nifti(path):
+        raise InputError(f"{what} file is not NIfTI (.nii or .nii.gz): {path}")
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many kinds; all mean "cannot read"
+        raise InputError(f"cannot read {what} {path}: {exc}".rstrip()) from exc
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"{what} file is not a NIfTI image: {path}")
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise GeometryError(
+            f"{what} {path} is not a 3D volume (shape {tuple(array.shape)})",
+            hint="pass a single 3D CT volume",
+        )
+    header = image.header.copy()
+    return Volume(np.asarray(array), np.asarray(image.affine, dtype=np.float64), header, path)
+
+
+def disk_dtype(volume: Volume) -> np.dtype:
+    """The dtype the volume was stored with (its array's dtype for in-memory volumes)."""
+    if volume.header is not None:
+        return np.dtype(volume.header.get_data_dtype())
+    return volume.array.dtype
+
+
+def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast to ``dtype``, rounding and clipping to its range for integer types."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def _nifti_image(array: np.ndarray, reference: Volume, *, label: bool) -> nib.Nifti1Image:
+    header = reference.header.copy() if reference.header is not None else nib.Nifti1Header()
+    if label:
+        # A label map needs no intensity scaling, and header extensions from the image (label tables
+        # of other tools, for instance) would describe the wrong values.
+        header.extensions.clear()
+        header["descrip"] = b"freetumor labels"
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(array, reference.affine, header=header)
+    # Arrays arrive already in their stored dtype: no scaling, so values are written exactly.
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
+
+
+def label_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.uint8) if max_value <= np.iinfo(np.uint8).max else np.dtype(np.int16)
+
+
+def save_volume(
+    array: np.ndarray,
+    reference: Volume,
+    path: str | os.PathLike[str],
+    *,
+    label: bool = False,
+) -> Path:
+    """Write ``array`` on ``reference``'s grid to ``path`` atomically.
+
+    The file is written to a temporary name in the destination folder and renamed into place, so an
+    interrupted run never leaves a half-written file under the final name.
+
+    Args:
+        array: values of shape ``reference.shape``; integers for labels.
+        reference: the volume whose affine, orientation and header the output takes.
+        path: destination, ``.nii.gz`` or ``.nii``.
+        label: write as a label map (integer dtype, no scaling, no foreign header extensions).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if tuple(array.shape) != reference.shape:
+        raise GeometryError(f"array shape {array.shape} does not match reference {reference.shape}")
+    if not is_nifti(path):
+        raise InputError(f"output must end with .nii.gz or .nii: {path}")
+    if label:
+        if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.rint(array)):
+            raise ValueError("label arrays must hold integers")
+        max_value = int(array.max()) if array.size else 0
+        array = array.astype(label_dtype(max_value), copy=False)
+    image = _nifti_image(array, reference, label=label)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def check_same_grid(image: Volume, labels: Volume, *, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> None:
+    """Raise :class:`GeometryError` unless ``labels`` lies on ``image``'s voxel grid.
+
+    The affines may differ by ``tolerance_mm`` (relative to the voxel size for the rotation-zoom
+    part, absolute in mm for the origin), which absorbs float32 header round-off.
+    """
+    if image.shape != labels.shape:
+        raise GeometryError(
+            f"image {image.path} has shape {image.shape} but labels {labels.path} have {labels.shape}",
+            hint="the organ mask must be on the CT's voxel grid; resample it with nearest neighbour",
+        )
+    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
+    diff = np.abs(image.affine - labels.affine)
+    if diff[:3, :3].max() > tolerance_mm * scale or diff[:3, 3].max() > max(tolerance_mm * scale, 1e-2):
+        raise GeometryError(
+            f"image {image.path} and labels {labels.path} have different affines "
+            f"(largest difference {diff.max():.4g} mm)",
+            hint="the organ mask must be on the CT's voxel grid; resample it with nearest neighbour",
+        )

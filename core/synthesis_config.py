@@ -1,0 +1,135 @@
+"""Configuration of tumor synthesis: pure data, cheap to import (the command line reads its defaults).
+
+:class:`SynthesisConfig` holds the rule-based engine's constants (DESIGN §5, in millimetres and
+Hounsfield units); :class:`SynthesizeConfig` everything that decides what ``freetumor synthesize``
+produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SizeName = Literal["tiny", "small", "medium", "large"]
+SIZE_CLASSES: tuple[str, ...] = ("tiny", "small", "medium", "large")
+SIZE_CHOICES: tuple[str, ...] = (*SIZE_CLASSES, "mix")
+
+
+@dataclass(frozen=True)
+class SizeClass:
+    """One tumor size class.
+
+    Attributes:
+        radius_mm: base radius R; each axis radius is drawn in ``radius_jitter`` × R.
+        elastic_sigma_mm: range of the elastic displacement strength (standard deviation, mm).
+        count: range (inclusive) of tumors per call when the count is not fixed.
+    """
+
+    radius_mm: float
+    elastic_sigma_mm: tuple[float, float]
+    count: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Constants of the rule-based engine (DESIGN §5), in millimetres and Hounsfield units.
+
+    The originals are given in voxels at 1.5 mm; they are converted here (× 1.5).
+    """
+
+    tiny: SizeClass = SizeClass(6.0, (0.75, 1.5), (3, 10))
+    small: SizeClass = SizeClass(12.0, (1.5, 3.0), (3, 10))
+    medium: SizeClass = SizeClass(24.0, (4.5, 9.0), (2, 5))
+    large: SizeClass = SizeClass(48.0, (7.5, 15.0), (1, 3))
+    radius_jitter: tuple[float, float] = (0.75, 1.25)
+    # Texture (made on a grid of texture_spacing_mm, then resampled to the image's voxels).
+    texture_spacing_mm: float = 1.5
+    texture_sigma_a_mm: float = 4.5
+    texture_base: tuple[float, float] = (0.04, 0.06)
+    texture_scale: tuple[float, float] = (0.19, 0.21)
+    texture_sigma_b_mm: float = 6.0
+    texture_threshold: float = 0.12
+    texture_mean: tuple[float, float] = (0.5, 0.55)
+    edge_sigma_mm: tuple[float, float] = (1.5, 3.0)
+    # Intensity change in HU, multiplied by texture and blurred mask. Abdomen tumors get darker
+    # (SyntheticTumors' calibrated drop), lung lesions brighter (ground-glass to consolidation).
+    abdomen_hu_change: tuple[float, float] = (65.0, 145.0)
+    lung_hu_change: tuple[float, float] = (250.0, 500.0)
+    # Placement.
+    min_depth_fraction: float = 0.5
+    center_slab: tuple[float, float] = (0.3, 0.7)
+    placement_grid_mm: float = 4.0
+    min_kept_fraction: float = 0.3
+    max_placement_attempts: int = 20
+
+    def size_class(self, name: str) -> SizeClass:
+        if name not in SIZE_CLASSES:
+            raise ValueError(f"unknown size class {name!r}; choose one of {', '.join(SIZE_CHOICES)}")
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+    def __post_init__(self) -> None:
+        for name in SIZE_CLASSES:
+            sc = getattr(self, name)
+            if sc.radius_mm <= 0 or sc.count[0] < 1 or sc.count[1] < sc.count[0]:
+                raise ValueError(f"size class {name}: radius must be > 0 and count a range of >= 1")
+        for key in (
+            "radius_jitter",
+            "texture_base",
+            "texture_scale",
+            "texture_mean",
+            "edge_sigma_mm",
+            "abdomen_hu_change",
+            "lung_hu_change",
+            "center_slab",
+        ):
+            low, high = getattr(self, key)
+            if low > high or low < 0:
+                raise ValueError(f"{key} must be a range low <= high of non-negative values")
+        if not 0 <= self.min_depth_fraction <= 1.5:
+            raise ValueError("min_depth_fraction must lie in [0, 1.5]")
+
+
+OrganName = Literal["liver", "pancreas", "kidney", "lung"]
+SizeChoice = Literal["tiny", "small", "medium", "large", "mix"]
+SchemeChoice = Literal["auto", "freetumor", "totalsegmentator", "binary"]
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    """Everything that decides what ``synthesize`` produces (written into each JSON sidecar).
+
+    Attributes:
+        organ: target organ.
+        size: size class, or ``mix`` (a class per tumor among those that fit).
+        count: tumors per output; None draws it from the size class's range.
+        radius_mm: exact base radius in mm; overrides ``size``.
+        seed: seed of the first copy; copy ``k`` uses ``seed + k``.
+        copies: variants per input.
+        engine: ``rules`` (the learned generator comes with ``train-synth``).
+        label_scheme: how to read the organ labels.
+        preview: also write a PNG of each tumor, before and after.
+        overwrite: replace existing outputs.
+        rules: constants of the rule-based engine.
+    """
+
+    organ: OrganName = "liver"
+    size: SizeChoice = "mix"
+    count: int | None = 1
+    radius_mm: float | None = None
+    seed: int = 0
+    copies: int = 1
+    engine: Literal["rules"] = "rules"
+    label_scheme: SchemeChoice = "auto"
+    preview: bool = False
+    overwrite: bool = False
+    rules: SynthesisConfig = SynthesisConfig()
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.count < 1:
+            raise ValueError("count must be at least 1")
+        if self.copies < 1:
+            raise ValueError("copies must be at least 1")
+        if self.radius_mm is not None and self.radius_mm <= 0:
+            raise ValueError("radius_mm must be positive")
+        if self.seed < 0:
+            raise ValueError("seed must be non-negative")

@@ -1,0 +1,373 @@
+"""File-level tumor synthesis: CT files in, CT + label + JSON (+ preview) files out.
+
+:func:`synthesize_case` does one image; :func:`collect_cases` turns a file, a folder or a MONAI
+data-list JSON into cases, finding organ labels beside images by the nnU-Net convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from freetumor_cli import __version__
+from freetumor_cli.core.config import to_dict
+from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
+from freetumor_cli.core.io import (
+    Volume,
+    case_name,
+    cast_like,
+    check_same_grid,
+    disk_dtype,
+    is_nifti,
+    load_volume,
+    save_volume,
+    write_text_atomic,
+)
+from freetumor_cli.core.labels import (
+    REGION_LABELS,
+    OrganSpec,
+    foreign_to_region,
+    organ_spec,
+)
+from freetumor_cli.core.synthesis_config import SynthesizeConfig
+from freetumor_cli.core.tumor import TumorRecord, prepare_organ, synthesize_in_organ
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: an image, its organ labels (if known) and where the labels came from."""
+
+    image: Path
+    labels: Path | None
+    name: str
+    labels_found_by: str = "given"
+
+
+@dataclass
+class CaseResult:
+    """What :func:`synthesize_case` wrote for one case."""
+
+    case: str
+    outputs: list[Path] = field(default_factory=list)
+    tumors: list[list[TumorRecord]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Case]:
+    """Turn ``--in`` (a NIfTI file, a folder of them, or a MONAI data-list JSON) into cases.
+
+    Args:
+        input_path: the input.
+        labels: a label file (single image) or a folder of label files named like the images
+            (``case.nii.gz``); when None, labels are looked up beside each image.
+
+    Raises:
+        InputError: nothing usable was found.
+    """
+    path = Path(input_path)
+    labels_path = Path(labels) if labels is not None else None
+    if not path.exists():
+        raise InputError(f"input not found: {path}", hint="pass a NIfTI file, a folder of them or a data-list JSON")
+    if path.suffix == ".json":
+        return _cases_from_datalist(path, labels_path)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+        if not images:
+            raise InputError(f"no .nii or .nii.gz files in folder {path}")
+        if labels_path is not None and not labels_path.is_dir():
+            raise InputError(f"with a folder of images, --labels must be a folder too: {labels_path}")
+        return [_case_for(image, labels_path) for image in images]
+    if not is_nifti(path):
+        raise InputError(f"input is not NIfTI (.nii or .nii.gz) nor a data-list JSON: {path}")
+    return [_case_for(path, labels_path)]
+
+
+def _case_for(image: Path, labels: Path | None) -> Case:
+    name = case_name(image)
+    if labels is None:
+        found = find_labels_beside(image)
+        return Case(image, found, name, "nnU-Net convention" if found else "none")
+    if labels.is_dir():
+        for candidate in (f"{name}.nii.gz", f"{name}.nii", image.name):
+            if (labels / candidate).is_file():
+                return Case(image, labels / candidate, name, "label folder")
+        return Case(image, None, name, "none")
+    return Case(image, labels, name)
+
+
+def find_labels_beside(image: Path) -> Path | None:
+    """The label file of ``imagesXx/<case>_0000.nii.gz`` by the nnU-Net convention, if it exists."""
+    folder = image.parent
+    if not folder.name.startswith("images"):
+        return None
+    label_folder = folder.parent / ("labels" + folder.name[len("images") :])
+    name = case_name(image)
+    for suffix in (".nii.gz", ".nii"):
+        candidate = label_folder / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read data list {path}: {exc}") from exc
+    if isinstance(data, dict):
+        entries = [e for key in ("training", "validation", "test", "testing") for e in data.get(key, [])]
+    elif isinstance(data, list):
+        entries = data
+    else:
+        entries = []
+    cases = []
+    for entry in entries:
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise InputError(f"data list {path}: each entry needs an 'image' key, got {entry!r}")
+        image = _resolve(path.parent, entry["image"])
+        if entry.get("label"):
+            cases.append(Case(image, _resolve(path.parent, entry["label"]), case_name(image), "data list"))
+        else:
+            cases.append(_case_for(image, labels))
+    if not cases:
+        raise InputError(
+            f"data list {path} holds no entries", hint="expected MONAI's {'training': [{'image': ..., 'label': ...}]}"
+        )
+    return cases
+
+
+def _resolve(base: Path, value: object) -> Path:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise InputError(f"data list paths must be strings, got {value!r}")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: bool) -> dict[str, Path]:
+    """The files written for one copy of one case."""
+    stem = f"{case}_synthetic" if copy_index is None else f"{case}_synthetic_{copy_index:03d}"
+    paths = {
+        "image": out_dir / f"{stem}.nii.gz",
+        "label": out_dir / f"{stem}_label.nii.gz",
+        "json": out_dir / f"{stem}.json",
+    }
+    if preview:
+        paths["preview"] = out_dir / f"{stem}_preview.png"
+    return paths
+
+
+def detect_label_scheme(values: np.ndarray, organ: OrganSpec) -> str:
+    """Guess how a label map is encoded from its values.
+
+    Binary when only 0 and 1 occur; TotalSegmentator when a value exceeds freetumor's space for the
+    organ's region; freetumor otherwise. (A TotalSegmentator crop holding only classes that are also
+    freetumor values is read as freetumor: pass the scheme explicitly then.)
+    """
+    top = max(REGION_LABELS[organ.region])
+    present = set(int(v) for v in values)
+    if present <= {0, 1}:
+        return "binary"
+    if max(present) > top:
+        return "totalsegmentator"
+    return "freetumor"
+
+
+def organ_labels_in_region(labels: Volume, organ: OrganSpec, scheme: str) -> tuple[np.ndarray, str]:
+    """Map a label volume into the organ's region space (abdomen 7-class or chest).
+
+    Returns:
+        (uint8 label array in the region space, the scheme used).
+
+    Raises:
+        LabelError: values not in the scheme, non-integer labels, or the organ is absent.
+    """
+    array = labels.array
+    if not np.issubdtype(array.dtype, np.integer):
+        if np.isnan(array).any() or not np.array_equal(array, np.rint(array)):
+            raise LabelError(f"labels {labels.path} hold non-integer values", hint="pass an integer label map")
+        array = array.astype(np.int64)
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise LabelError(f"labels {labels.path} hold values outside 0..65535")
+    values = np.unique(array)
+    used = detect_label_scheme(values, organ) if scheme == "auto" else scheme
+    if used == "freetumor":
+        allowed = set(REGION_LABELS[organ.region])
+        bad = sorted(set(int(v) for v in values) - allowed)
+        if bad:
+            raise LabelError(
+                f"labels {labels.path} hold values {bad} outside freetumor's {organ.region} scheme "
+                f"({', '.join(f'{k} {v}' for k, v in REGION_LABELS[organ.region].items())})",
+                hint="pass --label-scheme totalsegmentator or binary if the labels use another scheme",
+            )
+        region = array.astype(np.uint8)
+    else:
+        if used == "binary":
+            bad = sorted(set(int(v) for v in values) - {0, 1})
+            if bad:
+                raise LabelError(f"labels {labels.path} are not a binary mask (values {bad[:5]})")
+        mapping = foreign_to_region(used, organ)
+        lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+        for source, target in mapping.items():
+            if source < len(lut):
+                lut[source] = target
+        region = lut[array]
+    if not (region == organ.value).any():
+        where = {
+            "totalsegmentator": f"TotalSegmentator ids {', '.join(map(str, organ.totalseg_ids))}",
+            "binary": "value 1 of the binary mask",
+            "freetumor": f"value {organ.value}",
+        }[used]
+        raise LabelError(
+            f"no {organ.name} in labels {labels.path} ({used} scheme, {where}; values present: "
+            f"{', '.join(str(int(v)) for v in values[:12])})",
+            hint="check --organ, or pass --label-scheme if the scheme was guessed wrong",
+        )
+    return region, used
+
+
+def check_ct_values(image: Volume) -> list[str]:
+    """Refuse NaN voxels; warn when the intensities do not look like CT in Hounsfield units."""
+    array = image.array
+    if np.issubdtype(array.dtype, np.floating):
+        nan = int(np.isnan(array).sum())
+        if nan:
+            raise InputError(f"image {image.path} has {nan} NaN voxels", hint="replace them (e.g. with -1024 HU) first")
+    sample = array[::2, ::2, ::2]
+    low, high = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 0.0)
+    if low > -500 or high > 4000 or high - low < 200:
+        return [
+            f"image {image.path} spans {low:.0f}..{high:.0f} (0.5-99.5 percentile): that does not look like "
+            "CT in Hounsfield units (air is about -1000 HU), so the tumor contrast may be wrong"
+        ]
+    return []
+
+
+def synthesize_case(
+    case: Case,
+    config: SynthesizeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    on_copy_done: Callable[[], None] | None = None,
+) -> CaseResult:
+    """Synthesize ``config.copies`` variants of one case and write them to ``out_dir``.
+
+    All checks happen before anything is written: a bad input leaves no file behind.
+    """
+    out = Path(out_dir)
+    organ = organ_spec(config.organ)
+    result = CaseResult(case.name)
+    if case.labels is None:
+        raise InputError(
+            f"no organ labels for {case.image}",
+            hint=(
+                "pass --labels with a label map, a TotalSegmentator output (TotalSegmentator -i ct.nii.gz "
+                "-o seg --ml) or a binary organ mask; or put it in labelsTr/ beside imagesTr/"
+            ),
+        )
+    copies: list[int | None] = [None] if config.copies == 1 else list(range(1, config.copies + 1))
+    all_paths = [output_paths(out, case.name, c, preview=config.preview) for c in copies]
+    if not config.overwrite:
+        existing = [p for paths in all_paths for p in paths.values() if p.exists()]
+        if existing:
+            raise OutputExistsError(f"output exists: {existing[0]}", hint="pass --overwrite to replace it")
+    image = load_volume(case.image, what="image")
+    labels = load_volume(case.labels, what="labels")
+    check_same_grid(image, labels)
+    result.warnings.extend(check_ct_values(image))
+    region_labels, scheme = organ_labels_in_region(labels, organ, config.label_scheme)
+    if config.label_scheme == "auto":
+        result.notes.append(f"labels {case.labels.name}: detected the {scheme} scheme")
+    if case.labels_found_by == "nnU-Net convention":
+        result.notes.append(f"labels found beside the image: {case.labels}")
+    organ_mask = region_labels == organ.value
+    source = image.array
+    dtype = disk_dtype(image)
+    geometry = prepare_organ(organ_mask, organ, spacing=image.spacing, affine=image.affine, config=config.rules)
+    for copy_index, paths in zip(copies, all_paths, strict=True):
+        seed = config.seed + (0 if copy_index is None else copy_index - 1)
+        rng = np.random.default_rng(seed)
+        synth = synthesize_in_organ(
+            source,
+            organ_mask,
+            organ,
+            spacing=image.spacing,
+            affine=image.affine,
+            rng=rng,
+            size=config.size,
+            count=config.count,
+            radius_mm=config.radius_mm,
+            config=config.rules,
+            geometry=geometry,
+        )
+        result.notes.extend(n for n in synth.notes if n not in result.notes)
+        new_image = source.copy() if source.dtype == dtype else source.astype(dtype)
+        region = new_image[synth.bbox]
+        changed = synth.image != source[synth.bbox].astype(np.float32)
+        region[changed] = cast_like(synth.image[changed], dtype)
+        new_labels = region_labels.copy()
+        label_region = new_labels[synth.bbox]
+        label_region[synth.tumor_mask & (label_region == organ.value)] = organ.tumor_value
+        save_volume(new_image, image, paths["image"])
+        save_volume(new_labels, image, paths["label"], label=True)
+        sidecar = {
+            "tool": "freetumor",
+            "version": __version__,
+            "engine": config.engine,
+            "seed": seed,
+            "input": str(case.image),
+            "labels": str(case.labels),
+            "label_scheme": scheme,
+            "organ": organ.name,
+            "region": organ.region,
+            "label_values": {"organ": organ.value, "tumor": organ.tumor_value},
+            "spacing_mm": [round(float(s), 4) for s in image.spacing],
+            "shape": list(image.shape),
+            "tumors": [asdict(t) for t in synth.tumors],
+            "notes": synth.notes,
+            "config": to_dict(config),
+        }
+        write_text_atomic(paths["json"], json.dumps(sidecar, indent=2) + "\n")
+        written = [paths["image"], paths["label"], paths["json"]]
+        if config.preview:
+            from freetumor_cli.core.preview import save_tumor_preview
+
+            save_tumor_preview(
+                before=image.like(np.asarray(source)),
+                after=image.like(new_image),
+                tumor_mask=new_labels == organ.tumor_value,
+                centers=[t.center_voxel for t in synth.tumors],
+                region=organ.region,
+                path=paths["preview"],
+                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {seed}",
+            )
+            written.append(paths["preview"])
+        result.outputs.extend(written)
+        result.tumors.append(synth.tumors)
+        if on_copy_done is not None:
+            on_copy_done()
+    return result
+
+
+def iter_results(
+    cases: Iterable[Case],
+    config: SynthesizeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    on_copy_done: Callable[[], None] | None = None,
+) -> Iterable[tuple[Case, CaseResult | Exception]]:
+    """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it."""
+    for case in cases:
+        try:
+            yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done)
+        except FreetumorError as exc:
+            yield case, exc

@@ -1,0 +1,512 @@
+"""The rule-based tumor engine: shape, position, texture and intensity change of synthetic tumors.
+
+The recipe is SyntheticTumors' (Hu et al., CVPR 2023) as FreeTumor uses it, with its constants given
+in millimetres so every voxel size yields the same physical tumors, and with these fixes:
+
+- placement re-samples instead of falling back to voxel (0, 0, 0), prefers centers at least half a
+  radius deep inside the organ, and clips the tumor to the TARGET organ only;
+- texture is made for the tumor's own box (no 2 GB pre-computed volume, no start-up cost, no size
+  limit), normalised independently of the box size;
+- all work happens in the tumor's bounding box, in float32;
+- every random draw comes from one ``numpy.random.Generator``: the same seed gives the same tumor.
+
+Array functions here take and return plain numpy arrays; geometry (spacing in mm per array axis) is
+passed explicitly. The file-level API is :mod:`freetumor_cli.core.synthesize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from freetumor_cli.core.errors import LabelError, OrganTooSmallError
+from freetumor_cli.core.labels import OrganSpec
+from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SizeClass, SynthesisConfig
+
+
+@dataclass
+class TumorRecord:
+    """What was inserted: one synthetic tumor."""
+
+    organ: str
+    size_class: str
+    center_voxel: tuple[int, int, int]
+    radii_mm: tuple[float, float, float]
+    elastic_sigma_mm: float
+    edge_sigma_mm: float
+    intensity_change_hu: float
+    depth_mm: float
+    voxels: int
+    volume_ml: float = 0.0
+    kept_fraction: float = 1.0
+    mean_hu_change: float = 0.0
+    center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class OrganGeometry:
+    """An organ prepared once per volume for any number of tumors.
+
+    Attributes:
+        mask: the organ's voxels inside ``bbox``, bool.
+        bbox: slices of the organ's bounding box in the volume.
+        spacing: voxel size in mm per array axis.
+        depth_mm: coarse map of the distance (mm) from organ voxels to the organ's surface.
+        coarse_step: the stride of ``depth_mm`` along each axis, in voxels.
+        slab: bool mask over ``depth_mm``: cells in the organ's middle slab along the body axis.
+    """
+
+    organ: OrganSpec
+    mask: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    spacing: np.ndarray
+    depth_mm: np.ndarray
+    coarse_step: np.ndarray
+    slab: np.ndarray
+    voxel_volume_ml: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def volume_ml(self) -> float:
+        return float(self.mask.sum()) * self.voxel_volume_ml
+
+    @property
+    def max_depth_mm(self) -> float:
+        return float(self.depth_mm.max()) if self.depth_mm.size else 0.0
+
+    def fits(self, radius_mm: float, min_depth_fraction: float) -> bool:
+        return self.max_depth_mm >= min_depth_fraction * radius_mm
+
+
+def body_axis(affine: np.ndarray) -> int:
+    """The array axis closest to the world's superior-inferior (z) axis."""
+    return int(np.argmax(np.abs(affine[2, :3]) / np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+
+
+def prepare_organ(
+    organ_mask: np.ndarray,
+    organ: OrganSpec,
+    *,
+    spacing: Sequence[float],
+    affine: np.ndarray,
+    config: SynthesisConfig,
+) -> OrganGeometry:
+    """Crop an organ mask to its bounding box and compute its coarse depth map.
+
+    Args:
+        organ_mask: bool mask of the target organ over the whole volume, shape ``(I, J, K)``.
+        organ: the organ's registry entry.
+        spacing: voxel size in mm per array axis.
+        affine: the volume's voxel-to-world matrix (for the body axis).
+        config: engine constants.
+
+    Raises:
+        LabelError: the mask is empty.
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    objects = ndimage.find_objects(organ_mask.astype(np.uint8, copy=False))
+    if not objects or objects[0] is None:
+        raise LabelError(f"no {organ.name} voxels in the labels", hint="check --organ and --labels")
+    bbox = objects[0]
+    mask = np.ascontiguousarray(organ_mask[bbox])
+    step = np.maximum(1, np.floor(config.placement_grid_mm / spacing_arr)).astype(int)
+    coarse = mask[:: step[0], :: step[1], :: step[2]]
+    # Pad so the bounding box's faces count as surface (the organ may be cut by the field of view).
+    padded = np.pad(coarse, 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=spacing_arr * step)[1:-1, 1:-1, 1:-1]
+    depth = depth.astype(np.float32)
+    axis = body_axis(affine)
+    along = np.nonzero(coarse.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+    slab = np.zeros_like(coarse)
+    lo, hi = config.center_slab
+    first, last = along.min(), along.max()
+    start = int(np.floor(first + lo * (last - first)))
+    stop = int(np.ceil(first + hi * (last - first))) + 1
+    index = [slice(None)] * 3
+    index[axis] = slice(start, stop)
+    slab[tuple(index)] = coarse[tuple(index)]
+    voxel_ml = float(np.prod(spacing_arr)) / 1000.0
+    return OrganGeometry(organ, mask, bbox, spacing_arr, depth, step, slab, voxel_ml)
+
+
+def plan_size_classes(
+    size: str,
+    count: int | None,
+    geometry: OrganGeometry,
+    config: SynthesisConfig,
+    rng: np.random.Generator,
+) -> list[str]:
+    """Choose the size class of each tumor of one call.
+
+    ``size`` is a class name or ``"mix"``. With ``mix`` each tumor's class is drawn uniformly among
+    the classes the organ can hold; classes that do not fit are dropped with a note. A fixed class
+    that does not fit raises :class:`OrganTooSmallError`. ``count=None`` draws the count from the
+    class's range (with ``mix``, one class is drawn for the call, as SyntheticTumors does).
+    """
+    fitting = [n for n in SIZE_CLASSES if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)]
+    if size != "mix":
+        if size not in fitting:
+            raise too_small_error(geometry, size, config.size_class(size).radius_mm, config, fitting)
+        n = count if count is not None else _draw_count(config.size_class(size), rng)
+        return [size] * n
+    if not fitting:
+        raise too_small_error(geometry, "tiny", config.tiny.radius_mm, config, fitting)
+    dropped = [n for n in SIZE_CLASSES if n not in fitting]
+    if dropped:
+        geometry.notes.append(
+            f"mix: {', '.join(dropped)} tumors do not fit the {geometry.organ.name} "
+            f"({geometry.volume_ml:.1f} ml); using {', '.join(fitting)}"
+        )
+    if count is None:
+        chosen = fitting[int(rng.integers(len(fitting)))]
+        return [chosen] * _draw_count(config.size_class(chosen), rng)
+    return [fitting[int(i)] for i in rng.integers(len(fitting), size=count)]
+
+
+def too_small_error(
+    geometry: OrganGeometry, size: str, radius_mm: float, config: SynthesisConfig, fitting: Sequence[str]
+) -> OrganTooSmallError:
+    largest_radius = geometry.max_depth_mm / max(config.min_depth_fraction, 1e-6)
+    advice = (
+        f"the largest size that fits is {fitting[-1]}" if fitting else "no size class fits"
+    ) + f"; --radius-mm up to {largest_radius:.0f} fits"
+    return OrganTooSmallError(
+        f"the {geometry.organ.name} ({geometry.volume_ml:.1f} ml, at most "
+        f"{geometry.max_depth_mm:.1f} mm deep) is too small for a {size} tumor "
+        f"(radius {radius_mm:g} mm)",
+        hint=advice,
+    )
+
+
+def _draw_count(size_class: SizeClass, rng: np.random.Generator) -> int:
+    low, high = size_class.count
+    return int(rng.integers(low, high + 1))
+
+
+def sample_tumor_center(
+    geometry: OrganGeometry,
+    radius_mm: float,
+    rng: np.random.Generator,
+    *,
+    min_depth_fraction: float,
+) -> tuple[np.ndarray, float]:
+    """Pick a tumor center inside the organ, preferring deep points in the organ's middle slab.
+
+    Candidates are organ cells at least ``min_depth_fraction × radius_mm`` from the surface; the
+    middle slab along the body axis is used when it has any. When the organ is too thin for that, the
+    deepest cells are used. The returned voxel is always an organ voxel.
+
+    Returns:
+        (center voxel index in the organ's bounding box, shape ``(3,)``; its depth estimate in mm).
+    """
+    target = min_depth_fraction * radius_mm
+    deep = geometry.depth_mm >= target
+    candidates = deep & geometry.slab
+    if not candidates.any():
+        candidates = deep
+    if not candidates.any():
+        candidates = geometry.depth_mm >= geometry.depth_mm.max()
+    cells = np.argwhere(candidates)
+    cell = cells[int(rng.integers(len(cells)))]
+    depth = float(geometry.depth_mm[tuple(cell)])
+    corner = cell * geometry.coarse_step
+    jitter = np.array([int(rng.integers(s)) for s in geometry.coarse_step])
+    center = np.minimum(corner + jitter, np.array(geometry.mask.shape) - 1)
+    if not geometry.mask[tuple(center)]:
+        center = corner  # a strided sample of the mask: an organ voxel by construction
+    return center, depth
+
+
+def displacement_field(
+    axes_mm: Sequence[np.ndarray], half_extent_mm: float, sigma_mm: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """A smooth random displacement field over a box, one array per axis, in mm.
+
+    Like ``elasticdeform``'s random grid with 3 control points per axis: control displacements are
+    normal with standard deviation ``sigma_mm`` and interpolated quadratically in between.
+
+    Args:
+        axes_mm: coordinates (mm from the tumor center) along each axis.
+        half_extent_mm: the control points lie at -half, 0 and +half.
+        sigma_mm: displacement strength.
+    """
+    controls = rng.normal(0.0, sigma_mm, size=(3, 3, 3, 3)).astype(np.float32)
+    weights = []
+    for coords in axes_mm:
+        t = np.clip(coords / half_extent_mm, -1.0, 1.0).astype(np.float32)
+        weights.append(np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], axis=1))
+    wx, wy, wz = weights
+    return [np.einsum("ia,jb,kc,abc->ijk", wx, wy, wz, controls[c], optimize=True) for c in range(3)]
+
+
+def tumor_shape(
+    axes_mm: Sequence[np.ndarray],
+    radii_mm: Sequence[float],
+    *,
+    half_extent_mm: float,
+    elastic_sigma_mm: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A deformed ellipsoid on the box whose voxel coordinates (mm from the center) are ``axes_mm``.
+
+    The ellipsoid is evaluated analytically at elastically displaced coordinates, so its edge is
+    equally smooth at any voxel size.
+
+    Returns:
+        Bool mask, shape ``(len(axes_mm[0]), len(axes_mm[1]), len(axes_mm[2]))``.
+    """
+    ux, uy, uz = displacement_field(axes_mm, half_extent_mm, elastic_sigma_mm, rng)
+    x, y, z = (np.asarray(a, dtype=np.float32) / np.float32(r) for a, r in zip(axes_mm, radii_mm, strict=True))
+    value = (x[:, None, None] + ux / radii_mm[0]) ** 2
+    value += (y[None, :, None] + uy / radii_mm[1]) ** 2
+    value += (z[None, None, :] + uz / radii_mm[2]) ** 2
+    return value <= 1.0
+
+
+def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Gaussian filter with a physical standard deviation, float32."""
+    sigma = [sigma_mm / float(s) for s in spacing]
+    return ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=sigma, mode="nearest", truncate=3.0)
+
+
+def _linear_resample_matrix(n_out: int, step_out: float, n_in: int, step_in: float) -> np.ndarray:
+    """Matrix (n_out × n_in) of linear interpolation weights between two centred 1D grids."""
+    pos = (np.arange(n_out) - (n_out - 1) / 2) * step_out / step_in + (n_in - 1) / 2
+    pos = np.clip(pos, 0, n_in - 1)
+    low = np.minimum(np.floor(pos).astype(int), n_in - 2) if n_in > 1 else np.zeros(n_out, int)
+    frac = (pos - low).astype(np.float32)
+    matrix = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    matrix[rows, low] = 1 - frac
+    if n_in > 1:
+        matrix[rows, low + 1] += frac
+    return matrix
+
+
+def tumor_texture(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    rng: np.random.Generator,
+    config: SynthesisConfig,
+) -> np.ndarray:
+    """The tumor texture for a box of ``shape`` voxels of ``spacing`` mm, values in [0, 1], float32.
+
+    SyntheticTumors' recipe on a grid of ``config.texture_spacing_mm``: uniform noise, Gaussian
+    σa, scaled to [b, b + s], Bernoulli sample, Gaussian σb, rescaled so that the mean of values above
+    the threshold is u0, clipped. The noise is normalised by its expected spread instead of the box's
+    min and max, so a small box has the same statistics as the reference's large volume.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(shape) * spacing
+    step = config.texture_spacing_mm
+    grid = np.maximum(2, np.ceil(extent / step).astype(int) + 1)
+    noise = rng.random(tuple(grid), dtype=np.float32)
+    sigma_a = config.texture_sigma_a_mm / step
+    smooth = ndimage.gaussian_filter(noise, sigma_a, mode="wrap", truncate=3.0)
+    # Uniform noise has std 1/sqrt(12); a 3D Gaussian of σ voxels divides it by (2 sqrt(pi) σ)^(3/2).
+    spread = (1 / np.sqrt(12)) / (2 * np.sqrt(np.pi) * sigma_a) ** 1.5
+    # The reference normalises by min/max over ~4e7 voxels, about ±5.3 standard deviations.
+    normalised = np.clip((smooth - 0.5) / (10.6 * spread) + 0.5, 0.0, 1.0)
+    base = rng.uniform(*config.texture_base)
+    scale = rng.uniform(*config.texture_scale)
+    probability = base + scale * normalised
+    sample = (rng.random(tuple(grid), dtype=np.float32) < probability).astype(np.float32)
+    texture = ndimage.gaussian_filter(sample, config.texture_sigma_b_mm / step, mode="wrap", truncate=3.0)
+    above = texture > config.texture_threshold
+    target_mean = rng.uniform(*config.texture_mean)
+    if above.any():
+        texture *= np.float32(target_mean / texture[above].mean())
+    np.clip(texture, 0.0, 1.0, out=texture)
+    matrices = [_linear_resample_matrix(n, s, g, step) for n, s, g in zip(shape, spacing, grid, strict=True)]
+    return np.einsum("ia,jb,kc,abc->ijk", *matrices, texture, optimize=True).astype(np.float32, copy=False)
+
+
+def insert_tumor(
+    image: np.ndarray,
+    tumor_mask: np.ndarray,
+    geometry: OrganGeometry,
+    *,
+    size_class: str,
+    radius_mm: float | None,
+    elastic_range_mm: tuple[float, float],
+    rng: np.random.Generator,
+    config: SynthesisConfig,
+) -> TumorRecord:
+    """Place one tumor in the organ: modify ``image`` and set ``tumor_mask`` in place.
+
+    Args:
+        image: float32 HU values over the organ's bounding box (modified in place).
+        tumor_mask: bool tumor mask over the organ's bounding box (updated in place).
+        geometry: the prepared organ.
+        size_class: the size class name (or "custom" with ``radius_mm``).
+        radius_mm: exact base radius, or None to draw each axis in ``radius_jitter`` × R of the class.
+        elastic_range_mm: range of the elastic displacement strength.
+        rng: the call's random generator.
+        config: engine constants.
+    """
+    spacing = geometry.spacing
+    organ = geometry.organ
+    base_radius = radius_mm if radius_mm is not None else config.size_class(size_class).radius_mm
+    best: tuple[float, np.ndarray, tuple[slice, ...], np.ndarray, float, np.ndarray, float, float] | None = None
+    for _ in range(config.max_placement_attempts):
+        center, depth = sample_tumor_center(geometry, base_radius, rng, min_depth_fraction=config.min_depth_fraction)
+        if radius_mm is None:
+            radii = base_radius * rng.uniform(*config.radius_jitter, size=3)
+        else:
+            radii = np.full(3, float(radius_mm))
+        elastic = float(rng.uniform(*elastic_range_mm))
+        edge = float(rng.uniform(*config.edge_sigma_mm))
+        half_mm = float(radii.max()) + 3.0 * elastic
+        margin_mm = half_mm + 3.0 * edge
+        half = np.ceil(margin_mm / spacing).astype(int)
+        lo = np.maximum(center - half, 0)
+        hi = np.minimum(center + half + 1, geometry.mask.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, center, spacing, strict=True)]
+        shape = tumor_shape(axes, radii, half_extent_mm=half_mm, elastic_sigma_mm=elastic, rng=rng)
+        full = int(shape.sum())
+        organ_box = geometry.mask[box]
+        shape &= organ_box
+        kept = int(shape.sum()) / max(full, 1)
+        if best is None or kept > best[0]:
+            best = (kept, center, box, shape, depth, radii, elastic, edge)
+        if kept >= config.min_kept_fraction and shape.any():
+            break
+    assert best is not None
+    kept, center, box, shape, depth, radii, elastic, edge = best
+    if not shape.any():
+        raise OrganTooSmallError(
+            f"could not place a {size_class} tumor inside the {organ.name} "
+            f"after {config.max_placement_attempts} attempts",
+            hint="use a smaller --size or --radius-mm",
+        )
+    low, high = config.lung_hu_change if organ.region == "chest" else config.abdomen_hu_change
+    change_hu = float(rng.uniform(low, high))
+    texture = tumor_texture(shape.shape, spacing, rng, config)
+    blurred = gaussian_blur_mm(shape, edge, spacing)
+    organ_box = geometry.mask[box]
+    delta = blurred * texture * np.float32(organ.tumor_sign * change_hu)
+    delta[~organ_box] = 0.0
+    region = image[box]
+    before = region[shape].mean()
+    region += delta
+    after = region[shape].mean()
+    tumor_mask[box] |= shape
+    voxels = int(shape.sum())
+    return TumorRecord(
+        organ=organ.name,
+        size_class=size_class,
+        center_voxel=tuple(int(v) for v in center),  # bbox-relative; the caller shifts it
+        radii_mm=tuple(round(float(r), 3) for r in radii),  # type: ignore[arg-type]
+        elastic_sigma_mm=round(elastic, 3),
+        edge_sigma_mm=round(edge, 3),
+        intensity_change_hu=round(organ.tumor_sign * change_hu, 2),
+        depth_mm=round(depth, 2),
+        voxels=voxels,
+        volume_ml=round(voxels * geometry.voxel_volume_ml, 4),
+        kept_fraction=round(kept, 3),
+        mean_hu_change=round(float(after - before), 2),
+    )
+
+
+def elastic_range(size_class: str, radius_mm: float | None, config: SynthesisConfig) -> tuple[float, float]:
+    """The elastic strength range of a size class, or of the class nearest in size to ``radius_mm``."""
+    if radius_mm is None:
+        return config.size_class(size_class).elastic_sigma_mm
+    nearest = min(SIZE_CLASSES, key=lambda n: abs(np.log(config.size_class(n).radius_mm / radius_mm)))
+    sc = config.size_class(nearest)
+    factor = radius_mm / sc.radius_mm
+    return (sc.elastic_sigma_mm[0] * factor, sc.elastic_sigma_mm[1] * factor)
+
+
+@dataclass
+class SynthesisResult:
+    """The organ-box result of :func:`synthesize_in_organ`.
+
+    Attributes:
+        image: float32 HU values over ``bbox`` after insertion.
+        tumor_mask: bool mask of synthetic tumor voxels over ``bbox``.
+        bbox: the organ's bounding box in the volume.
+        tumors: one record per tumor, centers in volume voxel indices.
+        notes: what the engine decided on the user's behalf (sizes dropped, ...).
+    """
+
+    image: np.ndarray
+    tumor_mask: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    tumors: list[TumorRecord]
+    notes: list[str]
+
+
+def synthesize_in_organ(
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    organ: OrganSpec,
+    *,
+    spacing: Sequence[float],
+    affine: np.ndarray,
+    rng: np.random.Generator,
+    size: str = "mix",
+    count: int | None = 1,
+    radius_mm: float | None = None,
+    config: SynthesisConfig | None = None,
+    geometry: OrganGeometry | None = None,
+) -> SynthesisResult:
+    """Insert rule-based tumors into one organ of a CT volume.
+
+    Args:
+        image: the CT in HU, shape ``(I, J, K)`` (not modified).
+        organ_mask: bool mask of the target organ (healthy tissue), same shape.
+        organ: the organ's registry entry (decides the sign of the change).
+        spacing: voxel size in mm per array axis.
+        affine: voxel-to-world matrix.
+        rng: the only source of randomness.
+        size: a size class or ``"mix"``.
+        count: number of tumors; None draws it from the size class's range.
+        radius_mm: exact base radius in mm (overrides ``size``).
+        config: engine constants.
+        geometry: a prepared organ (from :func:`prepare_organ`) to reuse across calls.
+
+    Raises:
+        LabelError: the organ is absent.
+        OrganTooSmallError: the organ cannot hold the asked size.
+    """
+    config = config or SynthesisConfig()
+    if geometry is None:
+        geometry = prepare_organ(organ_mask, organ, spacing=spacing, affine=affine, config=config)
+    else:
+        geometry.notes.clear()
+    if radius_mm is not None:
+        if radius_mm <= 0:
+            raise ValueError("radius_mm must be positive")
+        if not geometry.fits(radius_mm, config.min_depth_fraction):
+            fitting = [
+                n for n in SIZE_CLASSES if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)
+            ]
+            raise too_small_error(geometry, f"{radius_mm:g} mm", radius_mm, config, fitting)
+        classes = ["custom"] * (count if count is not None else 1)
+    else:
+        classes = plan_size_classes(size, count, geometry, config, rng)
+    work = image[geometry.bbox].astype(np.float32)
+    tumor_mask = np.zeros(geometry.mask.shape, dtype=bool)
+    offset = np.array([s.start for s in geometry.bbox])
+    tumors = []
+    for size_class in classes:
+        record = insert_tumor(
+            work,
+            tumor_mask,
+            geometry,
+            size_class=size_class,
+            radius_mm=radius_mm,
+            elastic_range_mm=elastic_range(size_class, radius_mm, config),
+            rng=rng,
+            config=config,
+        )
+        center = np.array(record.center_voxel) + offset
+        record.center_voxel = tuple(int(v) for v in center)  # type: ignore[assignment]
+        record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])  # type: ignore[assignment]
+        tumors.append(record)
+    return SynthesisResult(work, tumor_mask, geometry.bbox, tumors, list(geometry.notes))

@@ -1,0 +1,48 @@
+"""The ``freetumor`` Typer app: registers the commands, nothing else.
+
+Commands import torch, MONAI and the numeric stack inside their functions, so ``freetumor --help``
+and ``freetumor --version`` answer instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from freetumor_cli import __version__
+from freetumor_cli.commands.demo import demo
+from freetumor_cli.commands.synthesize import synthesize
+
+app = typer.Typer(
+    name="freetumor",
+    help="Synthesize realistic tumors into CT scans and train tumor segmentation on real plus synthetic tumors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"freetumor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """freetumor: realistic synthetic tumors for CT, and segmentation models trained with them."""
+
+
+app.command("synthesize")(synthesize)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
