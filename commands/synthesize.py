@@ -18,6 +18,7 @@ from freetumor_cli.commands._common import (
     warn,
 )
 from freetumor_cli.core.errors import FreetumorError, InputError
+from freetumor_cli.core.labels import organ_spec
 from freetumor_cli.core.synthesis_config import SynthesizeConfig
 
 DEFAULTS = SynthesizeConfig()
@@ -170,7 +171,7 @@ def synthesize(
                 described = ", ".join(
                     f"{t.size_class} {t.volume_ml:.1f} ml ({t.mean_hu_change:+.0f} HU)" for t in tumors
                 )
-                console.print(f"{case.name}: {len(tumors)} {cfg.organ} tumor(s): {described}", highlight=False)
+                console.print(f"{case.name}: {len(tumors)} {organ_spec(cfg.organ).tumor_name}(s): {described}")
     console.print(f"wrote {total - len(failures) * cfg.copies} output set(s) to {out}", highlight=False)
     if failures:
         err_console.print(f"[red]{len(failures)} of {len(cases)} case(s) failed[/]")

@@ -276,10 +276,6 @@ def synthesize_case(
         )
     copies: list[int | None] = [None] if config.copies == 1 else list(range(1, config.copies + 1))
     all_paths = [output_paths(out, case.name, c, preview=config.preview) for c in copies]
-    if not config.overwrite:
-        existing = [p for paths in all_paths for p in paths.values() if p.exists()]
-        if existing:
-            raise OutputExistsError(f"output exists: {existing[0]}", hint="pass --overwrite to replace it")
     image = load_volume(case.image, what="image")
     labels = load_volume(case.labels, what="labels")
     check_same_grid(image, labels)
@@ -310,6 +306,12 @@ def synthesize_case(
             geometry=geometry,
         )
         result.notes.extend(n for n in synth.notes if n not in result.notes)
+        if copy_index in (None, 1) and not config.overwrite:
+            # Checked after the first synthesis so that input problems are reported first, and
+            # before the first write so that nothing is written when any output exists.
+            existing = [p for paths in all_paths for p in paths.values() if p.exists()]
+            if existing:
+                raise OutputExistsError(f"output exists: {existing[0]}", hint="pass --overwrite to replace it")
         new_image = source.copy() if source.dtype == dtype else source.astype(dtype)
         region = new_image[synth.bbox]
         changed = synth.image != source[synth.bbox].astype(np.float32)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from freetumor_cli.core import labels as registry
+from freetumor_cli.core.errors import LabelError
+from freetumor_cli.core.io import load_volume
+from freetumor_cli.core.synthesize import detect_label_scheme, organ_labels_in_region
+
+from .conftest import volume
+
+
+def test_tumor_of_organ_k_is_k_plus_one() -> None:
+    for organ in registry.ORGANS.values():
+        space = registry.REGION_LABELS[organ.region]
+        assert space[organ.tumor_value].endswith(("tumor", "lesion"))
+
+
+def test_task_remaps_match_design() -> None:
+    assert registry.TASK_REMAPS["pancreas"] == {3: 1, 4: 2}
+    assert registry.TASK_REMAPS["kidney"] == {5: 1, 6: 2}
+    assert registry.SOURCE_REMAPS["Dataset220_KiTS2023"] == {1: 5, 2: 6, 3: 5}
+    assert registry.SOURCE_REMAPS["Dataset007_Pancreas"] == {1: 3, 2: 4}
+
+
+def test_totalsegmentator_map_covers_both_kidneys_and_lung_lobes() -> None:
+    kidney = registry.foreign_to_region("totalsegmentator", registry.ORGANS["kidney"])
+    assert kidney[2] == kidney[3] == 5 and kidney[5] == 1 and kidney[7] == 3 and 1 not in kidney  # spleen dropped
+    lung = registry.foreign_to_region("totalsegmentator", registry.ORGANS["lung"])
+    assert lung == {i: 1 for i in range(10, 15)}
+    assert registry.foreign_to_region("binary", registry.ORGANS["pancreas"]) == {1: 3}
+
+
+def test_registry_module_is_pure_data() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; import freetumor_cli.core.labels; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("values", "organ", "scheme"),
+    [
+        ([0, 1], "pancreas", "binary"),
+        ([0, 1, 3, 5], "liver", "freetumor"),
+        ([0, 1, 2, 5, 7, 12], "kidney", "totalsegmentator"),
+        ([0, 1, 2], "lung", "freetumor"),
+        ([0, 1, 3, 5], "lung", "totalsegmentator"),
+    ],
+)
+def test_detect_label_scheme(values: list[int], organ: str, scheme: str) -> None:
+    assert detect_label_scheme(np.array(values), registry.ORGANS[organ]) == scheme
+
+
+def test_totalsegmentator_labels_map_onto_the_shared_organ_file(totalseg_case: Path) -> None:
+    ts = load_volume(totalseg_case / "totalseg_labels.nii.gz")
+    organs = load_volume(totalseg_case / "organs.nii.gz")
+    for name in ("liver", "pancreas", "kidney"):
+        region, scheme = organ_labels_in_region(ts, registry.ORGANS[name], "auto")
+        assert scheme == "totalsegmentator"
+        np.testing.assert_array_equal(region, organs.array)
+        same, scheme = organ_labels_in_region(organs, registry.ORGANS[name], "auto")
+        assert scheme == "freetumor"
+        np.testing.assert_array_equal(same, organs.array)
+    lung, scheme = organ_labels_in_region(ts, registry.ORGANS["lung"], "auto")
+    np.testing.assert_array_equal(lung, load_volume(totalseg_case / "lung.nii.gz").array)
+
+
+def test_values_outside_scheme_and_absent_organ_are_label_errors() -> None:
+    arr = np.zeros((4, 4, 4), np.uint8)
+    arr[0, 0, 0] = 1
+    arr[1, 1, 1] = 3
+    with pytest.raises(LabelError, match="no kidney"):
+        organ_labels_in_region(volume(arr), registry.ORGANS["kidney"], "auto")
+    arr[2, 2, 2] = 9
+    with pytest.raises(LabelError, match="outside freetumor"):
+        organ_labels_in_region(volume(arr), registry.ORGANS["liver"], "freetumor")
+    with pytest.raises(LabelError, match="not a binary mask"):
+        organ_labels_in_region(volume(arr), registry.ORGANS["liver"], "binary")
+    with pytest.raises(LabelError, match="non-integer"):
+        organ_labels_in_region(volume(arr + 0.5), registry.ORGANS["liver"], "auto")
