@@ -42,8 +42,10 @@ class SynthesisConfig:
     medium: SizeClass = SizeClass(24.0, (4.5, 9.0), (2, 5))
     large: SizeClass = SizeClass(48.0, (7.5, 15.0), (1, 3))
     radius_jitter: tuple[float, float] = (0.75, 1.25)
-    # Texture (made on a grid of texture_spacing_mm, then resampled to the image's voxels).
+    # Texture: the recipe's grid is texture_spacing_mm; it is computed texture_bin times coarser
+    # (binomial counts of its Bernoulli samples), then resampled to the image's voxels.
     texture_spacing_mm: float = 1.5
+    texture_bin: int = 2
     texture_sigma_a_mm: float = 4.5
     texture_base: tuple[float, float] = (0.04, 0.06)
     texture_scale: tuple[float, float] = (0.19, 0.21)

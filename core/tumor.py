@@ -56,6 +56,7 @@ class OrganGeometry:
         spacing: voxel size in mm per array axis.
         depth_mm: coarse map of the distance (mm) from organ voxels to the organ's surface.
         coarse_step: the stride of ``depth_mm`` along each axis, in voxels.
+        coarse_mask: ``mask`` sampled every ``coarse_step`` voxels.
         slab: bool mask over ``depth_mm``: cells in the organ's middle slab along the body axis.
     """
 
@@ -65,6 +66,7 @@ class OrganGeometry:
     spacing: np.ndarray
     depth_mm: np.ndarray
     coarse_step: np.ndarray
+    coarse_mask: np.ndarray
     slab: np.ndarray
     voxel_volume_ml: float
     notes: list[str] = field(default_factory=list)
@@ -79,6 +81,19 @@ class OrganGeometry:
 
     def fits(self, radius_mm: float, min_depth_fraction: float) -> bool:
         return self.max_depth_mm >= min_depth_fraction * radius_mm
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Slices of the smallest box holding every true voxel of a 3D mask, or None when it is empty."""
+    plane = mask.any(axis=2)  # one pass over the volume, then small projections
+    along = (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1)))
+    slices = []
+    for present in along:
+        index = np.flatnonzero(present)
+        if index.size == 0:
+            return None
+        slices.append(slice(int(index[0]), int(index[-1]) + 1))
+    return slices[0], slices[1], slices[2]
 
 
 def body_axis(affine: np.ndarray) -> int:
@@ -107,10 +122,9 @@ def prepare_organ(
         LabelError: the mask is empty.
     """
     spacing_arr = np.asarray(spacing, dtype=np.float64)
-    objects = ndimage.find_objects(organ_mask.astype(np.uint8, copy=False))
-    if not objects or objects[0] is None:
+    bbox = bounding_box(organ_mask)
+    if bbox is None:
         raise LabelError(f"no {organ.name} voxels in the labels", hint="check --organ and --labels")
-    bbox = objects[0]
     mask = np.ascontiguousarray(organ_mask[bbox])
     step = np.maximum(1, np.floor(config.placement_grid_mm / spacing_arr)).astype(int)
     coarse = mask[:: step[0], :: step[1], :: step[2]]
@@ -129,7 +143,7 @@ def prepare_organ(
     index[axis] = slice(start, stop)
     slab[tuple(index)] = coarse[tuple(index)]
     voxel_ml = float(np.prod(spacing_arr)) / 1000.0
-    return OrganGeometry(organ, mask, bbox, spacing_arr, depth, step, slab, voxel_ml)
+    return OrganGeometry(organ, mask, bbox, spacing_arr, depth, step, coarse, slab, voxel_ml)
 
 
 def plan_size_classes(
@@ -220,26 +234,82 @@ def sample_tumor_center(
     return center, depth
 
 
-def displacement_field(
-    axes_mm: Sequence[np.ndarray], half_extent_mm: float, sigma_mm: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """A smooth random displacement field over a box, one array per axis, in mm.
+@dataclass(frozen=True)
+class TumorDraw:
+    """The random parameters of one tumor: enough to evaluate its shape on any grid.
 
-    Like ``elasticdeform``'s random grid with 3 control points per axis: control displacements are
-    normal with standard deviation ``sigma_mm`` and interpolated quadratically in between.
-
-    Args:
-        axes_mm: coordinates (mm from the tumor center) along each axis.
-        half_extent_mm: the control points lie at -half, 0 and +half.
-        sigma_mm: displacement strength.
+    Attributes:
+        center: voxel index of the center in the organ's bounding box.
+        radii_mm: ellipsoid radii along the array axes.
+        controls_mm: displacement control values, shape ``(3 components, 3, 3, 3)``.
+        half_extent_mm: the control points lie at -half, 0 and +half from the center.
+        elastic_sigma_mm: the strength the controls were drawn with.
+        edge_sigma_mm: the edge blur.
+        depth_mm: depth estimate of the center.
     """
-    controls = rng.normal(0.0, sigma_mm, size=(3, 3, 3, 3)).astype(np.float32)
+
+    center: np.ndarray
+    radii_mm: np.ndarray
+    controls_mm: np.ndarray
+    half_extent_mm: float
+    elastic_sigma_mm: float
+    edge_sigma_mm: float
+    depth_mm: float
+
+    def reach_mm(self) -> np.ndarray:
+        """Per axis, how far from the center the deformed tumor can reach (a strict bound)."""
+        # Quadratic Lagrange weights on [-1, 1] sum in absolute value to at most 1.25.
+        return self.radii_mm + 1.25 * np.abs(self.controls_mm).reshape(3, -1).max(axis=1)
+
+
+def draw_displacement_controls(sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Control displacements of an elastic grid with 3 points per axis, shape ``(3, 3, 3, 3)``, mm.
+
+    Like ``elasticdeform``'s random grid: one normal value of standard deviation ``sigma_mm`` per
+    control point and displacement component.
+    """
+    return rng.normal(0.0, sigma_mm, size=(3, 3, 3, 3)).astype(np.float32)
+
+
+def displacement_field(
+    axes_mm: Sequence[np.ndarray], half_extent_mm: float, controls_mm: np.ndarray
+) -> list[np.ndarray]:
+    """The smooth displacement field (mm) at the grid ``axes_mm`` (mm from the center), one array per component.
+
+    Control values are interpolated quadratically between the control points at -half, 0 and +half.
+    """
     weights = []
     for coords in axes_mm:
-        t = np.clip(coords / half_extent_mm, -1.0, 1.0).astype(np.float32)
+        t = np.clip(np.asarray(coords, dtype=np.float32) / np.float32(half_extent_mm), -1.0, 1.0)
         weights.append(np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], axis=1))
     wx, wy, wz = weights
-    return [np.einsum("ia,jb,kc,abc->ijk", wx, wy, wz, controls[c], optimize=True) for c in range(3)]
+    return [np.einsum("ia,jb,kc,abc->ijk", wx, wy, wz, controls_mm[c], optimize=True) for c in range(3)]
+
+
+def deformed_ellipsoid(
+    axes_mm: Sequence[np.ndarray], radii_mm: Sequence[float], controls_mm: np.ndarray, half_extent_mm: float
+) -> np.ndarray:
+    """A deformed ellipsoid on the grid whose coordinates (mm from the center) are ``axes_mm``.
+
+    The ellipsoid is evaluated analytically at elastically displaced coordinates, so its edge is equally
+    smooth at any voxel size and the same draw gives the same physical shape on any grid.
+
+    Returns:
+        Bool mask, shape ``(len(axes_mm[0]), len(axes_mm[1]), len(axes_mm[2]))``.
+    """
+    ux, uy, uz = displacement_field(axes_mm, half_extent_mm, controls_mm)
+    x, y, z = (np.asarray(a, dtype=np.float32) for a in axes_mm)
+    rx, ry, rz = (np.float32(r) for r in radii_mm)
+    ux += x[:, None, None]
+    ux /= rx
+    value = np.square(ux, out=ux)
+    uy += y[None, :, None]
+    uy /= ry
+    value += np.square(uy, out=uy)
+    uz += z[None, None, :]
+    uz /= rz
+    value += np.square(uz, out=uz)
+    return value <= 1.0
 
 
 def tumor_shape(
@@ -250,20 +320,9 @@ def tumor_shape(
     elastic_sigma_mm: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """A deformed ellipsoid on the box whose voxel coordinates (mm from the center) are ``axes_mm``.
-
-    The ellipsoid is evaluated analytically at elastically displaced coordinates, so its edge is
-    equally smooth at any voxel size.
-
-    Returns:
-        Bool mask, shape ``(len(axes_mm[0]), len(axes_mm[1]), len(axes_mm[2]))``.
-    """
-    ux, uy, uz = displacement_field(axes_mm, half_extent_mm, elastic_sigma_mm, rng)
-    x, y, z = (np.asarray(a, dtype=np.float32) / np.float32(r) for a, r in zip(axes_mm, radii_mm, strict=True))
-    value = (x[:, None, None] + ux / radii_mm[0]) ** 2
-    value += (y[None, :, None] + uy / radii_mm[1]) ** 2
-    value += (z[None, None, :] + uz / radii_mm[2]) ** 2
-    return value <= 1.0
+    """Draw an elastic deformation and evaluate the deformed ellipsoid on ``axes_mm`` (bool mask)."""
+    controls = draw_displacement_controls(elastic_sigma_mm, rng)
+    return deformed_ellipsoid(axes_mm, radii_mm, controls, half_extent_mm)
 
 
 def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -272,18 +331,23 @@ def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Sequence[float
     return ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=sigma, mode="nearest", truncate=3.0)
 
 
-def _linear_resample_matrix(n_out: int, step_out: float, n_in: int, step_in: float) -> np.ndarray:
-    """Matrix (n_out × n_in) of linear interpolation weights between two centred 1D grids."""
-    pos = (np.arange(n_out) - (n_out - 1) / 2) * step_out / step_in + (n_in - 1) / 2
+def _interpolate_axis(array: np.ndarray, axis: int, n_out: int, step_out: float, step_in: float) -> np.ndarray:
+    """Linear interpolation along one axis between two grids centred on each other."""
+    n_in = array.shape[axis]
+    pos = (np.arange(n_out) - (n_out - 1) / 2) * (step_out / step_in) + (n_in - 1) / 2
     pos = np.clip(pos, 0, n_in - 1)
-    low = np.minimum(np.floor(pos).astype(int), n_in - 2) if n_in > 1 else np.zeros(n_out, int)
+    low = np.minimum(np.floor(pos).astype(np.intp), max(n_in - 2, 0))
     frac = (pos - low).astype(np.float32)
-    matrix = np.zeros((n_out, n_in), dtype=np.float32)
-    rows = np.arange(n_out)
-    matrix[rows, low] = 1 - frac
-    if n_in > 1:
-        matrix[rows, low + 1] += frac
-    return matrix
+    high = np.minimum(low + 1, n_in - 1)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    a = np.take(array, low, axis=axis)
+    b = np.take(array, high, axis=axis)
+    b -= a
+    b *= frac
+    a += b
+    return a
 
 
 def tumor_texture(
@@ -294,34 +358,94 @@ def tumor_texture(
 ) -> np.ndarray:
     """The tumor texture for a box of ``shape`` voxels of ``spacing`` mm, values in [0, 1], float32.
 
-    SyntheticTumors' recipe on a grid of ``config.texture_spacing_mm``: uniform noise, Gaussian
-    σa, scaled to [b, b + s], Bernoulli sample, Gaussian σb, rescaled so that the mean of values above
-    the threshold is u0, clipped. The noise is normalised by its expected spread instead of the box's
-    min and max, so a small box has the same statistics as the reference's large volume.
+    SyntheticTumors' recipe at ``config.texture_spacing_mm``: uniform noise, Gaussian σa, scaled to
+    [b, b + s], Bernoulli sample, Gaussian σb, rescaled so that the mean of values above the threshold
+    is u0, clipped. Two changes keep it exact in distribution but cheap and size-independent:
+
+    - the Bernoulli samples of ``texture_bin``³ neighbouring cells are drawn at once as one binomial
+      count on a grid ``texture_bin`` times coarser (σb spans several of its cells, so blurring the
+      cell averages is blurring the samples);
+    - the noise is normalised by its expected spread instead of the box's min and max, so a small box
+      has the statistics of the reference's large volume.
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     extent = np.asarray(shape) * spacing
-    step = config.texture_spacing_mm
-    grid = np.maximum(2, np.ceil(extent / step).astype(int) + 1)
-    noise = rng.random(tuple(grid), dtype=np.float32)
+    bin_ = max(1, int(config.texture_bin))
+    step = config.texture_spacing_mm * bin_
+    grid = tuple(int(n) for n in np.maximum(2, np.ceil(extent / step).astype(int) + 1))
     sigma_a = config.texture_sigma_a_mm / step
+    noise = rng.random(grid, dtype=np.float32)
     smooth = ndimage.gaussian_filter(noise, sigma_a, mode="wrap", truncate=3.0)
-    # Uniform noise has std 1/sqrt(12); a 3D Gaussian of σ voxels divides it by (2 sqrt(pi) σ)^(3/2).
+    # Uniform noise has std 1/sqrt(12); a 3D Gaussian of σ cells divides it by (2 sqrt(pi) σ)^(3/2).
     spread = (1 / np.sqrt(12)) / (2 * np.sqrt(np.pi) * sigma_a) ** 1.5
     # The reference normalises by min/max over ~4e7 voxels, about ±5.3 standard deviations.
     normalised = np.clip((smooth - 0.5) / (10.6 * spread) + 0.5, 0.0, 1.0)
     base = rng.uniform(*config.texture_base)
     scale = rng.uniform(*config.texture_scale)
     probability = base + scale * normalised
-    sample = (rng.random(tuple(grid), dtype=np.float32) < probability).astype(np.float32)
+    trials = bin_**3
+    sample = (rng.binomial(trials, probability) / trials).astype(np.float32)
     texture = ndimage.gaussian_filter(sample, config.texture_sigma_b_mm / step, mode="wrap", truncate=3.0)
     above = texture > config.texture_threshold
     target_mean = rng.uniform(*config.texture_mean)
     if above.any():
         texture *= np.float32(target_mean / texture[above].mean())
     np.clip(texture, 0.0, 1.0, out=texture)
-    matrices = [_linear_resample_matrix(n, s, g, step) for n, s, g in zip(shape, spacing, grid, strict=True)]
-    return np.einsum("ia,jb,kc,abc->ijk", *matrices, texture, optimize=True).astype(np.float32, copy=False)
+    for axis in range(3):
+        texture = _interpolate_axis(texture, axis, int(shape[axis]), float(spacing[axis]), step)
+    return texture
+
+
+def _grid_axes(
+    lo: np.ndarray, hi: np.ndarray, center: np.ndarray, spacing: np.ndarray, step: np.ndarray | int = 1
+) -> list[np.ndarray]:
+    """mm coordinates, relative to ``center``, of voxel indices lo..hi (exclusive) every ``step``."""
+    step = np.broadcast_to(np.asarray(step), (3,))
+    return [(np.arange(a, b, st) - c) * s for a, b, c, s, st in zip(lo, hi, center, spacing, step, strict=True)]
+
+
+def _draw_tumor(
+    geometry: OrganGeometry,
+    base_radius: float,
+    exact: bool,
+    elastic_range_mm: tuple[float, float],
+    rng: np.random.Generator,
+    config: SynthesisConfig,
+) -> TumorDraw:
+    center, depth = sample_tumor_center(geometry, base_radius, rng, min_depth_fraction=config.min_depth_fraction)
+    radii = np.full(3, float(base_radius)) if exact else base_radius * rng.uniform(*config.radius_jitter, size=3)
+    elastic = float(rng.uniform(*elastic_range_mm))
+    edge = float(rng.uniform(*config.edge_sigma_mm))
+    controls = draw_displacement_controls(elastic, rng)
+    return TumorDraw(center, radii, controls, float(radii.max()) + 3.0 * elastic, elastic, edge, depth)
+
+
+def _coarse_fit(draw: TumorDraw, geometry: OrganGeometry) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """Evaluate a draw on the organ's coarse grid: the share kept inside the organ and the box it needs.
+
+    Returns None when the tumor is too small for the coarse grid to see it.
+    """
+    step, spacing = geometry.coarse_step, geometry.spacing
+    reach = np.ceil(draw.reach_mm() / spacing).astype(int)
+    lo = np.maximum(draw.center - reach, 0)
+    hi = np.minimum(draw.center + reach + 1, geometry.mask.shape)
+    first = -(-lo // step)  # first coarse cell at or after lo
+    last = -(-hi // step)
+    if np.any(last - first < 2):
+        return None
+    axes = _grid_axes(first * step, last * step, draw.center, spacing, step)
+    shape = deformed_ellipsoid(axes, draw.radii_mm, draw.controls_mm, draw.half_extent_mm)
+    total = int(shape.sum())
+    if total < 8:
+        return None
+    inside = shape & geometry.coarse_mask[first[0] : last[0], first[1] : last[1], first[2] : last[2]]
+    if not inside.any():
+        return 0.0, lo, lo
+    cells = np.argwhere(inside)
+    # One coarse cell of slack each side covers the fine edge the coarse grid cannot see.
+    fine_lo = np.maximum((cells.min(axis=0) + first - 1) * step, lo)
+    fine_hi = np.minimum((cells.max(axis=0) + first + 2) * step, hi)
+    return int(inside.sum()) / total, fine_lo, fine_hi
 
 
 def insert_tumor(
@@ -337,6 +461,10 @@ def insert_tumor(
 ) -> TumorRecord:
     """Place one tumor in the organ: modify ``image`` and set ``tumor_mask`` in place.
 
+    A draw is first evaluated on the organ's coarse grid: a placement that keeps less than
+    ``min_kept_fraction`` of the tumor inside the organ is re-drawn (cheaply), and the fine work is
+    done only on the bounding box of what is kept.
+
     Args:
         image: float32 HU values over the organ's bounding box (modified in place).
         tumor_mask: bool tumor mask over the organ's bounding box (updated in place).
@@ -350,65 +478,60 @@ def insert_tumor(
     spacing = geometry.spacing
     organ = geometry.organ
     base_radius = radius_mm if radius_mm is not None else config.size_class(size_class).radius_mm
-    best: tuple[float, np.ndarray, tuple[slice, ...], np.ndarray, float, np.ndarray, float, float] | None = None
+    best: tuple[float, TumorDraw, np.ndarray, np.ndarray] | None = None
     for _ in range(config.max_placement_attempts):
-        center, depth = sample_tumor_center(geometry, base_radius, rng, min_depth_fraction=config.min_depth_fraction)
-        if radius_mm is None:
-            radii = base_radius * rng.uniform(*config.radius_jitter, size=3)
-        else:
-            radii = np.full(3, float(radius_mm))
-        elastic = float(rng.uniform(*elastic_range_mm))
-        edge = float(rng.uniform(*config.edge_sigma_mm))
-        half_mm = float(radii.max()) + 3.0 * elastic
-        margin_mm = half_mm + 3.0 * edge
-        half = np.ceil(margin_mm / spacing).astype(int)
-        lo = np.maximum(center - half, 0)
-        hi = np.minimum(center + half + 1, geometry.mask.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, center, spacing, strict=True)]
-        shape = tumor_shape(axes, radii, half_extent_mm=half_mm, elastic_sigma_mm=elastic, rng=rng)
-        full = int(shape.sum())
-        organ_box = geometry.mask[box]
-        shape &= organ_box
-        kept = int(shape.sum()) / max(full, 1)
+        draw = _draw_tumor(geometry, base_radius, radius_mm is not None, elastic_range_mm, rng, config)
+        fit = _coarse_fit(draw, geometry)
+        if fit is None:  # smaller than the coarse grid: the fine box is small anyway
+            reach = np.ceil(draw.reach_mm() / spacing).astype(int)
+            fit = (1.0, np.maximum(draw.center - reach, 0), np.minimum(draw.center + reach + 1, geometry.mask.shape))
+        kept, lo, hi = fit
         if best is None or kept > best[0]:
-            best = (kept, center, box, shape, depth, radii, elastic, edge)
-        if kept >= config.min_kept_fraction and shape.any():
+            best = (kept, draw, lo, hi)
+        if kept >= config.min_kept_fraction:
             break
     assert best is not None
-    kept, center, box, shape, depth, radii, elastic, edge = best
+    kept, draw, lo, hi = best
+    margin = np.ceil(3.0 * draw.edge_sigma_mm / spacing).astype(int)
+    lo = np.maximum(lo - margin, 0)
+    hi = np.minimum(hi + margin, geometry.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    shape = deformed_ellipsoid(
+        _grid_axes(lo, hi, draw.center, spacing), draw.radii_mm, draw.controls_mm, draw.half_extent_mm
+    )
+    organ_box = geometry.mask[box]
+    shape &= organ_box
     if not shape.any():
         raise OrganTooSmallError(
-            f"could not place a {size_class} tumor inside the {organ.name} "
-            f"after {config.max_placement_attempts} attempts",
+            f"could not place a {size_class} tumor inside the {organ.name} after {config.max_placement_attempts} attempts",
             hint="use a smaller --size or --radius-mm",
         )
     low, high = config.lung_hu_change if organ.region == "chest" else config.abdomen_hu_change
     change_hu = float(rng.uniform(low, high))
     texture = tumor_texture(shape.shape, spacing, rng, config)
-    blurred = gaussian_blur_mm(shape, edge, spacing)
-    organ_box = geometry.mask[box]
-    delta = blurred * texture * np.float32(organ.tumor_sign * change_hu)
+    delta = gaussian_blur_mm(shape, draw.edge_sigma_mm, spacing)
+    delta *= texture
+    delta *= np.float32(organ.tumor_sign * change_hu)
     delta[~organ_box] = 0.0
     region = image[box]
-    before = region[shape].mean()
+    before = float(region[shape].mean())
     region += delta
-    after = region[shape].mean()
+    after = float(region[shape].mean())
     tumor_mask[box] |= shape
     voxels = int(shape.sum())
     return TumorRecord(
         organ=organ.name,
         size_class=size_class,
-        center_voxel=tuple(int(v) for v in center),  # bbox-relative; the caller shifts it
-        radii_mm=tuple(round(float(r), 3) for r in radii),  # type: ignore[arg-type]
-        elastic_sigma_mm=round(elastic, 3),
-        edge_sigma_mm=round(edge, 3),
+        center_voxel=tuple(int(v) for v in draw.center),  # bbox-relative; the caller shifts it
+        radii_mm=tuple(round(float(r), 3) for r in draw.radii_mm),  # type: ignore[arg-type]
+        elastic_sigma_mm=round(draw.elastic_sigma_mm, 3),
+        edge_sigma_mm=round(draw.edge_sigma_mm, 3),
         intensity_change_hu=round(organ.tumor_sign * change_hu, 2),
-        depth_mm=round(depth, 2),
+        depth_mm=round(draw.depth_mm, 2),
         voxels=voxels,
         volume_ml=round(voxels * geometry.voxel_volume_ml, 4),
         kept_fraction=round(kept, 3),
-        mean_hu_change=round(float(after - before), 2),
+        mean_hu_change=round(after - before, 2),
     )
 
 

@@ -210,7 +210,7 @@ def test_same_physical_size_at_any_spacing() -> None:
     """0.7 x 0.7 x 5 mm voxels and 1.5 mm voxels give tumors of the same volume in ml (on average)."""
 
     def mean_volume(spacing: tuple[float, float, float]) -> float:
-        shape = tuple(int(round(120 / s)) for s in spacing)
+        shape = tuple(round(120 / s) for s in spacing)
         organ = ball(shape, spacing, 55.0)  # type: ignore[arg-type]
         volumes = []
         for seed in range(12):

@@ -1,0 +1,191 @@
+"""Speed, memory and realism of the rule-based engine (``freetumor synthesize``).
+
+Prints:
+1. seconds per tumor for each size class (one thread, file I/O excluded) on a 128³ liver crop at
+   1 mm, a 512×512×100 CT and a 512×512×300 CT (phantoms), the first call listed apart;
+2. the whole ``freetumor synthesize`` command on the 512×512×100 and 512×512×300 CTs, with reading
+   and writing, and its peak memory;
+3. realism: mean HU of synthetic liver tumors minus the surrounding liver, per size class, on a phantom
+   and on the real case in ../shared/data/totalseg_abdomen (LiTS' real tumors: about -48 HU).
+
+Run: python benchmarks/bench_synthesize.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from freetumor_cli.core.io import Volume, load_volume, save_volume  # noqa: E402
+from freetumor_cli.core.labels import ORGANS  # noqa: E402
+from freetumor_cli.core.phantom import make_phantom  # noqa: E402
+from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig  # noqa: E402
+from freetumor_cli.core.tumor import prepare_organ, synthesize_in_organ  # noqa: E402
+
+LIVER = ORGANS["liver"]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_abdomen"
+
+
+def liver_crop_1mm() -> Volume:
+    """A 128³ crop at 1 mm centred on the phantom's liver."""
+    phantom = make_phantom((300, 260, 200), (1.0, 1.0, 1.0), seed=0)
+    liver = np.argwhere(phantom.labels.array == LIVER.value)
+    center = liver.mean(axis=0).astype(int)
+    lo = np.clip(center - 64, 0, np.array(phantom.ct.shape) - 128)
+    box = tuple(slice(int(a), int(a) + 128) for a in lo)
+    ct = phantom.ct.array[box]
+    affine = phantom.ct.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ lo
+    return Volume(np.stack([ct, phantom.labels.array[box]]), affine)
+
+
+def time_size_classes(name: str, ct: np.ndarray, labels: np.ndarray, affine: np.ndarray, repeats: int) -> None:
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    config = SynthesisConfig()
+    organ_mask = labels == LIVER.value
+    t0 = time.perf_counter()
+    geometry = prepare_organ(organ_mask, LIVER, spacing=spacing, affine=affine, config=config)
+    prep = time.perf_counter() - t0
+    print(
+        f"\n{name}: shape {ct.shape}, spacing {tuple(round(float(s), 2) for s in spacing)} mm, "
+        f"liver {geometry.volume_ml:.0f} ml; organ preparation (once per volume) {prep * 1000:.0f} ms"
+    )
+    print(f"  {'size':<7} {'first call':>11} {'median':>9} {'max':>9}   (ms per tumor, one thread)")
+    for size in SIZE_CLASSES:
+        times = []
+        for seed in range(repeats):
+            t0 = time.perf_counter()
+            synthesize_in_organ(
+                ct,
+                organ_mask,
+                LIVER,
+                spacing=spacing,
+                affine=affine,
+                rng=np.random.default_rng(seed),
+                size=size,
+                count=1,
+                config=config,
+                geometry=geometry,
+            )
+            times.append(time.perf_counter() - t0)
+        ms = np.array(times) * 1000
+        print(f"  {size:<7} {ms[0]:>11.1f} {np.median(ms):>9.1f} {ms.max():>9.1f}")
+
+
+def run_command(image: Path, labels: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MB) of one ``freetumor synthesize`` run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "freetumor_cli",
+        "synthesize",
+        "--in",
+        str(image),
+        "--labels",
+        str(labels),
+        "--organ",
+        "liver",
+        "--size",
+        "medium",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    pid = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(pid.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def realism(name: str, ct: Volume, labels: np.ndarray, seeds: int) -> None:
+    """Mean HU of synthetic tumors minus the liver 2-10 mm around them (after insertion)."""
+    organ_mask = labels == LIVER.value
+    spacing = ct.spacing
+    config = SynthesisConfig()
+    geometry = prepare_organ(organ_mask, LIVER, spacing=spacing, affine=ct.affine, config=config)
+    print(f"\n{name}: tumor minus surrounding liver (HU), {seeds} tumors per class")
+    for size in SIZE_CLASSES:
+        if not geometry.fits(config.size_class(size).radius_mm, config.min_depth_fraction):
+            print(f"  {size:<7} does not fit")
+            continue
+        contrasts = []
+        for seed in range(seeds):
+            result = synthesize_in_organ(
+                ct.array,
+                organ_mask,
+                LIVER,
+                spacing=spacing,
+                affine=ct.affine,
+                rng=np.random.default_rng(seed),
+                size=size,
+                count=1,
+                geometry=geometry,
+            )
+            tumor = result.tumor_mask
+            liver = organ_mask[result.bbox] & ~tumor
+            dist = ndimage.distance_transform_edt(~tumor, sampling=spacing)
+            shell = liver & (dist >= 2) & (dist <= 10)
+            if tumor.any() and shell.any():
+                contrasts.append(result.image[tumor].mean() - result.image[shell].mean())
+        c = np.array(contrasts)
+        print(f"  {size:<7} mean {c.mean():+6.1f}  sd {c.std():5.1f}  range {c.min():+6.1f} .. {c.max():+6.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no 512x512x300 case")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 10
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, numpy {np.__version__}"
+    )
+
+    crop = liver_crop_1mm()
+    time_size_classes("128³ liver crop at 1 mm", crop.array[0], crop.array[1], crop.affine, repeats)
+
+    sizes = [((512, 512, 100), (0.78, 0.78, 2.5))]
+    if not args.quick:
+        sizes.append(((512, 512, 300), (0.78, 0.78, 1.0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, spacing in sizes:
+            phantom = make_phantom(shape, spacing, seed=1)
+            label = "x".join(map(str, shape))
+            time_size_classes(f"{label} CT", phantom.ct.array, phantom.labels.array, phantom.ct.affine, repeats)
+            image = save_volume(phantom.ct.array, phantom.ct, Path(tmp) / f"ct{label}.nii.gz")
+            labels = save_volume(phantom.labels.array, phantom.ct, Path(tmp) / f"lab{label}.nii.gz", label=True)
+            del phantom
+            wall, peak = run_command(image, labels, Path(tmp) / "out")
+            print(f"  whole command (read, synthesize 1 medium tumor, write .nii.gz): {wall:.2f} s, peak {peak:.0f} MB")
+
+        phantom = make_phantom((192, 192, 120), (1.5, 1.5, 1.5), seed=2)
+        realism("phantom at 1.5 mm", phantom.ct, phantom.labels.array, 5 if args.quick else 20)
+    if (SHARED / "ct.nii.gz").is_file():
+        realism(
+            "real CT totalseg_abdomen (3 mm)",
+            load_volume(SHARED / "ct.nii.gz"),
+            load_volume(SHARED / "organs.nii.gz").array,
+            5 if args.quick else 20,
+        )
+    print(f"\nbenchmark peak memory (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
