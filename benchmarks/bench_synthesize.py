@@ -86,12 +86,33 @@ def time_size_classes(name: str, ct: np.ndarray, labels: np.ndarray, affine: np.
         print(f"  {size:<7} {ms[0]:>11.1f} {np.median(ms):>9.1f} {ms.max():>9.1f}")
 
 
+PEAK_PROBE = """
+import atexit, runpy, sys
+
+def report():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                sys.stderr.write("PEAK_KB " + line.split()[1] + "\\n")
+    except OSError:
+        pass
+
+atexit.register(report)
+sys.argv = ["freetumor"] + sys.argv[1:]
+runpy.run_module("freetumor_cli", run_name="__main__")
+"""
+
+
 def run_command(image: Path, labels: Path, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MB) of one ``freetumor synthesize`` run."""
+    """Wall seconds and peak resident memory (MB) of one ``freetumor synthesize`` run.
+
+    The peak is the child's own high-water mark (VmHWM), read by the child itself: the rusage of a
+    forked child also counts the parent's pages it started with.
+    """
     cmd = [
         sys.executable,
-        "-m",
-        "freetumor_cli",
+        "-c",
+        PEAK_PROBE,
         "synthesize",
         "--in",
         str(image),
@@ -107,12 +128,12 @@ def run_command(image: Path, labels: Path, out: Path) -> tuple[float, float]:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    pid = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(pid.pid, 0)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    if done.returncode != 0:
+        raise SystemExit(f"command failed: {done.stderr}")
+    peaks = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_KB")]
+    return wall, (peaks[-1] / 1024 if peaks else float("nan"))
 
 
 def realism(name: str, ct: Volume, labels: np.ndarray, seeds: int) -> None:
