@@ -328,7 +328,8 @@ def tumor_shape(
 def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Sequence[float]) -> np.ndarray:
     """Gaussian filter with a physical standard deviation, float32."""
     sigma = [sigma_mm / float(s) for s in spacing]
-    return ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=sigma, mode="nearest", truncate=3.0)
+    # 2.5 σ holds 98.8 % of the kernel's weight.
+    return ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=sigma, mode="nearest", truncate=2.5)
 
 
 def _interpolate_axis(array: np.ndarray, axis: int, n_out: int, step_out: float, step_in: float) -> np.ndarray:
@@ -511,12 +512,10 @@ def insert_tumor(
     texture = tumor_texture(shape.shape, spacing, rng, config)
     delta = gaussian_blur_mm(shape, draw.edge_sigma_mm, spacing)
     delta *= texture
+    delta *= organ_box  # the image changes inside the organ only
     delta *= np.float32(organ.tumor_sign * change_hu)
-    delta[~organ_box] = 0.0
-    region = image[box]
-    before = float(region[shape].mean())
-    region += delta
-    after = float(region[shape].mean())
+    image[box] += delta
+    mean_change = float(delta[shape].mean())
     tumor_mask[box] |= shape
     voxels = int(shape.sum())
     return TumorRecord(
@@ -531,7 +530,7 @@ def insert_tumor(
         voxels=voxels,
         volume_ml=round(voxels * geometry.voxel_volume_ml, 4),
         kept_fraction=round(kept, 3),
-        mean_hu_change=round(after - before, 2),
+        mean_hu_change=round(mean_change, 2),
     )
 
 

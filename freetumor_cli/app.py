@@ -12,6 +12,7 @@ import typer
 
 from freetumor_cli import __version__
 from freetumor_cli.commands.demo import demo
+from freetumor_cli.commands.evaluate import evaluate
 from freetumor_cli.commands.synthesize import synthesize
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ def _root(
 
 
 app.command("synthesize")(synthesize)
+app.command("evaluate")(evaluate)
 app.command("demo")(demo)
 
 

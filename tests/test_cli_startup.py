@@ -21,7 +21,9 @@ print("HEAVY:" + ",".join(heavy))
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["synthesize", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["synthesize", "--help"], ["evaluate", "--help"], ["demo", "--help"]]
+)
 def test_help_and_version_do_not_import_heavy_modules(args: list[str]) -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, check=True

@@ -1,0 +1,131 @@
+"""``freetumor evaluate``: score predictions against ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from freetumor_cli.commands._common import ConfigOption, SetOption, console, err_console, note, report_errors, warn
+
+
+@report_errors
+def evaluate(
+    pred: Annotated[
+        Path,
+        typer.Option(
+            "--pred", help="Folder of predicted label maps (case.nii.gz or case_0000.nii.gz).", show_default=False
+        ),
+    ],
+    gt: Annotated[
+        Path,
+        typer.Option("--gt", help="Folder of ground-truth label maps, or a MONAI data-list JSON.", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for CSVs, summaries and plots.")] = Path(
+        "evaluation"
+    ),
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--classes",
+            help="Class names or values to score (repeatable). Default: the scheme's tumor classes.",
+            show_default=False,
+        ),
+    ] = None,
+    label_scheme: Annotated[
+        str | None,
+        typer.Option(
+            "--label-scheme",
+            help="abdomen (7 classes) | chest (lung, lesion) | task (organ, tumor).",
+            show_default="abdomen",
+        ),
+    ] = None,
+    tolerance_mm: Annotated[
+        float | None, typer.Option("--tolerance-mm", help="Normalized surface Dice tolerance in mm.", show_default="2")
+    ] = None,
+    min_lesion_voxels: Annotated[
+        int | None,
+        typer.Option("--min-lesion-voxels", help="Ignore connected components smaller than this.", show_default="1"),
+    ] = None,
+    lesion_iou: Annotated[
+        float | None,
+        typer.Option("--lesion-iou", help="IoU a lesion match needs; 0 = any overlapping voxel.", show_default="0"),
+    ] = None,
+    skip_missing: Annotated[
+        bool, typer.Option("--skip-missing", help="Skip cases without a prediction instead of scoring them as empty.")
+    ] = False,
+    resample_pred: Annotated[
+        bool,
+        typer.Option(
+            "--resample-pred", help="Resample predictions on another grid onto the ground truth's (nearest neighbour)."
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Processes scoring cases in parallel.", min=1)] = 1,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Score predicted segmentations: Dice, surface Dice, HD95, surface distance, lesion detection by size.
+
+    Example: freetumor evaluate --pred predictions/ --gt labelsTs/ --out evaluation/
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from freetumor_cli.core.config import build_config
+    from freetumor_cli.core.evaluate import EvaluateConfig, match_cases, write_reports
+    from freetumor_cli.core.evaluate import evaluate as run_evaluation
+
+    flags = {
+        "label_scheme": label_scheme,
+        "classes": list(classes) if classes else None,
+        "tolerance_mm": tolerance_mm,
+        "min_lesion_voxels": min_lesion_voxels,
+        "lesion_iou": lesion_iou,
+        "skip_missing": True if skip_missing else None,
+        "resample_pred": True if resample_pred else None,
+    }
+    cfg = build_config(EvaluateConfig, file=config, overrides=set_ or [], flags=flags)
+    total = len(match_cases(pred, gt)[0])
+    with Progress(
+        TextColumn("[bold]evaluate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("evaluate", total=total)
+        cases, summary, notes = run_evaluation(
+            pred, gt, cfg, workers=workers, on_case_done=lambda _case: progress.advance(task)
+        )
+    for message in notes:
+        (warn if "without a prediction" in message or "match no" in message else note)(message)
+    written = write_reports(cases, summary, out)
+    table = Table(title=f"{summary['cases']} cases")
+    for column in (
+        "class",
+        "Dice",
+        "Dice (empty=1)",
+        "NSD",
+        "HD95 mm",
+        "lesion sens.",
+        "early sens.",
+        "precision",
+        "FP/case",
+    ):
+        table.add_column(column)
+
+    def fmt(value: object, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    for name, c in summary["classes"].items():
+        les = c["lesions"]
+        table.add_row(
+            name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
+            fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
+    )
