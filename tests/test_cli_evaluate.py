@@ -140,7 +140,7 @@ def test_bad_options(folders: tuple[Path, Path], tmp_path: Path, args: list[str]
 
 
 def test_no_matching_cases_and_missing_folders(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    pred, gt = folders
+    _, gt = folders
     empty = tmp_path / "other"
     empty.mkdir()
     write(empty, "zzz.nii.gz", np.zeros((20, 20, 10), np.uint8))
@@ -151,7 +151,7 @@ def test_no_matching_cases_and_missing_folders(folders: tuple[Path, Path], tmp_p
 
 
 def test_datalist_ground_truth_and_workers(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    pred, gt = folders
+    pred, _ = folders
     datalist = tmp_path / "list.json"
     datalist.write_text(
         json.dumps(
