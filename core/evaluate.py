@@ -12,7 +12,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from freetumor_cli.core.io import (
 )
 from freetumor_cli.core.labels import REGION_LABELS
 from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
+from freetumor_cli.core.parallel import process_pool
 
 EVAL_SCHEMES: dict[str, dict[int, str]] = {
     "abdomen": dict(REGION_LABELS["abdomen"]),
@@ -376,7 +376,7 @@ def evaluate(
             pairs = [p for p in pairs if p.pred is not None]
     results: list[CaseScores] = []
     if workers > 1 and len(pairs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             for scores in pool.map(evaluate_case, pairs, [config] * len(pairs)):
                 results.append(scores)
                 if on_case_done:

@@ -90,14 +90,6 @@ TASK_REMAPS: Mapping[str, Mapping[int, int]] = {
     "covid": {1: 1, 2: 2},
 }
 
-# Source datasets' own label conventions, mapped into the abdomen or chest space.
-SOURCE_REMAPS: Mapping[str, Mapping[int, int]] = {
-    "Dataset003_Liver": {1: 1, 2: 2},
-    "Dataset007_Pancreas": {1: 3, 2: 4},
-    "Dataset220_KiTS2023": {1: 5, 2: 6, 3: 5},  # a kidney cyst counts as kidney
-    "Covid19_20": {1: 2},  # lesion only; lung comes from the organ labels
-}
-
 # TotalSegmentator v2 "total" task: the classes this tool uses or is likely to meet in a crop.
 TOTALSEG_V2: Mapping[int, str] = {
     1: "spleen",
@@ -163,9 +155,6 @@ def _validate_registry() -> None:
     for task, remap in TASK_REMAPS.items():
         if set(remap.values()) - {1, 2}:
             raise AssertionError(f"task {task} must map into 0/1/2")
-    for source, remap in SOURCE_REMAPS.items():
-        if set(remap.values()) - set(ABDOMEN_LABELS):
-            raise AssertionError(f"source {source} maps outside the label space")
 
 
 _validate_registry()

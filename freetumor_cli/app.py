@@ -13,6 +13,8 @@ import typer
 from freetumor_cli import __version__
 from freetumor_cli.commands.demo import demo
 from freetumor_cli.commands.evaluate import evaluate
+from freetumor_cli.commands.fetch_labels import fetch_labels
+from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
 
 app = typer.Typer(
@@ -40,6 +42,8 @@ def _root(
     """freetumor: realistic synthetic tumors for CT, and segmentation models trained with them."""
 
 
+app.command("fetch-labels")(fetch_labels)
+app.command("prepare")(prepare)
 app.command("synthesize")(synthesize)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)

@@ -22,8 +22,11 @@ def test_tumor_of_organ_k_is_k_plus_one() -> None:
 def test_task_remaps_match_design() -> None:
     assert registry.TASK_REMAPS["pancreas"] == {3: 1, 4: 2}
     assert registry.TASK_REMAPS["kidney"] == {5: 1, 6: 2}
-    assert registry.SOURCE_REMAPS["Dataset220_KiTS2023"] == {1: 5, 2: 6, 3: 5}
-    assert registry.SOURCE_REMAPS["Dataset007_Pancreas"] == {1: 3, 2: 4}
+    from freetumor_cli.core.datasets import DATASETS, canonical_dataset
+
+    assert DATASETS["Dataset220_KiTS2023"].remap == {1: 5, 2: 6, 3: 5}
+    assert DATASETS["Dataset007_Pancreas"].remap == {1: 3, 2: 4}
+    assert canonical_dataset("lits") == "Dataset003_Liver" and canonical_dataset("unknown") is None
 
 
 def test_totalsegmentator_map_covers_both_kidneys_and_lung_lobes() -> None:

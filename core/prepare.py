@@ -1,0 +1,544 @@
+"""Turn a data root of differently named datasets into validated, remapped data lists with folds.
+
+Steps: :func:`scan_data_root` (or :func:`read_pairs`) finds image/label pairs; :func:`validate_case`
+checks each one (image header only unless asked, label data always) and maps its labels into the
+abdomen or chest space; :func:`prepare` writes ``manifest.jsonl`` (streamed), per-task MONAI data
+lists for every fold, ``dataset.json``, ``labels.json`` and ``prepare_report.md``, and optionally a
+preprocessing cache keyed by a hash of the preprocessing configuration.
+
+Label files whose values change under the dataset's remap are written once, remapped, to
+``<out>/labels/<dataset>/<case>.nii.gz``; others are referenced where they are. The data root is
+never written to.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freetumor_cli import __version__
+from freetumor_cli.core.config import to_dict
+from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
+from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.io import (
+    AFFINE_TOLERANCE_MM,
+    Volume,
+    atomic_path,
+    case_name,
+    is_nifti,
+    save_volume,
+    write_text_atomic,
+)
+from freetumor_cli.core.labels import REGION_LABELS, TASK_REMAPS, WINDOWS
+from freetumor_cli.core.parallel import process_pool
+
+TASK_ORGANS = {"liver": 1, "pancreas": 3, "kidney": 5}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The method's preprocessing (DESIGN §4); the cache folder is named by a hash of it."""
+
+    orientation: str = "RAS"
+    abdomen_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    chest_spacing_mm: tuple[float, float, float] = (1.25, 1.25, 5.0)
+    abdomen_window_hu: tuple[float, float] = (WINDOWS["abdomen"].low, WINDOWS["abdomen"].high)
+    chest_window_hu: tuple[float, float] = (WINDOWS["chest"].low, WINDOWS["chest"].high)
+    crop_foreground: bool = True
+
+    def digest(self) -> str:
+        text = json.dumps({"format": 1, **to_dict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How ``prepare`` scans, validates and splits.
+
+    Attributes:
+        datasets: dataset folders to use (names or aliases); empty means every known folder found.
+        folds: number of cross-validation folds.
+        seed: fold assignment seed (folds are a hash of seed, dataset and case id).
+        strict: fail when any case is skipped.
+        verify_images: read every image fully (catches truncated files; slower than headers only).
+        preprocess: write the preprocessing cache.
+        preprocessing: the preprocessing constants.
+    """
+
+    datasets: tuple[str, ...] = ()
+    folds: int = 5
+    seed: int = 0
+    strict: bool = False
+    verify_images: bool = False
+    preprocess: bool = False
+    preprocessing: PreprocessConfig = PreprocessConfig()
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A case found by scanning: maybe an image, maybe a label."""
+
+    dataset: str
+    case: str
+    image: Path | None
+    label: Path | None
+
+
+class CaseSkipped(Exception):
+    """A case that cannot be used, with the reason."""
+
+
+@dataclass
+class DatasetReport:
+    found: int = 0
+    valid: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_file() and is_nifti(e.name) and not e.name.startswith("."))
+
+
+def _scan_dataset(folder: Path, spec: DatasetSpec) -> Iterator[Candidate]:
+    if spec.naming == "covid":
+        images, labels = {}, {}
+        for path in sorted(folder.rglob("*.nii*")):
+            name = case_name(path)
+            if name.endswith("_ct"):
+                images[name[: -len("_ct")]] = path
+            elif name.endswith("_seg"):
+                labels[name[: -len("_seg")]] = path
+        for case in sorted(set(images) | set(labels)):
+            yield Candidate(spec.name, case, images.get(case), labels.get(case))
+        return
+    images = {}
+    for path in _nifti_files(folder / "imagesTr"):
+        name = case_name(path)
+        images[name[len("img") :] if spec.naming == "btcv" and name.startswith("img") else name] = path
+    labels = {}
+    # Labels in labelsTr/ (nnU-Net), or flat in the dataset folder (as a label-only download may be).
+    for path in _nifti_files(folder) + _nifti_files(folder / "labelsTr"):
+        name = case_name(path)
+        labels[name[len("label") :] if spec.naming == "btcv" and name.startswith("label") else name] = path
+    for case in sorted(set(images) | set(labels)):
+        shown = f"img{case}" if spec.naming == "btcv" else case
+        yield Candidate(spec.name, shown, images.get(case), labels.get(case))
+
+
+def scan_data_root(root: str | os.PathLike[str], datasets: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
+    """Find image/label pairs in every known dataset folder of ``root``.
+
+    Returns:
+        (candidates, folder names that are not known datasets).
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise InputError(f"data root not found: {root_path}", hint="pass --data-root, e.g. the --dest of fetch-labels")
+    wanted = None
+    if datasets:
+        wanted = set()
+        for name in datasets:
+            canonical = canonical_dataset(name)
+            if canonical is None:
+                raise InputError(f"unknown dataset {name!r}", hint=f"known: {', '.join(DATASETS)}")
+            wanted.add(canonical)
+    candidates: list[Candidate] = []
+    unknown: list[str] = []
+    with os.scandir(root_path) as entries:
+        folders = sorted((e.name, Path(e.path)) for e in entries if e.is_dir() and not e.name.startswith("."))
+    for name, folder in folders:
+        canonical = canonical_dataset(name)
+        if canonical is None:
+            unknown.append(name)
+            continue
+        if wanted is not None and canonical not in wanted:
+            continue
+        candidates.extend(_scan_dataset(folder, DATASETS[canonical]))
+    return candidates, unknown
+
+
+def read_pairs(path: str | os.PathLike[str]) -> list[Candidate]:
+    """An explicit pairing: a CSV with columns image,label[,dataset][,case] or a MONAI data-list JSON.
+
+    Relative paths are relative to the file's folder. Without a dataset column the dataset is the
+    folder above the image's folder when it is a known dataset, else "custom".
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"pairs file not found: {file}")
+    rows: list[dict[str, str]] = []
+    if file.suffix == ".json":
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"cannot read pairs file {file}: {exc}") from exc
+        entries = (
+            data if isinstance(data, list) else [e for k in ("training", "validation", "test") for e in data.get(k, [])]
+        )
+        rows = [e for e in entries if isinstance(e, dict)]
+    else:
+        with file.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and not {"image", "label"} <= set(rows[0]):
+            raise InputError(f"pairs CSV {file} needs the columns image,label (optional dataset,case)")
+    out = []
+    for row in rows:
+        image = Path(row["image"]) if row.get("image") else None
+        label = Path(row["label"]) if row.get("label") else None
+        image = image if image is None or image.is_absolute() else file.parent / image
+        label = label if label is None or label.is_absolute() else file.parent / label
+        ref = image or label
+        dataset = row.get("dataset") or (canonical_dataset(ref.parent.parent.name) if ref else None) or "custom"
+        out.append(
+            Candidate(canonical_dataset(dataset) or dataset, row.get("case") or case_name(ref or "case"), image, label)
+        )
+    if not out:
+        raise InputError(f"pairs file {file} holds no pairs")
+    return out
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry, or an abdomen organ-label spec for custom datasets."""
+    return DATASETS.get(name) or DatasetSpec(name, "abdomen", "organ")
+
+
+def fold_of(dataset: str, case: str, *, seed: int, folds: int) -> int:
+    """Deterministic fold from dataset, case id and seed."""
+    digest = hashlib.sha256(f"{seed}/{dataset}/{case}".encode()).hexdigest()
+    return int(digest[:12], 16) % folds
+
+
+def _load_header(path: Path, what: str) -> Any:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:
+        raise CaseSkipped(f"unreadable {what}: {type(exc).__name__}") from exc
+    shape = tuple(s for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise CaseSkipped(f"{what} is not 3D (shape {tuple(image.shape)})")
+    return image
+
+
+def _read_array(image: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asanyarray(image.dataobj)
+    except Exception as exc:
+        raise CaseSkipped(f"{what} data unreadable ({type(exc).__name__}: truncated or corrupt file?)") from exc
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def validate_case(candidate: Candidate, out_dir: str, verify_images: bool) -> dict[str, Any]:
+    """Check one case and map its labels; returns its manifest record.
+
+    Raises:
+        CaseSkipped: with the reason the case cannot be used.
+    """
+    if candidate.image is None:
+        raise CaseSkipped("missing image")
+    if candidate.label is None:
+        raise CaseSkipped("missing label")
+    spec = dataset_spec(candidate.dataset)
+    image = _load_header(candidate.image, "image")
+    label = _load_header(candidate.label, "label")
+    if tuple(image.shape[:3]) != tuple(label.shape[:3]):
+        raise CaseSkipped(f"image shape {tuple(image.shape[:3])} != label shape {tuple(label.shape[:3])}")
+    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
+    diff = np.abs(np.asarray(image.affine) - np.asarray(label.affine))
+    if diff[:3, :3].max() > AFFINE_TOLERANCE_MM * scale or diff[:3, 3].max() > max(AFFINE_TOLERANCE_MM * scale, 1e-2):
+        raise CaseSkipped(f"image and label affines differ (by up to {diff.max():.3g} mm)")
+    if verify_images:
+        _read_array(image, "image")
+    labels = _read_array(label, "label")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.rint(labels)):
+            raise CaseSkipped("label holds non-integer values")
+        labels = labels.astype(np.int64)
+    space = REGION_LABELS[spec.region]
+    allowed = set(spec.remap) | {0} if spec.remap is not None else set(space)
+    low, high = int(labels.min()), int(labels.max())
+    seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
+    seen[(labels - min(low, 0)).ravel(order="K")] = True
+    values = sorted(int(v) + min(low, 0) for v in np.flatnonzero(seen))
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)})")
+    label_path = candidate.label
+    if spec.remap is not None and any(spec.remap.get(v, 0) != v for v in values):
+        lut = np.zeros(max(values) + 1, dtype=np.uint8)
+        for source, target in spec.remap.items():
+            if source < len(lut):
+                lut[source] = target
+        mapped = lut[labels]
+        label_path = Path(out_dir) / "labels" / spec.name / f"{candidate.case}.nii.gz"
+        reference = Volume(mapped, np.asarray(label.affine, dtype=np.float64), label.header)
+        save_volume(mapped, reference, label_path, label=True)
+        counts = np.bincount(mapped.ravel(order="K"), minlength=len(space))
+    else:
+        counts = np.bincount(labels.ravel(order="K").astype(np.intp), minlength=len(space))
+    present = {space[v]: int(counts[v]) for v in range(1, len(space)) if v < len(counts) and counts[v]}
+    if not present:
+        raise CaseSkipped("no organ or tumor in the label")
+    zooms = [round(float(z), 4) for z in image.header.get_zooms()[:3]]
+    return {
+        "dataset": spec.name,
+        "case": candidate.case,
+        "image": str(candidate.image),
+        "label": str(label_path),
+        "source_label": str(candidate.label),
+        "role": "tumor-labelled" if spec.role == "tumor" else "organ-only",
+        "region": spec.region,
+        "organs": {k: v for k, v in present.items() if not k.endswith(("tumor", "lesion"))},
+        "tumors": {k: v for k, v in present.items() if k.endswith(("tumor", "lesion"))},
+        "spacing": zooms,
+        "shape": [int(s) for s in image.shape[:3]],
+    }
+
+
+def _validate_job(args: tuple[Candidate, str, bool]) -> tuple[Candidate, dict[str, Any] | None, str | None]:
+    candidate, out_dir, verify = args
+    try:
+        return candidate, validate_case(candidate, out_dir, verify), None
+    except CaseSkipped as exc:
+        return candidate, None, str(exc)
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    valid: int
+    skipped: int
+    reports: dict[str, DatasetReport]
+    unknown_folders: list[str]
+    datalists: list[Path]
+    cache_dir: Path | None = None
+    cached: int = 0
+
+
+def _task_entries(records: Iterable[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        if task == "covid":
+            keep = r["region"] == "chest"
+        elif task == "all":
+            keep = r["region"] == "abdomen"
+        else:
+            organ = REGION_LABELS["abdomen"][TASK_ORGANS[task]]
+            keep = r["region"] == "abdomen" and (organ in r["organs"] or f"{organ}_tumor" in r["tumors"])
+        if keep:
+            out.append(
+                {
+                    "image": r["image"],
+                    "label": r["label"],
+                    "case": r["case"],
+                    "dataset": r["dataset"],
+                    "role": r["role"],
+                    "fold": r["fold"],
+                }
+            )
+    return out
+
+
+def prepare(
+    data_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: PrepareConfig,
+    *,
+    pairs: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    on_found: Callable[[int], None] | None = None,
+    on_case_done: Callable[[], None] | None = None,
+) -> PrepareResult:
+    """Scan, validate, remap and split; write the manifest, data lists and reports (see module doc)."""
+    out = Path(out_dir)
+    root = Path(data_root)
+    if pairs is None and root.resolve() in (out.resolve(), *out.resolve().parents):
+        raise InputError(
+            f"--out {out} lies inside --data-root {root}", hint="write prepared data outside the data root"
+        )
+    if pairs is not None:
+        candidates, unknown = read_pairs(pairs), []
+    else:
+        candidates, unknown = scan_data_root(root, config.datasets)
+    if on_found:
+        on_found(len(candidates))
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, DatasetReport] = defaultdict(DatasetReport)
+    records: list[dict[str, Any]] = []
+    jobs = [(c, str(out), config.verify_images) for c in candidates]
+    with atomic_path(out / "manifest.jsonl") as tmp, tmp.open("w", encoding="utf-8") as manifest:
+        results: Iterable[tuple[Candidate, dict[str, Any] | None, str | None]]
+        pool = process_pool(workers) if workers > 1 else None
+        try:
+            results = pool.map(_validate_job, jobs, chunksize=16) if pool else map(_validate_job, jobs)
+            for candidate, record, reason in results:
+                report = reports[candidate.dataset]
+                report.found += 1
+                if record is None:
+                    key = (reason or "unknown").split(" (")[0]
+                    report.skipped[key] += 1
+                    report.examples.setdefault(key, f"{candidate.case}: {reason}")
+                else:
+                    record["fold"] = fold_of(record["dataset"], record["case"], seed=config.seed, folds=config.folds)
+                    manifest.write(json.dumps(record) + "\n")
+                    report.valid += 1
+                    records.append(
+                        {
+                            k: record[k]
+                            for k in ("dataset", "case", "image", "label", "role", "region", "organs", "tumors", "fold")
+                        }
+                    )
+                if on_case_done:
+                    on_case_done()
+        finally:
+            if pool:
+                pool.shutdown()
+    skipped = sum(sum(r.skipped.values()) for r in reports.values())
+    result = PrepareResult(out, len(records), skipped, dict(reports), unknown, [])
+    write_text_atomic(out / "prepare_report.md", report_markdown(result, config))
+    if not records:
+        raise InputError(
+            f"no usable case found in {pairs or root} ({skipped} skipped; see {out / 'prepare_report.md'})",
+            hint="check the data root layout (imagesTr/ with labelsTr/) or pass --pairs",
+        )
+    _write_metadata(out, records, config, result)
+    if config.strict and skipped:
+        raise InputError(f"{skipped} case(s) skipped and --strict is set (reasons in {out / 'prepare_report.md'})")
+    return result
+
+
+def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareConfig, result: PrepareResult) -> None:
+    for task in ("liver", "pancreas", "kidney", "covid", "all"):
+        entries = _task_entries(records, task)
+        if not entries:
+            continue
+        for fold in range(config.folds):
+            datalist = {
+                "name": f"freetumor {task}",
+                "task": task,
+                "fold": fold,
+                "label_space": "chest" if task == "covid" else "abdomen (7 classes)",
+                "task_remap": {str(k): v for k, v in TASK_REMAPS.get(task, {}).items()},
+                "training": [e for e in entries if e["fold"] != fold],
+                "validation": [e for e in entries if e["fold"] == fold],
+            }
+            path = out / "datalists" / f"{task}_fold{fold}.json"
+            write_text_atomic(path, json.dumps(datalist, indent=1) + "\n")
+            result.datalists.append(path)
+    abdomen = [r for r in records if r["region"] == "abdomen"]
+    dataset_json = {
+        "name": "freetumor",
+        "description": "prepared by freetumor prepare",
+        "channel_names": {"0": "CT"},
+        "labels": {name: value for value, name in REGION_LABELS["abdomen"].items()},
+        "numTraining": len(abdomen),
+        "file_ending": ".nii.gz",
+        "freetumor_version": __version__,
+    }
+    write_text_atomic(out / "dataset.json", json.dumps(dataset_json, indent=2) + "\n")
+    labels_json = {
+        "abdomen": {str(k): v for k, v in REGION_LABELS["abdomen"].items()},
+        "chest": {str(k): v for k, v in REGION_LABELS["chest"].items()},
+        "task_remaps": {t: {str(k): v for k, v in m.items()} for t, m in TASK_REMAPS.items()},
+        "source_remaps": {n: {str(k): v for k, v in s.remap.items()} for n, s in DATASETS.items() if s.remap},
+    }
+    write_text_atomic(out / "labels.json", json.dumps(labels_json, indent=2) + "\n")
+    write_text_atomic(
+        out / "prepare_config.json", json.dumps({"version": __version__, **to_dict(config)}, indent=2) + "\n"
+    )
+
+
+def report_markdown(result: PrepareResult, config: PrepareConfig) -> str:
+    lines = ["# freetumor prepare report", "", f"{result.valid} usable case(s), {result.skipped} skipped.", ""]
+    lines += ["| dataset | found | usable | skipped | reasons |", "|---|---|---|---|---|"]
+    for name, r in sorted(result.reports.items()):
+        reasons = "; ".join(f"{reason}: {n} (e.g. {r.examples[reason]})" for reason, n in r.skipped.most_common())
+        lines.append(f"| {name} | {r.found} | {r.valid} | {sum(r.skipped.values())} | {reasons or '-'} |")
+    if result.unknown_folders:
+        lines += ["", f"Folders that are not known datasets (ignored): {', '.join(result.unknown_folders)}"]
+    lines += ["", f"Folds: {config.folds}, seed {config.seed}."]
+    return "\n".join(lines) + "\n"
+
+
+def _preprocess_job(args: tuple[dict[str, Any], str, PreprocessConfig]) -> str | None:
+    record, cache_dir, pp = args
+    target = Path(cache_dir) / record["dataset"] / f"{record['case']}.npz"
+    if target.is_file():
+        return None
+    from monai import transforms as T
+
+    spacing = pp.chest_spacing_mm if record["region"] == "chest" else pp.abdomen_spacing_mm
+    low, high = pp.chest_window_hu if record["region"] == "chest" else pp.abdomen_window_hu
+    steps = [
+        T.LoadImaged(keys=["image", "label"], image_only=True),
+        T.EnsureChannelFirstd(keys=["image", "label"]),
+        T.Orientationd(keys=["image", "label"], axcodes=pp.orientation),
+        T.Spacingd(keys=["image", "label"], pixdim=spacing, mode=("bilinear", "nearest")),
+        T.ScaleIntensityRanged(keys=["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if pp.crop_foreground:
+        steps.append(T.CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True))
+    data = T.Compose(steps)({"image": record["image"], "label": record["label"]})
+    image = np.asarray(data["image"][0], dtype=np.float16)
+    label = np.asarray(data["label"][0]).astype(np.uint8)
+    with atomic_path(target) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, image=image, label=label)
+    return str(target)
+
+
+def preprocess_cache(
+    out_dir: str | os.PathLike[str],
+    config: PrepareConfig,
+    *,
+    workers: int = 1,
+    on_start: Callable[[int], None] | None = None,
+    on_case_done: Callable[[], None] | None = None,
+) -> tuple[Path, int, int]:
+    """Write resampled, windowed, cropped arrays of every manifest case to ``cache/pp-<hash>/``.
+
+    Returns:
+        (cache folder, cases written now, cases already cached).
+    """
+    out = Path(out_dir)
+    pp = config.preprocessing
+    cache = out / "cache" / f"pp-{pp.digest()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cache / "preprocessing.json", json.dumps(to_dict(pp), indent=2) + "\n")
+    with (out / "manifest.jsonl").open(encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if on_start:
+        on_start(len(records))
+    jobs = [(r, str(cache), pp) for r in records]
+    written = 0
+    pool = process_pool(workers) if workers > 1 else None
+    try:
+        for path in pool.map(_preprocess_job, jobs) if pool else map(_preprocess_job, jobs):
+            written += path is not None
+            if on_case_done:
+                on_case_done()
+    finally:
+        if pool:
+            pool.shutdown()
+    return cache, written, len(records) - written

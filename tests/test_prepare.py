@@ -1,0 +1,250 @@
+"""``freetumor prepare`` on a small data root of phantom datasets in several layouts, with broken cases."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from freetumor_cli.app import app
+from freetumor_cli.core.io import load_volume, save_volume
+from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.prepare import PrepareConfig, fold_of, prepare, preprocess_cache, scan_data_root
+
+
+def _native(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = np.zeros_like(labels)
+    for source, target in mapping.items():
+        out[labels == source] = target
+    return out
+
+
+def build_data_root(root: Path) -> dict[str, int]:
+    """Datasets in their own conventions; returns the expected number of usable cases per dataset."""
+    expected = {}
+    for i in range(3):
+        p = make_phantom((40, 36, 24), (8.0, 8.0, 8.0), seed=i, tumors=1)
+        ct, lab = p.ct, p.labels.array
+        save_volume(ct.array, ct, root / "Dataset003_Liver" / "imagesTr" / f"liver_{i}_0000.nii.gz")
+        save_volume(
+            _native(lab, {1: 1, 2: 2}), ct, root / "Dataset003_Liver" / "labelsTr" / f"liver_{i}.nii.gz", label=True
+        )
+        save_volume(ct.array, ct, root / "Dataset007_Pancreas" / "imagesTr" / f"pancreas_{i}_0000.nii.gz")
+        save_volume(
+            _native(lab, {3: 1, 4: 2}),
+            ct,
+            root / "Dataset007_Pancreas" / "labelsTr" / f"pancreas_{i}.nii.gz",
+            label=True,
+        )
+        kits = _native(lab, {5: 1, 6: 2})
+        kits[kits == 1] = np.where(
+            np.arange(kits.size).reshape(kits.shape)[kits == 1] % 7 == 0, 3, 1
+        )  # some cyst voxels
+        save_volume(ct.array, ct, root / "Dataset220_KiTS2023" / "imagesTr" / f"case_{i:05d}_0000.nii.gz")
+        save_volume(kits, ct, root / "Dataset220_KiTS2023" / "labelsTr" / f"case_{i:05d}.nii.gz", label=True)
+        save_volume(ct.array, ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
+        save_volume(
+            _native(lab, {1: 1, 3: 3, 5: 5}), ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True
+        )
+        save_volume(ct.array, ct, root / "Covid19_20" / f"volume-covid19-A-{i}_ct.nii.gz")
+        save_volume(
+            (p.lung.array == 1).astype(np.uint8),
+            ct,
+            root / "Covid19_20" / f"volume-covid19-A-{i}_seg.nii.gz",
+            label=True,
+        )
+        # Organ labels as a label-only download leaves them: flat in the dataset folder.
+        save_volume(ct.array, ct, root / "Flare22" / "imagesTr" / f"FLARE22_{i}_0000.nii.gz")
+        save_volume(_native(lab, {1: 1, 3: 3, 5: 5}), ct, root / "Flare22" / f"FLARE22_{i}.nii.gz", label=True)
+    expected.update(
+        {
+            "Dataset003_Liver": 3,
+            "Dataset007_Pancreas": 3,
+            "Dataset220_KiTS2023": 3,
+            "BTCV": 3,
+            "Covid19_20": 3,
+            "Flare22": 3,
+        }
+    )
+    # Broken cases, all in WORD: affine mismatch, label value 9, missing label, truncated .gz, a 4D file.
+    p = make_phantom((40, 36, 24), (8.0, 8.0, 8.0), seed=9)
+    ct, lab = p.ct, p.labels.array
+    word = root / "WORD"
+    save_volume(ct.array, ct, word / "imagesTr" / "good_0000.nii.gz")
+    save_volume(lab, ct, word / "labelsTr" / "good.nii.gz", label=True)
+    save_volume(ct.array, ct, word / "imagesTr" / "moved_0000.nii.gz")
+    moved = ct.affine.copy()
+    moved[0, 3] += 20
+    nib.save(nib.Nifti1Image(lab, moved), word / "labelsTr" / "moved.nii.gz")
+    save_volume(ct.array, ct, word / "imagesTr" / "nine_0000.nii.gz")
+    nine = lab.copy()
+    nine[0, 0, 0] = 9
+    save_volume(nine, ct, word / "labelsTr" / "nine.nii.gz", label=True)
+    save_volume(ct.array, ct, word / "imagesTr" / "nolabel_0000.nii.gz")
+    save_volume(ct.array, ct, word / "imagesTr" / "trunc_0000.nii.gz")
+    full = gzip.compress(nib.Nifti1Image(lab, ct.affine).to_bytes())
+    (word / "labelsTr" / "trunc.nii.gz").write_bytes(full[: len(full) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((40, 36, 24, 2), np.int16), ct.affine), word / "imagesTr" / "fourd_0000.nii.gz")
+    save_volume(lab, ct, word / "labelsTr" / "fourd.nii.gz", label=True)
+    expected["WORD"] = 1
+    (root / "notes_folder").mkdir()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    root = tmp_path_factory.mktemp("data")
+    return root, build_data_root(root)
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_scan_pairs_every_layout(data_root: tuple[Path, dict[str, int]]) -> None:
+    root, _ = data_root
+    candidates, unknown = scan_data_root(root)
+    by = {(c.dataset, c.case): c for c in candidates}
+    assert by[("BTCV", "img0001")].label.name == "label0001.nii.gz"
+    assert by[("Covid19_20", "volume-covid19-A-1")].label.name.endswith("_seg.nii.gz")
+    assert by[("Flare22", "FLARE22_2")].label.parent.name == "Flare22"
+    assert by[("WORD", "nolabel")].label is None
+    assert unknown == ["notes_folder"]
+
+
+def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    root, expected = data_root
+    before = tree_digest(root)
+    out = tmp_path / "prepared"
+    result = prepare(root, out, PrepareConfig(folds=3, seed=1))
+    assert tree_digest(root) == before, "the data root was modified"
+    assert {n: r.valid for n, r in result.reports.items()} == expected
+    word = result.reports["WORD"]
+    reasons = " | ".join(word.skipped)
+    for reason in ("affines differ", "not allowed", "missing label", "unreadable", "not 3D"):
+        assert reason in reasons, (reason, reasons)
+    report = (out / "prepare_report.md").read_text()
+    assert "WORD" in report and "not allowed" in report and "notes_folder" in report
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == sum(expected.values())
+    pancreas = next(r for r in records if r["dataset"] == "Dataset007_Pancreas")
+    assert pancreas["role"] == "tumor-labelled" and set(pancreas["organs"]) == {"pancreas"}
+    assert set(np.unique(load_volume(pancreas["label"]).array)) <= {0, 3, 4}
+    assert Path(pancreas["label"]).is_relative_to(out)
+    kits = next(r for r in records if r["dataset"] == "Dataset220_KiTS2023")
+    assert set(np.unique(load_volume(kits["label"]).array)) <= {0, 5, 6}  # cyst folded into kidney
+    liver = next(r for r in records if r["dataset"] == "Dataset003_Liver")
+    assert liver["label"] == liver["source_label"]  # identity remap: referenced in place
+    covid = next(r for r in records if r["dataset"] == "Covid19_20")
+    assert covid["region"] == "chest" and "lesion" in covid["tumors"]
+    for task in ("liver", "pancreas", "kidney", "covid", "all"):
+        lists = [json.loads((out / "datalists" / f"{task}_fold{k}.json").read_text()) for k in range(3)]
+        cases = {(e["dataset"], e["case"]) for e in lists[0]["training"] + lists[0]["validation"]}
+        for dl in lists:
+            train = {(e["dataset"], e["case"]) for e in dl["training"]}
+            val = {(e["dataset"], e["case"]) for e in dl["validation"]}
+            assert not train & val and train | val == cases
+        assert set().union(*({(e["dataset"], e["case"]) for e in dl["validation"]} for dl in lists)) == cases
+    liver_cases = json.loads((out / "datalists" / "liver_fold0.json").read_text())
+    assert {e["dataset"] for e in liver_cases["training"] + liver_cases["validation"]} >= {
+        "Dataset003_Liver",
+        "BTCV",
+        "Flare22",
+    }
+    dataset_json = json.loads((out / "dataset.json").read_text())
+    assert dataset_json["labels"]["kidney_tumor"] == 6 and dataset_json["channel_names"] == {"0": "CT"}
+    assert json.loads((out / "labels.json").read_text())["task_remaps"]["pancreas"] == {"3": 1, "4": 2}
+
+
+def test_folds_are_deterministic_from_case_and_seed() -> None:
+    assert fold_of("BTCV", "img0001", seed=0, folds=5) == fold_of("BTCV", "img0001", seed=0, folds=5)
+    folds = [fold_of("BTCV", f"img{i:04d}", seed=0, folds=5) for i in range(200)]
+    assert set(folds) == set(range(5))
+    other = [fold_of("BTCV", f"img{i:04d}", seed=1, folds=5) for i in range(200)]
+    assert folds != other
+
+
+def test_cli_strict_datasets_and_errors(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    root, _ = data_root
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["prepare", "--data-root", str(root), "--out", str(tmp_path / "a"), "--datasets", "lits", "--datasets", "BTCV"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Dataset003_Liver: 3 found, 3 usable" in result.output
+    result = runner.invoke(
+        app, ["prepare", "--data-root", str(root), "--out", str(tmp_path / "b"), "--datasets", "WORD", "--strict"]
+    )
+    assert result.exit_code != 0 and "--strict" in result.output
+    result = runner.invoke(app, ["prepare", "--data-root", str(root), "--out", str(root / "inside")])
+    assert result.exit_code != 0 and "inside --data-root" in result.output
+    result = runner.invoke(app, ["prepare", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "data root not found" in result.output
+    empty = tmp_path / "empty_root"
+    (empty / "BTCV" / "imagesTr").mkdir(parents=True)
+    result = runner.invoke(app, ["prepare", "--data-root", str(empty), "--out", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "no usable case" in result.output
+    result = runner.invoke(
+        app, ["prepare", "--data-root", str(root), "--out", str(tmp_path / "e"), "--datasets", "nope"]
+    )
+    assert result.exit_code != 0 and "unknown dataset" in result.output
+
+
+def test_verify_images_catches_a_truncated_image(tmp_path: Path) -> None:
+    p = make_phantom((40, 36, 24), (8.0, 8.0, 8.0), seed=4)
+    root = tmp_path / "root"
+    save_volume(p.labels.array, p.ct, root / "BTCV" / "labelsTr" / "label0001.nii.gz", label=True)
+    data = gzip.compress(nib.Nifti1Image(p.ct.array, p.ct.affine).to_bytes())
+    (root / "BTCV" / "imagesTr").mkdir(parents=True)
+    (root / "BTCV" / "imagesTr" / "img0001.nii.gz").write_bytes(data[: len(data) // 2])
+    save_volume(p.labels.array, p.ct, root / "BTCV" / "labelsTr" / "label0002.nii.gz", label=True)
+    save_volume(p.ct.array, p.ct, root / "BTCV" / "imagesTr" / "img0002.nii.gz")
+    fast = prepare(root, tmp_path / "fast", PrepareConfig())
+    assert fast.valid == 2  # headers only: the truncated image is not read
+    checked = prepare(root, tmp_path / "checked", PrepareConfig(verify_images=True))
+    assert checked.valid == 1 and "image data unreadable" in " ".join(checked.reports["BTCV"].skipped)
+
+
+def test_pairs_csv_and_workers(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    root, _ = data_root
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text(
+        "image,label,dataset\n"
+        f"{root}/Dataset003_Liver/imagesTr/liver_0_0000.nii.gz,{root}/Dataset003_Liver/labelsTr/liver_0.nii.gz,Dataset003_Liver\n"
+        f"{root}/BTCV/imagesTr/img0001.nii.gz,{root}/BTCV/labelsTr/label0001.nii.gz,\n"
+    )
+    result = prepare(root, tmp_path / "p", PrepareConfig(), pairs=csv_file, workers=2)
+    assert result.valid == 2 and set(result.reports) == {"Dataset003_Liver", "BTCV"}
+
+
+def test_preprocess_cache_is_keyed_by_config(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    pytest.importorskip("monai")
+    root, _ = data_root
+    out = tmp_path / "pp"
+    config = PrepareConfig(datasets=("BTCV",))
+    prepare(root, out, config)
+    cache, written, reused = preprocess_cache(out, config)
+    assert (written, reused) == (3, 0)
+    arrays = np.load(next(cache.rglob("*.npz")))
+    assert arrays["image"].min() >= 0 and arrays["image"].max() <= 1 and arrays["label"].dtype == np.uint8
+    assert set(np.unique(arrays["label"])) <= {0, 1, 3, 5}
+    again, written, reused = preprocess_cache(out, config)
+    assert again == cache and (written, reused) == (0, 3)
+    from dataclasses import replace
+
+    coarse = replace(config, preprocessing=replace(config.preprocessing, abdomen_spacing_mm=(12.0, 12.0, 12.0)))
+    other, written, _ = preprocess_cache(out, coarse)
+    assert other != cache and written == 3
+    assert np.load(next(other.rglob("*.npz")))["image"].shape != arrays["image"].shape
