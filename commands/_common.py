@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -37,6 +37,19 @@ SetOption = Annotated[
 SeedOption = Annotated[
     int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default="0")
 ]
+
+
+def progress_bar(label: str | None = None) -> Any:
+    """A transient progress bar on stderr: label (or the task's description), bar, done/total, elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns: list[Any] = [
+        TextColumn(f"[bold]{label}" if label else "[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+    ]
+    columns.append(TimeElapsedColumn())
+    return Progress(*columns, console=err_console, transient=True)
 
 
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import ConfigOption, SetOption, console, err_console, note, report_errors, warn
+from freetumor_cli.commands._common import (
+    ConfigOption,
+    SetOption,
+    console,
+    note,
+    progress_bar,
+    report_errors,
+    warn,
+)
 
 
 @report_errors
@@ -69,7 +77,6 @@ def evaluate(
 
     Example: freetumor evaluate --pred predictions/ --gt labelsTs/ --out evaluation/
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from freetumor_cli.core.config import build_config
@@ -87,14 +94,7 @@ def evaluate(
     }
     cfg = build_config(EvaluateConfig, file=config, overrides=set_ or [], flags=flags)
     total = len(match_cases(pred, gt)[0])
-    with Progress(
-        TextColumn("[bold]evaluate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with progress_bar("evaluate") as progress:
         task = progress.add_task("evaluate", total=total)
         cases, summary, notes = run_evaluation(
             pred, gt, cfg, workers=workers, on_case_done=lambda _case: progress.advance(task)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import console, err_console, note, report_errors, warn
+from freetumor_cli.commands._common import console, note, progress_bar, report_errors, warn
 
 
 def _size(n: float) -> str:
@@ -47,7 +47,6 @@ def fetch_labels(
 
     Example: freetumor fetch-labels --dest data --datasets BTCV --datasets Flare22
     """
-    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from freetumor_cli.core.hub import fetch_labels as run_fetch
@@ -67,15 +66,7 @@ def fetch_labels(
             warn(f"refused (path leaves the destination): {path}")
         return
 
-    progress = Progress(
-        TextColumn("[bold]fetch-labels"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
+    progress = progress_bar("fetch-labels")
     state: dict[str, int] = {}
 
     def on_listing(files: list) -> None:  # type: ignore[type-arg]

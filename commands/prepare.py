@@ -12,7 +12,7 @@ from freetumor_cli.commands._common import (
     SeedOption,
     SetOption,
     console,
-    err_console,
+    progress_bar,
     report_errors,
     warn,
 )
@@ -62,7 +62,6 @@ def prepare(
 
     Example: freetumor prepare --data-root data --out prepared --folds 5 --workers 8
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from freetumor_cli.core.config import build_config
     from freetumor_cli.core.prepare import PrepareConfig, preprocess_cache
@@ -77,14 +76,7 @@ def prepare(
         "strict": True if strict else None,
     }
     cfg = build_config(PrepareConfig, file=config, overrides=set_ or [], flags=flags)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("validate", total=None)
         result = run_prepare(
             data_root, out, cfg, pairs=pairs, workers=workers,

@@ -14,6 +14,7 @@ from freetumor_cli.commands._common import (
     console,
     err_console,
     note,
+    progress_bar,
     report_errors,
     warn,
 )
@@ -118,7 +119,6 @@ def synthesize(
 
     Example: freetumor synthesize --in ct.nii.gz --labels seg.nii.gz --organ liver --preview
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from freetumor_cli.core.config import build_config
     from freetumor_cli.core.synthesize import collect_cases, iter_results
@@ -145,15 +145,7 @@ def synthesize(
         raise InputError(f"no label file for {cases[0].image} in {labels}")
     failures: list[tuple[str, FreetumorError]] = []
     total = len(cases) * cfg.copies
-    with Progress(
-        TextColumn("[bold]synthesize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=total < 2,
-    ) as progress:
+    with progress_bar("synthesize") as progress:
         task = progress.add_task("synthesize", total=total)
         for case, result in iter_results(cases, cfg, out, on_copy_done=lambda: progress.advance(task)):
             if isinstance(result, FreetumorError):

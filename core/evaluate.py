@@ -28,6 +28,7 @@ from freetumor_cli.core.io import (
     check_same_grid,
     is_nifti,
     load_volume,
+    read_datalist,
     write_text_atomic,
 )
 from freetumor_cli.core.labels import REGION_LABELS
@@ -142,23 +143,7 @@ def match_cases(pred_dir: str | os.PathLike[str], gt: str | os.PathLike[str]) ->
 
 
 def _labels_from_datalist(path: Path) -> dict[str, Path]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read data list {path}: {exc}") from exc
-    entries = (
-        data
-        if isinstance(data, list)
-        else [e for k in ("training", "validation", "test", "testing") for e in data.get(k, [])]
-    )
-    out: dict[str, Path] = {}
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("label"):
-            label = Path(entry["label"])
-            label = label if label.is_absolute() else path.parent / label
-            name = case_name(entry.get("image", label))
-            out[name] = label
-    return out
+    return {case_name(e.get("image") or e["label"]): e["label"] for e in read_datalist(path) if e.get("label")}
 
 
 @dataclass

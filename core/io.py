@@ -8,11 +8,13 @@ written for an input carries that input's affine, shape and orientation.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -85,6 +87,48 @@ def case_name(path: str | os.PathLike[str]) -> str:
 
 def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
+
+
+DATALIST_SECTIONS = ("training", "validation", "test", "testing")
+
+
+def read_datalist(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Entries of a MONAI data-list JSON (all sections, or a bare list), with paths made absolute.
+
+    ``image`` and ``label`` values relative to the file are resolved against its folder; a bare string
+    entry is an image path.
+
+    Raises:
+        InputError: unreadable JSON or an entry that is not a mapping.
+    """
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read data list {file}: {exc}") from exc
+    if isinstance(data, dict):
+        raw = [e for key in DATALIST_SECTIONS for e in data.get(key, [])]
+    elif isinstance(data, list):
+        raw = data
+    else:
+        raw = []
+    entries = []
+    for entry in raw:
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict):
+            raise InputError(f"data list {file}: entries must be objects with 'image'/'label', got {entry!r}")
+        entry = dict(entry)
+        for key in ("image", "label"):
+            value = entry.get(key)
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]
+            if value:
+                if not isinstance(value, str):
+                    raise InputError(f"data list {file}: {key} must be a path, got {value!r}")
+                entry[key] = Path(value) if Path(value).is_absolute() else file.parent / value
+        entries.append(entry)
+    return entries
 
 
 def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:

@@ -35,6 +35,7 @@ from freetumor_cli.core.io import (
     atomic_path,
     case_name,
     is_nifti,
+    read_datalist,
     save_volume,
     write_text_atomic,
 )
@@ -183,16 +184,9 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Candidate]:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"pairs file not found: {file}")
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     if file.suffix == ".json":
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"cannot read pairs file {file}: {exc}") from exc
-        entries = (
-            data if isinstance(data, list) else [e for k in ("training", "validation", "test") for e in data.get(k, [])]
-        )
-        rows = [e for e in entries if isinstance(e, dict)]
+        rows = read_datalist(file)
     else:
         with file.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -200,8 +194,8 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Candidate]:
             raise InputError(f"pairs CSV {file} needs the columns image,label (optional dataset,case)")
     out = []
     for row in rows:
-        image = Path(row["image"]) if row.get("image") else None
-        label = Path(row["label"]) if row.get("label") else None
+        image = Path(str(row["image"])) if row.get("image") else None
+        label = Path(str(row["label"])) if row.get("label") else None
         image = image if image is None or image.is_absolute() else file.parent / image
         label = label if label is None or label.is_absolute() else file.parent / label
         ref = image or label

@@ -26,6 +26,7 @@ from freetumor_cli.core.io import (
     disk_dtype,
     is_nifti,
     load_volume,
+    read_datalist,
     save_volume,
     write_text_atomic,
 )
@@ -117,25 +118,13 @@ def find_labels_beside(image: Path) -> Path | None:
 
 
 def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read data list {path}: {exc}") from exc
-    if isinstance(data, dict):
-        entries = [e for key in ("training", "validation", "test", "testing") for e in data.get(key, [])]
-    elif isinstance(data, list):
-        entries = data
-    else:
-        entries = []
     cases = []
-    for entry in entries:
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or "image" not in entry:
+    for entry in read_datalist(path):
+        image = entry.get("image")
+        if not image:
             raise InputError(f"data list {path}: each entry needs an 'image' key, got {entry!r}")
-        image = _resolve(path.parent, entry["image"])
         if entry.get("label"):
-            cases.append(Case(image, _resolve(path.parent, entry["label"]), case_name(image), "data list"))
+            cases.append(Case(image, entry["label"], case_name(image), "data list"))
         else:
             cases.append(_case_for(image, labels))
     if not cases:
@@ -143,15 +132,6 @@ def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
             f"data list {path} holds no entries", hint="expected MONAI's {'training': [{'image': ..., 'label': ...}]}"
         )
     return cases
-
-
-def _resolve(base: Path, value: object) -> Path:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str):
-        raise InputError(f"data list paths must be strings, got {value!r}")
-    p = Path(value)
-    return p if p.is_absolute() else base / p
 
 
 def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: bool) -> dict[str, Path]:

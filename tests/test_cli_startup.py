@@ -22,7 +22,16 @@ print("HEAVY:" + ",".join(heavy))
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["--version"], ["synthesize", "--help"], ["evaluate", "--help"], ["fetch-labels", "--help"], ["prepare", "--help"], ["demo", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["synthesize", "--help"],
+        ["evaluate", "--help"],
+        ["fetch-labels", "--help"],
+        ["prepare", "--help"],
+        ["demo", "--help"],
+    ],
 )
 def test_help_and_version_do_not_import_heavy_modules(args: list[str]) -> None:
     out = subprocess.run(
