@@ -16,6 +16,7 @@ from freetumor_cli.commands.evaluate import evaluate
 from freetumor_cli.commands.fetch_labels import fetch_labels
 from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
+from freetumor_cli.commands.train_seg import train_seg
 
 app = typer.Typer(
     name="freetumor",
@@ -45,6 +46,7 @@ def _root(
 app.command("fetch-labels")(fetch_labels)
 app.command("prepare")(prepare)
 app.command("synthesize")(synthesize)
+app.command("train-seg")(train_seg)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
 

@@ -1,0 +1,98 @@
+"""``freetumor train-seg``: the baseline segmentor, or training with online synthetic tumors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from freetumor_cli.commands._common import ConfigOption, SeedOption, SetOption, console, progress_bar, report_errors
+
+
+@report_errors
+def train_seg(
+    data: Annotated[Path, typer.Option("--data", help="Output folder of freetumor prepare.")] = Path("prepared"),
+    organ: Annotated[
+        str | None,
+        typer.Option(
+            "--organ", help="liver | pancreas | kidney | covid | all (the 7-class generalist).", show_default="liver"
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="onlylabeled (real tumors; the baseline) | freesyn (real + online synthetic tumors).",
+            show_default="onlylabeled",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/seg"),
+    fold: Annotated[
+        int | None, typer.Option("--fold", help="Validation fold of the prepared data lists.", show_default="0")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="swinunetr (the method's) | unet (CPU-friendly) | unet-tiny.", show_default="swinunetr"
+        ),
+    ] = None,
+    synth: Annotated[
+        str | None, typer.Option("--synth", help="Synthesis engine for freesyn: rules.", show_default="rules")
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="Checkpoint folder of a baseline segmentor: enables quality control of synthetic tumors.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Epochs (default 100 onlylabeled, 20 freesyn).", show_default=False)
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
+    ] = None,
+    mixed_precision: Annotated[
+        str | None, typer.Option("--mixed-precision", help="no | fp16 | bf16.", show_default="no")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default="2")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    seed: SeedOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a tumor segmentation network (Accelerate: CPU, one GPU or many with accelerate launch).
+
+    Example: freetumor train-seg --data prepared --organ liver --task onlylabeled --out runs/liver_baseline
+    """
+    from freetumor_cli.core.config import build_config
+    from freetumor_cli.core.train_seg import TrainSegConfig, check_config, train_segmentation
+
+    flags = {
+        "organ": organ, "task": task, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
+        "max_steps": max_steps, "mixed_precision": mixed_precision, "workers": workers, "seed": seed,
+    }  # fmt: skip
+    cfg = check_config(build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags))
+    with progress_bar("train-seg") as progress:
+        bar = progress.add_task("train", total=None)
+
+        def on_step(step: int, total: int, stats: dict[str, float]) -> None:
+            progress.update(bar, completed=step, total=total, description=f"loss {stats['loss']:.3f}")
+
+        summary = train_segmentation(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step)
+    if not summary.is_main_process:
+        return
+    qc = (
+        f", quality control kept {summary.qc_acceptance:.0%} of synthetic tumors"
+        if summary.qc_acceptance is not None
+        else ""
+    )
+    best = f"{summary.best_dice:.3f}" if summary.best_dice >= 0 else "n/a"
+    console.print(
+        f"{summary.steps} steps, last loss {summary.losses[-1] if summary.losses else float('nan'):.4f}, best validation tumor Dice {best}{qc}"
+    )
+    console.print(
+        f"checkpoints: {out / 'checkpoints' / 'best'}, {out / 'checkpoints' / 'last'}; metrics: {out / 'metrics.jsonl'}"
+    )

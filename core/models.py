@@ -1,0 +1,113 @@
+"""Segmentation networks and their checkpoints (safetensors weights + a JSON model config).
+
+A checkpoint is a folder: ``model.safetensors`` and ``model.json`` (architecture, channels, label
+space, preprocessing), so ``evaluate`` and ``train-seg --baseline`` need nothing but the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.io import atomic_path, write_text_atomic
+
+ModelName = Literal["swinunetr", "unet", "unet-tiny"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What it takes to rebuild a network and use it.
+
+    Attributes:
+        name: ``swinunetr`` (SwinUNETR v2, feature size 48: the method's), ``unet`` (MONAI UNet 16..256,
+            for CPUs) or ``unet-tiny`` (8..32, for tests and the demo).
+        out_channels: classes predicted (3 for an organ task, 7 for the abdomen generalist, 3 chest).
+        roi: sliding-window / crop size in voxels.
+        region: abdomen or chest (decides spacing and window).
+        task: the task the network predicts (liver, pancreas, kidney, covid, all).
+        spacing_mm: voxel size the network works at.
+        window_hu: HU window mapped to [0, 1].
+    """
+
+    name: ModelName = "swinunetr"
+    out_channels: int = 3
+    roi: tuple[int, int, int] = (96, 96, 96)
+    region: Literal["abdomen", "chest"] = "abdomen"
+    task: str = "liver"
+    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    window_hu: tuple[float, float] = (-175.0, 250.0)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def build_model(config: ModelConfig) -> Any:
+    """The torch module for ``config`` (in_channels 1)."""
+    from monai.networks.nets import UNet
+
+    if config.name == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        return SwinUNETR(in_channels=1, out_channels=config.out_channels, feature_size=48, use_v2=True)
+    if config.name == "unet":
+        channels, res = (16, 32, 64, 128, 256), 2
+    elif config.name == "unet-tiny":
+        channels, res = (8, 16, 32), 1
+    else:
+        raise InputError(f"unknown model {config.name!r}; choose swinunetr, unet or unet-tiny")
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=config.out_channels,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=res,
+        norm="batch",
+    )
+
+
+def save_checkpoint(
+    model: Any, config: ModelConfig, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``folder`` (each atomically)."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    meta = {"model": asdict(config), **(extra or {})}
+    write_text_atomic(out / "model.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """Rebuild the network of a checkpoint folder (safetensors only: no pickle is ever executed)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    if path.is_file() and path.name in ("model.safetensors", "model.json"):
+        path = path.parent
+    if not (path / "model.json").is_file() or not (path / "model.safetensors").is_file():
+        raise InputError(
+            f"not a freetumor checkpoint: {path}", hint="expected a folder with model.safetensors and model.json"
+        )
+    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    raw = meta["model"]
+    config = ModelConfig(
+        **{
+            **raw,
+            "roi": tuple(raw["roi"]),
+            "spacing_mm": tuple(raw["spacing_mm"]),
+            "window_hu": tuple(raw["window_hu"]),
+        }
+    )
+    model = build_model(config)
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from exc
+    return model.to(device), config, meta

@@ -1,0 +1,285 @@
+"""Training data for segmentation: MONAI transforms, online tumor synthesis, CutMix, seeded sampling.
+
+Every random draw of a sample is seeded from (run seed, epoch, sample index), so a sample is the same
+whichever worker loads it and whether or not the run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.labels import ORGANS, TASK_REMAPS
+from freetumor_cli.core.synthesis_config import SynthesisConfig
+
+# Tasks: which organs of the label space get synthetic tumors, and the organ value -> tumor value there.
+TASK_ORGAN_VALUES: dict[str, dict[int, str]] = {
+    "liver": {1: "liver"},
+    "pancreas": {1: "pancreas"},
+    "kidney": {1: "kidney"},
+    "covid": {1: "lung"},
+    "all": {1: "liver", 3: "pancreas", 5: "kidney"},
+}
+
+
+def task_out_channels(task: str) -> int:
+    return 7 if task == "all" else 3
+
+
+def tumor_values(task: str) -> list[int]:
+    return [v + 1 for v in TASK_ORGAN_VALUES[task]]
+
+
+def read_task_datalist(prepared: str | Path, task: str, fold: int) -> dict[str, list[dict[str, Any]]]:
+    """The training and validation entries of ``prepared/datalists/<task>_fold<fold>.json``."""
+    path = Path(prepared) / "datalists" / f"{task}_fold{fold}.json"
+    if not path.is_file():
+        raise InputError(
+            f"data list not found: {path}",
+            hint="run freetumor prepare first and check --organ and --fold",
+        )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {"training": data.get("training", []), "validation": data.get("validation", [])}
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def task_remap_transform(task: str) -> Any:
+    """MONAI transform mapping 7-class labels into a 3-class organ task (identity for all and covid)."""
+    from monai.transforms import Identityd, MapLabelValued
+
+    remap = TASK_REMAPS.get(task)
+    if remap is None or task == "covid":
+        return Identityd(keys=["label"])
+    sources = list(range(1, 7))
+    return MapLabelValued(keys=["label"], orig_labels=sources, target_labels=[remap.get(v, 0) for v in sources])
+
+
+class OnlineSynthesisd:
+    """Insert one rule-based tumor into every crop that holds an organ and no real tumor.
+
+    Works on [0, 1]-windowed crops: the engine's HU changes are divided by the window's width. Adds
+    ``synth_mask`` (the synthetic tumor voxels) and ``image_orig`` (the crop before synthesis) for the
+    quality-control step on the device.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        spacing_mm: Sequence[float],
+        window_hu: tuple[float, float],
+        config: SynthesisConfig | None = None,
+        size: str = "mix",
+    ) -> None:
+        from dataclasses import replace
+
+        base = config or SynthesisConfig()
+        width = float(window_hu[1] - window_hu[0])
+        self.config = replace(
+            base,
+            abdomen_hu_change=tuple(v / width for v in base.abdomen_hu_change),  # type: ignore[arg-type]
+            lung_hu_change=tuple(v / width for v in base.lung_hu_change),  # type: ignore[arg-type]
+        )
+        self.task = task
+        self.spacing = tuple(float(s) for s in spacing_mm)
+        self.size = size
+        self.rng = np.random.default_rng(0)
+
+    def set_random_state(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from freetumor_cli.core.errors import FreetumorError
+        from freetumor_cli.core.tumor import synthesize_in_organ
+
+        image = data["image"]
+        label = data["label"]
+        lab = np.asarray(label[0]).astype(np.int64)
+        img = np.asarray(image[0], dtype=np.float32)
+        synth = np.zeros(lab.shape, dtype=bool)
+        data["image_orig"] = torch.as_tensor(img[None]).clone()
+        organs = TASK_ORGAN_VALUES[self.task]
+        has_tumor = any((lab == v + 1).any() for v in organs)
+        present = [v for v in organs if (lab == v).sum() >= 8]
+        if present and not has_tumor:
+            value = present[int(self.rng.integers(len(present)))]
+            organ = ORGANS[organs[value]]
+            try:
+                result = synthesize_in_organ(
+                    img, lab == value, organ, spacing=self.spacing, affine=np.diag([*self.spacing, 1.0]),
+                    rng=self.rng, size=self.size, count=1, config=self.config,
+                )  # fmt: skip
+            except FreetumorError:
+                result = None  # the organ part in this crop is too small: keep the crop as it is
+            if result is not None:
+                img[result.bbox] = np.clip(result.image, 0.0, 1.0)
+                synth[result.bbox] = result.tumor_mask
+                lab[synth] = value + 1
+        data["image"] = torch.as_tensor(img[None])
+        data["label"] = torch.as_tensor(lab[None].astype(np.float32))
+        data["synth_mask"] = torch.as_tensor(synth[None])
+        return data
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Preprocessing and augmentation settings of a training run."""
+
+    task: str
+    spacing_mm: tuple[float, float, float]
+    window_hu: tuple[float, float]
+    roi: tuple[int, int, int]
+    crops_per_volume: int = 4
+    pos: float = 1.0
+    neg: float = 1.0
+    synthesize: bool = False
+    augment: bool = True
+
+
+def load_transforms(p: Pipeline) -> list[Any]:
+    """Deterministic part: load, orient, resample, window, crop foreground, remap labels."""
+    from monai import transforms as T
+
+    return [
+        T.LoadImaged(keys=["image", "label"], image_only=True),
+        T.EnsureChannelFirstd(keys=["image", "label"]),
+        T.Orientationd(keys=["image", "label"], axcodes="RAS", labels=None),
+        T.Spacingd(keys=["image", "label"], pixdim=p.spacing_mm, mode=("bilinear", "nearest")),
+        T.ScaleIntensityRanged(
+            keys=["image"], a_min=p.window_hu[0], a_max=p.window_hu[1], b_min=0.0, b_max=1.0, clip=True
+        ),
+        T.CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True),
+        task_remap_transform(p.task),
+    ]
+
+
+def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> Any:
+    from monai import transforms as T
+
+    steps = [
+        *load_transforms(p),
+        T.SpatialPadd(keys=["image", "label"], spatial_size=p.roi),
+        T.RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=p.roi,
+            pos=p.pos,
+            neg=p.neg,
+            num_samples=p.crops_per_volume,
+            image_key="image",
+            image_threshold=0,
+        ),  # fmt: skip
+    ]
+    keys = ["image", "label"]
+    if p.synthesize:
+        steps.append(OnlineSynthesisd(p.task, spacing_mm=p.spacing_mm, window_hu=p.window_hu, config=synthesis))
+        keys = ["image", "label", "synth_mask", "image_orig"]
+    if p.augment:
+        steps += [
+            T.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
+            T.RandFlipd(keys=keys, prob=0.2, spatial_axis=1),
+            T.RandFlipd(keys=keys, prob=0.2, spatial_axis=2),
+            T.RandRotate90d(keys=keys, prob=0.2, max_k=3),
+            T.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.1),
+        ]
+        if p.task != "covid":
+            steps.append(T.RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.1))
+    steps.append(T.ToTensord(keys=keys, track_meta=False))
+    return T.Compose(steps)
+
+
+class SeededDataset:
+    """A map-style dataset whose random transforms are seeded per (seed, epoch, index)."""
+
+    def __init__(self, entries: Sequence[dict[str, Any]], transform: Any, seed: int) -> None:
+        self.entries = list(entries)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Any:
+        seed = sample_seed(self.seed, self.epoch, index)
+        self.transform.set_random_state(seed=seed)
+        for t in self.transform.transforms:
+            if isinstance(t, OnlineSynthesisd):
+                t.set_random_state(seed + 1)
+        entry = {k: self.entries[index][k] for k in ("image", "label")}
+        return self.transform(entry)
+
+
+def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alpha: float = 0.2) -> tuple[Any, Any]:
+    """CutMix along one random spatial axis: a slab of each crop is replaced by another crop's.
+
+    Shapes ``(B, C, X, Y, Z)``; the slab's share of the axis is drawn from Beta(alpha, alpha).
+    """
+    import torch
+
+    batch = images.shape[0]
+    if batch < 2:
+        return images, labels
+    share = float(rng.beta(alpha, alpha))
+    axis = 2 + int(rng.integers(3))
+    perm = torch.as_tensor(rng.permutation(batch), device=images.device)
+    cut = int(round(share * images.shape[axis]))
+    if cut == 0:
+        return images, labels
+    index = [slice(None)] * images.ndim
+    index[axis] = slice(0, cut)
+    slab = tuple(index)
+    images, labels = images.clone(), labels.clone()
+    images[slab] = images[perm][slab]
+    labels[slab] = labels[perm][slab]
+    return images, labels
+
+
+def qc_tumor_class(baseline_task: str, organ: str) -> int:
+    """The channel of the baseline's output that means "tumor of this organ"."""
+    return ORGANS[organ].tumor_value if baseline_task == "all" else 2
+
+
+def quality_control(
+    probabilities: Any, synth_mask: Any, tumor_classes: Sequence[int], threshold: float
+) -> tuple[list[bool], list[float]]:
+    """Keep a synthetic tumor when the baseline calls more than ``threshold`` of its voxels tumor.
+
+    Args:
+        probabilities: the baseline's softmax output, ``(B, K, X, Y, Z)``.
+        synth_mask: bool ``(B, 1, X, Y, Z)``, the synthetic tumor voxels of each crop (may be empty).
+        tumor_classes: per crop, the baseline channel meaning tumor of the crop's organ.
+        threshold: share of voxels needed (strictly more).
+
+    Returns:
+        (accepted per crop, the share per crop; crops without a synthetic tumor are not accepted, share 0).
+    """
+    predicted = probabilities.argmax(dim=1)
+    accepted, shares = [], []
+    for b, cls in enumerate(tumor_classes):
+        mask = synth_mask[b, 0].bool()
+        voxels = int(mask.sum())
+        if voxels == 0:
+            accepted.append(False)
+            shares.append(0.0)
+            continue
+        share = float((predicted[b][mask] == cls).float().mean())
+        shares.append(share)
+        accepted.append(share > threshold)
+    return accepted, shares

@@ -1,0 +1,434 @@
+"""Segmentation training (``train-seg``): one Accelerate loop for the baseline and for online synthesis.
+
+``onlylabeled`` trains on the tumor-labelled cases (the baseline segmentor). ``freesyn`` adds organ-only
+cases and inserts a rule-based tumor into every crop with an organ and no real tumor; with a baseline,
+quality control keeps a synthetic tumor only when the frozen baseline finds more than ``qc_threshold``
+of it, else the original crop is used. Then CutMix along one axis.
+
+The run folder explains itself: ``config.yaml``, ``labels.json``, ``metrics.jsonl``, TensorBoard logs
+(``logs/``), ``checkpoints/best`` and ``checkpoints/last`` (safetensors + model.json), ``state/``
+(Accelerate state for ``--resume``) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from freetumor_cli import __version__
+from freetumor_cli.core.config import to_yaml
+from freetumor_cli.core.errors import ConfigError, InputError
+from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.labels import CHEST_LABELS, REGION_LABELS, TASK_REMAPS, WINDOWS
+from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
+from freetumor_cli.core.seg_data import (
+    TASK_ORGAN_VALUES,
+    Pipeline,
+    SeededDataset,
+    cutmix_along_axis,
+    load_transforms,
+    qc_tumor_class,
+    quality_control,
+    read_task_datalist,
+    sample_seed,
+    task_out_channels,
+    train_transforms,
+    tumor_values,
+)
+from freetumor_cli.core.synthesis_config import SynthesisConfig
+
+
+@dataclass(frozen=True)
+class TrainSegConfig:
+    """A segmentation run (defaults are the method's, DESIGN §7).
+
+    ``epochs`` and ``labelled_repeats`` default by task: 100 and ×1 for ``onlylabeled``, 20 and ×10
+    for ``freesyn``. ``spacing_mm`` defaults to the region's (1.5 mm abdomen, 1.25 × 1.25 × 5 chest).
+    """
+
+    organ: Literal["liver", "pancreas", "kidney", "covid", "all"] = "liver"
+    task: Literal["onlylabeled", "freesyn"] = "onlylabeled"
+    fold: int = 0
+    model: ModelName = "swinunetr"
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 2.0
+    roi: tuple[int, int, int] = (96, 96, 96)
+    crops_per_volume: int = 4
+    volumes_per_batch: int = 1
+    pos: float = 1.0
+    neg: float = 1.0
+    labelled_repeats: int | None = None
+    synth: str = "rules"
+    qc_threshold: float = 0.7
+    cutmix: bool = True
+    cutmix_alpha: float = 0.2
+    val_every: int = 1
+    overlap: float = 0.75
+    save_every_steps: int = 100
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = 1
+    workers: int = 2
+    seed: int = 0
+    augment: bool = True
+    spacing_mm: tuple[float, float, float] | None = None
+    rules: SynthesisConfig = SynthesisConfig()
+
+    def resolved_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else (100 if self.task == "onlylabeled" else 20)
+
+    def resolved_repeats(self) -> int:
+        return self.labelled_repeats if self.labelled_repeats is not None else (1 if self.task == "onlylabeled" else 10)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.qc_threshold <= 1:
+            raise ValueError("qc_threshold must lie in [0, 1]")
+        if self.grad_accum < 1 or self.crops_per_volume < 1 or self.volumes_per_batch < 1:
+            raise ValueError("grad_accum, crops_per_volume and volumes_per_batch must be >= 1")
+        if self.synth != "rules":
+            raise ValueError("synth must be 'rules' (the learned generator comes with train-synth)")
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine to 0, per iteration."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def model_config_for(config: TrainSegConfig) -> ModelConfig:
+    region = "chest" if config.organ == "covid" else "abdomen"
+    labels = (
+        REGION_LABELS["abdomen"]
+        if config.organ == "all"
+        else (CHEST_LABELS if region == "chest" else {0: "background", 1: config.organ, 2: f"{config.organ}_tumor"})
+    )
+    window = WINDOWS[region]
+    return ModelConfig(
+        name=config.model,
+        out_channels=task_out_channels(config.organ),
+        roi=config.roi,
+        region=region,  # type: ignore[arg-type]
+        task=config.organ,
+        spacing_mm=config.spacing_mm or ((1.25, 1.25, 5.0) if region == "chest" else (1.5, 1.5, 1.5)),
+        window_hu=(window.low, window.high),
+        labels={str(k): v for k, v in labels.items()},
+    )
+
+
+def _collate(samples: list[Any]) -> dict[str, Any]:
+    import torch
+
+    crops = [c for s in samples for c in (s if isinstance(s, list) else [s])]
+    keys = [k for k in ("image", "label", "synth_mask", "image_orig") if k in crops[0]]
+    return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
+
+
+def _seed_worker(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _validation_dice(
+    model: Any, entries: list[dict[str, Any]], pipeline: Pipeline, config: TrainSegConfig, accelerator: Any
+) -> float:
+    """Mean tumor Dice over validation cases (sliding window, overlap, Gaussian blending), all processes."""
+    import torch
+    from monai import transforms as T
+    from monai.inferers import sliding_window_inference
+
+    from freetumor_cli.core.metrics import dice
+
+    load = T.Compose(load_transforms(pipeline))
+    tumors = tumor_values(config.organ)
+    scores = []
+    model.eval()
+    shard = entries[accelerator.process_index :: accelerator.num_processes]
+    with torch.no_grad():
+        for entry in shard:
+            data = load({"image": entry["image"], "label": entry["label"]})
+            image = torch.as_tensor(data["image"])[None].to(accelerator.device)
+            with accelerator.autocast():
+                logits = sliding_window_inference(image, config.roi, 4, model, overlap=config.overlap, mode="gaussian")
+            pred = logits.argmax(1)[0].cpu().numpy()
+            gt = np.asarray(data["label"][0])
+            values = [dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]]
+            scores.extend(v for v in values if not math.isnan(v))
+    model.train()
+    gathered = accelerator.gather_for_metrics(
+        torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=accelerator.device).reshape(1, 2)
+    )
+    total, count = gathered.reshape(-1, 2).sum(0).tolist()
+    return total / count if count else float("nan")
+
+
+@dataclass
+class TrainSummary:
+    out_dir: Path
+    steps: int
+    epochs: int
+    best_dice: float
+    losses: list[float]
+    qc_acceptance: float | None
+    is_main_process: bool = True
+
+
+def train_segmentation(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSegConfig,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainSummary:
+    """Train a segmentation network from a prepared data folder (see the module doc)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from monai.losses import DiceCELoss
+
+    out = Path(out_dir)
+    if (out / "state").exists() and not resume:
+        raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
+    if resume and not (out / "state").exists():
+        raise InputError(f"nothing to resume in {out} (no state/ folder)")
+    lists = read_task_datalist(prepared, config.organ, config.fold)
+    labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
+    organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
+    train_entries = labelled * config.resolved_repeats() + (organ_only if config.task == "freesyn" else [])
+    if not train_entries:
+        raise InputError(
+            f"no training cases for {config.organ} ({config.task}) in fold {config.fold}",
+            hint="onlylabeled needs tumor-labelled cases; check prepare's report",
+        )
+    model_config = model_config_for(config)
+    pipeline = Pipeline(
+        task=config.organ, spacing_mm=model_config.spacing_mm, window_hu=model_config.window_hu, roi=config.roi,
+        crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
+        synthesize=config.task == "freesyn", augment=config.augment,
+    )  # fmt: skip
+    accelerator = Accelerator(
+        # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with="tensorboard" if _has_tensorboard() else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(config.seed)
+    dataset = SeededDataset(train_entries, train_transforms(pipeline, config.rules), config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.volumes_per_batch, shuffle=True, num_workers=config.workers,
+        collate_fn=_collate, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(config.seed),
+        persistent_workers=False,
+    )  # fmt: skip
+    model = build_model(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    epochs = config.resolved_epochs()
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)  # per process, after sharding
+    total_steps = config.max_steps or epochs * steps_per_epoch
+    epochs = min(epochs, math.ceil(total_steps / max(steps_per_epoch, 1)))
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total_steps)
+    )
+    scheduler = accelerator.prepare(scheduler)
+    baseline_model = baseline_config = None
+    if baseline is not None:
+        baseline_model, baseline_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
+        baseline_model.eval().requires_grad_(False)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+    progress = {"epoch": 0, "step": 0, "best_dice": -1.0}
+    if resume:
+        accelerator.load_state(str(out / "state"))
+        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", f"# freetumor {__version__} train-seg\n" + to_yaml(config))
+        labels = {
+            "model_labels": model_config.labels,
+            "task_remap": {str(k): v for k, v in TASK_REMAPS.get(config.organ, {}).items()},
+        }
+        write_text_atomic(out / "labels.json", json.dumps(labels, indent=2) + "\n")
+    if accelerator.log_with:
+        accelerator.init_trackers("train_seg")
+
+    losses: list[float] = []
+    qc_seen = qc_kept = 0
+    step = int(progress["step"])
+    model.train()
+    for epoch in range(int(progress["epoch"]), epochs):
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+        done_in_epoch = step - epoch * steps_per_epoch
+        batches = (
+            accelerator.skip_first_batches(loader, done_in_epoch * config.grad_accum) if done_in_epoch > 0 else loader
+        )
+        started = time.perf_counter()
+        for batch in batches:
+            if step >= total_steps:
+                break
+            images, labels = batch["image"], batch["label"]
+            stats: dict[str, float] = {}
+            if "synth_mask" in batch:
+                synth = batch["synth_mask"].bool()
+                has = synth.flatten(1).any(1)
+                if baseline_model is not None and bool(has.any()):
+                    with torch.no_grad(), accelerator.autocast():
+                        probs = torch.softmax(baseline_model(batch["image"]).float(), 1)
+                    classes = []
+                    for b in range(images.shape[0]):
+                        values = labels[b][synth[b]].long().unique().tolist()
+                        organ = TASK_ORGAN_VALUES[config.organ].get(int(values[0]) - 1, "liver") if values else "liver"
+                        classes.append(qc_tumor_class(baseline_config.task if baseline_config else config.organ, organ))
+                    accepted, shares = quality_control(probs, synth, classes, config.qc_threshold)
+                    images, labels = images.clone(), labels.clone()
+                    for b, ok in enumerate(accepted):
+                        if bool(has[b]) and not ok:
+                            images[b] = batch["image_orig"][b]
+                            labels[b][synth[b]] -= 1  # back to the organ
+                    qc_seen += int(has.sum())
+                    qc_kept += sum(ok for ok, h in zip(accepted, has.tolist(), strict=True) if h)
+                stats["synthetic_tumor_voxels"] = float(synth.sum()) / max(int(has.sum()), 1)
+            if config.task == "freesyn" and config.cutmix:
+                rng = np.random.default_rng(sample_seed(config.seed, epoch, step))
+                images, labels = cutmix_along_axis(images, labels, rng, alpha=config.cutmix_alpha)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = loss_fn(model(images), labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            mean_loss = accelerator.gather_for_metrics(loss.detach().float().reshape(1)).mean().item()
+            losses.append(mean_loss)
+            stats.update({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step})
+            if qc_seen:
+                stats["qc_acceptance"] = qc_kept / qc_seen
+            stats["crops_per_s"] = (
+                images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
+            )
+            started = time.perf_counter()
+            _log(accelerator, out, stats, step)
+            if step % config.save_every_steps == 0:
+                _save_state(accelerator, out, {"epoch": epoch, "step": step, "best_dice": progress["best_dice"]})
+            if on_step:
+                on_step(step, total_steps, stats)
+        finished_epoch = step >= (epoch + 1) * steps_per_epoch or step >= total_steps
+        if finished_epoch and ((epoch + 1) % config.val_every == 0 or step >= total_steps) and lists["validation"]:
+            val = _validation_dice(model, lists["validation"], pipeline, config, accelerator)
+            _log(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
+            if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
+                progress["best_dice"] = val
+                save_checkpoint(
+                    accelerator.unwrap_model(model),
+                    model_config,
+                    out / "checkpoints" / "best",
+                    extra={"val_tumor_dice": val, "step": step},
+                )
+        progress.update({"epoch": epoch + 1, "step": step})
+        if step >= total_steps:
+            break
+    if accelerator.is_main_process:
+        save_checkpoint(
+            accelerator.unwrap_model(model), model_config, out / "checkpoints" / "last", extra={"step": step}
+        )
+        if not (out / "checkpoints" / "best").exists():
+            save_checkpoint(
+                accelerator.unwrap_model(model),
+                model_config,
+                out / "checkpoints" / "best",
+                extra={"step": step, "note": "no validation run"},
+            )
+    _save_state(accelerator, out, {"epoch": progress["epoch"], "step": step, "best_dice": progress["best_dice"]})
+    if accelerator.is_main_process:
+        _plot_curves(out)
+    accelerator.end_training()
+    return TrainSummary(
+        out, step, int(progress["epoch"]), float(progress["best_dice"]), losses,
+        qc_kept / qc_seen if qc_seen else None, accelerator.is_main_process,
+    )  # fmt: skip
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _log(accelerator: Any, out: Path, stats: dict[str, float], step: int) -> None:
+    if accelerator.log_with:
+        accelerator.log({k: v for k, v in stats.items() if k not in ("epoch", "step")}, step=step)
+    if accelerator.is_main_process:
+        with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(stats) + "\n")
+
+
+def _save_state(accelerator: Any, out: Path, progress: dict[str, Any]) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out / "state"))
+    if accelerator.is_main_process:
+        write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def _plot_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from freetumor_cli.core.io import atomic_path
+
+    rows = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_tumor_dice"]) for r in rows if "val_tumor_dice" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss (DiceCE)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if val:
+        twin = ax.twinx()
+        twin.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation tumor Dice")
+        twin.set_ylabel("tumor Dice")
+        twin.set_ylim(0, 1)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def check_config(config: TrainSegConfig) -> TrainSegConfig:
+    """Reject combinations that cannot work."""
+    if config.organ == "covid" and config.roi == (96, 96, 96):
+        return replace(config, roi=(192, 192, 32))
+    if config.model == "swinunetr" and min(config.roi) < 64:
+        raise ConfigError(
+            "SwinUNETR needs a crop of at least 64 voxels per axis", hint="use --model unet or a larger --set roi=..."
+        )
+    return config

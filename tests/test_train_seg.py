@@ -1,0 +1,185 @@
+"""train-seg at tiny scale: a tiny UNet on 32³ crops of 4 mm phantoms."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from freetumor_cli.app import app
+from freetumor_cli.core.io import save_volume
+from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.prepare import PrepareConfig, prepare
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+from freetumor_cli.core.seg_data import cutmix_along_axis, quality_control  # noqa: E402
+from freetumor_cli.core.train_seg import TrainSegConfig, lr_factor, train_segmentation  # noqa: E402
+
+TINY = ["--model", "unet-tiny", "--workers", "0", "--set", "roi=[32,32,32]", "--set", "spacing_mm=[4,4,4]"]
+
+
+def tiny_config(**changes: object) -> TrainSegConfig:
+    base = {
+        "model": "unet-tiny",
+        "roi": (32, 32, 32),
+        "workers": 0,
+        "spacing_mm": (4.0, 4.0, 4.0),
+        "max_steps": 2,
+        "save_every_steps": 2,
+    }
+    return TrainSegConfig(**{**base, **changes})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    for i in range(3):
+        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=i, tumors={"liver": 2})
+        lab = np.where(np.isin(p.labels.array, [1, 2]), p.labels.array, 0)
+        save_volume(p.ct.array, p.ct, root / "Dataset003_Liver" / "imagesTr" / f"liver_{i}_0000.nii.gz")
+        save_volume(lab, p.ct, root / "Dataset003_Liver" / "labelsTr" / f"liver_{i}.nii.gz", label=True)
+        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=10 + i)
+        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
+        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(root, out, PrepareConfig(folds=2, seed=1))  # fold 0: two liver cases train, one validates
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "baseline"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-seg",
+            "--data",
+            str(prepared),
+            "--organ",
+            "liver",
+            "--task",
+            "onlylabeled",
+            "--out",
+            str(run),
+            "--max-steps",
+            "2",
+            *TINY,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return run / "checkpoints" / "best"
+
+
+def test_onlylabeled_run_folder_explains_itself(baseline: Path) -> None:
+    run = baseline.parent.parent
+    for name in ("config.yaml", "labels.json", "metrics.jsonl", "curves.png", "state/progress.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
+    meta = json.loads((baseline / "model.json").read_text())
+    assert meta["model"]["name"] == "unet-tiny" and meta["model"]["out_channels"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert any("val_tumor_dice" in r for r in rows)
+
+
+def test_freesyn_with_quality_control(prepared: Path, baseline: Path, tmp_path: Path) -> None:
+    summary = train_segmentation(
+        prepared, tmp_path / "freesyn", tiny_config(task="freesyn", max_steps=2, qc_threshold=0.0), baseline=baseline
+    )
+    assert summary.steps == 2 and all(np.isfinite(summary.losses))
+    rows = [json.loads(line) for line in (tmp_path / "freesyn" / "metrics.jsonl").read_text().splitlines()]
+    assert any("synthetic_tumor_voxels" in r for r in rows)
+    assert summary.qc_acceptance is not None
+
+
+def test_quality_control_gate_at_the_boundary() -> None:
+    probs = torch.zeros(3, 3, 4, 4, 4)
+    probs[:, 0] = 1.0  # background everywhere...
+    mask = torch.zeros(3, 1, 4, 4, 4, dtype=torch.bool)
+    mask[0, 0, :, :, :2] = True  # 32 voxels
+    mask[1, 0, :, :, :2] = True
+    flat0 = probs[0, :, :, :, :2].reshape(3, -1)
+    flat0[2, :23] = 2.0  # 23 / 32 = 71.9 % called tumor
+    probs[0, :, :, :, :2] = flat0.reshape(3, 4, 4, 2)
+    flat1 = probs[1, :, :, :, :2].reshape(3, -1)
+    flat1[2, :22] = 2.0  # 22 / 32 = 68.75 %
+    probs[1, :, :, :, :2] = flat1.reshape(3, 4, 4, 2)
+    accepted, shares = quality_control(probs, mask, [2, 2, 2], 0.7)
+    assert accepted == [True, False, False]  # the third crop has no synthetic tumor
+    assert shares[0] == pytest.approx(23 / 32) and shares[1] == pytest.approx(22 / 32) and shares[2] == 0.0
+    exact = quality_control(probs, mask, [2, 2, 2], 23 / 32)[0]
+    assert exact[0] is False  # strictly more than the threshold
+
+
+def test_cutmix_swaps_one_slab_along_one_axis() -> None:
+    images = torch.stack([torch.full((1, 8, 8, 8), float(i)) for i in range(4)])
+    labels = images.clone()
+    mixed_i, mixed_l = cutmix_along_axis(images, labels, np.random.default_rng(5), alpha=0.2)
+    assert torch.equal(mixed_i, mixed_l)
+    for b in range(4):
+        values = set(mixed_i[b].unique().tolist())
+        assert len(values) <= 2 and float(b) in values | {float(v) for v in range(4)}
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(s, warmup_steps=4, total_steps=12) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[-1] < 0.1
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+
+
+def test_resume_reproduces_the_uninterrupted_losses(prepared: Path, tmp_path: Path) -> None:
+    config = tiny_config(max_steps=4, save_every_steps=2, augment=True)
+    full = train_segmentation(prepared, tmp_path / "full", config)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two(step: int, _total: int, _stats: dict[str, float]) -> None:
+        if step == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_segmentation(prepared, tmp_path / "cut", config, on_step=stop_after_two)
+    resumed = train_segmentation(prepared, tmp_path / "cut", config, resume=True)
+    assert resumed.steps == 4
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
+
+
+def test_bad_inputs(prepared: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-seg", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "prepare first" in result.output
+    result = runner.invoke(
+        app, ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "r"), "--organ", "brain"]
+    )
+    assert result.exit_code != 0 and "organ must be one of" in result.output
+    result = runner.invoke(app, ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "r"), "--resume", *TINY])
+    assert result.exit_code != 0 and "nothing to resume" in result.output
+    result = runner.invoke(
+        app, ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "r"), "--set", "roi=[32,32,32]"]
+    )
+    assert result.exit_code != 0 and "SwinUNETR needs" in result.output
+
+
+def test_two_processes_through_a_real_launcher(prepared: Path, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) started by torchrun run the same command unchanged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "freetumor_cli", "train-seg", "--data", str(prepared), "--organ", "liver",
+        "--out", str(tmp_path / "ddp"), "--max-steps", "2", *TINY,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # written once, by the main process
+    assert (tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors").is_file()
