@@ -181,7 +181,7 @@ def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> A
             num_samples=p.crops_per_volume,
             image_key="image",
             image_threshold=0,
-        ),  # fmt: skip
+        ),
     ]
     keys = ["image", "label"]
     if p.synthesize:
@@ -237,9 +237,9 @@ def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alp
     if batch < 2:
         return images, labels
     share = float(rng.beta(alpha, alpha))
-    axis = 2 + int(rng.integers(3))
+    axis = 2 + rng.integers(3).item()
     perm = torch.as_tensor(rng.permutation(batch), device=images.device)
-    cut = int(round(share * images.shape[axis]))
+    cut = round(share * images.shape[axis])
     if cut == 0:
         return images, labels
     index = [slice(None)] * images.ndim

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +82,7 @@ class TrainSegConfig:
     seed: int = 0
     augment: bool = True
     spacing_mm: tuple[float, float, float] | None = None
-    rules: SynthesisConfig = SynthesisConfig()
+    rules: SynthesisConfig = field(default_factory=SynthesisConfig)
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (100 if self.task == "onlylabeled" else 20)
@@ -298,6 +298,9 @@ def train_segmentation(
                         organ = TASK_ORGAN_VALUES[config.organ].get(int(values[0]) - 1, "liver") if values else "liver"
                         classes.append(qc_tumor_class(baseline_config.task if baseline_config else config.organ, organ))
                     accepted, shares = quality_control(probs, synth, classes, config.qc_threshold)
+                    stats["qc_tumor_share"] = float(
+                        np.mean([sh for sh, h in zip(shares, has.tolist(), strict=True) if h])
+                    )
                     images, labels = images.clone(), labels.clone()
                     for b, ok in enumerate(accepted):
                         if bool(has[b]) and not ok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -133,7 +134,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     factors = [lr_factor(s, warmup_steps=4, total_steps=12) for s in range(12)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == pytest.approx(1.0) and factors[-1] < 0.1
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
 
 
 def test_resume_reproduces_the_uninterrupted_losses(prepared: Path, tmp_path: Path) -> None:
