@@ -16,20 +16,37 @@ from freetumor_cli.commands._common import (
     report_errors,
     warn,
 )
+from freetumor_cli.core.errors import InputError
 
 
 @report_errors
 def evaluate(
     pred: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--pred", help="Folder of predicted label maps (case.nii.gz or case_0000.nii.gz).", show_default=False
         ),
-    ],
+    ] = None,
     gt: Annotated[
-        Path,
+        Path | None,
         typer.Option("--gt", help="Folder of ground-truth label maps, or a MONAI data-list JSON.", show_default=False),
-    ],
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", help="Predict with this checkpoint folder first (needs --data).", show_default=False
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="With --checkpoint: a MONAI data list, a folder of CTs, or one CT. Labels, when known, are scored.",
+            show_default=False,
+        ),
+    ] = None,
+    overlap: Annotated[float, typer.Option("--overlap", help="Sliding-window overlap (with --checkpoint).")] = 0.75,
+    tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (with --checkpoint).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Output folder for CSVs, summaries and plots.")] = Path(
         "evaluation"
     ),
@@ -75,7 +92,11 @@ def evaluate(
 ) -> None:
     """Score predicted segmentations: Dice, surface Dice, HD95, surface distance, lesion detection by size.
 
-    Example: freetumor evaluate --pred predictions/ --gt labelsTs/ --out evaluation/
+    Either score a folder of predictions (--pred, --gt), or predict with a checkpoint first
+    (--checkpoint, --data): predictions go to OUT/predictions in each input's geometry.
+
+    Examples: freetumor evaluate --pred predictions/ --gt labelsTs/ --out evaluation/
+              freetumor evaluate --checkpoint runs/liver/checkpoints/best --data prepared/datalists/liver_fold0.json
     """
     from rich.table import Table
 
@@ -93,6 +114,15 @@ def evaluate(
         "resample_pred": True if resample_pred else None,
     }
     cfg = build_config(EvaluateConfig, file=config, overrides=set_ or [], flags=flags)
+    if checkpoint is not None:
+        pred, gt, cfg = _predict_first(
+            checkpoint, data, out, cfg, overlap=overlap, tta=tta, explicit_classes=bool(classes)
+        )
+        if gt is None:
+            console.print(f"predictions written to {pred} (no labels known for these images: nothing to score)")
+            return
+    elif pred is None or gt is None:
+        raise InputError("pass --pred and --gt to score predictions, or --checkpoint and --data to predict first")
     total = len(match_cases(pred, gt)[0])
     with progress_bar("evaluate") as progress:
         task = progress.add_task("evaluate", total=total)
@@ -129,3 +159,34 @@ def evaluate(
     console.print(
         f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
     )
+
+
+def _predict_first(
+    checkpoint: Path, data: Path | None, out: Path, cfg: object, *, overlap: float, tta: bool, explicit_classes: bool
+) -> tuple[Path, Path | None, object]:
+    """Predict ``data`` with ``checkpoint`` into OUT/predictions; return (pred dir, ground truth or None, config)."""
+    import json
+    from dataclasses import replace
+
+    from freetumor_cli.core.io import write_text_atomic
+    from freetumor_cli.core.predict import TASK_CLASSES, predict_cases
+    from freetumor_cli.core.synthesize import collect_cases
+
+    if data is None:
+        raise InputError("--checkpoint needs --data: a data list, a folder of CTs or one CT")
+    cases = collect_cases(data)
+    predictions = out / "predictions"
+    with progress_bar("predict") as progress:
+        task = progress.add_task("predict", total=len(cases))
+        _, model_config = predict_cases(
+            checkpoint, [c.image for c in cases], predictions, overlap=overlap, tta=tta,
+            on_case_done=lambda _p: progress.advance(task),
+        )  # fmt: skip
+    labelled = [c for c in cases if c.labels is not None]
+    if not labelled:
+        return predictions, None, cfg
+    entries = [{"image": str(c.image), "label": str(c.labels)} for c in labelled]
+    ground_truth = write_text_atomic(out / "ground_truth.json", json.dumps({"testing": entries}, indent=1) + "\n")
+    scheme = "chest" if model_config.region == "chest" else "abdomen"
+    classes = cfg.classes if explicit_classes else TASK_CLASSES[model_config.task]  # type: ignore[attr-defined]
+    return predictions, ground_truth, replace(cfg, label_scheme=scheme, classes=tuple(classes))  # type: ignore[type-var]
