@@ -125,7 +125,7 @@ def evaluate(
         raise InputError("pass --pred and --gt to score predictions, or --checkpoint and --data to predict first")
     total = len(match_cases(pred, gt)[0])
     with progress_bar("evaluate") as progress:
-        task = progress.add_task("evaluate", total=total)
+        task = progress.add_task("", total=total)
         cases, summary, notes = run_evaluation(
             pred, gt, cfg, workers=workers, on_case_done=lambda _case: progress.advance(task)
         )
@@ -177,7 +177,7 @@ def _predict_first(
     cases = collect_cases(data)
     predictions = out / "predictions"
     with progress_bar("predict") as progress:
-        task = progress.add_task("predict", total=len(cases))
+        task = progress.add_task("", total=len(cases))
         _, model_config = predict_cases(
             checkpoint, [c.image for c in cases], predictions, overlap=overlap, tta=tta,
             on_case_done=lambda _p: progress.advance(task),

@@ -70,7 +70,7 @@ def fetch_labels(
     state: dict[str, int] = {}
 
     def on_listing(files: list) -> None:  # type: ignore[type-arg]
-        state["task"] = progress.add_task("files", total=len(files))
+        state["task"] = progress.add_task("", total=len(files))
 
     with progress:
         result = run_fetch(

@@ -146,7 +146,7 @@ def synthesize(
     failures: list[tuple[str, FreetumorError]] = []
     total = len(cases) * cfg.copies
     with progress_bar("synthesize") as progress:
-        task = progress.add_task("synthesize", total=total)
+        task = progress.add_task("", total=total)
         for case, result in iter_results(cases, cfg, out, on_copy_done=lambda: progress.advance(task)):
             if isinstance(result, FreetumorError):
                 if len(cases) == 1:

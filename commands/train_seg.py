@@ -76,10 +76,11 @@ def train_seg(
     }  # fmt: skip
     cfg = check_config(build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags))
     with progress_bar("train-seg") as progress:
-        bar = progress.add_task("train", total=None)
+        bar = progress.add_task("", total=None)
 
         def on_step(step: int, total: int, stats: dict[str, float]) -> None:
-            progress.update(bar, completed=step, total=total, description=f"loss {stats['loss']:.3f}")
+            speed = f", {stats['crops_per_s']:.1f} crops/s" if "crops_per_s" in stats else ""
+            progress.update(bar, completed=step, total=total, description=f"loss {stats['loss']:.3f}{speed}")
 
         summary = train_segmentation(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step)
     if not summary.is_main_process:
