@@ -223,6 +223,9 @@ def fetch_labels(
         dest_path.mkdir(parents=True, exist_ok=True)
 
         def download(f: RemoteFile) -> RemoteFile:
+            # A file present with the wrong size is damaged: huggingface_hub's own record would call it
+            # up to date, so force it.
+            damaged = (dest_path / f.path).exists()
             hf_hub_download(
                 repo,
                 f.path,
@@ -231,6 +234,7 @@ def fetch_labels(
                 local_dir=dest_path,
                 token=token,
                 endpoint=endpoint,
+                force_download=damaged,
             )
             return f
 

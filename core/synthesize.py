@@ -21,7 +21,6 @@ from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, Ou
 from freetumor_cli.core.io import (
     Volume,
     case_name,
-    cast_like,
     check_same_grid,
     disk_dtype,
     is_nifti,
@@ -309,10 +308,7 @@ def synthesize_case(
             existing = [p for paths in all_paths for p in paths.values() if p.exists()]
             if existing:
                 raise OutputExistsError(f"output exists: {existing[0]}", hint="pass --overwrite to replace it")
-        new_image = source.copy(order="K") if source.dtype == dtype else source.astype(dtype)
-        region = new_image[synth.bbox]
-        changed = synth.image != source[synth.bbox].astype(np.float32)
-        region[changed] = cast_like(synth.image[changed], dtype)
+        new_image = synth.apply(source.copy(order="K") if source.dtype == dtype else source.astype(dtype))
         new_labels = region_labels.copy(order="K")
         label_region = new_labels[synth.bbox]
         label_region[synth.tumor_mask & (label_region == organ.value)] = organ.tumor_value

@@ -450,7 +450,7 @@ def _coarse_fit(draw: TumorDraw, geometry: OrganGeometry) -> tuple[float, np.nda
 
 
 def insert_tumor(
-    image: np.ndarray,
+    patches: list[tuple[tuple[slice, ...], np.ndarray]],
     tumor_mask: np.ndarray,
     geometry: OrganGeometry,
     *,
@@ -460,14 +460,14 @@ def insert_tumor(
     rng: np.random.Generator,
     config: SynthesisConfig,
 ) -> TumorRecord:
-    """Place one tumor in the organ: modify ``image`` and set ``tumor_mask`` in place.
+    """Place one tumor in the organ: append its intensity change to ``patches``, update ``tumor_mask``.
 
     A draw is first evaluated on the organ's coarse grid: a placement that keeps less than
     ``min_kept_fraction`` of the tumor inside the organ is re-drawn (cheaply), and the fine work is
     done only on the bounding box of what is kept.
 
     Args:
-        image: float32 HU values over the organ's bounding box (modified in place).
+        patches: (box in the organ's bounding box, float32 change there) per tumor so far (appended to).
         tumor_mask: bool tumor mask over the organ's bounding box (updated in place).
         geometry: the prepared organ.
         size_class: the size class name (or "custom" with ``radius_mm``).
@@ -514,7 +514,7 @@ def insert_tumor(
     delta *= texture
     delta *= organ_box  # the image changes inside the organ only
     delta *= np.float32(organ.tumor_sign * change_hu)
-    image[box] += delta
+    patches.append((box, delta))
     mean_change = float(delta[shape].mean())
     tumor_mask[box] |= shape
     voxels = int(shape.sum())
@@ -546,21 +546,51 @@ def elastic_range(size_class: str, radius_mm: float | None, config: SynthesisCon
 
 @dataclass
 class SynthesisResult:
-    """The organ-box result of :func:`synthesize_in_organ`.
+    """The result of :func:`synthesize_in_organ`, as changes over the organ's bounding box.
 
     Attributes:
-        image: float32 HU values over ``bbox`` after insertion.
+        source: the input image (not modified).
+        patches: per tumor, a box within ``bbox`` and the float32 intensity change there (additive).
         tumor_mask: bool mask of synthetic tumor voxels over ``bbox``.
         bbox: the organ's bounding box in the volume.
         tumors: one record per tumor, centers in volume voxel indices.
         notes: what the engine decided on the user's behalf (sizes dropped, ...).
     """
 
-    image: np.ndarray
+    source: np.ndarray
+    patches: list[tuple[tuple[slice, ...], np.ndarray]]
     tumor_mask: np.ndarray
     bbox: tuple[slice, slice, slice]
     tumors: list[TumorRecord]
     notes: list[str]
+
+    @property
+    def image(self) -> np.ndarray:
+        """The organ's bounding box after insertion, float32 (allocated on each access)."""
+        work = self.source[self.bbox].astype(np.float32)
+        for box, delta in self.patches:
+            work[box] += delta
+        return work
+
+    def apply(self, out: np.ndarray) -> np.ndarray:
+        """Write the changed voxels into ``out`` (a copy of the source volume), cast to its dtype.
+
+        Only the tumors' boxes are touched: unchanged voxels keep their exact values.
+        """
+        from freetumor_cli.core.io import cast_like
+
+        if not self.patches:
+            return out
+        lo = np.min([[s.start for s in box] for box, _ in self.patches], axis=0)
+        hi = np.max([[s.stop for s in box] for box, _ in self.patches], axis=0)
+        union = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        change = np.zeros(tuple(int(b - a) for a, b in zip(lo, hi, strict=True)), dtype=np.float32)
+        for box, delta in self.patches:
+            change[tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, lo, strict=True))] += delta
+        region = out[self.bbox][union]
+        changed = change != 0
+        region[changed] = cast_like(region[changed].astype(np.float32) + change[changed], out.dtype)
+        return out
 
 
 def synthesize_in_organ(
@@ -612,13 +642,13 @@ def synthesize_in_organ(
         classes = ["custom"] * (count if count is not None else 1)
     else:
         classes = plan_size_classes(size, count, geometry, config, rng)
-    work = image[geometry.bbox].astype(np.float32)
+    patches: list[tuple[tuple[slice, ...], np.ndarray]] = []
     tumor_mask = np.zeros(geometry.mask.shape, dtype=bool)
     offset = np.array([s.start for s in geometry.bbox])
     tumors = []
     for size_class in classes:
         record = insert_tumor(
-            work,
+            patches,
             tumor_mask,
             geometry,
             size_class=size_class,
@@ -631,4 +661,4 @@ def synthesize_in_organ(
         record.center_voxel = tuple(int(v) for v in center)  # type: ignore[assignment]
         record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])  # type: ignore[assignment]
         tumors.append(record)
-    return SynthesisResult(work, tumor_mask, geometry.bbox, tumors, list(geometry.notes))
+    return SynthesisResult(image, patches, tumor_mask, geometry.bbox, tumors, list(geometry.notes))

@@ -174,3 +174,24 @@ def test_fetch_then_prepare_end_to_end(
     records = [json.loads(line) for line in (tmp_path / "prepared" / "manifest.jsonl").read_text().splitlines()]
     assert {r["dataset"] for r in records} == {"BTCV", "Flare22"}
     assert all(r["role"] == "organ-only" for r in records)
+
+
+def test_an_interrupted_download_resumes_with_the_missing_files_only(
+    repo_files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "data"
+    with serve_hub({REPO: repo_files}) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert fetch("--dest", dest).exit_code == 0
+        # As if the first run had stopped before these two files: one missing, one cut short.
+        (dest / "Flare22" / "FLARE22_1.nii.gz").unlink()
+        data = (dest / "BTCV" / "labelsTr" / "label0000.nii.gz").read_bytes()
+        (dest / "BTCV" / "labelsTr" / "label0000.nii.gz").write_bytes(data[: len(data) // 3])
+        log.clear()
+        result = fetch("--dest", dest)
+        assert result.exit_code == 0, result.output
+        fetched = sorted(path.rsplit("/", 1)[-1] for method, path in log if method == "GET" and "/resolve/" in path)
+        assert fetched == ["FLARE22_1.nii.gz", "label0000.nii.gz"]
+    assert (dest / "BTCV" / "labelsTr" / "label0000.nii.gz").read_bytes() == repo_files[
+        "BTCV/labelsTr/label0000.nii.gz"
+    ]
