@@ -8,10 +8,13 @@ written for an input carries that input's affine, shape and orientation.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,8 +240,74 @@ def save_volume(
         array = array.astype(label_dtype(max_value), copy=False)
     image = _nifti_image(array, reference, label=label)
     with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+        if path.name.endswith(".gz"):
+            with tmp.open("wb") as raw, ParallelGzipWriter(raw) as stream:
+                image.to_file_map({"image": nib.FileHolder(fileobj=stream)})
+        else:
+            nib.save(image, str(tmp))
     return path
+
+
+class ParallelGzipWriter(io.RawIOBase):
+    """A write-only file that gzips in parallel threads, as concatenated gzip members.
+
+    zlib releases the GIL, so chunks compress side by side; members are written in order. A
+    multi-member gzip file is standard (RFC 1952) and read by nibabel, ITK and zlib alike. Members carry
+    no timestamp: the same data always gives the same bytes.
+    """
+
+    def __init__(
+        self, raw: io.BufferedIOBase | Any, *, level: int = 1, chunk_bytes: int = 4 << 20, workers: int = 2
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._level = level
+        self._chunk = chunk_bytes
+        self._buffer = bytearray()
+        self._position = 0
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._pending: list[Any] = []
+        self._workers = workers
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0 and offset == self._position:
+            return offset
+        raise OSError("ParallelGzipWriter only writes forward")
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._buffer += view
+        self._position += len(view)
+        while len(self._buffer) >= self._chunk:
+            self._submit(bytes(self._buffer[: self._chunk]))
+            del self._buffer[: self._chunk]
+        return len(view)
+
+    def _submit(self, chunk: bytes) -> None:
+        self._pending.append(self._pool.submit(gzip.compress, chunk, self._level, mtime=0))
+        while len(self._pending) > 2 * self._workers:  # bound the memory held by pending chunks
+            self._raw.write(self._pending.pop(0).result())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._buffer or not self._pending:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        for future in self._pending:
+            self._raw.write(future.result())
+        self._pending.clear()
+        self._pool.shutdown()
+        super().close()
 
 
 @contextlib.contextmanager

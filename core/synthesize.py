@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,7 +37,9 @@ from freetumor_cli.core.labels import (
     organ_spec,
 )
 from freetumor_cli.core.synthesis_config import SynthesizeConfig
-from freetumor_cli.core.tumor import TumorRecord, prepare_organ, synthesize_in_organ
+
+if TYPE_CHECKING:
+    from freetumor_cli.core.tumor import TumorRecord
 
 
 @dataclass(frozen=True)
@@ -269,10 +272,13 @@ def synthesize_case(
         )
     copies: list[int | None] = [None] if config.copies == 1 else list(range(1, config.copies + 1))
     all_paths = [output_paths(out, case.name, c, preview=config.preview) for c in copies]
-    # gzip (de)compression releases the GIL: read and write the image and its labels side by side.
+    # gzip (de)compression releases the GIL: read the image and its labels side by side, and import
+    # the engine (scipy) meanwhile.
     with ThreadPoolExecutor(max_workers=2) as pool:
         image_job = pool.submit(load_volume, case.image, what="image")
         labels_job = pool.submit(load_volume, case.labels, what="labels")
+        from freetumor_cli.core.tumor import prepare_organ, synthesize_in_organ
+
         image, labels = image_job.result(), labels_job.result()
     check_same_grid(image, labels)
     result.warnings.extend(check_ct_values(image))
