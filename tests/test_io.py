@@ -104,3 +104,22 @@ def test_cast_like_rounds_and_clips() -> None:
     out = cast_like(np.array([1.6, -40000.0, 40000.0]), np.dtype(np.int16))
     assert out.dtype == np.int16
     assert out.tolist() == [2, -32768, 32767]
+
+
+def test_gz_output_is_multi_member_deterministic_and_standard(tmp_path: Path) -> None:
+    from freetumor_cli.core import io as io_module
+
+    array = np.random.default_rng(1).integers(-1000, 1000, size=(64, 64, 40)).astype(np.int16)
+    ref = Volume(array, oblique_affine())
+    # Many small members: still one standard file for nibabel and gzip alike.
+    multi = tmp_path / "multi.nii.gz"
+    with multi.open("wb") as raw, io_module.ParallelGzipWriter(raw, chunk_bytes=64 << 10) as stream:
+        nib.Nifti1Image(array, ref.affine).to_file_map({"image": nib.FileHolder(fileobj=stream)})
+    assert multi.read_bytes().count(b"\x1f\x8b\x08") >= 5
+    np.testing.assert_array_equal(np.asanyarray(nib.load(multi).dataobj), array)
+    first = save_volume(array, ref, tmp_path / "b.nii.gz").read_bytes()
+    second = save_volume(array, ref, tmp_path / "c.nii.gz").read_bytes()
+    assert first == second, "the same data must give the same bytes"
+    plain = tmp_path / "plain.nii.gz"
+    nib.save(nib.Nifti1Image(array, ref.affine), plain)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj), np.asanyarray(nib.load(plain).dataobj))
