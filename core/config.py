@@ -39,7 +39,7 @@ def build_config(
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or an unreadable file.
     """
-    values: dict[str, Any] = to_dict(cls())  # type: ignore[call-arg]
+    values: dict[str, Any] = to_dict(cls())
     if file is not None:
         _merge(values, _read_yaml(Path(file)), cls, source=str(file))
     for item in overrides:
@@ -69,7 +69,7 @@ def to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(config)  # type: ignore[no-any-return]
+    return plain(config)
 
 
 def to_yaml(config: Any) -> str:
@@ -172,7 +172,7 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any], cls: type, *, source: str, prefix: str = "") -> None:
     """Merge ``update`` into ``base`` in place; nested dataclass fields merge key by key."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key, value in update.items():
         if key not in fields:

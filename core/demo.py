@@ -53,6 +53,6 @@ def run_demo(
     case = Case(image_path, labels_path, "phantom")
     for organ in ABDOMINAL_ORGANS:
         step(f"synthesizing a tumor in the {organ}")
-        config = SynthesizeConfig(organ=organ, size="mix", count=1, seed=seed, preview=True, overwrite=True)  # type: ignore[arg-type]
+        config = SynthesizeConfig(organ=organ, size="mix", count=1, seed=seed, preview=True, overwrite=True)
         result.results[organ] = synthesize_case(case, config, out / "synthetic" / organ)
     return result

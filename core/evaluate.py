@@ -474,7 +474,7 @@ def write_plots(cases: Sequence[CaseScores], summary: dict[str, Any], out: Path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in names:
         fps = [r["fp_lesions"] for c in cases for r in c.rows if r["class"] == n]
-        ax.hist(fps, bins=np.arange(0, max([*fps, 1]) + 2) - 0.5, alpha=0.6, label=n)
+        ax.hist(fps, bins=list(np.arange(0, max([*fps, 1]) + 2) - 0.5), alpha=0.6, label=n)
     ax.set_xlabel("false-positive lesions per case")
     ax.set_ylabel("cases")
     ax.legend()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from freetumor_cli.core.datasets import canonical_dataset
 from freetumor_cli.core.errors import FreetumorError, InputError
@@ -169,7 +170,7 @@ def _local_complete(dest: Path, files: Sequence[RemoteFile]) -> bool:
     return all((dest / f.path).is_file() and (dest / f.path).stat().st_size == f.size for f in files)
 
 
-def _read_record(dest: Path) -> dict[str, object] | None:
+def _read_record(dest: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((dest / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -249,9 +250,8 @@ def fetch_labels(
         except Exception as exc:
             raise _hub_failure(exc, endpoint, repo) from exc
     previous = _read_record(dest_path) or {}
-    recorded = (
-        {k: v for k, v in dict(previous.get("files", {})).items()} if isinstance(previous.get("files"), dict) else {}
-    )  # type: ignore[arg-type]
+    files_before = previous.get("files")
+    recorded: dict[str, Any] = dict(files_before) if isinstance(files_before, dict) else {}
     recorded.update({f.path: {"size": f.size, "dataset": f.dataset} for f in chosen})
     record = {
         "repo": repo,
@@ -266,12 +266,13 @@ def fetch_labels(
 
 def _offline_result(dest: Path, datasets: Sequence[str] | None) -> FetchResult:
     record = _read_record(dest)
-    if record is None or not isinstance(record.get("files"), dict):
+    listed = record.get("files") if record is not None else None
+    if record is None or not isinstance(listed, dict):
         raise HubError(
             f"HF_HUB_OFFLINE is set and {dest} holds no complete local copy",
             hint="unset HF_HUB_OFFLINE to download, or place the label files under --dest by hand",
         )
-    files = [RemoteFile(path, int(meta["size"]), meta.get("dataset")) for path, meta in record["files"].items()]  # type: ignore[union-attr]
+    files = [RemoteFile(path, int(meta["size"]), meta.get("dataset")) for path, meta in listed.items()]
     if datasets:
         wanted = {canonical_dataset(d) for d in datasets}
         files = [f for f in files if f.dataset in wanted]

@@ -156,7 +156,7 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     if not is_nifti(path):
         raise InputError(f"{what} file is not NIfTI (.nii or .nii.gz): {path}")
     try:
-        image = nib.load(str(path))
+        image: Any = nib.load(str(path))
         array = np.asanyarray(image.dataobj)
     except Exception as exc:  # nibabel raises many kinds; all mean "cannot read"
         raise InputError(f"cannot read {what} {path}: {exc}".rstrip()) from exc

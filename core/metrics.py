@@ -53,7 +53,7 @@ def union_box(*masks: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
     union = masks[0]
     for mask in masks[1:]:
         union = union | mask
-    plane = union.any(axis=2)  # one pass over the volume; the rest works on projections
+    plane = np.asarray(union.any(axis=2))  # one pass over the volume; the rest works on projections
     along = (plane.any(axis=1), plane.any(axis=0), union.any(axis=(0, 1)))
     slices = []
     for axis, present in enumerate(along):

@@ -51,6 +51,7 @@ def build_model(config: ModelConfig) -> Any:
         from monai.networks.nets import SwinUNETR
 
         return SwinUNETR(in_channels=1, out_channels=config.out_channels, feature_size=48, use_v2=True)
+    channels: tuple[int, ...]
     if config.name == "unet":
         channels, res = (16, 32, 64, 128, 256), 2
     elif config.name == "unet-tiny":

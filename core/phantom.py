@@ -64,7 +64,9 @@ class _Canvas:
         self.labels = np.zeros(self.shape, dtype=np.uint8)
         self.lung = np.zeros(self.shape, dtype=np.uint8)
 
-    def box(self, center: Sequence[float], half: Sequence[float]) -> tuple[tuple[slice, ...], list[np.ndarray]] | None:
+    def box(
+        self, center: Sequence[float] | np.ndarray, half: Sequence[float] | np.ndarray
+    ) -> tuple[tuple[slice, ...], list[np.ndarray]] | None:
         """Voxel slices and mm coordinates of the box ``center ± half`` clipped to the volume."""
         slices, coords = [], []
         for axis, (c, h) in enumerate(zip(center, half, strict=True)):
@@ -88,8 +90,8 @@ def _smooth_field(shape: Sequence[int], rng: np.random.Generator, points: int = 
 
 def _ellipsoid(
     canvas: _Canvas,
-    center: Sequence[float],
-    semi: Sequence[float],
+    center: Sequence[float] | np.ndarray,
+    semi: Sequence[float] | np.ndarray,
     rng: np.random.Generator,
     *,
     lobulation: float = 0.15,
@@ -279,9 +281,8 @@ def _real_tumor(
         rim = mask_total & ~ndimage.binary_erosion(mask_total, iterations=1)
         canvas.hu[rim] = core + np.float32(rng.uniform(10, 25))
     canvas.labels[mask_total] = spec.tumor_value
-    return RealTumor(
-        organ, tuple(int(v) for v in center_idx), round(radius, 2), round(change, 1), int(mask_total.sum())
-    )  # type: ignore[arg-type]
+    voxel = (int(center_idx[0]), int(center_idx[1]), int(center_idx[2]))
+    return RealTumor(organ, voxel, round(radius, 2), round(change, 1), int(mask_total.sum()))
 
 
 def _lung_lesion(canvas: _Canvas, rng: np.random.Generator) -> RealTumor | None:

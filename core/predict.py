@@ -80,9 +80,8 @@ def predict_image(
     model.eval()
 
     def infer(t: Any) -> Any:
-        return torch.softmax(
-            sliding_window_inference(t, config.roi, 4, model, overlap=overlap, mode="gaussian").float(), 1
-        )
+        logits = sliding_window_inference(t, config.roi, 4, model, overlap=overlap, mode="gaussian")
+        return torch.softmax(torch.as_tensor(logits).float(), 1)
 
     with torch.no_grad():
         probs = infer(x)

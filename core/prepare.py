@@ -223,7 +223,7 @@ def _load_header(path: Path, what: str) -> Any:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        image: Any = nib.load(str(path))
     except Exception as exc:
         raise CaseSkipped(f"unreadable {what}: {type(exc).__name__}") from exc
     shape = tuple(s for s in image.shape)
@@ -373,7 +373,7 @@ def prepare(
             f"--out {out} lies inside --data-root {root}", hint="write prepared data outside the data root"
         )
     if pairs is not None:
-        candidates, unknown = read_pairs(pairs), []
+        candidates, unknown = read_pairs(pairs), list[str]()
     else:
         candidates, unknown = scan_data_root(root, config.datasets)
     if on_found:

@@ -88,8 +88,8 @@ class OnlineSynthesisd:
         width = float(window_hu[1] - window_hu[0])
         self.config = replace(
             base,
-            abdomen_hu_change=tuple(v / width for v in base.abdomen_hu_change),  # type: ignore[arg-type]
-            lung_hu_change=tuple(v / width for v in base.lung_hu_change),  # type: ignore[arg-type]
+            abdomen_hu_change=tuple(v / width for v in base.abdomen_hu_change),
+            lung_hu_change=tuple(v / width for v in base.lung_hu_change),
         )
         self.task = task
         self.spacing = tuple(float(s) for s in spacing_mm)

@@ -67,7 +67,7 @@ class SynthesisConfig:
     def size_class(self, name: str) -> SizeClass:
         if name not in SIZE_CLASSES:
             raise ValueError(f"unknown size class {name!r}; choose one of {', '.join(SIZE_CHOICES)}")
-        return getattr(self, name)  # type: ignore[no-any-return]
+        return getattr(self, name)
 
     def __post_init__(self) -> None:
         for name in SIZE_CLASSES:

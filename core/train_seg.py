@@ -119,7 +119,7 @@ def model_config_for(config: TrainSegConfig) -> ModelConfig:
         name=config.model,
         out_channels=task_out_channels(config.organ),
         roi=config.roi,
-        region=region,  # type: ignore[arg-type]
+        region=region,
         task=config.organ,
         spacing_mm=config.spacing_mm or ((1.25, 1.25, 5.0) if region == "chest" else (1.5, 1.5, 1.5)),
         window_hu=(window.low, window.high),
@@ -153,7 +153,7 @@ def _validation_dice(
 
     load = T.Compose(load_transforms(pipeline))
     tumors = tumor_values(config.organ)
-    scores = []
+    scores: list[float] = []
     model.eval()
     shard = entries[accelerator.process_index :: accelerator.num_processes]
     with torch.no_grad():
@@ -162,7 +162,7 @@ def _validation_dice(
             image = torch.as_tensor(data["image"])[None].to(accelerator.device)
             with accelerator.autocast():
                 logits = sliding_window_inference(image, config.roi, 4, model, overlap=config.overlap, mode="gaussian")
-            pred = logits.argmax(1)[0].cpu().numpy()
+            pred = torch.as_tensor(logits).argmax(1)[0].cpu().numpy()
             gt = np.asarray(data["label"][0])
             values = [dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]]
             scores.extend(v for v in values if not math.isnan(v))

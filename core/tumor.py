@@ -26,6 +26,8 @@ from freetumor_cli.core.errors import LabelError, OrganTooSmallError
 from freetumor_cli.core.labels import OrganSpec
 from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SizeClass, SynthesisConfig
 
+Floats = Sequence[float] | np.ndarray  # per-axis values in mm: a tuple or an array
+
 
 @dataclass
 class TumorRecord:
@@ -85,7 +87,7 @@ class OrganGeometry:
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     """Slices of the smallest box holding every true voxel of a 3D mask, or None when it is empty."""
-    plane = mask.any(axis=2)  # one pass over the volume, then small projections
+    plane = np.asarray(mask.any(axis=2))  # one pass over the volume, then small projections
     along = (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1)))
     slices = []
     for present in along:
@@ -105,7 +107,7 @@ def prepare_organ(
     organ_mask: np.ndarray,
     organ: OrganSpec,
     *,
-    spacing: Sequence[float],
+    spacing: Floats,
     affine: np.ndarray,
     config: SynthesisConfig,
 ) -> OrganGeometry:
@@ -287,7 +289,7 @@ def displacement_field(
 
 
 def deformed_ellipsoid(
-    axes_mm: Sequence[np.ndarray], radii_mm: Sequence[float], controls_mm: np.ndarray, half_extent_mm: float
+    axes_mm: Sequence[np.ndarray], radii_mm: Floats, controls_mm: np.ndarray, half_extent_mm: float
 ) -> np.ndarray:
     """A deformed ellipsoid on the grid whose coordinates (mm from the center) are ``axes_mm``.
 
@@ -314,7 +316,7 @@ def deformed_ellipsoid(
 
 def tumor_shape(
     axes_mm: Sequence[np.ndarray],
-    radii_mm: Sequence[float],
+    radii_mm: Floats,
     *,
     half_extent_mm: float,
     elastic_sigma_mm: float,
@@ -325,7 +327,7 @@ def tumor_shape(
     return deformed_ellipsoid(axes_mm, radii_mm, controls, half_extent_mm)
 
 
-def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Sequence[float]) -> np.ndarray:
+def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Floats) -> np.ndarray:
     """Gaussian filter with a physical standard deviation, float32."""
     sigma = [sigma_mm / float(s) for s in spacing]
     # 2.5 σ holds 98.8 % of the kernel's weight.
@@ -353,7 +355,7 @@ def _interpolate_axis(array: np.ndarray, axis: int, n_out: int, step_out: float,
 
 def tumor_texture(
     shape: Sequence[int],
-    spacing: Sequence[float],
+    spacing: Floats,
     rng: np.random.Generator,
     config: SynthesisConfig,
 ) -> np.ndarray:
@@ -369,8 +371,8 @@ def tumor_texture(
     - the noise is normalised by its expected spread instead of the box's min and max, so a small box
       has the statistics of the reference's large volume.
     """
-    spacing = np.asarray(spacing, dtype=np.float64)
-    extent = np.asarray(shape) * spacing
+    step_mm = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(shape) * step_mm
     bin_ = max(1, int(config.texture_bin))
     step = config.texture_spacing_mm * bin_
     grid = tuple(int(n) for n in np.maximum(2, np.ceil(extent / step).astype(int) + 1))
@@ -393,7 +395,7 @@ def tumor_texture(
         texture *= np.float32(target_mean / texture[above].mean())
     np.clip(texture, 0.0, 1.0, out=texture)
     for axis in range(3):
-        texture = _interpolate_axis(texture, axis, int(shape[axis]), float(spacing[axis]), step)
+        texture = _interpolate_axis(texture, axis, int(shape[axis]), float(step_mm[axis]), step)
     return texture
 
 
@@ -414,7 +416,8 @@ def _draw_tumor(
     config: SynthesisConfig,
 ) -> TumorDraw:
     center, depth = sample_tumor_center(geometry, base_radius, rng, min_depth_fraction=config.min_depth_fraction)
-    radii = np.full(3, float(base_radius)) if exact else base_radius * rng.uniform(*config.radius_jitter, size=3)
+    low, high = config.radius_jitter
+    radii = np.full(3, float(base_radius)) if exact else base_radius * rng.uniform(low, high, size=3)
     elastic = float(rng.uniform(*elastic_range_mm))
     edge = float(rng.uniform(*config.edge_sigma_mm))
     controls = draw_displacement_controls(elastic, rng)
@@ -521,7 +524,11 @@ def insert_tumor(
     return TumorRecord(
         organ=organ.name,
         size_class=size_class,
-        center_voxel=tuple(int(v) for v in draw.center),  # bbox-relative; the caller shifts it
+        center_voxel=(
+            int(draw.center[0]),
+            int(draw.center[1]),
+            int(draw.center[2]),
+        ),  # bbox-relative; shifted by the caller
         radii_mm=tuple(round(float(r), 3) for r in draw.radii_mm),  # type: ignore[arg-type]
         elastic_sigma_mm=round(draw.elastic_sigma_mm, 3),
         edge_sigma_mm=round(draw.edge_sigma_mm, 3),
@@ -598,7 +605,7 @@ def synthesize_in_organ(
     organ_mask: np.ndarray,
     organ: OrganSpec,
     *,
-    spacing: Sequence[float],
+    spacing: Floats,
     affine: np.ndarray,
     rng: np.random.Generator,
     size: str = "mix",

@@ -122,4 +122,6 @@ def test_gz_output_is_multi_member_deterministic_and_standard(tmp_path: Path) ->
     assert first == second, "the same data must give the same bytes"
     plain = tmp_path / "plain.nii.gz"
     nib.save(nib.Nifti1Image(array, ref.affine), plain)
-    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj), np.asanyarray(nib.load(plain).dataobj))
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj), np.asanyarray(nib.load(plain).dataobj)
+    )
