@@ -427,11 +427,12 @@ def _plot_curves(out: Path) -> None:
 
 
 def check_config(config: TrainSegConfig) -> TrainSegConfig:
-    """Reject combinations that cannot work."""
+    """Apply region defaults and reject combinations that cannot work."""
     if config.organ == "covid" and config.roi == (96, 96, 96):
-        return replace(config, roi=(192, 192, 32))
+        config = replace(config, roi=(192, 192, 32))  # the method's chest crop
     if config.model == "swinunetr" and min(config.roi) < 64:
         raise ConfigError(
-            "SwinUNETR needs a crop of at least 64 voxels per axis", hint="use --model unet or a larger --set roi=..."
+            f"SwinUNETR needs a crop of at least 64 voxels per axis, got {list(config.roi)}",
+            hint="use --model unet, or --set roi=[192,192,64] for the chest",
         )
     return config
