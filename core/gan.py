@@ -1,0 +1,325 @@
+"""The learned tumor generator's parts: networks, one voxel-role map, losses and the G and D steps.
+
+- Generator and voxel discriminator: the Models-Genesis ``UNet3D`` (encoder blocks of two
+  conv3³-BN-ReLU layers, 32·2^d → 64·2^d channels, max-pooling, depth 4, transposed-conv decoder with
+  skip concatenation, 1×1 output; about 19 M parameters at 32 base channels). Parameter names follow
+  that layout so the authors' released ``netG.*`` / ``netD.*`` weights map onto them.
+- One label representation for every part (:func:`voxel_roles`): 0 background, 1 real tumor,
+  2 synthetic ("fake") tumor. The G step, the D step and quality control all read it.
+- Losses are linear in probability and averaged over the voxels they concern (DESIGN §6).
+
+The training loop that uses these parts is not part of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+BACKGROUND, REAL_TUMOR, FAKE_TUMOR = 0, 1, 2
+
+
+class LUConv(nn.Module):
+    """conv3³ → batch norm → ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.bn1(self.conv1(x)))
+
+
+def _two_convs(in_channels: int, depth: int, base: int, *, double: bool = False) -> nn.Sequential:
+    if double:
+        width = base * 2 ** (depth + 1)
+        return nn.Sequential(LUConv(in_channels, width), LUConv(width, width))
+    width = base * 2**depth
+    return nn.Sequential(LUConv(in_channels, width), LUConv(width, width * 2))
+
+
+class DownTransition(nn.Module):
+    def __init__(self, in_channels: int, depth: int, base: int, last: bool) -> None:
+        super().__init__()
+        self.ops = _two_convs(in_channels, depth, base)
+        self.maxpool = nn.MaxPool3d(2)
+        self.last = last
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before_pool = self.ops(x)
+        return (before_pool, before_pool) if self.last else (self.maxpool(before_pool), before_pool)
+
+
+class UpTransition(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, depth: int, base: int) -> None:
+        super().__init__()
+        self.up_conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.ops = _two_convs(in_channels + out_channels // 2, depth, base, double=True)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.ops(torch.cat((self.up_conv(x), skip), 1))
+
+
+class UNet3D(nn.Module):
+    """Models-Genesis 3D U-Net; returns logits of shape ``(B, n_class, X, Y, Z)`` (X, Y, Z divisible by 8)."""
+
+    def __init__(self, n_class: int, *, base: int = 32) -> None:
+        super().__init__()
+        b = base
+        self.down_tr64 = DownTransition(1, 0, b, last=False)
+        self.down_tr128 = DownTransition(2 * b, 1, b, last=False)
+        self.down_tr256 = DownTransition(4 * b, 2, b, last=False)
+        self.down_tr512 = DownTransition(8 * b, 3, b, last=True)
+        self.up_tr256 = UpTransition(16 * b, 16 * b, 2, b)
+        self.up_tr128 = UpTransition(8 * b, 8 * b, 1, b)
+        self.up_tr64 = UpTransition(4 * b, 4 * b, 0, b)
+        self.out_tr = nn.Conv3d(2 * b, n_class, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, skip64 = self.down_tr64(x)
+        out, skip128 = self.down_tr128(out)
+        out, skip256 = self.down_tr256(out)
+        out, _ = self.down_tr512(out)
+        out = self.up_tr256(out, skip256)
+        out = self.up_tr128(out, skip128)
+        out = self.up_tr64(out, skip64)
+        return self.out_tr(out)
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Sizes and weights of the adversarial setup.
+
+    Attributes:
+        region: abdomen (tanh map, one channel per organ: liver, pancreas, kidney) or chest (sigmoid, one).
+        base_channels: 32 for the method's 19 M-parameter networks; smaller for tests.
+        adversarial_weight: λ in the generator loss (0.1 abdomen, 0.5 chest in the method).
+    """
+
+    region: Literal["abdomen", "chest"] = "abdomen"
+    base_channels: int = 32
+    adversarial_weight: float = 0.1
+
+    @property
+    def generator_channels(self) -> int:
+        return 3 if self.region == "abdomen" else 1
+
+
+ORGAN_CHANNEL = {"liver": 0, "pancreas": 1, "kidney": 2, "lung": 0}
+
+
+def make_generator(config: GanConfig) -> UNet3D:
+    return UNet3D(config.generator_channels, base=config.base_channels)
+
+
+def make_discriminator(config: GanConfig) -> UNet3D:
+    return UNet3D(3, base=config.base_channels)  # background, real tumor, fake tumor
+
+
+def _gaussian_kernel(size: int = 7, sigma: float = 1.0) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None, None] * g[None, :, None] * g[None, None, :])[None, None]
+
+
+def intensity_map(generator_output: torch.Tensor, organ_channels: Sequence[int], region: str) -> torch.Tensor:
+    """The per-voxel intensity change of each crop: its organ's channel, squashed, then blurred.
+
+    Args:
+        generator_output: ``(B, C, X, Y, Z)`` raw generator output.
+        organ_channels: per crop, the channel of the crop's organ.
+        region: abdomen (tanh) or chest (sigmoid).
+
+    Returns:
+        ``(B, 1, X, Y, Z)``, blurred by a Gaussian of size 7 and σ 1.
+    """
+    index = torch.as_tensor(list(organ_channels), device=generator_output.device)
+    chosen = generator_output[torch.arange(len(index), device=index.device), index][:, None]
+    squashed = torch.tanh(chosen) if region == "abdomen" else torch.sigmoid(chosen)
+    kernel = _gaussian_kernel().to(squashed)
+    return nn.functional.conv3d(squashed, kernel, padding=3)
+
+
+def compose(
+    image: torch.Tensor,
+    blurred_mask: torch.Tensor,
+    texture: torch.Tensor,
+    change: torch.Tensor,
+    organ: torch.Tensor,
+    sign: float,
+) -> torch.Tensor:
+    """``image + sign · blur(mask) · texture · change`` inside the organ (all ``(B, 1, X, Y, Z)``), clamped to [0, 1]."""
+    return (image + sign * blurred_mask * texture * change * organ).clamp(0.0, 1.0)
+
+
+def voxel_roles(labels: torch.Tensor, synth_mask: torch.Tensor, tumor_values: Sequence[int]) -> torch.Tensor:
+    """One label representation for G, D and QC: 0 background, 1 real tumor, 2 synthetic tumor.
+
+    Args:
+        labels: ``(B, 1, X, Y, Z)`` labels in the task's space (real tumors at ``tumor_values``).
+        synth_mask: bool ``(B, 1, X, Y, Z)``, the synthetic tumor voxels.
+        tumor_values: label values that mean tumor.
+    """
+    roles = torch.zeros_like(labels, dtype=torch.long)
+    real = torch.zeros_like(synth_mask, dtype=torch.bool)
+    for value in tumor_values:
+        real |= labels == value
+    roles[real & ~synth_mask] = REAL_TUMOR
+    roles[synth_mask] = FAKE_TUMOR
+    return roles
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    count = mask.sum()
+    return (values * mask).sum() / count.clamp(min=1)
+
+
+def generator_loss(
+    d_probs: torch.Tensor, seg_tumor_prob: torch.Tensor, roles: torch.Tensor, adversarial_weight: float
+) -> torch.Tensor:
+    """λ·(1 − P_D(real | fake voxels)) + (1 − P_seg(tumor | fake voxels)), means over the fake voxels."""
+    fake = (roles == FAKE_TUMOR).float()
+    fool_d = 1.0 - _masked_mean(d_probs[:, REAL_TUMOR : REAL_TUMOR + 1], fake)
+    fool_seg = 1.0 - _masked_mean(seg_tumor_prob, fake)
+    return adversarial_weight * fool_d + fool_seg
+
+
+def discriminator_loss(d_probs: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    """½[(1 − P_D(fake | fake voxels)) + (1 − P_D(real | real-tumor voxels))]."""
+    fake = (roles == FAKE_TUMOR).float()
+    real = (roles == REAL_TUMOR).float()
+    terms = []
+    if bool(fake.any()):
+        terms.append(1.0 - _masked_mean(d_probs[:, FAKE_TUMOR : FAKE_TUMOR + 1], fake))
+    if bool(real.any()):
+        terms.append(1.0 - _masked_mean(d_probs[:, REAL_TUMOR : REAL_TUMOR + 1], real))
+    if not terms:
+        return d_probs.sum() * 0.0
+    return 0.5 * sum(terms)  # type: ignore[return-value]
+
+
+@dataclass
+class GanBatch:
+    """What one adversarial step needs, all ``(B, 1, X, Y, Z)`` on the device.
+
+    Attributes:
+        image: crops before synthesis, [0, 1].
+        labels: task-space labels (real tumors included).
+        synth_mask: where the synthetic tumors are (from the rule-based geometry).
+        blurred_mask: the synthetic tumors' blurred masks.
+        texture: their textures.
+        organ: the organ voxels of each crop.
+        organ_channels: per crop, the generator channel of its organ.
+        tumor_values: label values meaning tumor in ``labels``.
+        seg_tumor_channels: per crop, the critic's channel meaning tumor of its organ.
+    """
+
+    image: torch.Tensor
+    labels: torch.Tensor
+    synth_mask: torch.Tensor
+    blurred_mask: torch.Tensor
+    texture: torch.Tensor
+    organ: torch.Tensor
+    organ_channels: Sequence[int]
+    tumor_values: Sequence[int]
+    seg_tumor_channels: Sequence[int]
+
+
+def synthesize_batch(generator: nn.Module, batch: GanBatch, region: str) -> torch.Tensor:
+    """Crops with the generator's tumors: the learned map in place of the rule-based scalar."""
+    change = intensity_map(generator(batch.image), batch.organ_channels, region)
+    sign = -1.0 if region == "abdomen" else 1.0
+    return compose(batch.image, batch.blurred_mask, batch.texture, change, batch.organ, sign)
+
+
+def _critic_tumor_prob(critic: nn.Module, images: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+    probs = torch.softmax(critic(images), 1)
+    index = torch.as_tensor(list(channels), device=probs.device)
+    return probs[torch.arange(len(index), device=probs.device), index][:, None]
+
+
+def generator_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    critic: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: GanBatch,
+    config: GanConfig,
+    *,
+    backward: Any = None,
+) -> tuple[float, torch.Tensor]:
+    """One generator update; the discriminator and the critic only score. Returns (loss, fake crops)."""
+    optimizer.zero_grad(set_to_none=True)
+    fake = synthesize_batch(generator, batch, config.region)
+    roles = voxel_roles(batch.labels, batch.synth_mask, batch.tumor_values)
+    with judging(discriminator):
+        d_probs = torch.softmax(discriminator(fake), 1)
+        seg_prob = _critic_tumor_prob(critic, fake, batch.seg_tumor_channels)
+        loss = generator_loss(d_probs, seg_prob, roles, config.adversarial_weight)
+        (backward or (lambda value: value.backward()))(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # nothing of this step leaks into the D step
+    return float(loss.detach()), fake.detach()
+
+
+@contextmanager
+def judging(module: nn.Module) -> Iterator[None]:
+    """Use ``module`` to score without changing it: no parameter gradients, batch-norm statistics kept."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+
+
+def discriminator_step(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fake: torch.Tensor,
+    batch: GanBatch,
+    *,
+    backward: Any = None,
+) -> float:
+    """One discriminator update on detached synthetic crops, with the same voxel roles as the G step."""
+    optimizer.zero_grad(set_to_none=True)
+    roles = voxel_roles(batch.labels, batch.synth_mask, batch.tumor_values)
+    loss = discriminator_loss(torch.softmax(discriminator(fake.detach()), 1), roles)
+    (backward or (lambda value: value.backward()))(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def freeze_critic(critic: nn.Module) -> nn.Module:
+    """Eval mode (batch norm uses running statistics) and no gradients, for good."""
+    critic.eval()
+    critic.requires_grad_(False)
+    return critic
+
+
+def map_released_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys of the authors' released checkpoint (``netG.*``, ``netD.*``, maybe ``module.``) for our modules."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name.startswith("module."):
+            name = name[len("module.") :]
+        name = name.replace("out_tr.final_conv.", "out_tr.")
+        out[name] = value
+    return out
