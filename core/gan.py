@@ -148,16 +148,13 @@ def intensity_map(generator_output: torch.Tensor, organ_channels: Sequence[int],
     return nn.functional.conv3d(squashed, kernel, padding=3)
 
 
-def compose(
-    image: torch.Tensor,
-    blurred_mask: torch.Tensor,
-    texture: torch.Tensor,
-    change: torch.Tensor,
-    organ: torch.Tensor,
-    sign: float,
-) -> torch.Tensor:
-    """``image + sign · blur(mask) · texture · change`` inside the organ (all ``(B, 1, X, Y, Z)``), clamped to [0, 1]."""
-    return (image + sign * blurred_mask * texture * change * organ).clamp(0.0, 1.0)
+def compose(image: torch.Tensor, profile: torch.Tensor, change: torch.Tensor, sign: float) -> torch.Tensor:
+    """``image + sign · profile · change``, clamped to [0, 1]; all ``(B, 1, X, Y, Z)``.
+
+    ``profile`` is the rule-based engine's ``blur(mask) · texture`` inside the organ (zero elsewhere),
+    so the learned map only replaces the engine's scalar intensity change.
+    """
+    return (image + sign * profile * change).clamp(0.0, 1.0)
 
 
 def voxel_roles(labels: torch.Tensor, synth_mask: torch.Tensor, tumor_values: Sequence[int]) -> torch.Tensor:
@@ -214,9 +211,7 @@ class GanBatch:
         image: crops before synthesis, [0, 1].
         labels: task-space labels (real tumors included).
         synth_mask: where the synthetic tumors are (from the rule-based geometry).
-        blurred_mask: the synthetic tumors' blurred masks.
-        texture: their textures.
-        organ: the organ voxels of each crop.
+        profile: blur(mask) · texture of those tumors, inside the organ (zero elsewhere).
         organ_channels: per crop, the generator channel of its organ.
         tumor_values: label values meaning tumor in ``labels``.
         seg_tumor_channels: per crop, the critic's channel meaning tumor of its organ.
@@ -225,9 +220,7 @@ class GanBatch:
     image: torch.Tensor
     labels: torch.Tensor
     synth_mask: torch.Tensor
-    blurred_mask: torch.Tensor
-    texture: torch.Tensor
-    organ: torch.Tensor
+    profile: torch.Tensor
     organ_channels: Sequence[int]
     tumor_values: Sequence[int]
     seg_tumor_channels: Sequence[int]
@@ -237,7 +230,7 @@ def synthesize_batch(generator: nn.Module, batch: GanBatch, region: str) -> torc
     """Crops with the generator's tumors: the learned map in place of the rule-based scalar."""
     change = intensity_map(generator(batch.image), batch.organ_channels, region)
     sign = -1.0 if region == "abdomen" else 1.0
-    return compose(batch.image, batch.blurred_mask, batch.texture, change, batch.organ, sign)
+    return compose(batch.image, batch.profile, change, sign)
 
 
 def _critic_tumor_prob(critic: nn.Module, images: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:

@@ -134,6 +134,67 @@ class OnlineSynthesisd:
         return data
 
 
+class TumorGeometryd(OnlineSynthesisd):
+    """Rule-based tumor geometry for the learned generator: the crop stays as it is.
+
+    Adds ``synth_mask`` (the tumor voxels), ``profile`` (the engine's blur(mask) · texture inside the
+    organ, i.e. its intensity change per unit of HU change) and ``organ_channel`` (the generator channel
+    of the tumor's organ: 0 liver or lung, 1 pancreas, 2 kidney). The label marks the tumor too.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        spacing_mm: Sequence[float],
+        window_hu: tuple[float, float],
+        config: SynthesisConfig | None = None,
+    ) -> None:
+        from dataclasses import replace
+
+        unit = replace(config or SynthesisConfig(), abdomen_hu_change=(1.0, 1.0), lung_hu_change=(1.0, 1.0))
+        super().__init__(task, spacing_mm=spacing_mm, window_hu=(0.0, 1.0), config=unit, size="mix")
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from freetumor_cli.core.errors import FreetumorError
+        from freetumor_cli.core.gan import ORGAN_CHANNEL
+        from freetumor_cli.core.tumor import synthesize_in_organ
+
+        lab = np.asarray(data["label"][0]).astype(np.int64)
+        img = np.asarray(data["image"][0], dtype=np.float32)
+        synth = np.zeros(lab.shape, dtype=bool)
+        profile = np.zeros(lab.shape, dtype=np.float32)
+        channel = 0
+        organs = TASK_ORGAN_VALUES[self.task]
+        present = [v for v in organs if (lab == v).sum() >= 8]
+        has_tumor = any((lab == v + 1).any() for v in organs)
+        if present and not has_tumor:
+            value = present[int(self.rng.integers(len(present)))]
+            organ = ORGANS[organs[value]]
+            try:
+                result = synthesize_in_organ(
+                    img, lab == value, organ, spacing=self.spacing, affine=np.diag([*self.spacing, 1.0]),
+                    rng=self.rng, size=self.size, count=1, config=self.config,
+                )  # fmt: skip
+            except FreetumorError:
+                result = None
+            if result is not None:
+                box_profile = np.zeros(result.tumor_mask.shape, dtype=np.float32)
+                for box, delta in result.patches:
+                    box_profile[box] += np.abs(delta)
+                profile[result.bbox] = box_profile
+                synth[result.bbox] = result.tumor_mask
+                lab[synth] = value + 1
+                channel = ORGAN_CHANNEL[organ.name]
+        data["label"] = torch.as_tensor(lab[None].astype(np.float32))
+        data["synth_mask"] = torch.as_tensor(synth[None])
+        data["profile"] = torch.as_tensor(profile[None])
+        data["organ_channel"] = torch.tensor([channel])
+        return data
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """Preprocessing and augmentation settings of a training run."""
@@ -147,6 +208,7 @@ class Pipeline:
     neg: float = 1.0
     synthesize: bool = False
     augment: bool = True
+    geometry_only: bool = False
 
 
 def load_transforms(p: Pipeline) -> list[Any]:
@@ -184,7 +246,10 @@ def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> A
         ),
     ]
     keys = ["image", "label"]
-    if p.synthesize:
+    if p.geometry_only:
+        steps.append(TumorGeometryd(p.task, spacing_mm=p.spacing_mm, window_hu=p.window_hu, config=synthesis))
+        keys = ["image", "label", "synth_mask", "profile"]
+    elif p.synthesize:
         steps.append(OnlineSynthesisd(p.task, spacing_mm=p.spacing_mm, window_hu=p.window_hu, config=synthesis))
         keys = ["image", "label", "synth_mask", "image_orig"]
     if p.augment:
@@ -220,7 +285,7 @@ class SeededDataset:
         seed = sample_seed(self.seed, self.epoch, index)
         self.transform.set_random_state(seed=seed)
         for t in self.transform.transforms:
-            if isinstance(t, OnlineSynthesisd):
+            if isinstance(t, OnlineSynthesisd):  # TumorGeometryd included
                 t.set_random_state(seed + 1)
         entry = {k: self.entries[index][k] for k in ("image", "label")}
         return self.transform(entry)

@@ -44,6 +44,7 @@ from freetumor_cli.core.seg_data import (
     tumor_values,
 )
 from freetumor_cli.core.synthesis_config import SynthesisConfig
+from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
 
 
 @dataclass(frozen=True)
@@ -125,20 +126,6 @@ def model_config_for(config: TrainSegConfig) -> ModelConfig:
         window_hu=(window.low, window.high),
         labels={str(k): v for k, v in labels.items()},
     )
-
-
-def _collate(samples: list[Any]) -> dict[str, Any]:
-    import torch
-
-    crops = [c for s in samples for c in (s if isinstance(s, list) else [s])]
-    keys = [k for k in ("image", "label", "synth_mask", "image_orig") if k in crops[0]]
-    return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
-
-
-def _seed_worker(_worker_id: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _validation_dice(
@@ -226,14 +213,14 @@ def train_segmentation(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with="tensorboard" if _has_tensorboard() else None,
+        log_with="tensorboard" if has_tensorboard() else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(config.seed)
     dataset = SeededDataset(train_entries, train_transforms(pipeline, config.rules), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.volumes_per_batch, shuffle=True, num_workers=config.workers,
-        collate_fn=_collate, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(config.seed),
+        collate_fn=collate_crops, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed),
         persistent_workers=False,
     )  # fmt: skip
     model = build_model(model_config)
@@ -331,15 +318,17 @@ def train_segmentation(
                 images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
             )
             started = time.perf_counter()
-            _log(accelerator, out, stats, step)
+            log_metrics(accelerator, out, stats, step)
             if step % config.save_every_steps == 0:
-                _save_state(accelerator, out, {"epoch": epoch, "step": step, "best_dice": progress["best_dice"]})
+                save_training_state(
+                    accelerator, out, {"epoch": epoch, "step": step, "best_dice": progress["best_dice"]}
+                )
             if on_step:
                 on_step(step, total_steps, stats)
         finished_epoch = step >= (epoch + 1) * steps_per_epoch or step >= total_steps
         if finished_epoch and ((epoch + 1) % config.val_every == 0 or step >= total_steps) and lists["validation"]:
             val = _validation_dice(model, lists["validation"], pipeline, config, accelerator)
-            _log(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
+            log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
             if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
                 progress["best_dice"] = val
                 save_checkpoint(
@@ -362,7 +351,9 @@ def train_segmentation(
                 out / "checkpoints" / "best",
                 extra={"step": step, "note": "no validation run"},
             )
-    _save_state(accelerator, out, {"epoch": progress["epoch"], "step": step, "best_dice": progress["best_dice"]})
+    save_training_state(
+        accelerator, out, {"epoch": progress["epoch"], "step": step, "best_dice": progress["best_dice"]}
+    )
     if accelerator.is_main_process:
         _plot_curves(out)
     accelerator.end_training()
@@ -370,30 +361,6 @@ def train_segmentation(
         out, step, int(progress["epoch"]), float(progress["best_dice"]), losses,
         qc_kept / qc_seen if qc_seen else None, accelerator.is_main_process,
     )  # fmt: skip
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _log(accelerator: Any, out: Path, stats: dict[str, float], step: int) -> None:
-    if accelerator.log_with:
-        accelerator.log({k: v for k, v in stats.items() if k not in ("epoch", "step")}, step=step)
-    if accelerator.is_main_process:
-        with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(stats) + "\n")
-
-
-def _save_state(accelerator: Any, out: Path, progress: dict[str, Any]) -> None:
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(out / "state"))
-    if accelerator.is_main_process:
-        write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
-    accelerator.wait_for_everyone()
 
 
 def _plot_curves(out: Path) -> None:

@@ -73,8 +73,8 @@ def tiny_batch() -> GanBatch:
     labels[synth] = 2
     labels[0, 0, 11:13, 11:13, 11:13] = 2  # a real tumor in crop 0
     return GanBatch(
-        image=image, labels=labels, synth_mask=synth, blurred_mask=synth.float(), texture=torch.full(shape, 0.5),
-        organ=organ, organ_channels=[0, 1], tumor_values=[2], seg_tumor_channels=[2, 2],
+        image=image, labels=labels, synth_mask=synth, profile=synth.float() * 0.5 * organ,
+        organ_channels=[0, 1], tumor_values=[2], seg_tumor_channels=[2, 2],
     )  # fmt: skip
 
 
