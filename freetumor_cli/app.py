@@ -17,6 +17,7 @@ from freetumor_cli.commands.fetch_labels import fetch_labels
 from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
 from freetumor_cli.commands.train_seg import train_seg
+from freetumor_cli.commands.train_synth import train_synth
 
 app = typer.Typer(
     name="freetumor",
@@ -47,6 +48,7 @@ app.command("fetch-labels")(fetch_labels)
 app.command("prepare")(prepare)
 app.command("synthesize")(synthesize)
 app.command("train-seg")(train_seg)
+app.command("train-synth")(train_synth)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
 

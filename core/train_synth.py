@@ -1,0 +1,361 @@
+"""Adversarial training of the tumor generator (``train-synth``), on Accelerate.
+
+Each crop with an organ and no real tumor gets a rule-based tumor geometry in the loader (the same
+engine as ``synthesize``: shape, position, texture); the generator supplies the per-voxel intensity
+change in place of the engine's scalar. Per step: one generator update against the voxel
+discriminator and the frozen baseline segmentor (critic), then one discriminator update on the detached
+synthetic crops, with one voxel-role map for both (:mod:`freetumor_cli.core.gan`).
+
+Every epoch, on held-out organ-only crops, it logs the quality-control pass rate (share of synthetic
+tumors of which the critic calls more than ``qc_threshold`` tumor), the critic's mean tumor probability
+on them and their mean HU contrast, for the generator and, once, for the rule-based engine. The best
+checkpoint is the one with the highest QC pass rate (ties: higher critic tumor probability).
+
+Run folder: ``config.yaml``, ``metrics.jsonl``, TensorBoard ``logs/``, ``previews/epoch_<k>.png``,
+``checkpoints/best`` and ``checkpoints/last`` (``generator.safetensors`` + ``generator.json``), ``state/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from freetumor_cli import __version__
+from freetumor_cli.core.config import to_yaml
+from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.labels import WINDOWS
+from freetumor_cli.core.synthesis_config import SynthesisConfig
+from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
+
+GAN_TASK = {"abdomen": "all", "chest": "covid"}
+
+
+@dataclass(frozen=True)
+class TrainSynthConfig:
+    """A generator run (the method's defaults, DESIGN §6)."""
+
+    region: Literal["abdomen", "chest"] = "abdomen"
+    epochs: int = 100
+    max_steps: int | None = None
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.999)
+    roi: tuple[int, int, int] = (96, 96, 96)
+    crops_per_volume: int = 4
+    labelled_repeats: int = 100
+    base_channels: int = 32
+    adversarial_weight: float | None = None  # 0.1 abdomen, 0.5 chest
+    qc_threshold: float = 0.7
+    heldout_crops: int = 16
+    save_every_steps: int = 100
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    workers: int = 2
+    seed: int = 0
+    spacing_mm: tuple[float, float, float] | None = None
+    rules: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+    def weight(self) -> float:
+        if self.adversarial_weight is not None:
+            return self.adversarial_weight
+        return 0.1 if self.region == "abdomen" else 0.5
+
+
+@dataclass
+class SynthSummary:
+    out_dir: Path
+    steps: int
+    generator_qc: list[float]
+    rules_qc: float
+    is_main_process: bool = True
+
+
+def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
+    from freetumor_cli.core.gan import ORGAN_CHANNEL, GanBatch
+    from freetumor_cli.core.seg_data import TASK_ORGAN_VALUES, qc_tumor_class, tumor_values
+
+    by_channel = {ORGAN_CHANNEL[name]: name for name in TASK_ORGAN_VALUES[task].values()}
+    channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
+    return GanBatch(
+        image=batch["image"],
+        labels=batch["label"],
+        synth_mask=batch["synth_mask"].bool(),
+        profile=batch["profile"],
+        organ_channels=channels,
+        tumor_values=tumor_values(task),
+        seg_tumor_channels=[qc_tumor_class(critic_task, by_channel[c]) for c in channels],
+    )
+
+
+def heldout_scores(images: Any, gan_batch: Any, critic: Any, threshold: float, window_width: float) -> dict[str, float]:
+    """QC pass rate, critic tumor probability and HU contrast of synthetic tumors in ``images``."""
+    import torch
+
+    with torch.no_grad():
+        probs = torch.softmax(critic(images).float(), 1)
+    passed, probabilities, contrasts = [], [], []
+    for b, channel in enumerate(gan_batch.seg_tumor_channels):
+        mask = gan_batch.synth_mask[b, 0]
+        if not bool(mask.any()):
+            continue
+        tumor_prob = probs[b, channel][mask]
+        called = (probs[b].argmax(0)[mask] == channel).float().mean()
+        passed.append(float(called > threshold))
+        probabilities.append(float(tumor_prob.mean()))
+        contrasts.append(float((images[b, 0][mask] - gan_batch.image[b, 0][mask]).mean()) * window_width)
+    if not passed:
+        return {}
+    return {
+        "qc_pass_rate": float(np.mean(passed)),
+        "critic_tumor_prob": float(np.mean(probabilities)),
+        "hu_contrast": float(np.mean(contrasts)),
+    }
+
+
+def train_generator(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSynthConfig,
+    *,
+    baseline: str | os.PathLike[str],
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> SynthSummary:
+    """Train the generator and the voxel discriminator (see the module doc)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from freetumor_cli.core.gan import (
+        GanConfig,
+        discriminator_step,
+        freeze_critic,
+        generator_step,
+        make_discriminator,
+        make_generator,
+        synthesize_batch,
+    )
+    from freetumor_cli.core.models import load_checkpoint
+    from freetumor_cli.core.seg_data import Pipeline, SeededDataset, read_task_datalist, train_transforms
+
+    out = Path(out_dir)
+    if (out / "state").exists() and not resume:
+        raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
+    if resume and not (out / "state").exists():
+        raise InputError(f"nothing to resume in {out} (no state/ folder)")
+    task = GAN_TASK[config.region]
+    accelerator = Accelerator(
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=config.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with="tensorboard" if has_tensorboard() else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(config.seed)
+    critic, critic_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
+    if critic_config.task != task:
+        raise InputError(
+            f"the baseline {baseline} segments {critic_config.task!r}; the {config.region} generator needs a {task!r} baseline",
+            hint=f"train it with freetumor train-seg --organ {task} --task onlylabeled",
+        )
+    freeze_critic(critic)
+    lists = read_task_datalist(prepared, task, 0)
+    train = lists["training"]
+    labelled = [e for e in train if e.get("role") == "tumor-labelled"]
+    organ_only = [e for e in train if e.get("role") != "tumor-labelled"]
+    heldout = [e for e in lists["validation"] if e.get("role") != "tumor-labelled"] or lists["validation"]
+    if not labelled or not organ_only:
+        raise InputError(
+            "train-synth needs tumor-labelled and organ-only cases in the prepared data", hint="see prepare_report.md"
+        )
+    spacing = config.spacing_mm or critic_config.spacing_mm
+    window = WINDOWS[config.region]
+    pipeline = Pipeline(
+        task=task,
+        spacing_mm=spacing,
+        window_hu=(window.low, window.high),
+        roi=config.roi,
+        crops_per_volume=config.crops_per_volume,
+        geometry_only=True,
+    )
+    dataset = SeededDataset(
+        labelled * config.labelled_repeats + organ_only, train_transforms(pipeline, config.rules), config.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, shuffle=True, num_workers=config.workers, collate_fn=collate_crops,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+    gan = GanConfig(region=config.region, base_channels=config.base_channels, adversarial_weight=config.weight())
+    generator, discriminator = make_generator(gan), make_discriminator(gan)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+    generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
+    heldout_set = SeededDataset(
+        heldout, train_transforms(Pipeline(**{**asdict(pipeline), "augment": False})), config.seed + 1
+    )
+    heldout_crops = [c for i in range(len(heldout_set)) for c in heldout_set[i]][: config.heldout_crops]
+    fixed = {k: v.to(accelerator.device) for k, v in collate_crops(heldout_crops).items()} if heldout_crops else None
+
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "best": [-1.0, -1.0]}
+    if resume:
+        accelerator.load_state(str(out / "state"))
+        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", f"# freetumor {__version__} train-synth\n" + to_yaml(config))
+    if accelerator.log_with:
+        accelerator.init_trackers("train_synth")
+    steps_per_epoch = len(loader)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    epochs = min(config.epochs, math.ceil(total / max(steps_per_epoch, 1)))
+    window_width = window.high - window.low
+    rules_qc = float("nan")
+    if fixed is not None:
+        fixed_batch = _gan_batch(fixed, critic_config.task, task)
+        sign = -1.0 if config.region == "abdomen" else 1.0
+        low, high = config.rules.abdomen_hu_change if config.region == "abdomen" else config.rules.lung_hu_change
+        rule_images = (fixed_batch.image + sign * fixed_batch.profile * ((low + high) / 2 / window_width)).clamp(0, 1)
+        rules_scores = heldout_scores(rule_images, fixed_batch, critic, config.qc_threshold, window_width)
+        rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
+        log_metrics(
+            accelerator,
+            out,
+            {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": int(progress["step"])},
+            int(progress["step"]),
+        )
+    step = int(progress["step"])
+    generator_qc: list[float] = []
+    for epoch in range(int(progress["epoch"]), epochs):
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        done = step - epoch * steps_per_epoch
+        batches = accelerator.skip_first_batches(loader, done) if done > 0 else loader
+        generator.train()
+        discriminator.train()
+        for batch in batches:
+            if step >= total:
+                break
+            gan_batch = _gan_batch(batch, critic_config.task, task)
+            with accelerator.autocast():
+                loss_g, fake = generator_step(
+                    generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
+                )
+                loss_d = discriminator_step(discriminator, opt_d, fake, gan_batch, backward=accelerator.backward)
+            step += 1
+            stats = {
+                "loss_g": loss_g,
+                "loss_d": loss_d,
+                "synthetic_crops": float(gan_batch.synth_mask.flatten(1).any(1).sum()),
+                "epoch": epoch,
+                "step": step,
+            }
+            log_metrics(accelerator, out, stats, step)
+            if step % config.save_every_steps == 0:
+                save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+            if on_step:
+                on_step(step, total, stats)
+        if fixed is not None:
+            generator.eval()
+            with torch.no_grad():
+                images = synthesize_batch(accelerator.unwrap_model(generator), fixed_batch, config.region)
+            scores = heldout_scores(images, fixed_batch, critic, config.qc_threshold, window_width)
+            generator_qc.append(scores.get("qc_pass_rate", float("nan")))
+            log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
+            key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
+            if accelerator.is_main_process:
+                _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
+                if key > progress["best"]:
+                    progress["best"] = key
+                    _save_generator(
+                        accelerator.unwrap_model(generator),
+                        gan,
+                        config,
+                        spacing,
+                        out / "checkpoints" / "best",
+                        {"epoch": epoch, **scores},
+                    )
+        progress.update({"epoch": epoch + 1, "step": step})
+        if step >= total:
+            break
+    if accelerator.is_main_process:
+        _save_generator(
+            accelerator.unwrap_model(generator), gan, config, spacing, out / "checkpoints" / "last", {"step": step}
+        )
+        if not (out / "checkpoints" / "best").exists():
+            _save_generator(
+                accelerator.unwrap_model(generator), gan, config, spacing, out / "checkpoints" / "best", {"step": step}
+            )
+    save_training_state(accelerator, out, progress)
+    accelerator.end_training()
+    return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
+
+
+def _save_generator(
+    generator: Any, gan: Any, config: TrainSynthConfig, spacing: Any, folder: Path, extra: dict[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    with atomic_path(folder / "generator.safetensors") as tmp:
+        save_file(state, str(tmp))
+    window = WINDOWS[config.region]
+    meta = {
+        "generator": asdict(gan),
+        "spacing_mm": list(spacing),
+        "window_hu": [window.low, window.high],
+        "roi": list(config.roi),
+        "version": __version__,
+        **extra,
+    }
+    write_text_atomic(folder / "generator.json", json.dumps(meta, indent=2) + "\n")
+
+
+def load_generator(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A trained generator (safetensors; no pickle) and its metadata."""
+    from safetensors.torch import load_file
+
+    from freetumor_cli.core.gan import GanConfig, make_generator
+
+    path = Path(folder)
+    if not (path / "generator.json").is_file() or not (path / "generator.safetensors").is_file():
+        raise InputError(
+            f"not a freetumor generator checkpoint: {path}", hint="expected generator.safetensors and generator.json"
+        )
+    meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
+    generator = make_generator(GanConfig(**meta["generator"]))
+    generator.load_state_dict(load_file(str(path / "generator.safetensors"), device=device))
+    return generator.to(device).eval(), meta
+
+
+def _preview(batch: Any, images: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [b for b in range(images.shape[0]) if bool(batch.synth_mask[b].any())][:4]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
+    for r, b in enumerate(rows):
+        mask = batch.synth_mask[b, 0].cpu().numpy()
+        z = int(np.argmax(mask.sum(axis=(0, 1))))
+        for c, (title, volume) in enumerate((("rule geometry, before", batch.image), ("generator", images))):
+            axes[r, c].imshow(
+                volume[b, 0, :, :, z].detach().cpu().float().numpy().T, cmap="gray", vmin=0, vmax=1, origin="lower"
+            )
+            axes[r, c].contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
+            axes[r, c].set_title(title, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
