@@ -102,7 +102,19 @@ def synthesize(
     ] = None,
     engine: Annotated[
         str | None,
-        typer.Option("--engine", help="Synthesis engine: rules (no training needed).", show_default=DEFAULTS.engine),
+        typer.Option(
+            "--engine",
+            help="Synthesis engine: rules (no training needed) or generator (needs --generator).",
+            show_default=DEFAULTS.engine,
+        ),
+    ] = None,
+    generator: Annotated[
+        Path | None,
+        typer.Option(
+            "--generator",
+            help="Generator checkpoint folder from train-synth (with --engine generator).",
+            show_default=False,
+        ),
     ] = None,
     preview: Annotated[
         bool, typer.Option("--preview", help="Also write a PNG: slices through each tumor, before and after.")
@@ -132,6 +144,7 @@ def synthesize(
         "seed": seed,
         "copies": copies,
         "engine": engine,
+        "generator": str(generator) if generator else None,
         "preview": True if preview else None,
         "overwrite": True if overwrite else None,
     }

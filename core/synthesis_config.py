@@ -107,7 +107,8 @@ class SynthesizeConfig:
         radius_mm: exact base radius in mm; overrides ``size``.
         seed: seed of the first copy; copy ``k`` uses ``seed + k``.
         copies: variants per input.
-        engine: ``rules`` (the learned generator comes with ``train-synth``).
+        engine: ``rules`` (no training needed) or ``generator`` (the learned intensity change).
+        generator: with ``engine=generator``, a generator checkpoint folder from ``train-synth``.
         label_scheme: how to read the organ labels.
         preview: also write a PNG of each tumor, before and after.
         overwrite: replace existing outputs.
@@ -120,7 +121,8 @@ class SynthesizeConfig:
     radius_mm: float | None = None
     seed: int = 0
     copies: int = 1
-    engine: Literal["rules"] = "rules"
+    engine: Literal["rules", "generator"] = "rules"
+    generator: str | None = None
     label_scheme: SchemeChoice = "auto"
     preview: bool = False
     overwrite: bool = False
@@ -135,3 +137,5 @@ class SynthesizeConfig:
             raise ValueError("radius_mm must be positive")
         if self.seed < 0:
             raise ValueError("seed must be non-negative")
+        if self.engine == "generator" and not self.generator:
+            raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")

@@ -307,6 +307,10 @@ def synthesize_case(
             config=config.rules,
             geometry=geometry,
         )
+        if config.engine == "generator":
+            from freetumor_cli.core.learned import apply_generator
+
+            synth = apply_generator(synth, image, organ, str(config.generator))
         result.notes.extend(n for n in synth.notes if n not in result.notes)
         if copy_index in (None, 1) and not config.overwrite:
             # Checked after the first synthesis so that input problems are reported first, and

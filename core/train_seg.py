@@ -26,6 +26,7 @@ import numpy as np
 from freetumor_cli import __version__
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
+from freetumor_cli.core.gan import compose, intensity_map
 from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.labels import CHEST_LABELS, REGION_LABELS, TASK_REMAPS, WINDOWS
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
@@ -96,8 +97,10 @@ class TrainSegConfig:
             raise ValueError("qc_threshold must lie in [0, 1]")
         if self.grad_accum < 1 or self.crops_per_volume < 1 or self.volumes_per_batch < 1:
             raise ValueError("grad_accum, crops_per_volume and volumes_per_batch must be >= 1")
-        if self.synth != "rules":
-            raise ValueError("synth must be 'rules' (the learned generator comes with train-synth)")
+        if self.synth != "rules" and not (Path(self.synth) / "generator.json").is_file():
+            raise ValueError(
+                f"synth must be 'rules' or a generator checkpoint folder of train-synth, got {self.synth!r}"
+            )
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -206,6 +209,7 @@ def train_segmentation(
         task=config.organ, spacing_mm=model_config.spacing_mm, window_hu=model_config.window_hu, roi=config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
         synthesize=config.task == "freesyn", augment=config.augment,
+        geometry_only=config.task == "freesyn" and config.synth != "rules",
     )  # fmt: skip
     accelerator = Accelerator(
         # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
@@ -235,6 +239,12 @@ def train_segmentation(
         optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total_steps)
     )
     scheduler = accelerator.prepare(scheduler)
+    generator = None
+    if config.task == "freesyn" and config.synth != "rules":
+        from freetumor_cli.core.train_synth import load_generator
+
+        generator, _ = load_generator(config.synth, device=str(accelerator.device))
+        generator.requires_grad_(False)
     baseline_model = baseline_config = None
     if baseline is not None:
         baseline_model, baseline_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
@@ -273,12 +283,19 @@ def train_segmentation(
                 break
             images, labels = batch["image"], batch["label"]
             stats: dict[str, float] = {}
+            if generator is not None and "profile" in batch:
+                # The learned map in place of the rule-based scalar, batched on the device.
+                batch["image_orig"] = images
+                channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
+                with torch.no_grad():
+                    change = intensity_map(generator(images), channels, model_config.region)
+                images = compose(images, batch["profile"], change, -1.0 if model_config.region == "abdomen" else 1.0)
             if "synth_mask" in batch:
                 synth = batch["synth_mask"].bool()
                 has = synth.flatten(1).any(1)
                 if baseline_model is not None and bool(has.any()):
                     with torch.no_grad(), accelerator.autocast():
-                        probs = torch.softmax(baseline_model(batch["image"]).float(), 1)
+                        probs = torch.softmax(baseline_model(images).float(), 1)
                     classes = []
                     for b in range(images.shape[0]):
                         values = labels[b][synth[b]].long().unique().tolist()

@@ -245,3 +245,89 @@ class TestTrainSynth:
         prepared, baseline = gan_setup
         with pytest.raises(InputError, match="needs a 'covid' baseline"):
             train_generator(prepared, Path(str(tmp_path)) / "x", self.config(region="chest"), baseline=baseline)
+
+    def test_train_seg_uses_the_generator(self, gan_setup: tuple[object, object], tmp_path: object) -> None:
+        import json
+        from pathlib import Path
+
+        from freetumor_cli.core.errors import ConfigError
+        from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
+        from freetumor_cli.core.train_synth import train_generator
+
+        prepared, baseline = gan_setup
+        root = Path(str(tmp_path))
+        train_generator(prepared, root / "gen", self.config(max_steps=1), baseline=baseline)
+        generator = root / "gen" / "checkpoints" / "best"
+        config = TrainSegConfig(
+            organ="all", task="freesyn", synth=str(generator), model="unet-tiny", roi=(32, 32, 32), max_steps=2,
+            workers=0, spacing_mm=(4.0, 4.0, 4.0), labelled_repeats=1, qc_threshold=0.0,
+        )  # fmt: skip
+        summary = train_segmentation(prepared, root / "seg", config, baseline=baseline)
+        assert summary.steps == 2
+        rows = [json.loads(line) for line in (root / "seg" / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("synthetic_tumor_voxels", 0) > 0 for r in rows)
+        with pytest.raises((ConfigError, ValueError), match="generator checkpoint"):
+            TrainSegConfig(task="freesyn", synth=str(root / "nowhere"))
+
+    def test_synthesize_with_the_generator_engine(self, gan_setup: tuple[object, object], tmp_path: object) -> None:
+        import json
+        from pathlib import Path
+
+        import nibabel as nib
+        import numpy as np
+        from typer.testing import CliRunner
+
+        from freetumor_cli.app import app
+        from freetumor_cli.core.phantom import make_phantom
+        from freetumor_cli.core.train_synth import train_generator
+
+        from .conftest import oblique_affine
+
+        prepared, baseline = gan_setup
+        root = Path(str(tmp_path))
+        train_generator(prepared, root / "gen", self.config(max_steps=1), baseline=baseline)
+        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=7)
+        affine = oblique_affine((4.0, 4.0, 4.0))
+        nib.save(nib.Nifti1Image(p.ct.array, affine), root / "ct.nii.gz")
+        nib.save(nib.Nifti1Image(p.labels.array, affine), root / "lab.nii.gz")
+        args = [
+            "synthesize",
+            "--in",
+            str(root / "ct.nii.gz"),
+            "--labels",
+            str(root / "lab.nii.gz"),
+            "--organ",
+            "liver",
+            "--size",
+            "medium",
+            "--seed",
+            "2",
+        ]
+        result = CliRunner().invoke(
+            app,
+            [
+                *args,
+                "--engine",
+                "generator",
+                "--generator",
+                str(root / "gen" / "checkpoints" / "best"),
+                "--out",
+                str(root / "g"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        rules = CliRunner().invoke(app, [*args, "--out", str(root / "r")])
+        assert rules.exit_code == 0, rules.output
+        g_label = np.asanyarray(nib.load(root / "g" / "ct_synthetic_label.nii.gz").dataobj)
+        r_label = np.asanyarray(nib.load(root / "r" / "ct_synthetic_label.nii.gz").dataobj)
+        np.testing.assert_array_equal(g_label, r_label)  # same geometry, learned intensities
+        g_ct = np.asanyarray(nib.load(root / "g" / "ct_synthetic.nii.gz").dataobj)
+        changed = g_ct != p.ct.array
+        assert not (changed & (g_label == 0)).any(), "the image changed outside the organ"
+        assert (
+            nib.load(root / "g" / "ct_synthetic.nii.gz").affine.tolist() == nib.load(root / "ct.nii.gz").affine.tolist()
+        )
+        meta = json.loads((root / "g" / "ct_synthetic.json").read_text())
+        assert meta["engine"] == "generator" and len(meta["tumors"]) == 1
+        missing = CliRunner().invoke(app, [*args, "--engine", "generator", "--out", str(root / "m")])
+        assert missing.exit_code != 0 and "--generator" in missing.output
