@@ -108,7 +108,7 @@ def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> t
     )
     model = build_model(config)
     try:
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
     except RuntimeError as exc:
         raise InputError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from exc
     return model.to(device), config, meta

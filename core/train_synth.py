@@ -319,19 +319,67 @@ def _save_generator(
 
 
 def load_generator(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A trained generator (safetensors; no pickle) and its metadata."""
+    """A trained generator and its metadata: a train-synth checkpoint folder, or the authors' ``TGAN.pt``.
+
+    Nothing is unpickled: checkpoint folders are safetensors, and a ``.pt`` file is read with
+    ``torch.load(weights_only=True)``.
+    """
     from safetensors.torch import load_file
 
     from freetumor_cli.core.gan import GanConfig, make_generator
 
     path = Path(folder)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return import_released_generator(path, device=device)
     if not (path / "generator.json").is_file() or not (path / "generator.safetensors").is_file():
         raise InputError(
-            f"not a freetumor generator checkpoint: {path}", hint="expected generator.safetensors and generator.json"
+            f"not a freetumor generator checkpoint: {path}",
+            hint="expected generator.safetensors and generator.json, or TGAN.pt",
         )
     meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
     generator = make_generator(GanConfig(**meta["generator"]))
-    generator.load_state_dict(load_file(str(path / "generator.safetensors"), device=device))
+    generator.load_state_dict(load_file(str(path / "generator.safetensors"), device="cpu"))
+    return generator.to(device).eval(), meta
+
+
+def import_released_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The generator of the authors' released ``TGAN.pt`` (``{"state_dict": {"netG.*", "netD.*", "netSeg.*"}}``).
+
+    ``netG.*`` maps one to one onto :class:`~freetumor_cli.core.gan.UNet3D` (the Models-Genesis layout,
+    ``module.`` prefixes and ``out_tr.final_conv`` handled); the region follows from the number of
+    output channels (3 abdomen, 1 chest) and the width from the first convolution. ``netD.*`` maps the
+    same way (:func:`~freetumor_cli.core.gan.map_released_state_dict`); ``netSeg.*`` is not used.
+    """
+    import torch
+
+    from freetumor_cli.core.gan import GanConfig, make_generator, map_released_state_dict
+
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise InputError(f"cannot load {path} safely (weights only): {str(exc).splitlines()[0]}") from exc
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds no state dict")
+    weights = map_released_state_dict(state, "netG.")
+    if "down_tr64.ops.0.conv1.weight" not in weights or "out_tr.weight" not in weights:
+        raise InputError(f"{path} holds no netG.* generator weights in the Models-Genesis UNet3D layout")
+    out_channels = int(weights["out_tr.weight"].shape[0])
+    base = int(weights["down_tr64.ops.0.conv1.weight"].shape[0])
+    region = "abdomen" if out_channels == 3 else "chest"
+    gan = GanConfig(region=region, base_channels=base)  # type: ignore[arg-type]
+    generator = make_generator(gan)
+    try:
+        generator.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: netG does not match the generator layout: {str(exc).splitlines()[0]}") from exc
+    window = WINDOWS[region]
+    meta = {
+        "generator": asdict(gan),
+        "spacing_mm": [1.5, 1.5, 1.5] if region == "abdomen" else [1.25, 1.25, 5.0],
+        "window_hu": [window.low, window.high],
+        "source": str(path),
+    }
     return generator.to(device).eval(), meta
 
 

@@ -331,3 +331,59 @@ class TestTrainSynth:
         assert meta["engine"] == "generator" and len(meta["tumors"]) == 1
         missing = CliRunner().invoke(app, [*args, "--engine", "generator", "--out", str(root / "m")])
         assert missing.exit_code != 0 and "--generator" in missing.output
+
+
+def test_released_tgan_file_loads_safely(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.train_synth import load_generator
+
+    root = Path(str(tmp_path))
+    ours = make_generator(GanConfig(base_channels=2))
+    released = {
+        "state_dict": {
+            f"netG.module.{k}".replace("out_tr.", "out_tr.final_conv."): v for k, v in ours.state_dict().items()
+        }
+    }
+    released["state_dict"]["netSeg.x"] = torch.zeros(1)
+    torch.save(released, root / "TGAN.pt")
+    generator, meta = load_generator(root / "TGAN.pt")
+    assert meta["generator"]["region"] == "abdomen" and meta["generator"]["base_channels"] == 2
+    assert all(
+        torch.equal(a, b) for a, b in zip(generator.state_dict().values(), ours.state_dict().values(), strict=True)
+    )
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("this must never run",))
+
+    torch.save({"state_dict": {"netG.x": Payload()}}, root / "evil.pt")
+    with pytest.raises(InputError, match="safely"):
+        load_generator(root / "evil.pt")
+    torch.save({"state_dict": {"netD.x": torch.zeros(1)}}, root / "nog.pt")
+    with pytest.raises(InputError, match="no netG"):
+        load_generator(root / "nog.pt")
+
+
+def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[object, object], tmp_path: object) -> None:
+    """Two CPU processes (gloo) started by torchrun run train-synth unchanged."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prepared, baseline = gan_setup
+    out = Path(str(tmp_path)) / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "freetumor_cli", "train-synth", "--data", str(prepared), "--baseline", str(baseline), "--out", str(out),
+        "--max-steps", "2", "--workers", "0", "--set", "base_channels=4", "--set", "roi=[32,32,32]", "--set", "labelled_repeats=1",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss_g" in r] == [1, 2]  # written once, by the main process
+    assert (out / "checkpoints" / "last" / "generator.safetensors").is_file()
