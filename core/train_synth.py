@@ -367,7 +367,7 @@ def import_released_generator(path: str | os.PathLike[str], *, device: str = "cp
     out_channels = int(weights["out_tr.weight"].shape[0])
     base = int(weights["down_tr64.ops.0.conv1.weight"].shape[0])
     region = "abdomen" if out_channels == 3 else "chest"
-    gan = GanConfig(region=region, base_channels=base)  # type: ignore[arg-type]
+    gan = GanConfig(region=region, base_channels=base)
     generator = make_generator(gan)
     try:
         generator.load_state_dict(weights, strict=True)
