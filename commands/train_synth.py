@@ -16,7 +16,7 @@ def train_synth(
         Path,
         typer.Option(
             "--baseline",
-            help="Checkpoint folder of the baseline segmentor (train-seg --organ all, or covid): the frozen critic.",
+            help="Checkpoint folder of the baseline segmentor, the frozen critic: train-seg --organ all (or one abdominal organ; covid for --region chest).",
             show_default=False,
         ),
     ],

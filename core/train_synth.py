@@ -35,7 +35,7 @@ from freetumor_cli.core.labels import WINDOWS
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
 
-GAN_TASK = {"abdomen": "all", "chest": "covid"}
+GAN_TASK = {"abdomen": "all", "chest": "covid"}  # the default critic task per region
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,19 @@ class TrainSynthConfig:
         if self.adversarial_weight is not None:
             return self.adversarial_weight
         return 0.1 if self.region == "abdomen" else 0.5
+
+
+def generator_task(baseline_task: str, region: str, baseline: Any = "the baseline") -> str:
+    """The task a generator trains on: the critic's (the abdomen generalist, one abdominal organ, or covid)."""
+    allowed = ("all", "liver", "pancreas", "kidney") if region == "abdomen" else ("covid",)
+    if baseline_task not in allowed:
+        raise InputError(
+            f"the baseline {baseline} segments {baseline_task!r}; the {region} generator needs a "
+            + " / ".join(repr(a) for a in allowed)
+            + " baseline",
+            hint=f"train it with freetumor train-seg --organ {GAN_TASK[region]} --task onlylabeled",
+        )
+    return baseline_task
 
 
 @dataclass
@@ -149,7 +162,6 @@ def train_generator(
         raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
     if resume and not (out / "state").exists():
         raise InputError(f"nothing to resume in {out} (no state/ folder)")
-    task = GAN_TASK[config.region]
     accelerator = Accelerator(
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=config.mixed_precision,
@@ -159,11 +171,7 @@ def train_generator(
     )
     set_seed(config.seed)
     critic, critic_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
-    if critic_config.task != task:
-        raise InputError(
-            f"the baseline {baseline} segments {critic_config.task!r}; the {config.region} generator needs a {task!r} baseline",
-            hint=f"train it with freetumor train-seg --organ {task} --task onlylabeled",
-        )
+    task = generator_task(critic_config.task, config.region, baseline)
     freeze_critic(critic)
     lists = read_task_datalist(prepared, task, 0)
     train = lists["training"]

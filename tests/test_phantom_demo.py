@@ -1,12 +1,7 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from typer.testing import CliRunner
 
-from freetumor_cli.app import app
-from freetumor_cli.core.io import load_volume
 from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import make_phantom
 
@@ -36,17 +31,3 @@ def test_phantom_is_reproducible_and_any_spacing() -> None:
     np.testing.assert_allclose(a.ct.spacing, [6.0, 6.0, 8.0])
     fine = make_phantom((100, 100, 12), (1.0, 1.0, 5.0), seed=2)  # a partial field of view
     assert fine.ct.shape == (100, 100, 12)
-
-
-def test_demo_command_writes_phantom_and_three_organs(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    for organ in ("liver", "pancreas", "kidney"):
-        folder = out / "synthetic" / organ
-        for suffix in (".nii.gz", "_label.nii.gz", ".json", "_preview.png"):
-            assert (folder / f"phantom_synthetic{suffix}").is_file(), (organ, suffix)
-        lab = load_volume(folder / "phantom_synthetic_label.nii.gz").array
-        assert (lab == ORGANS[organ].tumor_value).any()
-    again = CliRunner().invoke(app, ["demo", "--out", str(out)])
-    assert again.exit_code == 0, "the demo must re-run into its own folder"
