@@ -25,8 +25,7 @@ def demo(
 ) -> None:
     """Run the whole method on phantom CTs: prepare, baseline, generator, freesyn, synthesize, evaluate.
 
-    Ends with a comparison of the baseline (real tumors only) and freesyn (real + synthetic tumors) on a
-    held-out test set, and a report in OUT/report.md. Default preset: about 15 minutes on 2 CPU cores.
+    Compares the baseline (real tumors only) with training on real plus synthetic tumors on a held-out test set, and writes OUT/report.md. The default preset takes about 25 minutes on 2 CPU cores; --quick about 4.
 
     Example: freetumor demo --quick --out freetumor_demo
     """

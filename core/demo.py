@@ -10,7 +10,7 @@ three segmentors on the test set. It ends with a comparison (tumor Dice, lesion 
 for lesions of equivalent radius <= 10 mm) and a one-page Markdown report.
 
 Everything is small so that a laptop CPU finishes it in minutes: 3 mm voxels, a MONAI UNet on 32³
-crops, a few hundred steps (``quick``: fewer). It shows the pipeline working and the direction of the
+crops, 800 steps per segmentation run (``quick``: 100). It shows the pipeline working and the direction of the
 effect in a phantom world; it says nothing about accuracy on real CT.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import save_volume, write_text_atomic
 from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import make_phantom
@@ -189,6 +190,8 @@ def run_demo(
 
     config = config or DemoConfig.preset()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file", hint="choose a folder for the demo's outputs")
     for name in ("prepared", "runs", "synthetic", "eval"):
         shutil.rmtree(out / name, ignore_errors=True)
     result = DemoResult(out)

@@ -84,6 +84,15 @@ def test_comparison_table_formats_missing_values() -> None:
     assert "| baseline | n/a | n/a | n/a | n/a |" in table
 
 
+def test_demo_refuses_a_file_as_out(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(target)])
+    assert result.exit_code != 0
+    assert "is a file" in result.output and "Traceback" not in result.output
+    assert target.read_text() == "not a folder"
+
+
 @pytest.mark.slow
 def test_demo_quick_command_end_to_end(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
