@@ -97,7 +97,6 @@ class DemoResult:
     qc_acceptance: float | None = None
     generator_qc: float | None = None
     rules_qc: float | None = None
-    outputs: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -219,7 +218,6 @@ def run_demo(
     prepared = out / "prepared"
     step(f"prepare: pair, validate and split into data lists -> {prepared}")
     prepare(world["data"], prepared, PrepareConfig(folds=5, seed=config.seed))
-    result.outputs["prepared"] = prepared
     lap("prepare")
 
     runs = out / "runs"
