@@ -34,6 +34,14 @@ SetOption = Annotated[
         show_default=False,
     ),
 ]
+MaxStepsOption = Annotated[
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
+]
+MixedPrecisionOption = Annotated[
+    str | None, typer.Option("--mixed-precision", help="no | fp16 | bf16.", show_default="no")
+]
+WorkersOption = Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default="2")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")]
 SeedOption = Annotated[
     int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default="0")
 ]

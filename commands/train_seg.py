@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import ConfigOption, SeedOption, SetOption, console, progress_bar, report_errors
+from freetumor_cli.commands._common import (
+    ConfigOption,
+    MaxStepsOption,
+    MixedPrecisionOption,
+    ResumeOption,
+    SeedOption,
+    SetOption,
+    WorkersOption,
+    console,
+    progress_bar,
+    report_errors,
+)
 
 
 @report_errors
@@ -51,14 +62,10 @@ def train_seg(
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs (default 100 onlylabeled, 20 freesyn).", show_default=False)
     ] = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
-    ] = None,
-    mixed_precision: Annotated[
-        str | None, typer.Option("--mixed-precision", help="no | fp16 | bf16.", show_default="no")
-    ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default="2")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    max_steps: MaxStepsOption = None,
+    mixed_precision: MixedPrecisionOption = None,
+    workers: WorkersOption = None,
+    resume: ResumeOption = False,
     seed: SeedOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,

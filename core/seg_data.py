@@ -99,35 +99,42 @@ class OnlineSynthesisd:
     def set_random_state(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        import torch
+    def _draw(self, img: np.ndarray, lab: np.ndarray) -> tuple[int, Any] | None:
+        """One rule-based tumor in an organ of the crop, when it has an organ and no real tumor.
 
+        Returns (organ value, :class:`SynthesisResult`), or None when nothing was drawn (no organ, a real
+        tumor present, or the organ part in this crop too small for a tumor: the crop stays as it is).
+        """
         from freetumor_cli.core.errors import FreetumorError
         from freetumor_cli.core.tumor import synthesize_in_organ
 
-        image = data["image"]
-        label = data["label"]
-        lab = np.asarray(label[0]).astype(np.int64)
-        img = np.asarray(image[0], dtype=np.float32)
+        organs = TASK_ORGAN_VALUES[self.task]
+        present = [v for v in organs if (lab == v).sum() >= 8]
+        if not present or any((lab == v + 1).any() for v in organs):
+            return None
+        value = present[int(self.rng.integers(len(present)))]
+        try:
+            result = synthesize_in_organ(
+                img, lab == value, ORGANS[organs[value]], spacing=self.spacing,
+                affine=np.diag([*self.spacing, 1.0]), rng=self.rng, size=self.size, count=1, config=self.config,
+            )  # fmt: skip
+        except FreetumorError:
+            return None
+        return value, result
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        lab = np.asarray(data["label"][0]).astype(np.int64)
+        img = np.asarray(data["image"][0], dtype=np.float32)
         synth = np.zeros(lab.shape, dtype=bool)
         data["image_orig"] = torch.as_tensor(img[None]).clone()
-        organs = TASK_ORGAN_VALUES[self.task]
-        has_tumor = any((lab == v + 1).any() for v in organs)
-        present = [v for v in organs if (lab == v).sum() >= 8]
-        if present and not has_tumor:
-            value = present[int(self.rng.integers(len(present)))]
-            organ = ORGANS[organs[value]]
-            try:
-                result = synthesize_in_organ(
-                    img, lab == value, organ, spacing=self.spacing, affine=np.diag([*self.spacing, 1.0]),
-                    rng=self.rng, size=self.size, count=1, config=self.config,
-                )  # fmt: skip
-            except FreetumorError:
-                result = None  # the organ part in this crop is too small: keep the crop as it is
-            if result is not None:
-                img[result.bbox] = np.clip(result.image, 0.0, 1.0)
-                synth[result.bbox] = result.tumor_mask
-                lab[synth] = value + 1
+        drawn = self._draw(img, lab)
+        if drawn is not None:
+            value, result = drawn
+            img[result.bbox] = np.clip(result.image, 0.0, 1.0)
+            synth[result.bbox] = result.tumor_mask
+            lab[synth] = value + 1
         data["image"] = torch.as_tensor(img[None])
         data["label"] = torch.as_tensor(lab[None].astype(np.float32))
         data["synth_mask"] = torch.as_tensor(synth[None])
@@ -158,36 +165,23 @@ class TumorGeometryd(OnlineSynthesisd):
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from freetumor_cli.core.errors import FreetumorError
         from freetumor_cli.core.gan import ORGAN_CHANNEL
-        from freetumor_cli.core.tumor import synthesize_in_organ
 
         lab = np.asarray(data["label"][0]).astype(np.int64)
         img = np.asarray(data["image"][0], dtype=np.float32)
         synth = np.zeros(lab.shape, dtype=bool)
         profile = np.zeros(lab.shape, dtype=np.float32)
         channel = 0
-        organs = TASK_ORGAN_VALUES[self.task]
-        present = [v for v in organs if (lab == v).sum() >= 8]
-        has_tumor = any((lab == v + 1).any() for v in organs)
-        if present and not has_tumor:
-            value = present[int(self.rng.integers(len(present)))]
-            organ = ORGANS[organs[value]]
-            try:
-                result = synthesize_in_organ(
-                    img, lab == value, organ, spacing=self.spacing, affine=np.diag([*self.spacing, 1.0]),
-                    rng=self.rng, size=self.size, count=1, config=self.config,
-                )  # fmt: skip
-            except FreetumorError:
-                result = None
-            if result is not None:
-                box_profile = np.zeros(result.tumor_mask.shape, dtype=np.float32)
-                for box, delta in result.patches:
-                    box_profile[box] += np.abs(delta)
-                profile[result.bbox] = box_profile
-                synth[result.bbox] = result.tumor_mask
-                lab[synth] = value + 1
-                channel = ORGAN_CHANNEL[organ.name]
+        drawn = self._draw(img, lab)
+        if drawn is not None:
+            value, result = drawn
+            box_profile = np.zeros(result.tumor_mask.shape, dtype=np.float32)
+            for box, delta in result.patches:
+                box_profile[box] += np.abs(delta)
+            profile[result.bbox] = box_profile
+            synth[result.bbox] = result.tumor_mask
+            lab[synth] = value + 1
+            channel = ORGAN_CHANNEL[TASK_ORGAN_VALUES[self.task][value]]
         data["label"] = torch.as_tensor(lab[None].astype(np.float32))
         data["synth_mask"] = torch.as_tensor(synth[None])
         data["profile"] = torch.as_tensor(profile[None])
