@@ -18,9 +18,16 @@ def collate_crops(samples: list[Any]) -> dict[str, Any]:
 
 
 def seed_worker(_worker_id: int) -> None:
+    """Set up a data-loader worker: one compute thread for torch and one for numpy's and scipy's BLAS.
+
+    Workers run side by side. A forked worker's BLAS would otherwise start a thread per core, and a
+    few workers doing matrix products at once then run many times slower than one thread each.
+    """
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def has_tensorboard() -> bool:

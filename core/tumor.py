@@ -273,6 +273,15 @@ def draw_displacement_controls(sigma_mm: float, rng: np.random.Generator) -> np.
     return rng.normal(0.0, sigma_mm, size=(3, 3, 3, 3)).astype(np.float32)
 
 
+def _quadratic_weights(coords_mm: np.ndarray, half_extent_mm: float) -> np.ndarray:
+    """Quadratic Lagrange weights of the control points at -half, 0, +half, shape ``(n, 3)``.
+
+    Coordinates beyond the control points are clamped to them. The three weights sum to 1.
+    """
+    t = np.clip(np.asarray(coords_mm, dtype=np.float32) / np.float32(half_extent_mm), -1.0, 1.0)
+    return np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], axis=1)
+
+
 def displacement_field(
     axes_mm: Sequence[np.ndarray], half_extent_mm: float, controls_mm: np.ndarray
 ) -> list[np.ndarray]:
@@ -280,11 +289,7 @@ def displacement_field(
 
     Control values are interpolated quadratically between the control points at -half, 0 and +half.
     """
-    weights = []
-    for coords in axes_mm:
-        t = np.clip(np.asarray(coords, dtype=np.float32) / np.float32(half_extent_mm), -1.0, 1.0)
-        weights.append(np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], axis=1))
-    wx, wy, wz = weights
+    wx, wy, wz = (_quadratic_weights(a, half_extent_mm) for a in axes_mm)
     return [np.einsum("ia,jb,kc,abc->ijk", wx, wy, wz, controls_mm[c], optimize=True) for c in range(3)]
 
 
@@ -294,23 +299,36 @@ def deformed_ellipsoid(
     """A deformed ellipsoid on the grid whose coordinates (mm from the center) are ``axes_mm``.
 
     The ellipsoid is evaluated analytically at elastically displaced coordinates, so its edge is equally
-    smooth at any voxel size and the same draw gives the same physical shape on any grid.
+    smooth at any voxel size and the same draw gives the same physical shape on any grid: a voxel at
+    ``x`` is inside when ``sum_c ((x_c + u_c(x)) / r_c)^2 <= 1``, ``u`` the :func:`displacement_field`.
+
+    Each normalised component is one matrix product over the box: the displacement is separable, and
+    ``x_c / r_c`` is added to the small intermediate before the last contraction (over an axis other
+    than ``c``, whose weights sum to 1).
 
     Returns:
         Bool mask, shape ``(len(axes_mm[0]), len(axes_mm[1]), len(axes_mm[2]))``.
     """
-    ux, uy, uz = displacement_field(axes_mm, half_extent_mm, controls_mm)
-    x, y, z = (np.asarray(a, dtype=np.float32) for a in axes_mm)
-    rx, ry, rz = (np.float32(r) for r in radii_mm)
-    ux += x[:, None, None]
-    ux /= rx
-    value = np.square(ux, out=ux)
-    uy += y[None, :, None]
-    uy /= ry
-    value += np.square(uy, out=uy)
-    uz += z[None, None, :]
-    uz /= rz
-    value += np.square(uz, out=uz)
+    w0, w1, w2 = (_quadratic_weights(a, half_extent_mm) for a in axes_mm)
+    n0, n1, n2 = len(w0), len(w1), len(w2)
+    radii = np.asarray(radii_mm, dtype=np.float32)
+    coords = [np.asarray(a, dtype=np.float32) / r for a, r in zip(axes_mm, radii, strict=True)]
+    controls = np.asarray(controls_mm, dtype=np.float32) / radii[:, None, None, None]
+    value = np.empty((n0, n1, n2), dtype=np.float32)
+    part = np.empty_like(value)
+    for c in range(3):
+        out = value if c == 0 else part
+        if c < 2:  # contract axes 0 and 1, add x_c / r_c, then contract axis 2
+            inner = np.einsum("ia,jb,abc->ijc", w0, w1, controls[c], optimize=True)
+            inner += coords[0][:, None, None] if c == 0 else coords[1][None, :, None]
+            np.matmul(inner.reshape(n0 * n1, 3), w2.T, out=out.reshape(n0 * n1, n2))
+        else:  # contract axes 1 and 2, add z / r_2, then contract axis 0
+            inner = np.einsum("jb,kc,abc->ajk", w1, w2, controls[c], optimize=True)
+            inner += coords[2]
+            np.matmul(w0, inner.reshape(3, n1 * n2), out=out.reshape(n0, n1 * n2))
+        np.square(out, out=out)
+        if c:
+            value += part
     return value <= 1.0
 
 
@@ -327,30 +345,118 @@ def tumor_shape(
     return deformed_ellipsoid(axes_mm, radii_mm, controls, half_extent_mm)
 
 
-def gaussian_blur_mm(array: np.ndarray, sigma_mm: float, spacing: Floats) -> np.ndarray:
-    """Gaussian filter with a physical standard deviation, float32."""
-    sigma = [sigma_mm / float(s) for s in spacing]
-    # 2.5 σ holds 98.8 % of the kernel's weight.
-    return ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=sigma, mode="nearest", truncate=2.5)
+EDGE_TRUNCATE = 2.5  # the edge blur's kernel ends at 2.5 σ, which holds 98.8 % of its weight
+
+
+def gaussian_kernel(sigma: float, truncate: float = EDGE_TRUNCATE) -> np.ndarray:
+    """A normalised 1D Gaussian kernel of ``sigma`` voxels, cut at ``truncate`` σ (as scipy cuts it)."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * np.square(x / sigma)) if sigma > 0 else (x == 0).astype(np.float64)
+    return weights / weights.sum()
+
+
+def _band_matrix(kernel: np.ndarray, n_in: int, n_out: int, shift: int) -> np.ndarray:
+    """The matrix of a 1D correlation with ``kernel`` from ``n_in`` samples to ``n_out`` samples, zero
+    outside the input; output sample ``o`` lies at input position ``o - shift``. Float32."""
+    radius = len(kernel) // 2
+    offset = np.arange(n_in)[None, :] - (np.arange(n_out)[:, None] - shift) + radius
+    inside = (offset >= 0) & (offset < len(kernel))
+    return np.where(inside, kernel[np.clip(offset, 0, len(kernel) - 1)], 0.0).astype(np.float32)
+
+
+_BAND_ROWS = 32  # output rows per matrix product: the band's zeros cost (rows + 2 r) / rows
+
+
+def _correlate_along_rows(array: np.ndarray, matrix: np.ndarray, radius: int, shift: int, out: np.ndarray) -> None:
+    """``out[..., o, :] = sum_i matrix[o, i] array[..., i, :]`` along axis -2, one band of rows at a time.
+
+    ``array`` and ``out`` are 3D; each product reads only the input rows the band can reach.
+    """
+    n_in, n_out = array.shape[-2], out.shape[-2]
+    for first in range(0, n_out, _BAND_ROWS):
+        last = min(first + _BAND_ROWS, n_out)
+        lo = max(first - shift - radius, 0)
+        hi = min(last - shift + radius, n_in)
+        if lo >= hi:
+            out[..., first:last, :] = 0.0
+        else:
+            np.matmul(matrix[first:last, lo:hi], array[..., lo:hi, :], out=out[..., first:last, :])
+
+
+def blur_mask(
+    mask: np.ndarray, sigma_mm: float, spacing: Floats, *, gain: float = 1.0
+) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """Gaussian blur (physical σ) of a bool mask that is zero outside the array, times ``gain``.
+
+    Equal to ``scipy.ndimage.gaussian_filter(mask, σ / spacing, mode="constant", truncate=2.5)``
+    (to float32 rounding), but only the box where the result can be non-zero is computed: the mask's
+    bounding box grown by the kernel's radius (within the array). Each 1D pass is a matrix product
+    with the kernel's band matrix, from the extent where its input can be non-zero to the grown one:
+    BLAS runs these several times faster than a line-by-line filter runs across the memory layout.
+
+    Returns:
+        (the blurred values in that box, float32; the box, as slices of ``mask``).
+
+    Raises:
+        ValueError: the mask is empty.
+    """
+    tight = bounding_box(mask)
+    if tight is None:
+        raise ValueError("cannot blur an empty mask")
+    kernels = [gaussian_kernel(sigma_mm / float(s)) for s in spacing]
+    radii = [len(k) // 2 for k in kernels]
+    grown = tuple(
+        slice(max(t.start - r, 0), min(t.stop + r, n)) for t, r, n in zip(tight, radii, mask.shape, strict=True)
+    )
+    n_in = [t.stop - t.start for t in tight]
+    n_out = [g.stop - g.start for g in grown]
+    shift = [t.start - g.start for t, g in zip(tight, grown, strict=True)]
+    matrices = [_band_matrix(k, i, o, sh) for k, i, o, sh in zip(kernels, n_in, n_out, shift, strict=True)]
+    values = mask[tight].astype(np.float32)
+    # The last (contiguous) axis first, while the array is smallest: one product for all of it.
+    values = values @ (matrices[2] * np.float32(gain)).T
+    along0 = np.empty((n_out[0], n_in[1], n_out[2]), dtype=np.float32)
+    # Axis 0 is axis -2 of the array seen as (1, I, J K).
+    _correlate_along_rows(
+        values.reshape(1, n_in[0], -1), matrices[0], radii[0], shift[0], along0.reshape(1, n_out[0], -1)
+    )
+    out = np.empty(tuple(n_out), dtype=np.float32)
+    _correlate_along_rows(along0, matrices[1], radii[1], shift[1], out)
+    return out, (grown[0], grown[1], grown[2])
+
+
+def _interpolation_weights(n_in: int, n_out: int, step_out: float, step_in: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower source index and weight of the upper one, per output sample, for linear interpolation
+    between two grids centred on each other (``n_in >= 2``)."""
+    pos = (np.arange(n_out) - (n_out - 1) / 2) * (step_out / step_in) + (n_in - 1) / 2
+    pos = np.clip(pos, 0, n_in - 1)
+    low = np.minimum(np.floor(pos).astype(np.intp), n_in - 2)
+    return low, (pos - low).astype(np.float32)
 
 
 def _interpolate_axis(array: np.ndarray, axis: int, n_out: int, step_out: float, step_in: float) -> np.ndarray:
     """Linear interpolation along one axis between two grids centred on each other."""
-    n_in = array.shape[axis]
-    pos = (np.arange(n_out) - (n_out - 1) / 2) * (step_out / step_in) + (n_in - 1) / 2
-    pos = np.clip(pos, 0, n_in - 1)
-    low = np.minimum(np.floor(pos).astype(np.intp), max(n_in - 2, 0))
-    frac = (pos - low).astype(np.float32)
-    high = np.minimum(low + 1, n_in - 1)
+    low, frac = _interpolation_weights(array.shape[axis], n_out, step_out, step_in)
     shape = [1, 1, 1]
     shape[axis] = n_out
-    frac = frac.reshape(shape)
     a = np.take(array, low, axis=axis)
-    b = np.take(array, high, axis=axis)
+    b = np.take(array, low + 1, axis=axis)
     b -= a
-    b *= frac
+    b *= frac.reshape(shape)
     a += b
     return a
+
+
+def _multiply_interpolated_rows(target: np.ndarray, coarse: np.ndarray, step_out: float, step_in: float) -> None:
+    """``target *= coarse`` linearly interpolated along axis 0, one row at a time (no full-size temporary)."""
+    low, frac = _interpolation_weights(coarse.shape[0], target.shape[0], step_out, step_in)
+    diff = coarse[1:] - coarse[:-1]
+    row = np.empty(coarse.shape[1:], dtype=np.float32)
+    for i, (j, f) in enumerate(zip(low, frac, strict=True)):
+        np.multiply(diff[j], f, out=row)
+        row += coarse[j]
+        target[i] *= row
 
 
 def tumor_texture(
@@ -358,6 +464,8 @@ def tumor_texture(
     spacing: Floats,
     rng: np.random.Generator,
     config: SynthesisConfig,
+    *,
+    multiply: np.ndarray | None = None,
 ) -> np.ndarray:
     """The tumor texture for a box of ``shape`` voxels of ``spacing`` mm, values in [0, 1], float32.
 
@@ -370,6 +478,10 @@ def tumor_texture(
       cell averages is blurring the samples);
     - the noise is normalised by its expected spread instead of the box's min and max, so a small box
       has the statistics of the reference's large volume.
+
+    The grid is then resampled linearly to the box's voxels. With ``multiply`` (a float32 array of
+    ``shape``), that array is multiplied in place by the texture and returned, and the texture itself
+    is never held at full size.
     """
     step_mm = np.asarray(spacing, dtype=np.float64)
     extent = np.asarray(shape) * step_mm
@@ -394,9 +506,14 @@ def tumor_texture(
     if above.any():
         texture *= np.float32(target_mean / texture[above].mean())
     np.clip(texture, 0.0, 1.0, out=texture)
-    for axis in range(3):
+    for axis in (2, 1):
         texture = _interpolate_axis(texture, axis, int(shape[axis]), float(step_mm[axis]), step)
-    return texture
+    if multiply is None:
+        return _interpolate_axis(texture, 0, int(shape[0]), float(step_mm[0]), step)
+    if multiply.shape != tuple(shape):
+        raise ValueError(f"multiply has shape {multiply.shape}, not {tuple(shape)}")
+    _multiply_interpolated_rows(multiply, texture, float(step_mm[0]), step)
+    return multiply
 
 
 def _grid_axes(
@@ -452,6 +569,38 @@ def _coarse_fit(draw: TumorDraw, geometry: OrganGeometry) -> tuple[float, np.nda
     return int(inside.sum()) / total, fine_lo, fine_hi
 
 
+def _tumor_voxels(
+    draw: TumorDraw, geometry: OrganGeometry, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The tumor's voxels inside the organ, on their bounding box, and that box's first corner.
+
+    The draw is evaluated on the box ``lo..hi`` of the organ's box (the coarse fit's). Wherever the
+    tumor touches a face of it that is not a face of the organ's box or of the tumor's strict reach,
+    that face moves out by a coarse cell and the box is evaluated again, so the tumor is never cut by
+    the box. Returns None when no voxel of the tumor lies in the organ.
+    """
+    reach = np.ceil(draw.reach_mm() / geometry.spacing).astype(int)
+    limit_lo = np.maximum(draw.center - reach, 0)
+    limit_hi = np.minimum(draw.center + reach + 1, geometry.mask.shape)
+    lo, hi = np.maximum(lo, limit_lo), np.minimum(hi, limit_hi)
+    while True:
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        axes = _grid_axes(lo, hi, draw.center, geometry.spacing)
+        shape = deformed_ellipsoid(axes, draw.radii_mm, draw.controls_mm, draw.half_extent_mm)
+        shape &= geometry.mask[box]
+        tight = bounding_box(shape)
+        if tight is None:
+            return None
+        start = np.array([t.start for t in tight])
+        stop = np.array([t.stop for t in tight])
+        grow_lo = (start == 0) & (lo > limit_lo)
+        grow_hi = (stop == hi - lo) & (hi < limit_hi)
+        if not (grow_lo.any() or grow_hi.any()):
+            return shape[tight], lo + start
+        lo = np.where(grow_lo, np.maximum(lo - geometry.coarse_step, limit_lo), lo)
+        hi = np.where(grow_hi, np.minimum(hi + geometry.coarse_step, limit_hi), hi)
+
+
 def insert_tumor(
     patches: list[tuple[tuple[slice, ...], np.ndarray]],
     tumor_mask: np.ndarray,
@@ -496,31 +645,30 @@ def insert_tumor(
             break
     assert best is not None
     kept, draw, lo, hi = best
-    margin = np.ceil(3.0 * draw.edge_sigma_mm / spacing).astype(int)
-    lo = np.maximum(lo - margin, 0)
-    hi = np.minimum(hi + margin, geometry.mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    shape = deformed_ellipsoid(
-        _grid_axes(lo, hi, draw.center, spacing), draw.radii_mm, draw.controls_mm, draw.half_extent_mm
-    )
-    organ_box = geometry.mask[box]
-    shape &= organ_box
-    if not shape.any():
+    found = _tumor_voxels(draw, geometry, lo, hi)
+    if found is None:
         raise OrganTooSmallError(
             f"could not place a {size_class} tumor inside the {organ.name} after {config.max_placement_attempts} attempts",
             hint="use a smaller --size or --radius-mm",
         )
+    # Grow the tumor's box by the edge blur's reach (within the organ's box): the image changes there.
+    tight, corner = found
+    radius = np.array([len(gaussian_kernel(draw.edge_sigma_mm / s)) // 2 for s in spacing])
+    lo = np.maximum(corner - radius, 0)
+    hi = np.minimum(corner + tight.shape + radius, geometry.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    shape = np.zeros(hi - lo, dtype=bool)
+    shape[tuple(slice(int(a), int(a) + n) for a, n in zip(corner - lo, tight.shape, strict=True))] = tight
+    organ_box = geometry.mask[box]
     low, high = config.lung_hu_change if organ.region == "chest" else config.abdomen_hu_change
     change_hu = float(rng.uniform(low, high))
-    texture = tumor_texture(shape.shape, spacing, rng, config)
-    delta = gaussian_blur_mm(shape, draw.edge_sigma_mm, spacing)
-    delta *= texture
+    delta, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, gain=organ.tumor_sign * change_hu)
+    tumor_texture(delta.shape, spacing, rng, config, multiply=delta)
     delta *= organ_box  # the image changes inside the organ only
-    delta *= np.float32(organ.tumor_sign * change_hu)
     patches.append((box, delta))
-    mean_change = float(delta[shape].mean())
+    voxels = int(np.count_nonzero(shape))
+    mean_change = float(np.sum(delta, where=shape, dtype=np.float64)) / voxels
     tumor_mask[box] |= shape
-    voxels = int(shape.sum())
     return TumorRecord(
         organ=organ.name,
         size_class=size_class,

@@ -243,3 +243,23 @@ def test_evaluate_checkpoint_scores_a_data_list(baseline: Path, prepared: Path, 
     n_cases = sum(len(json.loads(datalist.read_text())[k]) for k in ("training", "validation"))
     assert summary["cases"] == n_cases
     assert len(list((tmp_path / "ev" / "predictions").glob("*.nii.gz"))) == n_cases
+
+
+class BlasThreadsProbe(torch.utils.data.Dataset):
+    """Reports, from inside a data-loader worker, how many threads its BLAS libraries may use."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        from threadpoolctl import threadpool_info
+
+        return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+def test_loader_workers_use_one_blas_thread() -> None:
+    """Synthesis does matrix products in the workers: a BLAS thread per core in each would oversubscribe."""
+    from freetumor_cli.core.training import seed_worker
+
+    loader = torch.utils.data.DataLoader(BlasThreadsProbe(), batch_size=None, num_workers=1, worker_init_fn=seed_worker)
+    assert list(loader) == [1, 1]

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from freetumor_cli.core.errors import LabelError, OrganTooSmallError
 from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import Phantom
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.tumor import (
+    TumorDraw,
+    _tumor_voxels,
+    blur_mask,
     body_axis,
+    deformed_ellipsoid,
+    displacement_field,
+    draw_displacement_controls,
     plan_size_classes,
     prepare_organ,
     sample_tumor_center,
@@ -64,6 +71,77 @@ def test_elastic_deformation_changes_the_shape_but_keeps_its_size() -> None:
     warped = tumor_shape(axes, (12, 12, 12), half_extent_mm=30, elastic_sigma_mm=4.0, rng=np.random.default_rng(0))
     assert (plain != warped).sum() > 100
     assert 0.5 < warped.sum() / plain.sum() < 2.0
+
+
+def test_deformed_ellipsoid_matches_its_formula() -> None:
+    """The matrix-product evaluation equals sum_c ((x_c + u_c) / r_c)^2 <= 1 with the displacement field."""
+    axes = [np.arange(-20, 17) * 0.8, np.arange(-15, 19) * 1.1, np.arange(-9, 8) * 2.5]
+    radii = (11.0, 9.0, 13.0)
+    controls = draw_displacement_controls(3.0, np.random.default_rng(4))
+    u = displacement_field(axes, 18.0, controls)
+    grid = np.meshgrid(*axes, indexing="ij")
+    value = sum(((g + d) / r) ** 2 for g, d, r in zip(grid, u, radii, strict=True))
+    mask = deformed_ellipsoid(axes, radii, controls, 18.0)
+    assert mask.shape == value.shape and mask.any()
+    # Float32 rounding may only flip voxels sitting on the surface.
+    assert np.array_equal(mask, value <= 1.0) or np.all(np.abs(value[mask != (value <= 1.0)] - 1) < 1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blur_mask_equals_the_gaussian_filter(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(3, 45, size=3))
+    mask = np.zeros(shape, dtype=bool)
+    lo = rng.integers(0, np.array(shape) - 1)
+    hi = lo + rng.integers(1, np.array(shape) - lo + 1)
+    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = rng.random(tuple(hi - lo)) < 0.6
+    mask[tuple(lo)] = True
+    spacing = rng.uniform(0.5, 3.0, size=3)
+    sigma = float(rng.uniform(0.5, 4.0))
+    blurred, box = blur_mask(mask, sigma, spacing, gain=-80.0)
+    reference = ndimage.gaussian_filter(mask.astype(np.float64), sigma / spacing, mode="constant", truncate=2.5)
+    full = np.zeros(shape)
+    full[box] = blurred
+    assert blurred.dtype == np.float32
+    np.testing.assert_allclose(full, -80.0 * reference, atol=1e-4)
+    # The box is the mask's bounding box grown by the kernel's radius, within the array.
+    radius = (2.5 * sigma / spacing + 0.5).astype(int)
+    nonzero = np.argwhere(mask)
+    assert [b.start for b in box] == list(np.maximum(nonzero.min(axis=0) - radius, 0))
+    assert [b.stop for b in box] == list(np.minimum(nonzero.max(axis=0) + 1 + radius, shape))
+    with pytest.raises(ValueError, match="empty"):
+        blur_mask(np.zeros((4, 4, 4), dtype=bool), 1.0, (1.0, 1.0, 1.0))
+
+
+def test_tumor_is_never_cut_by_its_first_box() -> None:
+    """A box that is too small grows until the tumor touches none of its inner faces."""
+    organ = ball((70, 70, 70), (1.0, 1.0, 1.0), 34.0)
+    geometry = prepare_organ(organ, LIVER, spacing=(1.0, 1.0, 1.0), affine=np.eye(4), config=CONFIG)
+    controls = draw_displacement_controls(2.0, np.random.default_rng(3))
+    draw = TumorDraw(np.array([30, 36, 40]), np.array([12.0, 9.0, 15.0]), controls, 21.0, 2.0, 2.0, 10.0)
+    found = _tumor_voxels(draw, geometry, np.array([28, 34, 38]), np.array([33, 39, 43]))
+    assert found is not None
+    tight, corner = found
+    reach = np.ceil(draw.reach_mm()).astype(int)
+    lo = np.maximum(draw.center - reach, 0)
+    hi = np.minimum(draw.center + reach + 1, geometry.mask.shape)
+    axes = [np.arange(a, b) - c for a, b, c in zip(lo, hi, draw.center, strict=True)]
+    whole = deformed_ellipsoid(axes, draw.radii_mm, controls, 21.0) & geometry.mask[tuple(map(slice, lo, hi))]
+    expected = np.argwhere(whole) + lo
+    assert list(corner) == list(expected.min(axis=0))
+    assert tight.shape == tuple(expected.max(axis=0) - expected.min(axis=0) + 1)
+    assert tight.sum() == whole.sum()
+
+
+def test_texture_can_multiply_in_place() -> None:
+    target = np.random.default_rng(0).random((31, 17, 12), dtype=np.float32)
+    texture = tumor_texture(target.shape, (0.8, 1.2, 3.0), np.random.default_rng(7), CONFIG)
+    product = target.copy()
+    returned = tumor_texture(target.shape, (0.8, 1.2, 3.0), np.random.default_rng(7), CONFIG, multiply=product)
+    assert returned is product
+    np.testing.assert_allclose(product, target * texture, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        tumor_texture((5, 5, 5), (1.0, 1.0, 1.0), np.random.default_rng(7), CONFIG, multiply=target)
 
 
 def test_prepare_organ_depth_and_empty_mask() -> None:
