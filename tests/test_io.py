@@ -125,3 +125,39 @@ def test_gz_output_is_multi_member_deterministic_and_standard(tmp_path: Path) ->
     np.testing.assert_array_equal(
         np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj), np.asanyarray(nib.load(plain).dataobj)
     )
+
+
+def test_gzipped_reader_handles_members_truncation_nifti2_and_byte_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from freetumor_cli.core import io as io_module
+    from freetumor_cli.core.io import gunzip_file
+
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+    affine = oblique_affine()
+    # Multi-member gzip (our own writer's output), read back by our reader.
+    multi = save_volume(array, Volume(array, affine), tmp_path / "multi.nii.gz")
+    loaded = load_volume(multi)
+    np.testing.assert_array_equal(loaded.array, array)
+    np.testing.assert_allclose(loaded.affine, affine, atol=1e-5)
+    two = tmp_path / "two.gz"
+    two.write_bytes(gzip.compress(b"abc") + b"\x00" * 3 + gzip.compress(b"def" * 50))
+    assert gunzip_file(two) == b"abc" + b"def" * 50
+    monkeypatch.setattr(io_module, "_GUNZIP_CHUNK", 7)  # members spanning many codec calls
+    assert gunzip_file(two) == b"abc" + b"def" * 50
+    np.testing.assert_array_equal(load_volume(multi).array, array)
+    # NIfTI-2 and a big-endian NIfTI-1, gzipped by nibabel.
+    nib.save(nib.Nifti2Image(array, affine), tmp_path / "n2.nii.gz")
+    np.testing.assert_array_equal(load_volume(tmp_path / "n2.nii.gz").array, array)
+    big = nib.Nifti1Image(array, affine, header=nib.Nifti1Header(endianness=">"))
+    nib.save(big, tmp_path / "big.nii.gz")
+    assert gunzip_file(tmp_path / "big.nii.gz")[:4] == (348).to_bytes(4, "big")
+    np.testing.assert_array_equal(load_volume(tmp_path / "big.nii.gz").array, array)
+    # A truncated file and a file that is not gzip at all: one-line input errors.
+    data = (tmp_path / "n2.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cannot read .*truncated"):
+        load_volume(tmp_path / "cut.nii.gz")
+    (tmp_path / "plain.nii.gz").write_bytes(b"\x00" * 400)
+    with pytest.raises(InputError, match="cannot read"):
+        load_volume(tmp_path / "plain.nii.gz")
