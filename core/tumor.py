@@ -60,6 +60,8 @@ class OrganGeometry:
         coarse_step: the stride of ``depth_mm`` along each axis, in voxels.
         coarse_mask: ``mask`` sampled every ``coarse_step`` voxels.
         slab: bool mask over ``depth_mm``: cells in the organ's middle slab along the body axis.
+        at_volume_edge: per axis, whether ``bbox`` reaches the volume's first and last slice: there the
+            organ may go on beyond the field of view.
     """
 
     organ: OrganSpec
@@ -71,6 +73,7 @@ class OrganGeometry:
     coarse_mask: np.ndarray
     slab: np.ndarray
     voxel_volume_ml: float
+    at_volume_edge: tuple[tuple[bool, bool], ...] = ((False, False),) * 3
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -145,7 +148,8 @@ def prepare_organ(
     index[axis] = slice(start, stop)
     slab[tuple(index)] = coarse[tuple(index)]
     voxel_ml = float(np.prod(spacing_arr)) / 1000.0
-    return OrganGeometry(organ, mask, bbox, spacing_arr, depth, step, coarse, slab, voxel_ml)
+    edges = tuple((b.start == 0, b.stop == n) for b, n in zip(bbox, organ_mask.shape, strict=True))
+    return OrganGeometry(organ, mask, bbox, spacing_arr, depth, step, coarse, slab, voxel_ml, edges)
 
 
 def plan_size_classes(
@@ -356,13 +360,26 @@ def gaussian_kernel(sigma: float, truncate: float = EDGE_TRUNCATE) -> np.ndarray
     return weights / weights.sum()
 
 
-def _band_matrix(kernel: np.ndarray, n_in: int, n_out: int, shift: int) -> np.ndarray:
-    """The matrix of a 1D correlation with ``kernel`` from ``n_in`` samples to ``n_out`` samples, zero
-    outside the input; output sample ``o`` lies at input position ``o - shift``. Float32."""
+def _band_matrix(
+    kernel: np.ndarray, n_in: int, n_out: int, shift: int, repeat: tuple[bool, bool] = (False, False)
+) -> np.ndarray:
+    """The matrix of a 1D correlation with ``kernel`` from ``n_in`` samples to ``n_out`` samples, float32.
+
+    Output sample ``o`` lies at input position ``o - shift``. Beyond the input the signal is zero, or,
+    where ``repeat`` says so for the low or high end, equal to the first or last input sample.
+    """
     radius = len(kernel) // 2
-    offset = np.arange(n_in)[None, :] - (np.arange(n_out)[:, None] - shift) + radius
-    inside = (offset >= 0) & (offset < len(kernel))
-    return np.where(inside, kernel[np.clip(offset, 0, len(kernel) - 1)], 0.0).astype(np.float32)
+    rows = np.arange(n_out)
+    matrix = np.zeros((n_out, n_in), dtype=np.float64)
+    for tap, weight in enumerate(kernel):
+        position = rows - shift + tap - radius
+        if repeat[0]:
+            position = np.maximum(position, 0)
+        if repeat[1]:
+            position = np.minimum(position, n_in - 1)
+        inside = (position >= 0) & (position < n_in)
+        matrix[rows[inside], position[inside]] += weight  # one column per row and tap: no repeats
+    return matrix.astype(np.float32)
 
 
 _BAND_ROWS = 32  # output rows per matrix product: the band's zeros cost (rows + 2 r) / rows
@@ -385,7 +402,12 @@ def _correlate_along_rows(array: np.ndarray, matrix: np.ndarray, radius: int, sh
 
 
 def blur_mask(
-    mask: np.ndarray, sigma_mm: float, spacing: Floats, *, gain: float = 1.0
+    mask: np.ndarray,
+    sigma_mm: float,
+    spacing: Floats,
+    *,
+    gain: float = 1.0,
+    open_faces: Sequence[tuple[bool, bool]] = ((False, False),) * 3,
 ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
     """Gaussian blur (physical σ) of a bool mask that is zero outside the array, times ``gain``.
 
@@ -394,6 +416,10 @@ def blur_mask(
     bounding box grown by the kernel's radius (within the array). Each 1D pass is a matrix product
     with the kernel's band matrix, from the extent where its input can be non-zero to the grown one:
     BLAS runs these several times faster than a line-by-line filter runs across the memory layout.
+
+    ``open_faces`` names, per axis, the low and high faces of the array beyond which the mask goes
+    on unseen (the field of view's edge): there the mask's last slice is repeated (scipy's
+    ``mode="nearest"``) instead of zeros.
 
     Returns:
         (the blurred values in that box, float32; the box, as slices of ``mask``).
@@ -412,7 +438,13 @@ def blur_mask(
     n_in = [t.stop - t.start for t in tight]
     n_out = [g.stop - g.start for g in grown]
     shift = [t.start - g.start for t, g in zip(tight, grown, strict=True)]
-    matrices = [_band_matrix(k, i, o, sh) for k, i, o, sh in zip(kernels, n_in, n_out, shift, strict=True)]
+    repeat = [
+        (low and t.start == 0, high and t.stop == n)
+        for (low, high), t, n in zip(open_faces, tight, mask.shape, strict=True)
+    ]
+    matrices = [
+        _band_matrix(k, i, o, sh, r) for k, i, o, sh, r in zip(kernels, n_in, n_out, shift, repeat, strict=True)
+    ]
     values = mask[tight].astype(np.float32)
     # The last (contiguous) axis first, while the array is smallest: one product for all of it.
     values = values @ (matrices[2] * np.float32(gain)).T
@@ -662,7 +694,12 @@ def insert_tumor(
     organ_box = geometry.mask[box]
     low, high = config.lung_hu_change if organ.region == "chest" else config.abdomen_hu_change
     change_hu = float(rng.uniform(low, high))
-    delta, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, gain=organ.tumor_sign * change_hu)
+    # The organ (and so the tumor) may go on beyond the field of view: there the edge is not blurred.
+    open_faces = [
+        (bool(a == 0 and low), bool(b == n and high))
+        for a, b, n, (low, high) in zip(lo, hi, geometry.mask.shape, geometry.at_volume_edge, strict=True)
+    ]
+    delta, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, gain=organ.tumor_sign * change_hu, open_faces=open_faces)
     tumor_texture(delta.shape, spacing, rng, config, multiply=delta)
     delta *= organ_box  # the image changes inside the organ only
     patches.append((box, delta))

@@ -301,3 +301,24 @@ def test_same_physical_size_at_any_spacing() -> None:
 
     iso, aniso = mean_volume((1.5, 1.5, 1.5)), mean_volume((0.7, 0.7, 5.0))
     assert abs(iso - aniso) / iso < 0.15, (iso, aniso)
+
+
+@pytest.mark.parametrize("axis", range(3))
+def test_blur_mask_repeats_the_mask_beyond_open_faces(axis: int) -> None:
+    """At the field of view's edge the organ goes on unseen: the blur repeats the edge (scipy "nearest")."""
+    rng = np.random.default_rng(axis)
+    mask = rng.random((20, 18, 16)) < 0.5
+    mask[tuple(slice(None) if a != axis else slice(0, 1) for a in range(3))] = True  # touches both faces
+    mask[tuple(slice(None) if a != axis else slice(-1, None) for a in range(3))] = True
+    spacing = (0.8, 1.2, 2.0)
+    open_faces = [(False, False)] * 3
+    open_faces[axis] = (True, True)
+    blurred, box = blur_mask(mask, 2.0, spacing, open_faces=open_faces)
+    modes = ["constant"] * 3
+    modes[axis] = "nearest"
+    reference = ndimage.gaussian_filter(mask.astype(np.float64), [2.0 / s for s in spacing], mode=modes, truncate=2.5)
+    full = np.zeros(mask.shape)
+    full[box] = blurred
+    np.testing.assert_allclose(full, reference, atol=1e-5)
+    closed, _ = blur_mask(mask, 2.0, spacing)
+    assert not np.allclose(closed, blurred, atol=1e-3), "open faces must change the edge"
