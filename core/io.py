@@ -190,7 +190,7 @@ def gunzip_file(path: Path) -> bytes:
     every small block it decompresses, many times more often).
 
     Raises:
-        OSError: the data is truncated; the codec's own error when it is not gzip data.
+        OSError: not gzip data, or truncated (or the codec's own error for corrupt data).
     """
     data = memoryview(path.read_bytes())
     parts: list[bytes] = []
@@ -208,6 +208,9 @@ def gunzip_file(path: Path) -> bytes:
             chunk = bytes(chunk).lstrip(b"\x00")
             if not chunk:
                 continue
+            start = position - len(chunk)  # the chunk, carried or new, ends at `position`
+            if data[start : start + 2] != b"\x1f\x8b":
+                raise OSError("not gzip data")
             member = gzip_decompressobj(wbits=31)
         parts.append(member.decompress(chunk))
         if member.eof:
@@ -225,7 +228,7 @@ def _load_gzipped_nifti(path: Path) -> Any:
         size = int.from_bytes(raw[:4], "big")
     kind = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(size)
     if kind is None:
-        raise OSError("no NIfTI header")
+        raise OSError("no NIfTI header" if raw else "the file is empty")
     holder = nib.FileHolder(filename=str(path), fileobj=io.BytesIO(raw))
     return kind.from_file_map({"header": holder, "image": holder})
 

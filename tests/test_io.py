@@ -158,6 +158,12 @@ def test_gzipped_reader_handles_members_truncation_nifti2_and_byte_order(
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=r"cannot read .*truncated"):
         load_volume(tmp_path / "cut.nii.gz")
-    (tmp_path / "plain.nii.gz").write_bytes(b"\x00" * 400)
-    with pytest.raises(InputError, match="cannot read"):
+    (tmp_path / "plain.nii.gz").write_bytes(b"hello" * 80)
+    with pytest.raises(InputError, match="not gzip data"):
         load_volume(tmp_path / "plain.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_volume(tmp_path / "empty.nii.gz")
+    (tmp_path / "tail.gz").write_bytes(gzip.compress(b"abc") + b"xy")
+    with pytest.raises(OSError, match="not gzip data"):
+        gunzip_file(tmp_path / "tail.gz")
