@@ -286,17 +286,6 @@ def _quadratic_weights(coords_mm: np.ndarray, half_extent_mm: float) -> np.ndarr
     return np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], axis=1)
 
 
-def displacement_field(
-    axes_mm: Sequence[np.ndarray], half_extent_mm: float, controls_mm: np.ndarray
-) -> list[np.ndarray]:
-    """The smooth displacement field (mm) at the grid ``axes_mm`` (mm from the center), one array per component.
-
-    Control values are interpolated quadratically between the control points at -half, 0 and +half.
-    """
-    wx, wy, wz = (_quadratic_weights(a, half_extent_mm) for a in axes_mm)
-    return [np.einsum("ia,jb,kc,abc->ijk", wx, wy, wz, controls_mm[c], optimize=True) for c in range(3)]
-
-
 def deformed_ellipsoid(
     axes_mm: Sequence[np.ndarray], radii_mm: Floats, controls_mm: np.ndarray, half_extent_mm: float
 ) -> np.ndarray:
@@ -304,7 +293,8 @@ def deformed_ellipsoid(
 
     The ellipsoid is evaluated analytically at elastically displaced coordinates, so its edge is equally
     smooth at any voxel size and the same draw gives the same physical shape on any grid: a voxel at
-    ``x`` is inside when ``sum_c ((x_c + u_c(x)) / r_c)^2 <= 1``, ``u`` the :func:`displacement_field`.
+    ``x`` is inside when ``sum_c ((x_c + u_c(x)) / r_c)^2 <= 1``, where the displacement ``u_c`` is
+    ``controls_mm[c]`` interpolated quadratically between control points at -half, 0 and +half.
 
     Each normalised component is one matrix product over the box: the displacement is separable, and
     ``x_c / r_c`` is added to the small intermediate before the last contraction (over an axis other
@@ -352,9 +342,14 @@ def tumor_shape(
 EDGE_TRUNCATE = 2.5  # the edge blur's kernel ends at 2.5 σ, which holds 98.8 % of its weight
 
 
+def kernel_radius(sigma: float, truncate: float = EDGE_TRUNCATE) -> int:
+    """Half-width in samples of a Gaussian of ``sigma`` samples cut at ``truncate`` σ (as scipy cuts it)."""
+    return int(truncate * sigma + 0.5)
+
+
 def gaussian_kernel(sigma: float, truncate: float = EDGE_TRUNCATE) -> np.ndarray:
-    """A normalised 1D Gaussian kernel of ``sigma`` voxels, cut at ``truncate`` σ (as scipy cuts it)."""
-    radius = int(truncate * sigma + 0.5)
+    """A normalised 1D Gaussian kernel of ``sigma`` samples, cut at ``truncate`` σ."""
+    radius = kernel_radius(sigma, truncate)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     weights = np.exp(-0.5 * np.square(x / sigma)) if sigma > 0 else (x == 0).astype(np.float64)
     return weights / weights.sum()
@@ -388,17 +383,15 @@ _BAND_ROWS = 32  # output rows per matrix product: the band's zeros cost (rows +
 def _correlate_along_rows(array: np.ndarray, matrix: np.ndarray, radius: int, shift: int, out: np.ndarray) -> None:
     """``out[..., o, :] = sum_i matrix[o, i] array[..., i, :]`` along axis -2, one band of rows at a time.
 
-    ``array`` and ``out`` are 3D; each product reads only the input rows the band can reach.
+    ``array`` and ``out`` are 3D, and every output row lies within ``radius`` of the input rows (at
+    ``o - shift``); each product reads only the input rows its band can reach.
     """
     n_in, n_out = array.shape[-2], out.shape[-2]
     for first in range(0, n_out, _BAND_ROWS):
         last = min(first + _BAND_ROWS, n_out)
         lo = max(first - shift - radius, 0)
         hi = min(last - shift + radius, n_in)
-        if lo >= hi:
-            out[..., first:last, :] = 0.0
-        else:
-            np.matmul(matrix[first:last, lo:hi], array[..., lo:hi, :], out=out[..., first:last, :])
+        np.matmul(matrix[first:last, lo:hi], array[..., lo:hi, :], out=out[..., first:last, :])
 
 
 def blur_mask(
@@ -685,7 +678,7 @@ def insert_tumor(
         )
     # Grow the tumor's box by the edge blur's reach (within the organ's box): the image changes there.
     tight, corner = found
-    radius = np.array([len(gaussian_kernel(draw.edge_sigma_mm / s)) // 2 for s in spacing])
+    radius = np.array([kernel_radius(draw.edge_sigma_mm / s) for s in spacing])
     lo = np.maximum(corner - radius, 0)
     hi = np.minimum(corner + tight.shape + radius, geometry.mask.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))

@@ -16,7 +16,6 @@ from freetumor_cli.core.tumor import (
     blur_mask,
     body_axis,
     deformed_ellipsoid,
-    displacement_field,
     draw_displacement_controls,
     plan_size_classes,
     prepare_organ,
@@ -78,8 +77,19 @@ def test_deformed_ellipsoid_matches_its_formula() -> None:
     axes = [np.arange(-20, 17) * 0.8, np.arange(-15, 19) * 1.1, np.arange(-9, 8) * 2.5]
     radii = (11.0, 9.0, 13.0)
     controls = draw_displacement_controls(3.0, np.random.default_rng(4))
-    u = displacement_field(axes, 18.0, controls)
     grid = np.meshgrid(*axes, indexing="ij")
+    # Quadratic Lagrange basis through the control points at -18, 0, +18 mm, clamped beyond them.
+    t = [np.clip(g / 18.0, -1, 1) for g in grid]
+    basis = [[s * (s - 1) / 2, 1 - s * s, s * (s + 1) / 2] for s in t]
+    u = [
+        sum(
+            basis[0][a] * basis[1][b] * basis[2][c] * controls[k, a, b, c]
+            for a in range(3)
+            for b in range(3)
+            for c in range(3)
+        )
+        for k in range(3)
+    ]
     value = sum(((g + d) / r) ** 2 for g, d, r in zip(grid, u, radii, strict=True))
     mask = deformed_ellipsoid(axes, radii, controls, 18.0)
     assert mask.shape == value.shape and mask.any()
