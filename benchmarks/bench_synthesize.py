@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from freetumor_cli.core.io import Volume, load_volume, save_volume  # noqa: E402
-from freetumor_cli.core.labels import ORGANS  # noqa: E402
 from freetumor_cli.core.phantom import make_phantom  # noqa: E402
+from freetumor_cli.core.registry import ORGANS  # noqa: E402
 from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig  # noqa: E402
 from freetumor_cli.core.tumor import prepare_organ, synthesize_in_organ  # noqa: E402
 

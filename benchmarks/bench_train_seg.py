@@ -25,6 +25,7 @@ import torch
 from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.seg_data import OnlineSynthesisd, Pipeline, SeededDataset, train_transforms
 
 
@@ -38,7 +39,7 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def bench_model(name: str, roi: tuple[int, int, int], entries: list[dict[str, str]], repeats: int) -> None:
-    pipe = Pipeline(task="liver", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0), roi=roi)
+    pipe = Pipeline(task="liver", preprocessing=Preprocessing.for_region("abdomen"), roi=roi)
     dataset = SeededDataset(entries, train_transforms(pipe), seed=0)
     load = median_time(lambda: dataset[0], repeats)
     crops = dataset[1]

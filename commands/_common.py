@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +18,12 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def one_of(names: Iterable[str]) -> Any:
+    """An option type that accepts one of ``names`` (Typer lists them as the choices)."""
+    return Literal[tuple(names)]  # type: ignore[valid-type]
+
 
 ConfigOption = Annotated[
     Path | None,

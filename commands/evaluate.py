@@ -12,11 +12,13 @@ from freetumor_cli.commands._common import (
     SetOption,
     console,
     note,
+    one_of,
     progress_bar,
     report_errors,
     warn,
 )
 from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.registry import EVAL_SCHEMES
 
 
 @report_errors
@@ -59,10 +61,12 @@ def evaluate(
         ),
     ] = None,
     label_scheme: Annotated[
-        str | None,
+        one_of(EVAL_SCHEMES) | None,
         typer.Option(
             "--label-scheme",
-            help="abdomen (7 classes) | chest (lung, lesion) | task (organ, tumor).",
+            help="The label space of both folders: "
+            + "; ".join(f"{n} ({', '.join(v for k, v in s.items() if k)})" for n, s in EVAL_SCHEMES.items())
+            + ".",
             show_default="abdomen",
         ),
     ] = None,
@@ -169,7 +173,8 @@ def _predict_first(
     from dataclasses import replace
 
     from freetumor_cli.core.io import write_text_atomic
-    from freetumor_cli.core.predict import TASK_CLASSES, predict_cases
+    from freetumor_cli.core.predict import predict_cases
+    from freetumor_cli.core.registry import TASKS
     from freetumor_cli.core.synthesize import collect_cases
 
     if data is None:
@@ -187,6 +192,5 @@ def _predict_first(
         return predictions, None, cfg
     entries = [{"image": str(c.image), "label": str(c.labels)} for c in labelled]
     ground_truth = write_text_atomic(out / "ground_truth.json", json.dumps({"testing": entries}, indent=1) + "\n")
-    scheme = "chest" if model_config.region == "chest" else "abdomen"
-    classes = cfg.classes if explicit_classes else TASK_CLASSES[model_config.task]  # type: ignore[attr-defined]
-    return predictions, ground_truth, replace(cfg, label_scheme=scheme, classes=tuple(classes))  # type: ignore[type-var]
+    classes = cfg.classes if explicit_classes else TASKS[model_config.task].region_class_names  # type: ignore[attr-defined]
+    return predictions, ground_truth, replace(cfg, label_scheme=model_config.region, classes=tuple(classes))  # type: ignore[type-var]

@@ -14,13 +14,14 @@ from freetumor_cli.commands._common import (
     console,
     err_console,
     note,
+    one_of,
     progress_bar,
     report_errors,
     warn,
 )
 from freetumor_cli.core.errors import FreetumorError, InputError
-from freetumor_cli.core.labels import organ_spec
-from freetumor_cli.core.synthesis_config import SynthesizeConfig
+from freetumor_cli.core.registry import LABEL_SCHEMES, ORGANS, choices_help
+from freetumor_cli.core.synthesis_config import SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
 
 DEFAULTS = SynthesizeConfig()
 
@@ -51,13 +52,8 @@ def synthesize(
         ),
     ],
     organ: Annotated[
-        str,
-        typer.Option(
-            "--organ",
-            "-o",
-            help="Target organ: liver, pancreas, kidney, or lung (COVID-19-like lesions).",
-            show_default=False,
-        ),
+        one_of(ORGANS),
+        typer.Option("--organ", "-o", help=f"Target organ: {choices_help(ORGANS)}.", show_default=False),
     ],
     labels: Annotated[
         Path | None,
@@ -69,16 +65,16 @@ def synthesize(
         ),
     ] = None,
     label_scheme: Annotated[
-        str | None,
-        typer.Option(
-            "--label-scheme", help="auto | freetumor | totalsegmentator | binary.", show_default=DEFAULTS.label_scheme
-        ),
+        one_of(LABEL_SCHEMES) | None,
+        typer.Option("--label-scheme", help="How the organ labels are encoded.", show_default=DEFAULTS.label_scheme),
     ] = None,
     size: Annotated[
-        str | None,
+        one_of(SIZE_CHOICES) | None,
         typer.Option(
             "--size",
-            help="tiny (6 mm radius) | small (12) | medium (24) | large (48) | mix.",
+            help="Tumor size class by base radius: "
+            + ", ".join(f"{n} {SynthesisConfig().size_class(n).radius_mm:g} mm" for n in SIZE_CHOICES[:-1])
+            + "; mix draws a class per tumor among those the organ holds.",
             show_default=DEFAULTS.size,
         ),
     ] = None,
@@ -176,7 +172,7 @@ def synthesize(
                 described = ", ".join(
                     f"{t.size_class} {t.volume_ml:.1f} ml ({t.mean_hu_change:+.0f} HU)" for t in tumors
                 )
-                console.print(f"{case.name}: {len(tumors)} {organ_spec(cfg.organ).tumor_name}(s): {described}")
+                console.print(f"{case.name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {described}")
     console.print(f"wrote {total - len(failures) * cfg.copies} output set(s) to {out}", highlight=False)
     if failures:
         err_console.print(f"[red]{len(failures)} of {len(cases)} case(s) failed[/]")

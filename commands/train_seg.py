@@ -16,25 +16,31 @@ from freetumor_cli.commands._common import (
     SetOption,
     WorkersOption,
     console,
+    one_of,
     progress_bar,
     report_errors,
 )
+from freetumor_cli.core.registry import TASKS, choices_help
+
+MODES = ("onlylabeled", "freesyn")
 
 
 @report_errors
 def train_seg(
     data: Annotated[Path, typer.Option("--data", help="Output folder of freetumor prepare.")] = Path("prepared"),
     organ: Annotated[
-        str | None,
+        one_of(TASKS) | None,
         typer.Option(
-            "--organ", help="liver | pancreas | kidney | covid | all (the 7-class generalist).", show_default="liver"
+            "--organ",
+            help=f"What the network segments (config key: task): {choices_help(TASKS)}.",
+            show_default="liver",
         ),
     ] = None,
     task: Annotated[
-        str | None,
+        one_of(MODES) | None,
         typer.Option(
             "--task",
-            help="onlylabeled (real tumors; the baseline) | freesyn (real + online synthetic tumors).",
+            help="How it trains (config key: mode): onlylabeled (real tumors; the baseline) | freesyn (real + online synthetic tumors).",
             show_default="onlylabeled",
         ),
     ] = None,
@@ -75,13 +81,13 @@ def train_seg(
     Example: freetumor train-seg --data prepared --organ liver --task onlylabeled --out runs/liver_baseline
     """
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.train_seg import TrainSegConfig, check_config, train_segmentation
+    from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
 
     flags = {
-        "organ": organ, "task": task, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
+        "task": organ, "mode": task, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
         "max_steps": max_steps, "mixed_precision": mixed_precision, "workers": workers, "seed": seed,
     }  # fmt: skip
-    cfg = check_config(build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags))
+    cfg = build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags).resolved()
     with progress_bar("train-seg") as progress:
         bar = progress.add_task("", total=None)
 

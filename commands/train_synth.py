@@ -16,9 +16,11 @@ from freetumor_cli.commands._common import (
     SetOption,
     WorkersOption,
     console,
+    one_of,
     progress_bar,
     report_errors,
 )
+from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
 
 
 @report_errors
@@ -27,17 +29,21 @@ def train_synth(
         Path,
         typer.Option(
             "--baseline",
-            help="Checkpoint folder of the baseline segmentor, the frozen critic: train-seg --organ all (or one abdominal organ; covid for --region chest).",
+            help="Checkpoint folder of the baseline segmentor, the frozen critic: a train-seg run of a task of the region ("
+            + "; ".join(f"{r}: {', '.join(region_tasks(r))}" for r in REGIONS)
+            + ").",
             show_default=False,
         ),
     ],
     data: Annotated[Path, typer.Option("--data", help="Output folder of freetumor prepare.")] = Path("prepared"),
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/synth"),
     region: Annotated[
-        str | None,
+        one_of(REGIONS) | None,
         typer.Option(
             "--region",
-            help="abdomen (liver, pancreas, kidney tumors) | chest (COVID-19 lesions).",
+            help="The generator's region: "
+            + "; ".join(f"{r} ({', '.join(o.tumor_name + 's' for o in region_organs(r))})" for r in REGIONS)
+            + ".",
             show_default="abdomen",
         ),
     ] = None,

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from freetumor_cli.core.errors import ConfigError
+from freetumor_cli.core.registry import OneOf
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ def to_yaml(config: Any) -> str:
 
 def from_dict(cls: type[T], values: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build ``cls`` from a nested mapping, converting and checking each field's type."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(values) - names
     if unknown:
@@ -100,6 +101,13 @@ def _known(cls: type, prefix: str) -> str:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is typing.Annotated:
+        coerced = _coerce(value, args[0], key)
+        for meta in hint.__metadata__:
+            if isinstance(meta, OneOf) and coerced not in meta.choices:
+                choices = ", ".join(repr(c) for c in meta.choices)
+                raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+        return coerced
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")

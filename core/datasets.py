@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from freetumor_cli.core.registry import REGIONS, RegionName
+
 Role = Literal["tumor", "organ"]
 Naming = Literal["nnunet", "btcv", "covid"]
 
@@ -20,7 +22,7 @@ class DatasetSpec:
 
     Attributes:
         name: the folder name in the data root.
-        region: abdomen or chest label space.
+        region: the registry region whose label space its labels are in (after ``remap``).
         role: ``tumor`` when its labels hold real tumors, ``organ`` when organ-only.
         remap: source label value -> region value; None when the labels are already in the region space.
         naming: how images and labels are named (nnU-Net, BTCV's img/label, Covid19_20's _ct/_seg).
@@ -28,14 +30,14 @@ class DatasetSpec:
     """
 
     name: str
-    region: Literal["abdomen", "chest"]
+    region: RegionName
     role: Role
     remap: Mapping[int, int] | None = None
     naming: Naming = "nnunet"
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _organ(name: str, *aliases: str, region: Literal["abdomen", "chest"] = "abdomen") -> DatasetSpec:
+def _organ(name: str, *aliases: str, region: str = "abdomen") -> DatasetSpec:
     return DatasetSpec(name, region, "organ", None, "nnunet", aliases)
 
 
@@ -82,3 +84,13 @@ _BY_ALIAS: Mapping[str, str] = {
 def canonical_dataset(folder: str) -> str | None:
     """The registry name of a dataset folder (by name or alias, case-insensitive), or None."""
     return _BY_ALIAS.get(folder.lower())
+
+
+def _validate() -> None:
+    for spec in DATASETS.values():
+        labels = REGIONS[spec.region].labels
+        if spec.remap is not None and not set(spec.remap.values()) <= set(labels):
+            raise AssertionError(f"dataset {spec.name}: its remap leaves the {spec.region} label space")
+
+
+_validate()

@@ -29,8 +29,8 @@ import numpy as np
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import save_volume, write_text_atomic
-from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.registry import ORGANS
 
 # The comparison's columns, and its rows: run folder -> what it is.
 COMPARISON_COLUMNS = ("tumor Dice", "lesion sensitivity", "sensitivity <= 10 mm", "FP per case")
@@ -136,11 +136,11 @@ def make_world(out: Path, config: DemoConfig) -> dict[str, Path]:
     return {"data": data, "test_images": test / "imagesTs", "test_labels": test / "labelsTs"}
 
 
-def _seg_config(config: DemoConfig, task: str, synth: str = "rules") -> Any:
+def _seg_config(config: DemoConfig, mode: str, synth: str = "rules") -> Any:
     from freetumor_cli.core.train_seg import TrainSegConfig
 
     return TrainSegConfig(
-        organ="liver", task=task, model=config.model, roi=(config.roi,) * 3,
+        task="liver", mode=mode, model=config.model, roi=(config.roi,) * 3,
         spacing_mm=config.spacing_mm, max_steps=config.seg_steps, epochs=config.seg_steps, lr=config.lr, warmup_epochs=0.0,
         val_every=10**6, save_every_steps=max(50, config.seg_steps // 4), workers=config.workers,
         seed=config.seed, synth=synth,

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,15 +31,9 @@ from freetumor_cli.core.io import (
     read_datalist,
     write_text_atomic,
 )
-from freetumor_cli.core.labels import REGION_LABELS
 from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
 from freetumor_cli.core.parallel import process_pool
-
-EVAL_SCHEMES: dict[str, dict[int, str]] = {
-    "abdomen": dict(REGION_LABELS["abdomen"]),
-    "chest": dict(REGION_LABELS["chest"]),
-    "task": {0: "background", 1: "organ", 2: "tumor"},
-}
+from freetumor_cli.core.registry import EVAL_SCHEMES, EvalSchemeName, check_choices
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,7 @@ class EvaluateConfig:
         resample_pred: resample predictions on another grid onto the ground truth's (nearest neighbour).
     """
 
-    label_scheme: Literal["abdomen", "chest", "task"] = "abdomen"
+    label_scheme: EvalSchemeName = "abdomen"
     classes: tuple[str, ...] = ()
     tolerance_mm: float = 2.0
     min_lesion_voxels: int = 1
@@ -65,6 +59,7 @@ class EvaluateConfig:
     resample_pred: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.tolerance_mm < 0:
             raise ValueError("tolerance_mm must be >= 0")
         if self.min_lesion_voxels < 1:

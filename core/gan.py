@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
+
+from freetumor_cli.core.registry import REGIONS, RegionName, generator_channels
 
 BACKGROUND, REAL_TUMOR, FAKE_TUMOR = 0, 1, 2
 
@@ -98,21 +100,20 @@ class GanConfig:
     """Sizes and weights of the adversarial setup.
 
     Attributes:
-        region: abdomen (tanh map, one channel per organ: liver, pancreas, kidney) or chest (sigmoid, one).
+        region: the region; its registry entry gives the generator's output squashing (tanh abdomen,
+            sigmoid chest) and, through its organs' generator channels, the number of output channels
+            (abdomen: liver, pancreas, kidney; chest: one).
         base_channels: 32 for the method's 19 M-parameter networks; smaller for tests.
         adversarial_weight: λ in the generator loss (0.1 abdomen, 0.5 chest in the method).
     """
 
-    region: Literal["abdomen", "chest"] = "abdomen"
+    region: RegionName = "abdomen"
     base_channels: int = 32
-    adversarial_weight: float = 0.1
+    adversarial_weight: float = REGIONS["abdomen"].adversarial_weight
 
     @property
     def generator_channels(self) -> int:
-        return 3 if self.region == "abdomen" else 1
-
-
-ORGAN_CHANNEL = {"liver": 0, "pancreas": 1, "kidney": 2, "lung": 0}
+        return generator_channels(self.region)
 
 
 def make_generator(config: GanConfig) -> UNet3D:
@@ -136,14 +137,14 @@ def intensity_map(generator_output: torch.Tensor, organ_channels: Sequence[int],
     Args:
         generator_output: ``(B, C, X, Y, Z)`` raw generator output.
         organ_channels: per crop, the channel of the crop's organ.
-        region: abdomen (tanh) or chest (sigmoid).
+        region: the region (its generator activation: tanh or sigmoid).
 
     Returns:
         ``(B, 1, X, Y, Z)``, blurred by a Gaussian of size 7 and σ 1.
     """
     index = torch.as_tensor(list(organ_channels), device=generator_output.device)
     chosen = generator_output[torch.arange(len(index), device=index.device), index][:, None]
-    squashed = torch.tanh(chosen) if region == "abdomen" else torch.sigmoid(chosen)
+    squashed = torch.tanh(chosen) if REGIONS[region].generator_activation == "tanh" else torch.sigmoid(chosen)
     kernel = _gaussian_kernel().to(squashed)
     return nn.functional.conv3d(squashed, kernel, padding=3)
 
@@ -229,8 +230,7 @@ class GanBatch:
 def synthesize_batch(generator: nn.Module, batch: GanBatch, region: str) -> torch.Tensor:
     """Crops with the generator's tumors: the learned map in place of the rule-based scalar."""
     change = intensity_map(generator(batch.image), batch.organ_channels, region)
-    sign = -1.0 if region == "abdomen" else 1.0
-    return compose(batch.image, batch.profile, change, sign)
+    return compose(batch.image, batch.profile, change, float(REGIONS[region].tumor_sign))
 
 
 def _critic_tumor_prob(critic: nn.Module, images: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import Volume
-from freetumor_cli.core.labels import OrganSpec
+from freetumor_cli.core.registry import Organ
 from freetumor_cli.core.tumor import SynthesisResult
 
 
@@ -43,13 +43,13 @@ def generator_map(
     affine: np.ndarray,
     generator: Any,
     meta: dict[str, Any],
-    organ: OrganSpec,
+    organ: Organ,
 ) -> np.ndarray:
     """The generator's intensity change (HU per unit of profile) on a box of the CT, same shape."""
     import nibabel as nib
     import torch
 
-    from freetumor_cli.core.gan import ORGAN_CHANNEL, intensity_map
+    from freetumor_cli.core.gan import intensity_map
 
     low, high = meta["window_hu"]
     ornt = nib.orientations.io_orientation(affine)
@@ -64,14 +64,14 @@ def generator_map(
     padded = np.pad(resampled, [(0, p - n) for n, p in zip(shape, padded_shape, strict=True)], mode="edge")
     with torch.no_grad():
         out = generator(torch.from_numpy(padded)[None, None])
-        change = intensity_map(out, [ORGAN_CHANNEL[organ.name]], meta["generator"]["region"])[0, 0].numpy()
+        change = intensity_map(out, [organ.generator_channel], meta["generator"]["region"])[0, 0].numpy()
     change = _resize(change[tuple(slice(0, n) for n in shape)], ras.shape)
     to_original = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
     back = nib.orientations.apply_orientation(change, to_original)
     return back.astype(np.float32) * np.float32(high - low)
 
 
-def apply_generator(result: SynthesisResult, image: Volume, organ: OrganSpec, generator_path: str) -> SynthesisResult:
+def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, generator_path: str) -> SynthesisResult:
     """Replace each rule-based patch's scalar change by the generator's map (same shapes and masks)."""
     generator, meta = cached_generator(str(generator_path))
     region = meta["generator"]["region"]

@@ -10,10 +10,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.registry import REGIONS, RegionName, TaskName
+
+if TYPE_CHECKING:
+    from freetumor_cli.core.preprocess import Preprocessing
 
 ModelName = Literal["swinunetr", "unet", "unet-tiny"]
 
@@ -25,22 +29,29 @@ class ModelConfig:
     Attributes:
         name: ``swinunetr`` (SwinUNETR v2, feature size 48: the method's), ``unet`` (MONAI UNet 16..256,
             for CPUs) or ``unet-tiny`` (8..32, for tests and the demo).
-        out_channels: classes predicted (3 for an organ task, 7 for the abdomen generalist, 3 chest).
+        out_channels: classes predicted (the task's label space).
         roi: sliding-window / crop size in voxels.
-        region: abdomen or chest (decides spacing and window).
-        task: the task the network predicts (liver, pancreas, kidney, covid, all).
+        region: the region of the task (its label space).
+        task: the task the network predicts (a registry task).
         spacing_mm: voxel size the network works at.
         window_hu: HU window mapped to [0, 1].
+        labels: the task's class names by value.
     """
 
     name: ModelName = "swinunetr"
     out_channels: int = 3
-    roi: tuple[int, int, int] = (96, 96, 96)
-    region: Literal["abdomen", "chest"] = "abdomen"
-    task: str = "liver"
-    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    window_hu: tuple[float, float] = (-175.0, 250.0)
+    roi: tuple[int, int, int] = REGIONS["abdomen"].roi
+    region: RegionName = "abdomen"
+    task: TaskName = "liver"
+    spacing_mm: tuple[float, float, float] = REGIONS["abdomen"].spacing_mm
+    window_hu: tuple[float, float] = REGIONS["abdomen"].window_hu
     labels: dict[str, str] = field(default_factory=dict)
+
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the network was trained with."""
+        from freetumor_cli.core.preprocess import Preprocessing
+
+        return Preprocessing.for_region(self.region, spacing_mm=self.spacing_mm, window_hu=self.window_hu)
 
 
 def build_model(config: ModelConfig) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from freetumor_cli.core.io import Volume
-from freetumor_cli.core.labels import ORGANS
+from freetumor_cli.core.registry import ORGANS
 
 
 @dataclass(frozen=True)

@@ -19,43 +19,23 @@ import numpy as np
 
 from freetumor_cli.core.errors import GeometryError
 from freetumor_cli.core.io import load_volume, save_volume, write_text_atomic
-from freetumor_cli.core.labels import TASK_REMAPS
 from freetumor_cli.core.models import ModelConfig, load_checkpoint
-
-TASK_CLASSES = {
-    "liver": ("liver", "liver_tumor"),
-    "pancreas": ("pancreas", "pancreas_tumor"),
-    "kidney": ("kidney", "kidney_tumor"),
-    "all": ("liver", "liver_tumor", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor"),
-    "covid": ("lung", "lesion"),
-}
+from freetumor_cli.core.registry import task
 
 
-def task_to_region(task: str) -> np.ndarray:
+def task_to_region(task_name: str) -> np.ndarray:
     """Lookup table from the network's task labels to the region's label space."""
-    lut = np.arange(256, dtype=np.uint8)
-    remap = TASK_REMAPS.get(task)
-    if remap is not None and task != "covid":
-        lut[:] = 0
-        for region_value, task_value in remap.items():
-            lut[task_value] = region_value
+    lut = np.zeros(256, dtype=np.uint8)
+    for task_value, region_value in task(task_name).task_to_region().items():
+        lut[task_value] = region_value
     return lut
 
 
 def _preprocess(config: ModelConfig) -> Any:
     from monai import transforms as T
 
-    return T.Compose(
-        [
-            T.LoadImaged(keys=["image"]),
-            T.EnsureChannelFirstd(keys=["image"]),
-            T.Orientationd(keys=["image"], axcodes="RAS", labels=None),
-            T.Spacingd(keys=["image"], pixdim=config.spacing_mm, mode="bilinear"),
-            T.ScaleIntensityRanged(
-                keys=["image"], a_min=config.window_hu[0], a_max=config.window_hu[1], b_min=0.0, b_max=1.0, clip=True
-            ),
-        ]
-    )
+    # The whole volume (no foreground crop), so that the prediction inverts onto the input's grid.
+    return T.Compose(config.preprocessing().transforms(("image",), crop_foreground=False))
 
 
 def predict_image(

@@ -39,26 +39,9 @@ from freetumor_cli.core.io import (
     save_volume,
     write_text_atomic,
 )
-from freetumor_cli.core.labels import REGION_LABELS, TASK_REMAPS, WINDOWS
 from freetumor_cli.core.parallel import process_pool
-
-TASK_ORGANS = {"liver": 1, "pancreas": 3, "kidney": 5}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """The method's preprocessing (DESIGN §4); the cache folder is named by a hash of it."""
-
-    orientation: str = "RAS"
-    abdomen_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    chest_spacing_mm: tuple[float, float, float] = (1.25, 1.25, 5.0)
-    abdomen_window_hu: tuple[float, float] = (WINDOWS["abdomen"].low, WINDOWS["abdomen"].high)
-    chest_window_hu: tuple[float, float] = (WINDOWS["chest"].low, WINDOWS["chest"].high)
-    crop_foreground: bool = True
-
-    def digest(self) -> str:
-        text = json.dumps({"format": 1, **to_dict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+from freetumor_cli.core.preprocess import PreprocessConfig
+from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
 
 
 @dataclass(frozen=True)
@@ -81,7 +64,7 @@ class PrepareConfig:
     strict: bool = False
     verify_images: bool = False
     preprocess: bool = False
-    preprocessing: PreprocessConfig = PreprocessConfig()
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -270,7 +253,7 @@ def validate_case(candidate: Candidate, out_dir: str, verify_images: bool) -> di
         if not np.array_equal(labels, np.rint(labels)):
             raise CaseSkipped("label holds non-integer values")
         labels = labels.astype(np.int64)
-    space = REGION_LABELS[spec.region]
+    space = REGIONS[spec.region].labels
     allowed = set(spec.remap) | {0} if spec.remap is not None else set(space)
     low, high = int(labels.min()), int(labels.max())
     seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
@@ -331,17 +314,14 @@ class PrepareResult:
     cached: int = 0
 
 
-def _task_entries(records: Iterable[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+def _task_entries(records: Iterable[dict[str, Any]], task_name: str) -> list[dict[str, Any]]:
+    """The records of a task: cases of its region that hold one of its organs or their tumors."""
+    task = TASKS[task_name]
+    space = REGIONS[task.region].labels
+    names = {space[v] for o in task.organs for v in (ORGANS[o].value, ORGANS[o].tumor_value)}
     out = []
     for r in records:
-        if task == "covid":
-            keep = r["region"] == "chest"
-        elif task == "all":
-            keep = r["region"] == "abdomen"
-        else:
-            organ = REGION_LABELS["abdomen"][TASK_ORGANS[task]]
-            keep = r["region"] == "abdomen" and (organ in r["organs"] or f"{organ}_tumor" in r["tumors"])
-        if keep:
+        if r["region"] == task.region and names & (set(r["organs"]) | set(r["tumors"])):
             out.append(
                 {
                     "image": r["image"],
@@ -424,21 +404,21 @@ def prepare(
 
 
 def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareConfig, result: PrepareResult) -> None:
-    for task in ("liver", "pancreas", "kidney", "covid", "all"):
-        entries = _task_entries(records, task)
+    for task in TASKS.values():
+        entries = _task_entries(records, task.name)
         if not entries:
             continue
         for fold in range(config.folds):
             datalist = {
-                "name": f"freetumor {task}",
-                "task": task,
+                "name": f"freetumor {task.name}",
+                "task": task.name,
                 "fold": fold,
-                "label_space": "chest" if task == "covid" else "abdomen (7 classes)",
-                "task_remap": {str(k): v for k, v in TASK_REMAPS.get(task, {}).items()},
+                "label_space": task.region,
+                "task_remap": {str(k): v for k, v in task.region_to_task().items()},
                 "training": [e for e in entries if e["fold"] != fold],
                 "validation": [e for e in entries if e["fold"] == fold],
             }
-            path = out / "datalists" / f"{task}_fold{fold}.json"
+            path = out / "datalists" / f"{task.name}_fold{fold}.json"
             write_text_atomic(path, json.dumps(datalist, indent=1) + "\n")
             result.datalists.append(path)
     abdomen = [r for r in records if r["region"] == "abdomen"]
@@ -446,16 +426,15 @@ def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareCon
         "name": "freetumor",
         "description": "prepared by freetumor prepare",
         "channel_names": {"0": "CT"},
-        "labels": {name: value for value, name in REGION_LABELS["abdomen"].items()},
+        "labels": {name: value for value, name in REGIONS["abdomen"].labels.items()},
         "numTraining": len(abdomen),
         "file_ending": ".nii.gz",
         "freetumor_version": __version__,
     }
     write_text_atomic(out / "dataset.json", json.dumps(dataset_json, indent=2) + "\n")
     labels_json = {
-        "abdomen": {str(k): v for k, v in REGION_LABELS["abdomen"].items()},
-        "chest": {str(k): v for k, v in REGION_LABELS["chest"].items()},
-        "task_remaps": {t: {str(k): v for k, v in m.items()} for t, m in TASK_REMAPS.items()},
+        **{name: {str(k): v for k, v in r.labels.items()} for name, r in REGIONS.items()},
+        "task_remaps": {t.name: {str(k): v for k, v in t.region_to_task().items()} for t in TASKS.values()},
         "source_remaps": {n: {str(k): v for k, v in s.remap.items()} for n, s in DATASETS.items() if s.remap},
     }
     write_text_atomic(out / "labels.json", json.dumps(labels_json, indent=2) + "\n")
@@ -483,17 +462,7 @@ def _preprocess_job(args: tuple[dict[str, Any], str, PreprocessConfig]) -> str |
         return None
     from monai import transforms as T
 
-    spacing = pp.chest_spacing_mm if record["region"] == "chest" else pp.abdomen_spacing_mm
-    low, high = pp.chest_window_hu if record["region"] == "chest" else pp.abdomen_window_hu
-    steps = [
-        T.LoadImaged(keys=["image", "label"], image_only=True),
-        T.EnsureChannelFirstd(keys=["image", "label"]),
-        T.Orientationd(keys=["image", "label"], axcodes=pp.orientation),
-        T.Spacingd(keys=["image", "label"], pixdim=spacing, mode=("bilinear", "nearest")),
-        T.ScaleIntensityRanged(keys=["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    if pp.crop_foreground:
-        steps.append(T.CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True))
+    steps = pp.for_region(record["region"]).transforms(("image", "label"))
     data = T.Compose(steps)({"image": record["image"], "label": record["label"]})
     image = np.asarray(data["image"][0], dtype=np.float16)
     label = np.asarray(data["label"][0]).astype(np.uint8)

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from freetumor_cli.core.io import Volume, atomic_path
-from freetumor_cli.core.labels import WINDOWS
+from freetumor_cli.core.registry import REGIONS
 
 MAX_PREVIEW_TUMORS = 6
 
@@ -54,7 +54,7 @@ def save_tumor_preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    window = WINDOWS[region]
+    window = REGIONS[region].window_hu
     ras_before, spacing, ornt = to_ras(before)
     ras_after, _, _ = to_ras(after)
     ras_mask, _, _ = to_ras(before, tumor_mask.astype(np.uint8))
@@ -70,7 +70,7 @@ def save_tumor_preview(
                 mask = np.take(ras_mask, c[axis], axis=axis).T
                 shown = [a for a in range(3) if a != axis]
                 aspect = spacing[shown[1]] / spacing[shown[0]]
-                ax.imshow(image, cmap="gray", vmin=window.low, vmax=window.high, origin="lower", aspect=aspect)
+                ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
                 if k == 1 and mask.any():
                     ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
                 ax.set_title(f"tumor {row + 1} {name} {label}", fontsize=8)

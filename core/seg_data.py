@@ -16,25 +16,9 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.labels import ORGANS, TASK_REMAPS
+from freetumor_cli.core.preprocess import Preprocessing, task_remap_transform
+from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
 from freetumor_cli.core.synthesis_config import SynthesisConfig
-
-# Tasks: which organs of the label space get synthetic tumors, and the organ value -> tumor value there.
-TASK_ORGAN_VALUES: dict[str, dict[int, str]] = {
-    "liver": {1: "liver"},
-    "pancreas": {1: "pancreas"},
-    "kidney": {1: "kidney"},
-    "covid": {1: "lung"},
-    "all": {1: "liver", 3: "pancreas", 5: "kidney"},
-}
-
-
-def task_out_channels(task: str) -> int:
-    return 7 if task == "all" else 3
-
-
-def tumor_values(task: str) -> list[int]:
-    return [v + 1 for v in TASK_ORGAN_VALUES[task]]
 
 
 def read_task_datalist(prepared: str | Path, task: str, fold: int) -> dict[str, list[dict[str, Any]]]:
@@ -52,17 +36,6 @@ def read_task_datalist(prepared: str | Path, task: str, fold: int) -> dict[str, 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def task_remap_transform(task: str) -> Any:
-    """MONAI transform mapping 7-class labels into a 3-class organ task (identity for all and covid)."""
-    from monai.transforms import Identityd, MapLabelValued
-
-    remap = TASK_REMAPS.get(task)
-    if remap is None or task == "covid":
-        return Identityd(keys=["label"])
-    sources = list(range(1, 7))
-    return MapLabelValued(keys=["label"], orig_labels=sources, target_labels=[remap.get(v, 0) for v in sources])
 
 
 class OnlineSynthesisd:
@@ -108,7 +81,7 @@ class OnlineSynthesisd:
         from freetumor_cli.core.errors import FreetumorError
         from freetumor_cli.core.tumor import synthesize_in_organ
 
-        organs = TASK_ORGAN_VALUES[self.task]
+        organs = TASKS[self.task].organ_values
         present = [v for v in organs if (lab == v).sum() >= 8]
         if not present or any((lab == v + 1).any() for v in organs):
             return None
@@ -165,8 +138,6 @@ class TumorGeometryd(OnlineSynthesisd):
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from freetumor_cli.core.gan import ORGAN_CHANNEL
-
         lab = np.asarray(data["label"][0]).astype(np.int64)
         img = np.asarray(data["image"][0], dtype=np.float32)
         synth = np.zeros(lab.shape, dtype=bool)
@@ -181,7 +152,7 @@ class TumorGeometryd(OnlineSynthesisd):
             profile[result.bbox] = box_profile
             synth[result.bbox] = result.tumor_mask
             lab[synth] = value + 1
-            channel = ORGAN_CHANNEL[TASK_ORGAN_VALUES[self.task][value]]
+            channel = ORGANS[TASKS[self.task].organ_values[value]].generator_channel
         data["label"] = torch.as_tensor(lab[None].astype(np.float32))
         data["synth_mask"] = torch.as_tensor(synth[None])
         data["profile"] = torch.as_tensor(profile[None])
@@ -194,8 +165,7 @@ class Pipeline:
     """Preprocessing and augmentation settings of a training run."""
 
     task: str
-    spacing_mm: tuple[float, float, float]
-    window_hu: tuple[float, float]
+    preprocessing: Preprocessing
     roi: tuple[int, int, int]
     crops_per_volume: int = 4
     pos: float = 1.0
@@ -206,25 +176,14 @@ class Pipeline:
 
 
 def load_transforms(p: Pipeline) -> list[Any]:
-    """Deterministic part: load, orient, resample, window, crop foreground, remap labels."""
-    from monai import transforms as T
-
-    return [
-        T.LoadImaged(keys=["image", "label"], image_only=True),
-        T.EnsureChannelFirstd(keys=["image", "label"]),
-        T.Orientationd(keys=["image", "label"], axcodes="RAS", labels=None),
-        T.Spacingd(keys=["image", "label"], pixdim=p.spacing_mm, mode=("bilinear", "nearest")),
-        T.ScaleIntensityRanged(
-            keys=["image"], a_min=p.window_hu[0], a_max=p.window_hu[1], b_min=0.0, b_max=1.0, clip=True
-        ),
-        T.CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True),
-        task_remap_transform(p.task),
-    ]
+    """Deterministic part: the region's preprocessing (load, orient, resample, window, crop), then the task remap."""
+    return [*p.preprocessing.transforms(("image", "label")), task_remap_transform(p.task)]
 
 
 def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> Any:
     from monai import transforms as T
 
+    pp = p.preprocessing
     steps = [
         *load_transforms(p),
         T.SpatialPadd(keys=["image", "label"], spatial_size=p.roi),
@@ -241,10 +200,10 @@ def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> A
     ]
     keys = ["image", "label"]
     if p.geometry_only:
-        steps.append(TumorGeometryd(p.task, spacing_mm=p.spacing_mm, window_hu=p.window_hu, config=synthesis))
+        steps.append(TumorGeometryd(p.task, spacing_mm=pp.spacing_mm, window_hu=pp.window_hu, config=synthesis))
         keys = ["image", "label", "synth_mask", "profile"]
     elif p.synthesize:
-        steps.append(OnlineSynthesisd(p.task, spacing_mm=p.spacing_mm, window_hu=p.window_hu, config=synthesis))
+        steps.append(OnlineSynthesisd(p.task, spacing_mm=pp.spacing_mm, window_hu=pp.window_hu, config=synthesis))
         keys = ["image", "label", "synth_mask", "image_orig"]
     if p.augment:
         steps += [
@@ -254,7 +213,7 @@ def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> A
             T.RandRotate90d(keys=keys, prob=0.2, max_k=3),
             T.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.1),
         ]
-        if p.task != "covid":
+        if REGIONS[pp.region].scale_augment:
             steps.append(T.RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.1))
     steps.append(T.ToTensord(keys=keys, track_meta=False))
     return T.Compose(steps)
@@ -308,11 +267,6 @@ def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alp
     images[slab] = images[perm][slab]
     labels[slab] = labels[perm][slab]
     return images, labels
-
-
-def qc_tumor_class(baseline_task: str, organ: str) -> int:
-    """The channel of the baseline's output that means "tumor of this organ"."""
-    return ORGANS[organ].tumor_value if baseline_task == "all" else 2
 
 
 def quality_control(

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-SizeName = Literal["tiny", "small", "medium", "large"]
-SIZE_CLASSES: tuple[str, ...] = ("tiny", "small", "medium", "large")
+from freetumor_cli.core.registry import REGIONS, SIZE_CLASSES, LabelSchemeName, OrganName, SizeName, check_choices
+
 SIZE_CHOICES: tuple[str, ...] = (*SIZE_CLASSES, "mix")
 
 
@@ -64,6 +64,12 @@ class SynthesisConfig:
     min_kept_fraction: float = 0.3
     max_placement_attempts: int = 20
 
+    def hu_change(self, region: str) -> tuple[float, float]:
+        """The range of the intensity change (HU, a magnitude; its sign is the region's) in ``region``."""
+        if region not in REGIONS:
+            raise ValueError(f"unknown region {region!r}")
+        return self.lung_hu_change if region == "chest" else self.abdomen_hu_change
+
     def size_class(self, name: str) -> SizeClass:
         if name not in SIZE_CLASSES:
             raise ValueError(f"unknown size class {name!r}; choose one of {', '.join(SIZE_CHOICES)}")
@@ -91,11 +97,6 @@ class SynthesisConfig:
             raise ValueError("min_depth_fraction must lie in [0, 1.5]")
 
 
-OrganName = Literal["liver", "pancreas", "kidney", "lung"]
-SizeChoice = Literal["tiny", "small", "medium", "large", "mix"]
-SchemeChoice = Literal["auto", "freetumor", "totalsegmentator", "binary"]
-
-
 @dataclass(frozen=True)
 class SynthesizeConfig:
     """Everything that decides what ``synthesize`` produces (written into each JSON sidecar).
@@ -116,19 +117,20 @@ class SynthesizeConfig:
     """
 
     organ: OrganName = "liver"
-    size: SizeChoice = "mix"
+    size: SizeName = "mix"
     count: int | None = 1
     radius_mm: float | None = None
     seed: int = 0
     copies: int = 1
     engine: Literal["rules", "generator"] = "rules"
     generator: str | None = None
-    label_scheme: SchemeChoice = "auto"
+    label_scheme: LabelSchemeName = "auto"
     preview: bool = False
     overwrite: bool = False
     rules: SynthesisConfig = SynthesisConfig()
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.count is not None and self.count < 1:
             raise ValueError("count must be at least 1")
         if self.copies < 1:

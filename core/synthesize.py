@@ -30,12 +30,7 @@ from freetumor_cli.core.io import (
     save_volume,
     write_text_atomic,
 )
-from freetumor_cli.core.labels import (
-    REGION_LABELS,
-    OrganSpec,
-    foreign_to_region,
-    organ_spec,
-)
+from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
 from freetumor_cli.core.synthesis_config import SynthesizeConfig
 
 if TYPE_CHECKING:
@@ -149,14 +144,14 @@ def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: b
     return paths
 
 
-def detect_label_scheme(values: np.ndarray, organ: OrganSpec) -> str:
+def detect_label_scheme(values: np.ndarray, organ: Organ) -> str:
     """Guess how a label map is encoded from its values.
 
     Binary when only 0 and 1 occur; TotalSegmentator when a value exceeds freetumor's space for the
     organ's region; freetumor otherwise. (A TotalSegmentator crop holding only classes that are also
     freetumor values is read as freetumor: pass the scheme explicitly then.)
     """
-    top = max(REGION_LABELS[organ.region])
+    top = max(REGIONS[organ.region].labels)
     present = set(int(v) for v in values)
     if present <= {0, 1}:
         return "binary"
@@ -165,7 +160,7 @@ def detect_label_scheme(values: np.ndarray, organ: OrganSpec) -> str:
     return "freetumor"
 
 
-def organ_labels_in_region(labels: Volume, organ: OrganSpec, scheme: str) -> tuple[np.ndarray, str]:
+def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[np.ndarray, str]:
     """Map a label volume into the organ's region space (abdomen 7-class or chest).
 
     Returns:
@@ -184,12 +179,12 @@ def organ_labels_in_region(labels: Volume, organ: OrganSpec, scheme: str) -> tup
     values = present_values(array)
     used = detect_label_scheme(values, organ) if scheme == "auto" else scheme
     if used == "freetumor":
-        allowed = set(REGION_LABELS[organ.region])
+        allowed = set(REGIONS[organ.region].labels)
         bad = sorted(set(int(v) for v in values) - allowed)
         if bad:
             raise LabelError(
                 f"labels {labels.path} hold values {bad} outside freetumor's {organ.region} scheme "
-                f"({', '.join(f'{k} {v}' for k, v in REGION_LABELS[organ.region].items())})",
+                f"({', '.join(f'{k} {v}' for k, v in REGIONS[organ.region].labels.items())})",
                 hint="pass --label-scheme totalsegmentator or binary if the labels use another scheme",
             )
         region = array.astype(np.uint8)
@@ -260,7 +255,7 @@ def synthesize_case(
     All checks happen before anything is written: a bad input leaves no file behind.
     """
     out = Path(out_dir)
-    organ = organ_spec(config.organ)
+    organ = ORGANS[config.organ]
     result = CaseResult(case.name)
     if case.labels is None:
         raise InputError(

@@ -1,6 +1,7 @@
 """Segmentation training (``train-seg``): one Accelerate loop for the baseline and for online synthesis.
 
-``onlylabeled`` trains on the tumor-labelled cases (the baseline segmentor). ``freesyn`` adds organ-only
+A run trains a network for a registry task (``liver``, ``pancreas``, ``kidney``, ``covid``, ``all``) in
+one of two modes. ``onlylabeled`` trains on the tumor-labelled cases (the baseline segmentor). ``freesyn`` adds organ-only
 cases and inserts a rule-based tumor into every crop with an organ and no real tumor; with a baseline,
 quality control keeps a synthetic tumor only when the frozen baseline finds more than ``qc_threshold``
 of it, else the original crop is used. Then CutMix along one axis.
@@ -28,21 +29,18 @@ from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.gan import compose, intensity_map
 from freetumor_cli.core.io import write_text_atomic
-from freetumor_cli.core.labels import CHEST_LABELS, REGION_LABELS, TASK_REMAPS, WINDOWS
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
+from freetumor_cli.core.preprocess import Preprocessing
+from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_choices
 from freetumor_cli.core.seg_data import (
-    TASK_ORGAN_VALUES,
     Pipeline,
     SeededDataset,
     cutmix_along_axis,
     load_transforms,
-    qc_tumor_class,
     quality_control,
     read_task_datalist,
     sample_seed,
-    task_out_channels,
     train_transforms,
-    tumor_values,
 )
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
@@ -52,12 +50,15 @@ from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metr
 class TrainSegConfig:
     """A segmentation run (defaults are the method's, DESIGN §7).
 
-    ``epochs`` and ``labelled_repeats`` default by task: 100 and ×1 for ``onlylabeled``, 20 and ×10
-    for ``freesyn``. ``spacing_mm`` defaults to the region's (1.5 mm abdomen, 1.25 × 1.25 × 5 chest).
+    ``task`` is what the network predicts (a registry task); ``mode`` how it is trained: ``onlylabeled``
+    (real tumors only; the baseline) or ``freesyn`` (real plus online synthetic tumors). Left unset,
+    ``epochs`` and ``labelled_repeats`` default by mode (100 and ×1 for ``onlylabeled``, 20 and ×10 for
+    ``freesyn``), ``roi`` and ``spacing_mm`` by the task's region (96³ at 1.5 mm for the abdomen,
+    192 × 192 × 32 at 1.25 × 1.25 × 5 mm for the chest): :meth:`resolved` fills them in.
     """
 
-    organ: Literal["liver", "pancreas", "kidney", "covid", "all"] = "liver"
-    task: Literal["onlylabeled", "freesyn"] = "onlylabeled"
+    task: TaskName = "liver"
+    mode: Literal["onlylabeled", "freesyn"] = "onlylabeled"
     fold: int = 0
     model: ModelName = "swinunetr"
     epochs: int | None = None
@@ -65,7 +66,7 @@ class TrainSegConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_epochs: float = 2.0
-    roi: tuple[int, int, int] = (96, 96, 96)
+    roi: tuple[int, int, int] | None = None
     crops_per_volume: int = 4
     volumes_per_batch: int = 1
     pos: float = 1.0
@@ -86,13 +87,32 @@ class TrainSegConfig:
     spacing_mm: tuple[float, float, float] | None = None
     rules: SynthesisConfig = field(default_factory=SynthesisConfig)
 
-    def resolved_epochs(self) -> int:
-        return self.epochs if self.epochs is not None else (100 if self.task == "onlylabeled" else 20)
+    def resolved(self) -> TrainSegConfig:
+        """This configuration with every default that depends on the mode or the region filled in.
 
-    def resolved_repeats(self) -> int:
-        return self.labelled_repeats if self.labelled_repeats is not None else (1 if self.task == "onlylabeled" else 10)
+        Raises:
+            ConfigError: a combination that cannot work (SwinUNETR on a crop under 64 voxels per axis).
+        """
+        region = REGIONS[TASKS[self.task].region]
+        config = replace(
+            self,
+            epochs=self.epochs if self.epochs is not None else (100 if self.mode == "onlylabeled" else 20),
+            labelled_repeats=self.labelled_repeats
+            if self.labelled_repeats is not None
+            else (1 if self.mode == "onlylabeled" else 10),
+            roi=self.roi or region.roi,
+            spacing_mm=self.spacing_mm or region.spacing_mm,
+        )
+        assert config.roi is not None
+        if config.model == "swinunetr" and min(config.roi) < 64:
+            raise ConfigError(
+                f"SwinUNETR needs a crop of at least 64 voxels per axis, got {list(config.roi)}",
+                hint="use --model unet, or --set roi=[192,192,64] for the chest",
+            )
+        return config
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if not 0 <= self.qc_threshold <= 1:
             raise ValueError("qc_threshold must lie in [0, 1]")
         if self.grad_accum < 1 or self.crops_per_volume < 1 or self.volumes_per_batch < 1:
@@ -112,22 +132,20 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 
 def model_config_for(config: TrainSegConfig) -> ModelConfig:
-    region = "chest" if config.organ == "covid" else "abdomen"
-    labels = (
-        REGION_LABELS["abdomen"]
-        if config.organ == "all"
-        else (CHEST_LABELS if region == "chest" else {0: "background", 1: config.organ, 2: f"{config.organ}_tumor"})
-    )
-    window = WINDOWS[region]
+    """The network's configuration: its task's label space and the run's preprocessing."""
+    config = config.resolved()
+    task = TASKS[config.task]
+    preprocessing = Preprocessing.for_region(task.region, spacing_mm=config.spacing_mm)
+    assert config.roi is not None
     return ModelConfig(
         name=config.model,
-        out_channels=task_out_channels(config.organ),
+        out_channels=task.out_channels,
         roi=config.roi,
-        region=region,
-        task=config.organ,
-        spacing_mm=config.spacing_mm or ((1.25, 1.25, 5.0) if region == "chest" else (1.5, 1.5, 1.5)),
-        window_hu=(window.low, window.high),
-        labels={str(k): v for k, v in labels.items()},
+        region=task.region,
+        task=task.name,
+        spacing_mm=preprocessing.spacing_mm,
+        window_hu=preprocessing.window_hu,
+        labels={str(k): v for k, v in task.labels.items()},
     )
 
 
@@ -142,7 +160,7 @@ def _validation_dice(
     from freetumor_cli.core.metrics import dice
 
     load = T.Compose(load_transforms(pipeline))
-    tumors = tumor_values(config.organ)
+    tumors = list(TASKS[config.task].tumor_values)
     scores: list[float] = []
     model.eval()
     shard = entries[accelerator.process_index :: accelerator.num_processes]
@@ -151,7 +169,9 @@ def _validation_dice(
             data = load({"image": entry["image"], "label": entry["label"]})
             image = torch.as_tensor(data["image"])[None].to(accelerator.device)
             with accelerator.autocast():
-                logits = sliding_window_inference(image, config.roi, 4, model, overlap=config.overlap, mode="gaussian")
+                logits = sliding_window_inference(
+                    image, pipeline.roi, 4, model, overlap=config.overlap, mode="gaussian"
+                )
             pred = torch.as_tensor(logits).argmax(1)[0].cpu().numpy()
             gt = np.asarray(data["label"][0])
             values = [dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]]
@@ -190,26 +210,29 @@ def train_segmentation(
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from monai.losses import DiceCELoss
 
+    config = config.resolved()
+    task = TASKS[config.task]
     out = Path(out_dir)
     if (out / "state").exists() and not resume:
         raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
     if resume and not (out / "state").exists():
         raise InputError(f"nothing to resume in {out} (no state/ folder)")
-    lists = read_task_datalist(prepared, config.organ, config.fold)
+    lists = read_task_datalist(prepared, config.task, config.fold)
     labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
     organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
-    train_entries = labelled * config.resolved_repeats() + (organ_only if config.task == "freesyn" else [])
+    assert config.labelled_repeats is not None and config.epochs is not None
+    train_entries = labelled * config.labelled_repeats + (organ_only if config.mode == "freesyn" else [])
     if not train_entries:
         raise InputError(
-            f"no training cases for {config.organ} ({config.task}) in fold {config.fold}",
+            f"no training cases for {config.task} ({config.mode}) in fold {config.fold}",
             hint="onlylabeled needs tumor-labelled cases; check prepare's report",
         )
     model_config = model_config_for(config)
     pipeline = Pipeline(
-        task=config.organ, spacing_mm=model_config.spacing_mm, window_hu=model_config.window_hu, roi=config.roi,
+        task=config.task, preprocessing=model_config.preprocessing(), roi=model_config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
-        synthesize=config.task == "freesyn", augment=config.augment,
-        geometry_only=config.task == "freesyn" and config.synth != "rules",
+        synthesize=config.mode == "freesyn", augment=config.augment,
+        geometry_only=config.mode == "freesyn" and config.synth != "rules",
     )  # fmt: skip
     accelerator = Accelerator(
         # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
@@ -230,7 +253,7 @@ def train_segmentation(
     model = build_model(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    epochs = config.resolved_epochs()
+    epochs = config.epochs
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)  # per process, after sharding
     total_steps = config.max_steps or epochs * steps_per_epoch
     epochs = min(epochs, math.ceil(total_steps / max(steps_per_epoch, 1)))
@@ -240,15 +263,17 @@ def train_segmentation(
     )
     scheduler = accelerator.prepare(scheduler)
     generator = None
-    if config.task == "freesyn" and config.synth != "rules":
+    if config.mode == "freesyn" and config.synth != "rules":
         from freetumor_cli.core.train_synth import load_generator
 
         generator, _ = load_generator(config.synth, device=str(accelerator.device))
         generator.requires_grad_(False)
-    baseline_model = baseline_config = None
+    baseline_model = None
+    qc_channel: dict[str, int] = {}  # organ -> the baseline's channel meaning its tumor
     if baseline is not None:
         baseline_model, baseline_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
         baseline_model.eval().requires_grad_(False)
+        qc_channel = {o: TASKS[baseline_config.task].tumor_channel(o) for o in task.organs}
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
     progress = {"epoch": 0, "step": 0, "best_dice": -1.0}
@@ -260,7 +285,7 @@ def train_segmentation(
         write_text_atomic(out / "config.yaml", f"# freetumor {__version__} train-seg\n" + to_yaml(config))
         labels = {
             "model_labels": model_config.labels,
-            "task_remap": {str(k): v for k, v in TASK_REMAPS.get(config.organ, {}).items()},
+            "task_remap": {str(k): v for k, v in task.region_to_task().items()},
         }
         write_text_atomic(out / "labels.json", json.dumps(labels, indent=2) + "\n")
     if accelerator.log_with:
@@ -288,8 +313,8 @@ def train_segmentation(
                 batch["image_orig"] = images
                 channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
                 with torch.no_grad():
-                    change = intensity_map(generator(images), channels, model_config.region)
-                images = compose(images, batch["profile"], change, -1.0 if model_config.region == "abdomen" else 1.0)
+                    change = intensity_map(generator(images), channels, task.region)
+                images = compose(images, batch["profile"], change, float(REGIONS[task.region].tumor_sign))
             if "synth_mask" in batch:
                 synth = batch["synth_mask"].bool()
                 has = synth.flatten(1).any(1)
@@ -299,8 +324,9 @@ def train_segmentation(
                     classes = []
                     for b in range(images.shape[0]):
                         values = labels[b][synth[b]].long().unique().tolist()
-                        organ = TASK_ORGAN_VALUES[config.organ].get(int(values[0]) - 1, "liver") if values else "liver"
-                        classes.append(qc_tumor_class(baseline_config.task if baseline_config else config.organ, organ))
+                        # The synthetic tumor's label is its organ's task value + 1 (a crop without one: unread).
+                        organ = task.organ_values.get(int(values[0]) - 1, task.organs[0]) if values else task.organs[0]
+                        classes.append(qc_channel[organ])
                     accepted, shares = quality_control(probs, synth, classes, config.qc_threshold)
                     stats["qc_tumor_share"] = float(
                         np.mean([sh for sh, h in zip(shares, has.tolist(), strict=True) if h])
@@ -313,7 +339,7 @@ def train_segmentation(
                     qc_seen += int(has.sum())
                     qc_kept += sum(ok for ok, h in zip(accepted, has.tolist(), strict=True) if h)
                 stats["synthetic_tumor_voxels"] = float(synth.sum()) / max(int(has.sum()), 1)
-            if config.task == "freesyn" and config.cutmix:
+            if config.mode == "freesyn" and config.cutmix:
                 rng = np.random.default_rng(sample_seed(config.seed, epoch, step))
                 images, labels = cutmix_along_axis(images, labels, rng, alpha=config.cutmix_alpha)
             with accelerator.accumulate(model):
@@ -408,15 +434,3 @@ def _plot_curves(out: Path) -> None:
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-
-
-def check_config(config: TrainSegConfig) -> TrainSegConfig:
-    """Apply region defaults and reject combinations that cannot work."""
-    if config.organ == "covid" and config.roi == (96, 96, 96):
-        config = replace(config, roi=(192, 192, 32))  # the method's chest crop
-    if config.model == "swinunetr" and min(config.roi) < 64:
-        raise ConfigError(
-            f"SwinUNETR needs a crop of at least 64 voxels per axis, got {list(config.roi)}",
-            hint="use --model unet, or --set roi=[192,192,64] for the chest",
-        )
-    return config

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,27 +31,37 @@ from freetumor_cli import __version__
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import atomic_path, write_text_atomic
-from freetumor_cli.core.labels import WINDOWS
+from freetumor_cli.core.registry import (
+    ORGANS,
+    REGIONS,
+    TASKS,
+    RegionName,
+    check_choices,
+    generator_channels,
+    region_tasks,
+)
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
-
-GAN_TASK = {"abdomen": "all", "chest": "covid"}  # the default critic task per region
 
 
 @dataclass(frozen=True)
 class TrainSynthConfig:
-    """A generator run (the method's defaults, DESIGN §6)."""
+    """A generator run (the method's defaults, DESIGN §6).
 
-    region: Literal["abdomen", "chest"] = "abdomen"
+    ``roi`` and ``spacing_mm`` default to the critic's (the crop and voxel size it was trained on);
+    ``adversarial_weight`` to the region's (0.1 abdomen, 0.5 chest).
+    """
+
+    region: RegionName = "abdomen"
     epochs: int = 100
     max_steps: int | None = None
     lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.999)
-    roi: tuple[int, int, int] = (96, 96, 96)
+    roi: tuple[int, int, int] | None = None
     crops_per_volume: int = 4
     labelled_repeats: int = 100
     base_channels: int = 32
-    adversarial_weight: float | None = None  # 0.1 abdomen, 0.5 chest
+    adversarial_weight: float | None = None
     qc_threshold: float = 0.7
     heldout_crops: int = 16
     save_every_steps: int = 100
@@ -61,21 +71,24 @@ class TrainSynthConfig:
     spacing_mm: tuple[float, float, float] | None = None
     rules: SynthesisConfig = field(default_factory=SynthesisConfig)
 
+    def __post_init__(self) -> None:
+        check_choices(self)
+
     def weight(self) -> float:
         if self.adversarial_weight is not None:
             return self.adversarial_weight
-        return 0.1 if self.region == "abdomen" else 0.5
+        return REGIONS[self.region].adversarial_weight
 
 
 def generator_task(baseline_task: str, region: str, baseline: Any = "the baseline") -> str:
-    """The task a generator trains on: the critic's (the abdomen generalist, one abdominal organ, or covid)."""
-    allowed = ("all", "liver", "pancreas", "kidney") if region == "abdomen" else ("covid",)
+    """The task a generator trains on: the critic's (a task of the generator's region)."""
+    allowed = region_tasks(region)
     if baseline_task not in allowed:
         raise InputError(
             f"the baseline {baseline} segments {baseline_task!r}; the {region} generator needs a "
             + " / ".join(repr(a) for a in allowed)
             + " baseline",
-            hint=f"train it with freetumor train-seg --organ {GAN_TASK[region]} --task onlylabeled",
+            hint=f"train it with freetumor train-seg --organ {REGIONS[region].generalist_task} --task onlylabeled",
         )
     return baseline_task
 
@@ -90,10 +103,9 @@ class SynthSummary:
 
 
 def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
-    from freetumor_cli.core.gan import ORGAN_CHANNEL, GanBatch
-    from freetumor_cli.core.seg_data import TASK_ORGAN_VALUES, qc_tumor_class, tumor_values
+    from freetumor_cli.core.gan import GanBatch
 
-    by_channel = {ORGAN_CHANNEL[name]: name for name in TASK_ORGAN_VALUES[task].values()}
+    by_channel = {ORGANS[name].generator_channel: name for name in TASKS[task].organs}
     channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
     return GanBatch(
         image=batch["image"],
@@ -101,8 +113,8 @@ def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
         synth_mask=batch["synth_mask"].bool(),
         profile=batch["profile"],
         organ_channels=channels,
-        tumor_values=tumor_values(task),
-        seg_tumor_channels=[qc_tumor_class(critic_task, by_channel[c]) for c in channels],
+        tumor_values=TASKS[task].tumor_values,
+        seg_tumor_channels=[TASKS[critic_task].tumor_channel(by_channel[c]) for c in channels],
     )
 
 
@@ -155,6 +167,7 @@ def train_generator(
         synthesize_batch,
     )
     from freetumor_cli.core.models import load_checkpoint
+    from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import Pipeline, SeededDataset, read_task_datalist, train_transforms
 
     out = Path(out_dir)
@@ -182,13 +195,14 @@ def train_generator(
         raise InputError(
             "train-synth needs tumor-labelled and organ-only cases in the prepared data", hint="see prepare_report.md"
         )
-    spacing = config.spacing_mm or critic_config.spacing_mm
-    window = WINDOWS[config.region]
+    preprocessing = Preprocessing.for_region(
+        config.region, spacing_mm=config.spacing_mm or critic_config.spacing_mm, window_hu=critic_config.window_hu
+    )
+    roi = config.roi or critic_config.roi
     pipeline = Pipeline(
         task=task,
-        spacing_mm=spacing,
-        window_hu=(window.low, window.high),
-        roi=config.roi,
+        preprocessing=preprocessing,
+        roi=roi,
         crops_per_volume=config.crops_per_volume,
         geometry_only=True,
     )
@@ -204,9 +218,7 @@ def train_generator(
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    heldout_set = SeededDataset(
-        heldout, train_transforms(Pipeline(**{**asdict(pipeline), "augment": False})), config.seed + 1
-    )
+    heldout_set = SeededDataset(heldout, train_transforms(replace(pipeline, augment=False)), config.seed + 1)
     heldout_crops = [c for i in range(len(heldout_set)) for c in heldout_set[i]][: config.heldout_crops]
     fixed = {k: v.to(accelerator.device) for k, v in collate_crops(heldout_crops).items()} if heldout_crops else None
 
@@ -222,12 +234,12 @@ def train_generator(
     steps_per_epoch = len(loader)
     total = config.max_steps or config.epochs * steps_per_epoch
     epochs = min(config.epochs, math.ceil(total / max(steps_per_epoch, 1)))
-    window_width = window.high - window.low
+    window_width = preprocessing.window_hu[1] - preprocessing.window_hu[0]
     rules_qc = float("nan")
     if fixed is not None:
         fixed_batch = _gan_batch(fixed, critic_config.task, task)
-        sign = -1.0 if config.region == "abdomen" else 1.0
-        low, high = config.rules.abdomen_hu_change if config.region == "abdomen" else config.rules.lung_hu_change
+        sign = float(REGIONS[config.region].tumor_sign)
+        low, high = config.rules.hu_change(config.region)
         rule_images = (fixed_batch.image + sign * fixed_batch.profile * ((low + high) / 2 / window_width)).clamp(0, 1)
         rules_scores = heldout_scores(rule_images, fixed_batch, critic, config.qc_threshold, window_width)
         rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
@@ -284,8 +296,7 @@ def train_generator(
                     _save_generator(
                         accelerator.unwrap_model(generator),
                         gan,
-                        config,
-                        spacing,
+                        pipeline,
                         out / "checkpoints" / "best",
                         {"epoch": epoch, **scores},
                     )
@@ -294,32 +305,29 @@ def train_generator(
             break
     if accelerator.is_main_process:
         _save_generator(
-            accelerator.unwrap_model(generator), gan, config, spacing, out / "checkpoints" / "last", {"step": step}
+            accelerator.unwrap_model(generator), gan, pipeline, out / "checkpoints" / "last", {"step": step}
         )
         if not (out / "checkpoints" / "best").exists():
             _save_generator(
-                accelerator.unwrap_model(generator), gan, config, spacing, out / "checkpoints" / "best", {"step": step}
+                accelerator.unwrap_model(generator), gan, pipeline, out / "checkpoints" / "best", {"step": step}
             )
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
     return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
 
 
-def _save_generator(
-    generator: Any, gan: Any, config: TrainSynthConfig, spacing: Any, folder: Path, extra: dict[str, Any]
-) -> None:
+def _save_generator(generator: Any, gan: Any, pipeline: Any, folder: Path, extra: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     with atomic_path(folder / "generator.safetensors") as tmp:
         save_file(state, str(tmp))
-    window = WINDOWS[config.region]
     meta = {
         "generator": asdict(gan),
-        "spacing_mm": list(spacing),
-        "window_hu": [window.low, window.high],
-        "roi": list(config.roi),
+        "spacing_mm": list(pipeline.preprocessing.spacing_mm),
+        "window_hu": list(pipeline.preprocessing.window_hu),
+        "roi": list(pipeline.roi),
         "version": __version__,
         **extra,
     }
@@ -374,18 +382,21 @@ def import_released_generator(path: str | os.PathLike[str], *, device: str = "cp
         raise InputError(f"{path} holds no netG.* generator weights in the Models-Genesis UNet3D layout")
     out_channels = int(weights["out_tr.weight"].shape[0])
     base = int(weights["down_tr64.ops.0.conv1.weight"].shape[0])
-    region = "abdomen" if out_channels == 3 else "chest"
+    regions = [name for name in REGIONS if generator_channels(name) == out_channels]
+    if not regions:
+        raise InputError(f"{path}: a generator with {out_channels} output channels fits no region")
+    region = regions[0]
     gan = GanConfig(region=region, base_channels=base)
     generator = make_generator(gan)
     try:
         generator.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise InputError(f"{path}: netG does not match the generator layout: {str(exc).splitlines()[0]}") from exc
-    window = WINDOWS[region]
     meta = {
         "generator": asdict(gan),
-        "spacing_mm": [1.5, 1.5, 1.5] if region == "abdomen" else [1.25, 1.25, 5.0],
-        "window_hu": [window.low, window.high],
+        "spacing_mm": list(REGIONS[region].spacing_mm),
+        "window_hu": list(REGIONS[region].window_hu),
+        "roi": list(REGIONS[region].roi),
         "source": str(path),
     }
     return generator.to(device).eval(), meta

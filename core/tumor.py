@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from freetumor_cli.core.errors import LabelError, OrganTooSmallError
-from freetumor_cli.core.labels import OrganSpec
-from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SizeClass, SynthesisConfig
+from freetumor_cli.core.errors import ConfigError, LabelError, OrganTooSmallError
+from freetumor_cli.core.registry import SIZE_CLASSES, Organ
+from freetumor_cli.core.synthesis_config import SizeClass, SynthesisConfig
 
 Floats = Sequence[float] | np.ndarray  # per-axis values in mm: a tuple or an array
 
@@ -64,7 +64,7 @@ class OrganGeometry:
             organ may go on beyond the field of view.
     """
 
-    organ: OrganSpec
+    organ: Organ
     mask: np.ndarray
     bbox: tuple[slice, slice, slice]
     spacing: np.ndarray
@@ -108,7 +108,7 @@ def body_axis(affine: np.ndarray) -> int:
 
 def prepare_organ(
     organ_mask: np.ndarray,
-    organ: OrganSpec,
+    organ: Organ,
     *,
     spacing: Floats,
     affine: np.ndarray,
@@ -166,15 +166,21 @@ def plan_size_classes(
     that does not fit raises :class:`OrganTooSmallError`. ``count=None`` draws the count from the
     class's range (with ``mix``, one class is drawn for the call, as SyntheticTumors does).
     """
-    fitting = [n for n in SIZE_CLASSES if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)]
+    allowed = geometry.organ.size_classes
+    fitting = [n for n in allowed if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)]
     if size != "mix":
+        if size not in allowed:
+            raise ConfigError(
+                f"{geometry.organ.tumor_name}s come in sizes {', '.join(allowed)}, not {size}",
+                hint="choose one of those sizes, or mix",
+            )
         if size not in fitting:
             raise too_small_error(geometry, size, config.size_class(size).radius_mm, config, fitting)
         n = count if count is not None else _draw_count(config.size_class(size), rng)
         return [size] * n
     if not fitting:
         raise too_small_error(geometry, "tiny", config.tiny.radius_mm, config, fitting)
-    dropped = [n for n in SIZE_CLASSES if n not in fitting]
+    dropped = [n for n in allowed if n not in fitting]
     if dropped:
         geometry.notes.append(
             f"mix: {', '.join(dropped)} tumors do not fit the {geometry.organ.name} "
@@ -685,8 +691,7 @@ def insert_tumor(
     shape = np.zeros(hi - lo, dtype=bool)
     shape[tuple(slice(int(a), int(a) + n) for a, n in zip(corner - lo, tight.shape, strict=True))] = tight
     organ_box = geometry.mask[box]
-    low, high = config.lung_hu_change if organ.region == "chest" else config.abdomen_hu_change
-    change_hu = float(rng.uniform(low, high))
+    change_hu = float(rng.uniform(*config.hu_change(organ.region)))
     # The organ (and so the tumor) may go on beyond the field of view: there the edge is not blurred.
     open_faces = [
         (bool(a == 0 and low), bool(b == n and high))
@@ -781,7 +786,7 @@ class SynthesisResult:
 def synthesize_in_organ(
     image: np.ndarray,
     organ_mask: np.ndarray,
-    organ: OrganSpec,
+    organ: Organ,
     *,
     spacing: Floats,
     affine: np.ndarray,
@@ -821,7 +826,9 @@ def synthesize_in_organ(
             raise ValueError("radius_mm must be positive")
         if not geometry.fits(radius_mm, config.min_depth_fraction):
             fitting = [
-                n for n in SIZE_CLASSES if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)
+                n
+                for n in organ.size_classes
+                if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)
             ]
             raise too_small_error(geometry, f"{radius_mm:g} mm", radius_mm, config, fitting)
         classes = ["custom"] * (count if count is not None else 1)

@@ -54,5 +54,12 @@ def oblique_affine(spacing: tuple[float, float, float] = (0.7, 0.9, 5.0)) -> np.
     return affine
 
 
+def flat(output: str) -> str:
+    """Command output as one line: the frame and line breaks of rich's error boxes removed."""
+    for char in "│╭╮╰╯─":
+        output = output.replace(char, " ")
+    return " ".join(output.split())
+
+
 def volume(array: np.ndarray, affine: np.ndarray | None = None) -> Volume:
     return Volume(array, np.eye(4) if affine is None else affine)

@@ -150,7 +150,7 @@ def gan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]
     prepare(root, prepared, PrepareConfig(folds=2, seed=1))
     runs = tmp_path_factory.mktemp("gan_runs")
     tiny = TrainSegConfig(
-        organ="all", model="unet-tiny", roi=(32, 32, 32), max_steps=2, workers=0, spacing_mm=(4.0, 4.0, 4.0)
+        task="all", model="unet-tiny", roi=(32, 32, 32), max_steps=2, workers=0, spacing_mm=(4.0, 4.0, 4.0)
     )
     train_segmentation(prepared, runs / "baseline", tiny)
     return prepared, runs / "baseline" / "checkpoints" / "best"
@@ -259,7 +259,7 @@ class TestTrainSynth:
         train_generator(prepared, root / "gen", self.config(max_steps=1), baseline=baseline)
         generator = root / "gen" / "checkpoints" / "best"
         config = TrainSegConfig(
-            organ="all", task="freesyn", synth=str(generator), model="unet-tiny", roi=(32, 32, 32), max_steps=2,
+            task="all", mode="freesyn", synth=str(generator), model="unet-tiny", roi=(32, 32, 32), max_steps=2,
             workers=0, spacing_mm=(4.0, 4.0, 4.0), labelled_repeats=1, qc_threshold=0.0,
         )  # fmt: skip
         summary = train_segmentation(prepared, root / "seg", config, baseline=baseline)
@@ -267,7 +267,7 @@ class TestTrainSynth:
         rows = [json.loads(line) for line in (root / "seg" / "metrics.jsonl").read_text().splitlines()]
         assert any(r.get("synthetic_tumor_voxels", 0) > 0 for r in rows)
         with pytest.raises((ConfigError, ValueError), match="generator checkpoint"):
-            TrainSegConfig(task="freesyn", synth=str(root / "nowhere"))
+            TrainSegConfig(mode="freesyn", synth=str(root / "nowhere"))
 
     def test_synthesize_with_the_generator_engine(self, gan_setup: tuple[object, object], tmp_path: object) -> None:
         import json

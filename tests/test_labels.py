@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freetumor_cli.core import labels as registry
+from freetumor_cli.core import registry
 from freetumor_cli.core.errors import LabelError
 from freetumor_cli.core.io import load_volume
 from freetumor_cli.core.synthesize import detect_label_scheme, organ_labels_in_region
@@ -13,15 +13,10 @@ from freetumor_cli.core.synthesize import detect_label_scheme, organ_labels_in_r
 from .conftest import volume
 
 
-def test_tumor_of_organ_k_is_k_plus_one() -> None:
-    for organ in registry.ORGANS.values():
-        space = registry.REGION_LABELS[organ.region]
-        assert space[organ.tumor_value].endswith(("tumor", "lesion"))
-
-
 def test_task_remaps_match_design() -> None:
-    assert registry.TASK_REMAPS["pancreas"] == {3: 1, 4: 2}
-    assert registry.TASK_REMAPS["kidney"] == {5: 1, 6: 2}
+    assert registry.TASKS["pancreas"].remap == {3: 1, 4: 2}
+    assert registry.TASKS["kidney"].remap == {5: 1, 6: 2}
+    assert registry.TASKS["liver"].labels == {0: "background", 1: "liver", 2: "liver_tumor"}
     from freetumor_cli.core.datasets import DATASETS, canonical_dataset
 
     assert DATASETS["Dataset220_KiTS2023"].remap == {1: 5, 2: 6, 3: 5}
@@ -41,7 +36,7 @@ def test_registry_module_is_pure_data() -> None:
     import subprocess
     import sys
 
-    code = "import sys; import freetumor_cli.core.labels; print('numpy' in sys.modules)"
+    code = "import sys; import freetumor_cli.core.registry; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.registry import ORGANS
 
 
 def test_phantom_anatomy_and_hu() -> None:

@@ -18,6 +18,8 @@ from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.prepare import PrepareConfig, prepare
 
+from .conftest import flat
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
@@ -93,7 +95,7 @@ def test_onlylabeled_run_folder_explains_itself(baseline: Path) -> None:
 
 def test_freesyn_with_quality_control(prepared: Path, baseline: Path, tmp_path: Path) -> None:
     summary = train_segmentation(
-        prepared, tmp_path / "freesyn", tiny_config(task="freesyn", max_steps=2, qc_threshold=0.0), baseline=baseline
+        prepared, tmp_path / "freesyn", tiny_config(mode="freesyn", max_steps=2, qc_threshold=0.0), baseline=baseline
     )
     assert summary.steps == 2 and all(np.isfinite(summary.losses))
     rows = [json.loads(line) for line in (tmp_path / "freesyn" / "metrics.jsonl").read_text().splitlines()]
@@ -162,7 +164,7 @@ def test_bad_inputs(prepared: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "r"), "--organ", "brain"]
     )
-    assert result.exit_code != 0 and "organ must be one of" in result.output
+    assert result.exit_code != 0 and "'brain' is not one of" in flat(result.output)
     result = runner.invoke(app, ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "r"), "--resume", *TINY])
     assert result.exit_code != 0 and "nothing to resume" in result.output
     result = runner.invoke(

@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 
 from freetumor_cli.core.errors import LabelError, OrganTooSmallError
-from freetumor_cli.core.labels import ORGANS
 from freetumor_cli.core.phantom import Phantom
+from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.tumor import (
     TumorDraw,
