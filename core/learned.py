@@ -2,8 +2,9 @@
 
 The rule-based engine still decides each tumor's shape, position, edge and texture (its patch is
 ``sign · blur(mask) · texture · d`` inside the organ); here the scalar ``d`` is replaced by the
-generator's per-voxel map, computed on the tumor's box reoriented to RAS, resampled to the generator's
-spacing and windowed as in training, then brought back to the CT's grid.
+generator's per-voxel map. The map is computed on the tumor's box of the CT, preprocessed by the same
+MONAI chain the generator was trained on (:class:`~freetumor_cli.core.preprocess.Preprocessing`:
+reoriented, resampled to its spacing, windowed), and inverted through that chain onto the CT's grid.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import Volume
+from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import Organ
 from freetumor_cli.core.tumor import SynthesisResult
 
@@ -28,54 +29,60 @@ def cached_generator(path: str) -> tuple[Any, dict[str, Any]]:
     return load_generator(path)
 
 
-def _resize(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    factors = [t / s for t, s in zip(shape, array.shape, strict=True)]
-    out = ndimage.zoom(array, factors, order=1, mode="nearest", grid_mode=True)
-    # zoom rounds each axis; trim or pad by one voxel where it lands off.
-    out = out[tuple(slice(0, n) for n in shape)]
-    pads = [(0, n - m) for n, m in zip(shape, out.shape, strict=True)]
-    return np.pad(out, pads, mode="edge") if any(p for _, p in pads) else out
+def generator_preprocessing(meta: dict[str, Any]) -> Preprocessing:
+    """The preprocessing a generator was trained with, from its metadata (``generator.json``)."""
+    return Preprocessing.for_region(
+        meta["generator"]["region"], spacing_mm=meta["spacing_mm"], window_hu=meta["window_hu"]
+    )
 
 
 def generator_map(
-    region_hu: np.ndarray,
-    spacing: np.ndarray,
-    affine: np.ndarray,
-    generator: Any,
-    meta: dict[str, Any],
-    organ: Organ,
+    box_hu: np.ndarray, box_affine: np.ndarray, generator: Any, meta: dict[str, Any], organ: Organ
 ) -> np.ndarray:
-    """The generator's intensity change (HU per unit of profile) on a box of the CT, same shape."""
-    import nibabel as nib
+    """The generator's intensity change (HU per unit of profile) on a box of the CT, on the box's grid.
+
+    Args:
+        box_hu: the box's voxels in HU, shape ``(I, J, K)``.
+        box_affine: the box's voxel-to-world matrix.
+        generator: the generator network (eval mode).
+        meta: its metadata (region, spacing, window).
+        organ: the tumor's organ (its generator channel).
+
+    Returns:
+        float32, shape ``(I, J, K)``.
+    """
     import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd
 
     from freetumor_cli.core.gan import intensity_map
 
-    low, high = meta["window_hu"]
-    ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.apply_orientation(region_hu, ornt)
-    ras_spacing = np.empty(3)
-    ras_spacing[ornt[:, 0].astype(int)] = spacing
-    target = np.asarray(meta["spacing_mm"], dtype=np.float64)
-    shape = tuple(max(8, round(float(n * s / t))) for n, s, t in zip(ras.shape, ras_spacing, target, strict=True))
-    windowed = np.clip((ras.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    resampled = _resize(windowed, shape)
-    padded_shape = tuple(-(-n // 8) * 8 for n in shape)
-    padded = np.pad(resampled, [(0, p - n) for n, p in zip(shape, padded_shape, strict=True)], mode="edge")
+    preprocessing = generator_preprocessing(meta)
+    chain = Compose(preprocessing.transforms(("image",), load=False, crop_foreground=False))
+    image = MetaTensor(
+        torch.from_numpy(np.asarray(box_hu, dtype=np.float32).copy())[None], affine=torch.as_tensor(box_affine)
+    )
+    data = chain({"image": image})
+    x = data["image"]
+    shape = tuple(int(n) for n in x.shape[1:])
+    # The network halves the grid three times: pad to a multiple of 8 by repeating the edge.
+    pads = [max(8, -(-n // 8) * 8) - n for n in shape]
+    padded = torch.nn.functional.pad(x.as_tensor()[None], [p for n in reversed(pads) for p in (0, n)], mode="replicate")
     with torch.no_grad():
-        out = generator(torch.from_numpy(padded)[None, None])
-        change = intensity_map(out, [organ.generator_channel], meta["generator"]["region"])[0, 0].numpy()
-    change = _resize(change[tuple(slice(0, n) for n in shape)], ras.shape)
-    to_original = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
-    back = nib.orientations.apply_orientation(change, to_original)
-    return back.astype(np.float32) * np.float32(high - low)
+        out = generator(padded)
+        change = intensity_map(out, [organ.generator_channel], meta["generator"]["region"])[0]
+    change = change[:, : shape[0], : shape[1], : shape[2]]
+    data["map"] = MetaTensor(change, meta=dict(x.meta), applied_operations=list(x.applied_operations))
+    back = Invertd(keys="map", transform=chain, orig_keys="image", nearest_interp=False)(data)["map"]
+    low, high = preprocessing.window_hu
+    return np.asarray(back[0], dtype=np.float32) * np.float32(high - low)
 
 
 def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, generator_path: str) -> SynthesisResult:
     """Replace each rule-based patch's scalar change by the generator's map (same shapes and masks)."""
     generator, meta = cached_generator(str(generator_path))
     region = meta["generator"]["region"]
-    if (region == "chest") != (organ.region == "chest"):
+    if region != organ.region:
         raise InputError(
             f"the generator {generator_path} is for the {region}; --organ {organ.name} is not",
             hint="use a generator trained for that region",
@@ -88,8 +95,9 @@ def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, genera
         lo = offset + np.array([s.start for s in box])
         hi = offset + np.array([s.stop for s in box])
         global_box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        hu = np.asarray(image.array[global_box], dtype=np.float32)
-        change = generator_map(hu, image.spacing, image.affine, generator, meta, organ)
+        box_affine = image.affine.copy()
+        box_affine[:3, 3] = image.voxel_to_world(lo)
+        change = generator_map(image.array[global_box], box_affine, generator, meta, organ)
         new_delta = (organ.tumor_sign * profile * change).astype(np.float32)
         patches.append((box, new_delta))
         mask = result.tumor_mask[box]

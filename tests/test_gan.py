@@ -387,3 +387,43 @@ def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[obje
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss_g" in r] == [1, 2]  # written once, by the main process
     assert (out / "checkpoints" / "last" / "generator.safetensors").is_file()
+
+
+def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: object) -> None:
+    """The generator sees in ``synthesize`` what the training chain makes of the same voxels."""
+    from pathlib import Path
+
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import Compose
+
+    from freetumor_cli.core.learned import generator_map, generator_preprocessing
+    from freetumor_cli.core.phantom import make_phantom
+    from freetumor_cli.core.registry import ORGANS
+
+    from .conftest import oblique_affine
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen = x.clone()
+            return torch.ones(x.shape[0], 3, *x.shape[2:])
+
+    p = make_phantom((40, 36, 20), (3.0, 3.0, 4.0), seed=1)
+    affine = oblique_affine((3.0, 3.5, 4.0))
+    box_hu = p.ct.array[5:31, 4:30, 3:17].astype(np.int16)
+    box_affine = affine.copy()
+    box_affine[:3, 3] = affine[:3, :3] @ np.array([5, 4, 3]) + affine[:3, 3]
+    path = Path(str(tmp_path)) / "box.nii.gz"
+    nib.save(nib.Nifti1Image(box_hu, box_affine), path)
+    box_affine = nib.load(path).affine  # as synthesize has it: read from a file (float32 in the header)
+    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [1.5, 1.5, 1.5], "window_hu": [-175.0, 250.0]}
+    recorder = Recorder()
+    change = generator_map(box_hu, box_affine, recorder, meta, ORGANS["liver"])
+    chain = Compose(generator_preprocessing(meta).transforms(("image",), crop_foreground=False))
+    expected = chain({"image": str(path)})["image"].as_tensor()
+    seen = recorder.seen[0, :, : expected.shape[1], : expected.shape[2], : expected.shape[3]]
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+    assert all(n % 8 == 0 for n in recorder.seen.shape[2:])
+    # The map comes back on the box's own grid: tanh(1), blurred, in HU per unit of profile, inside.
+    assert change.shape == box_hu.shape
+    assert float(np.median(change[8:18, 8:18, 5:9])) == pytest.approx(np.tanh(1.0) * 425.0, rel=1e-3)
