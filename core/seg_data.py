@@ -118,8 +118,8 @@ class TumorGeometryd(OnlineSynthesisd):
     """Rule-based tumor geometry for the learned generator: the crop stays as it is.
 
     Adds ``synth_mask`` (the tumor voxels), ``profile`` (the engine's blur(mask) · texture inside the
-    organ, i.e. its intensity change per unit of HU change) and ``organ_channel`` (the generator channel
-    of the tumor's organ: 0 liver or lung, 1 pancreas, 2 kidney). The label marks the tumor too.
+    organ, i.e. its intensity change per unit of HU change) and ``organ_index`` (the tumor's organ, as
+    an index into the task's organs). The label marks the tumor too.
     """
 
     def __init__(
@@ -142,7 +142,7 @@ class TumorGeometryd(OnlineSynthesisd):
         img = np.asarray(data["image"][0], dtype=np.float32)
         synth = np.zeros(lab.shape, dtype=bool)
         profile = np.zeros(lab.shape, dtype=np.float32)
-        channel = 0
+        organ_index = 0  # crops without a tumor: the task's first organ (nothing reads it there)
         drawn = self._draw(img, lab)
         if drawn is not None:
             value, result = drawn
@@ -152,11 +152,11 @@ class TumorGeometryd(OnlineSynthesisd):
             profile[result.bbox] = box_profile
             synth[result.bbox] = result.tumor_mask
             lab[synth] = value + 1
-            channel = ORGANS[TASKS[self.task].organ_values[value]].generator_channel
+            organ_index = TASKS[self.task].organs.index(TASKS[self.task].organ_values[value])
         data["label"] = torch.as_tensor(lab[None].astype(np.float32))
         data["synth_mask"] = torch.as_tensor(synth[None])
         data["profile"] = torch.as_tensor(profile[None])
-        data["organ_channel"] = torch.tensor([channel])
+        data["organ_index"] = torch.tensor([organ_index])
         return data
 
 

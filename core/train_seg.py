@@ -31,7 +31,7 @@ from freetumor_cli.core.gan import compose, intensity_map
 from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_choices
+from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, TaskName, check_choices
 from freetumor_cli.core.seg_data import (
     Pipeline,
     SeededDataset,
@@ -311,7 +311,7 @@ def train_segmentation(
             if generator is not None and "profile" in batch:
                 # The learned map in place of the rule-based scalar, batched on the device.
                 batch["image_orig"] = images
-                channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
+                channels = [ORGANS[task.organs[int(i)]].generator_channel for i in batch["organ_index"].flatten()]
                 with torch.no_grad():
                     change = intensity_map(generator(images), channels, task.region)
                 images = compose(images, batch["profile"], change, float(REGIONS[task.region].tumor_sign))

@@ -105,16 +105,15 @@ class SynthSummary:
 def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
     from freetumor_cli.core.gan import GanBatch
 
-    by_channel = {ORGANS[name].generator_channel: name for name in TASKS[task].organs}
-    channels = [int(c) for c in batch["organ_channel"].flatten().tolist()]
+    organs = [TASKS[task].organs[int(i)] for i in batch["organ_index"].flatten().tolist()]
     return GanBatch(
         image=batch["image"],
         labels=batch["label"],
         synth_mask=batch["synth_mask"].bool(),
         profile=batch["profile"],
-        organ_channels=channels,
+        organ_channels=[ORGANS[o].generator_channel for o in organs],
         tumor_values=TASKS[task].tumor_values,
-        seg_tumor_channels=[TASKS[critic_task].tumor_channel(by_channel[c]) for c in channels],
+        seg_tumor_channels=[TASKS[critic_task].tumor_channel(o) for o in organs],
     )
 
 

@@ -13,7 +13,7 @@ def collate_crops(samples: list[Any]) -> dict[str, Any]:
     import torch
 
     crops = [c for s in samples for c in (s if isinstance(s, list) else [s])]
-    keys = [k for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_channel") if k in crops[0]]
+    keys = [k for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_index") if k in crops[0]]
     return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
 
 

@@ -427,3 +427,41 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     # The map comes back on the box's own grid: tanh(1), blurred, in HU per unit of profile, inside.
     assert change.shape == box_hu.shape
     assert float(np.median(change[8:18, 8:18, 5:9])) == pytest.approx(np.tanh(1.0) * 425.0, rel=1e-3)
+
+
+def test_train_synth_with_a_pancreas_critic(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A single-organ critic other than the liver: every crop reads its organ's channel (a KeyError before)."""
+    import json
+
+    import numpy as np
+
+    from freetumor_cli.core.io import save_volume
+    from freetumor_cli.core.phantom import make_phantom
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+    from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
+    from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
+
+    root = tmp_path_factory.mktemp("pancreas_root")
+    for i in range(2):
+        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=30 + i, tumors={"pancreas": 1})
+        msd = np.select([p.labels.array == 3, p.labels.array == 4], [1, 2], 0).astype(np.uint8)  # MSD: 1 organ, 2 tumor
+        save_volume(p.ct.array, p.ct, root / "Dataset007_Pancreas" / "imagesTr" / f"pancreas_{i}_0000.nii.gz")
+        save_volume(msd, p.ct, root / "Dataset007_Pancreas" / "labelsTr" / f"pancreas_{i}.nii.gz", label=True)
+        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=40 + i)
+        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
+        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    prepared = tmp_path_factory.mktemp("pancreas_prepared")
+    prepare(root, prepared, PrepareConfig(folds=2, seed=0))
+    runs = tmp_path_factory.mktemp("pancreas_runs")
+    critic = TrainSegConfig(
+        task="pancreas", model="unet-tiny", roi=(32, 32, 32), max_steps=1, workers=0, spacing_mm=(4.0, 4.0, 4.0),
+        val_every=10**6,
+    )  # fmt: skip
+    train_segmentation(prepared, runs / "critic", critic)
+    config = TrainSynthConfig(base_channels=4, max_steps=2, workers=0, labelled_repeats=1, heldout_crops=4)
+    summary = train_generator(prepared, runs / "gen", config, baseline=runs / "critic" / "checkpoints" / "last")
+    assert summary.steps == 2
+    rows = [json.loads(line) for line in (runs / "gen" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss_g" in r] == [1, 2]
+    meta = json.loads((runs / "gen" / "checkpoints" / "last" / "generator.json").read_text())
+    assert meta["roi"] == [32, 32, 32] and meta["spacing_mm"] == [4.0, 4.0, 4.0]  # the critic's crop and grid
