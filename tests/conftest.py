@@ -54,6 +54,39 @@ def oblique_affine(spacing: tuple[float, float, float] = (0.7, 0.9, 5.0)) -> np.
     return affine
 
 
+def write_phantom_root(
+    root: Path,
+    *,
+    organ: str = "liver",
+    labelled: int = 3,
+    organ_only: int = 3,
+    seed: int = 0,
+    organ_only_seed: int = 10,
+) -> Path:
+    """A data root of 4 mm phantoms: ``labelled`` cases with tumors of ``organ`` in their source dataset's
+    own label convention (LiTS, MSD pancreas, KiTS23), and ``organ_only`` BTCV-style cases."""
+    from freetumor_cli.core.datasets import DATASETS
+    from freetumor_cli.core.registry import ORGANS
+
+    target = ORGANS[organ]
+    spec = next(d for d in DATASETS.values() if d.role == "tumor" and d.remap and d.remap.get(2) == target.tumor_value)
+    to_source = {
+        region: source for source, region in spec.remap.items() if region in (target.value, target.tumor_value)
+    }
+    for i in range(labelled):
+        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=seed + i, tumors={organ: 2 if organ == "liver" else 1})
+        source = np.zeros(p.labels.shape, dtype=np.uint8)
+        for region_value, source_value in to_source.items():
+            source[p.labels.array == region_value] = source_value
+        save_volume(p.ct.array, p.ct, root / spec.name / "imagesTr" / f"{organ}_{i}_0000.nii.gz")
+        save_volume(source, p.ct, root / spec.name / "labelsTr" / f"{organ}_{i}.nii.gz", label=True)
+    for i in range(organ_only):
+        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=organ_only_seed + i)
+        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
+        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    return root
+
+
 def flat(output: str) -> str:
     """Command output as one line: the frame and line breaks of rich's error boxes removed."""
     for char in "│╭╮╰╯─":

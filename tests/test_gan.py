@@ -126,26 +126,12 @@ def test_released_checkpoint_keys_map_onto_our_modules() -> None:
 
 @pytest.fixture(scope="module")
 def gan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
-    import numpy as np
-
-    from freetumor_cli.core.io import save_volume
-    from freetumor_cli.core.phantom import make_phantom
     from freetumor_cli.core.prepare import PrepareConfig, prepare
     from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
 
-    root = tmp_path_factory.mktemp("gan_root")
-    for i in range(3):
-        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=i, tumors={"liver": 2})
-        save_volume(p.ct.array, p.ct, root / "Dataset003_Liver" / "imagesTr" / f"liver_{i}_0000.nii.gz")
-        save_volume(
-            np.where(np.isin(p.labels.array, [1, 2]), p.labels.array, 0),
-            p.ct,
-            root / "Dataset003_Liver" / "labelsTr" / f"liver_{i}.nii.gz",
-            label=True,
-        )
-        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=20 + i)
-        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
-        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    from .conftest import write_phantom_root
+
+    root = write_phantom_root(tmp_path_factory.mktemp("gan_root"), organ_only_seed=20)
     prepared = tmp_path_factory.mktemp("gan_prepared")
     prepare(root, prepared, PrepareConfig(folds=2, seed=1))
     runs = tmp_path_factory.mktemp("gan_runs")
@@ -433,23 +419,14 @@ def test_train_synth_with_a_pancreas_critic(tmp_path_factory: pytest.TempPathFac
     """A single-organ critic other than the liver: every crop reads its organ's channel (a KeyError before)."""
     import json
 
-    import numpy as np
-
-    from freetumor_cli.core.io import save_volume
-    from freetumor_cli.core.phantom import make_phantom
     from freetumor_cli.core.prepare import PrepareConfig, prepare
     from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
     from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
 
+    from .conftest import write_phantom_root
+
     root = tmp_path_factory.mktemp("pancreas_root")
-    for i in range(2):
-        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=30 + i, tumors={"pancreas": 1})
-        msd = np.select([p.labels.array == 3, p.labels.array == 4], [1, 2], 0).astype(np.uint8)  # MSD: 1 organ, 2 tumor
-        save_volume(p.ct.array, p.ct, root / "Dataset007_Pancreas" / "imagesTr" / f"pancreas_{i}_0000.nii.gz")
-        save_volume(msd, p.ct, root / "Dataset007_Pancreas" / "labelsTr" / f"pancreas_{i}.nii.gz", label=True)
-        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=40 + i)
-        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
-        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    write_phantom_root(root, organ="pancreas", labelled=2, organ_only=2, seed=30, organ_only_seed=40)
     prepared = tmp_path_factory.mktemp("pancreas_prepared")
     prepare(root, prepared, PrepareConfig(folds=2, seed=0))
     runs = tmp_path_factory.mktemp("pancreas_runs")

@@ -14,11 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from freetumor_cli.app import app
-from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.prepare import PrepareConfig, prepare
 
-from .conftest import flat
+from .conftest import flat, write_phantom_root
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -43,15 +42,7 @@ def tiny_config(**changes: object) -> TrainSegConfig:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("root")
-    for i in range(3):
-        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=i, tumors={"liver": 2})
-        lab = np.where(np.isin(p.labels.array, [1, 2]), p.labels.array, 0)
-        save_volume(p.ct.array, p.ct, root / "Dataset003_Liver" / "imagesTr" / f"liver_{i}_0000.nii.gz")
-        save_volume(lab, p.ct, root / "Dataset003_Liver" / "labelsTr" / f"liver_{i}.nii.gz", label=True)
-        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=10 + i)
-        save_volume(q.ct.array, q.ct, root / "BTCV" / "imagesTr" / f"img000{i}.nii.gz")
-        save_volume(q.labels.array, q.ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True)
+    root = write_phantom_root(tmp_path_factory.mktemp("root"))
     out = tmp_path_factory.mktemp("prepared")
     prepare(root, out, PrepareConfig(folds=2, seed=1))  # fold 0: two liver cases train, one validates
     return out
