@@ -105,7 +105,7 @@ def evaluate(
     from rich.table import Table
 
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.evaluate import EvaluateConfig, match_cases, write_reports
+    from freetumor_cli.core.evaluate import EvaluateConfig, match_cases, predict_for_scoring, write_reports
     from freetumor_cli.core.evaluate import evaluate as run_evaluation
 
     flags = {
@@ -119,9 +119,14 @@ def evaluate(
     }
     cfg = build_config(EvaluateConfig, file=config, overrides=set_ or [], flags=flags)
     if checkpoint is not None:
-        pred, gt, cfg = _predict_first(
-            checkpoint, data, out, cfg, overlap=overlap, tta=tta, explicit_classes=bool(classes)
-        )
+        if data is None:
+            raise InputError("--checkpoint needs --data: a data list, a folder of CTs or one CT")
+        with progress_bar("predict") as progress:
+            bar = progress.add_task("", total=None)
+            pred, gt, cfg, source = predict_for_scoring(
+                checkpoint, data, out, cfg, overlap=overlap, tta=tta, on_case_done=lambda _p: progress.advance(bar)
+            )
+        note(f"images: {source}")
         if gt is None:
             console.print(f"predictions written to {pred} (no labels known for these images: nothing to score)")
             return
@@ -163,34 +168,3 @@ def evaluate(
     console.print(
         f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
     )
-
-
-def _predict_first(
-    checkpoint: Path, data: Path | None, out: Path, cfg: object, *, overlap: float, tta: bool, explicit_classes: bool
-) -> tuple[Path, Path | None, object]:
-    """Predict ``data`` with ``checkpoint`` into OUT/predictions; return (pred dir, ground truth or None, config)."""
-    import json
-    from dataclasses import replace
-
-    from freetumor_cli.core.io import write_text_atomic
-    from freetumor_cli.core.predict import predict_cases
-    from freetumor_cli.core.registry import TASKS
-    from freetumor_cli.core.synthesize import collect_cases
-
-    if data is None:
-        raise InputError("--checkpoint needs --data: a data list, a folder of CTs or one CT")
-    cases = collect_cases(data)
-    predictions = out / "predictions"
-    with progress_bar("predict") as progress:
-        task = progress.add_task("", total=len(cases))
-        _, model_config = predict_cases(
-            checkpoint, [c.image for c in cases], predictions, overlap=overlap, tta=tta,
-            on_case_done=lambda _p: progress.advance(task),
-        )  # fmt: skip
-    labelled = [c for c in cases if c.labels is not None]
-    if not labelled:
-        return predictions, None, cfg
-    entries = [{"image": str(c.image), "label": str(c.labels)} for c in labelled]
-    ground_truth = write_text_atomic(out / "ground_truth.json", json.dumps({"testing": entries}, indent=1) + "\n")
-    classes = cfg.classes if explicit_classes else TASKS[model_config.task].region_class_names  # type: ignore[attr-defined]
-    return predictions, ground_truth, replace(cfg, label_scheme=model_config.region, classes=tuple(classes))  # type: ignore[type-var]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,9 @@ from freetumor_cli.commands._common import (
     report_errors,
     warn,
 )
+
+if TYPE_CHECKING:
+    from freetumor_cli.core.store import BuildResult
 
 
 @report_errors
@@ -40,13 +43,32 @@ def prepare(
             show_default=False,
         ),
     ] = None,
-    preprocess: Annotated[
+    store: Annotated[
         bool,
         typer.Option(
-            "--preprocess",
-            help="Also write resampled, windowed, cropped arrays to a cache keyed by the preprocessing config.",
+            "--store/--no-store",
+            help="Write the case store: every case preprocessed once (RAS, spacing, window, foreground crop), "
+            "read a crop at a time by train-seg, train-synth and evaluate. Without it, training decodes and "
+            "resamples a CT per sample.",
         ),
-    ] = False,
+    ] = True,
+    store_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--store-dir",
+            help="Where the store goes (default OUT/store); on a cluster, storage every node reads.",
+            show_default=False,
+        ),
+    ] = None,
+    num_parts: Annotated[
+        int,
+        typer.Option(
+            "--num-parts",
+            help="Split the store build into this many parts (array jobs); needs an earlier prepare of OUT.",
+            min=1,
+        ),
+    ] = 1,
+    part_id: Annotated[int, typer.Option("--part-id", help="The part this job builds, 0 .. num-parts - 1.", min=0)] = 0,
     verify_images: Annotated[
         bool,
         typer.Option(
@@ -60,37 +82,38 @@ def prepare(
 ) -> None:
     """Pair, validate and remap a data root into manifest.jsonl, per-task data lists with folds and reports.
 
-    Example: freetumor prepare --data-root data --out prepared --folds 5 --workers 8
+    Examples: freetumor prepare --data-root data --out prepared --folds 5 --workers 8
+              freetumor prepare --out prepared --num-parts 16 --part-id $SLURM_ARRAY_TASK_ID   (after one prepare --no-store)
     """
 
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.prepare import PrepareConfig, preprocess_cache
+    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.prepare import PrepareConfig
     from freetumor_cli.core.prepare import prepare as run_prepare
 
+    if part_id >= num_parts:
+        raise InputError(f"--part-id {part_id} must be below --num-parts {num_parts}")
     flags = {
         "datasets": list(datasets) if datasets else None,
         "folds": folds,
         "seed": seed,
-        "preprocess": True if preprocess else None,
+        "store": store,
         "verify_images": True if verify_images else None,
         "strict": True if strict else None,
     }
     cfg = build_config(PrepareConfig, file=config, overrides=set_ or [], flags=flags)
+    if num_parts > 1:  # one share of the store of an already prepared folder
+        _build_store(out, cfg, store_dir, workers=workers, num_parts=num_parts, part_id=part_id)
+        return
     with progress_bar() as progress:
         task = progress.add_task("validate", total=None)
+        store_task = progress.add_task("case store", total=None, visible=False)
         result = run_prepare(
-            data_root, out, cfg, pairs=pairs, workers=workers,
+            data_root, out, cfg, pairs=pairs, workers=workers, store_dir=store_dir,
             on_found=lambda n: progress.update(task, total=n), on_case_done=lambda: progress.advance(task),
+            on_store_start=lambda n: progress.update(store_task, total=n, visible=True),
+            on_store_case=lambda _name, _what: progress.advance(store_task),
         )  # fmt: skip
-        if cfg.preprocess:
-            pp_task = progress.add_task("preprocess", total=None)
-            cache, written, reused = preprocess_cache(
-                out,
-                cfg,
-                workers=workers,
-                on_start=lambda n: progress.update(pp_task, total=n),
-                on_case_done=lambda: progress.advance(pp_task),
-            )
     for name, report in sorted(result.reports.items()):
         line = f"{name}: {report.found} found, {report.valid} usable"
         if report.skipped:
@@ -101,5 +124,29 @@ def prepare(
     console.print(
         f"{result.valid} usable case(s), {result.skipped} skipped; wrote manifest.jsonl, {len(result.datalists)} data lists, dataset.json, labels.json, prepare_report.md to {out}"
     )
-    if cfg.preprocess:
-        console.print(f"preprocessing cache {cache}: {written} case(s) written, {reused} reused")
+    if result.store is not None and result.store_dir is not None:
+        _report_store(result.store_dir, result.store, "")
+    elif not cfg.store:
+        console.print("no case store (--no-store): training will decode and resample every sample's CT")
+
+
+def _build_store(out: Path, cfg: object, store_dir: Path | None, *, workers: int, num_parts: int, part_id: int) -> None:
+    from freetumor_cli.core.prepare import build_case_store
+
+    with progress_bar() as progress:
+        task = progress.add_task("case store", total=None)
+        root, built = build_case_store(
+            out, cfg, store_dir=store_dir, workers=workers, num_parts=num_parts, part_id=part_id,  # type: ignore[arg-type]
+            on_start=lambda n: progress.update(task, total=n), on_case_done=lambda _name, _what: progress.advance(task),
+        )  # fmt: skip
+    _report_store(root, built, f" (part {part_id} of {num_parts})")
+
+
+def _report_store(root: Path, built: BuildResult, part: str) -> None:
+    stored = built.built + built.rebuilt + built.reused
+    console.print(
+        f"case store {root}{part}: {built.built} case(s) built, {built.rebuilt} rebuilt, {built.reused} up to date; "
+        f"{built.bytes / 2**20 / max(stored, 1):.1f} MB per case, {built.seconds:.0f} s"
+    )
+    for name, error in list(built.failed.items())[:10]:
+        warn(f"not stored (training reads it from its raw files): {name}: {error}")

@@ -182,6 +182,7 @@ def run_demo(
     from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
     from freetumor_cli.core.predict import predict_cases
     from freetumor_cli.core.prepare import PrepareConfig, prepare
+    from freetumor_cli.core.preprocess import PreprocessConfig
     from freetumor_cli.core.synthesis_config import SynthesizeConfig
     from freetumor_cli.core.synthesize import Case, synthesize_case
     from freetumor_cli.core.train_seg import train_segmentation
@@ -216,8 +217,10 @@ def run_demo(
     lap("world")
 
     prepared = out / "prepared"
-    step(f"prepare: pair, validate and split into data lists -> {prepared}")
-    prepare(world["data"], prepared, PrepareConfig(folds=5, seed=config.seed))
+    step(f"prepare: pair, validate, split into data lists and store the preprocessed cases -> {prepared}")
+    # The case store at the demo's voxel size: training reads its crops from there.
+    preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
+    prepare(world["data"], prepared, PrepareConfig(folds=5, seed=config.seed, preprocessing=preprocessing))
     lap("prepare")
 
     runs = out / "runs"

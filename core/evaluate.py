@@ -509,3 +509,52 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
+
+
+def predict_for_scoring(
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: EvaluateConfig,
+    *,
+    overlap: float = 0.75,
+    tta: bool = False,
+    on_case_done: Callable[[Path], None] | None = None,
+) -> tuple[Path, Path | None, EvaluateConfig, str]:
+    """Predict ``data`` (a data list, a folder of CTs or one CT) with a checkpoint into ``<out>/predictions``.
+
+    A data list of a prepared folder (``<prepared>/datalists/*.json``) is read from that folder's case
+    store where it holds the cases at the network's preprocessing. Cases with labels are listed in
+    ``<out>/ground_truth.json``, and the configuration is set to score the network's classes in its
+    region's label space (unless ``config.classes`` names some).
+
+    Returns:
+        (the predictions folder, the ground-truth list or None when no label is known, the scoring
+        configuration, which path the images came by).
+    """
+    from freetumor_cli.core.predict import predict_cases
+    from freetumor_cli.core.registry import TASKS
+    from freetumor_cli.core.synthesize import collect_cases
+
+    data_path = Path(data)
+    prepared = None
+    if data_path.suffix == ".json" and data_path.is_file():
+        entries = read_datalist(data_path)
+        candidate = data_path.parent.parent
+        prepared = candidate if (candidate / "manifest.jsonl").is_file() else None
+    else:
+        entries = [{"image": c.image, "label": c.labels} for c in collect_cases(data_path)]
+    if not entries:
+        raise InputError(f"no images in {data_path}")
+    predictions = Path(out_dir) / "predictions"
+    _, model_config, source = predict_cases(
+        checkpoint, entries, predictions, overlap=overlap, tta=tta, prepared=prepared, on_case_done=on_case_done
+    )
+    labelled = [{"image": str(e["image"]), "label": str(e["label"])} for e in entries if e.get("label")]
+    if not labelled:
+        return predictions, None, config, source
+    ground_truth = write_text_atomic(
+        Path(out_dir) / "ground_truth.json", json.dumps({"testing": labelled}, indent=1) + "\n"
+    )
+    classes = config.classes or TASKS[model_config.task].region_class_names
+    return predictions, ground_truth, replace(config, label_scheme=model_config.region, classes=tuple(classes)), source

@@ -140,6 +140,36 @@ def read_datalist(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def _nifti_path(path: str | os.PathLike[str], what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}", hint="check the path")
+    if path.is_dir():
+        raise InputError(f"{what} path is a folder, expected a NIfTI file: {path}")
+    if not is_nifti(path):
+        raise InputError(f"{what} file is not NIfTI (.nii or .nii.gz): {path}")
+    return path
+
+
+def load_header(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+    """A volume's geometry and header without its voxels (the array is a read-only view of zeros).
+
+    For writing results on an input's grid without decoding the input.
+    """
+    path = _nifti_path(path, what)
+    try:
+        image: Any = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many kinds; all mean "cannot read"
+        raise InputError(f"cannot read {what} {path}: {exc}".rstrip()) from exc
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise GeometryError(f"{what} {path} is not a 3D volume (shape {shape})", hint="pass a single 3D CT volume")
+    zeros = np.broadcast_to(np.zeros((), dtype=image.header.get_data_dtype()), shape)
+    return Volume(zeros, np.asarray(image.affine, dtype=np.float64), image.header.copy(), path)
+
+
 def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     """Read a 3D NIfTI volume.
 
@@ -154,13 +184,7 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
         InputError: the file is missing, unreadable or not NIfTI.
         GeometryError: the volume is not 3D.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}", hint="check the path")
-    if path.is_dir():
-        raise InputError(f"{what} path is a folder, expected a NIfTI file: {path}")
-    if not is_nifti(path):
-        raise InputError(f"{what} file is not NIfTI (.nii or .nii.gz): {path}")
+    path = _nifti_path(path, what)
     try:
         image: Any = _load_gzipped_nifti(path) if path.name.endswith(".gz") else nib.load(str(path))
         array = np.asanyarray(image.dataobj)

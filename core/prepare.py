@@ -3,8 +3,8 @@
 Steps: :func:`scan_data_root` (or :func:`read_pairs`) finds image/label pairs; :func:`validate_case`
 checks each one (image header only unless asked, label data always) and maps its labels into the
 abdomen or chest space; :func:`prepare` writes ``manifest.jsonl`` (streamed), per-task MONAI data
-lists for every fold, ``dataset.json``, ``labels.json`` and ``prepare_report.md``, and optionally a
-preprocessing cache keyed by a hash of the preprocessing configuration.
+lists for every fold, ``dataset.json``, ``labels.json`` and ``prepare_report.md``; then
+:func:`build_case_store` writes the case store (:mod:`freetumor_cli.core.store`), which training reads.
 
 Label files whose values change under the dataset's remap are written once, remapped, to
 ``<out>/labels/<dataset>/<case>.nii.gz``; others are referenced where they are. The data root is
@@ -42,6 +42,7 @@ from freetumor_cli.core.io import (
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
+from freetumor_cli.core.store import STORE_POINTER, BuildResult, build_store
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class PrepareConfig:
         seed: fold assignment seed (folds are a hash of seed, dataset and case id).
         strict: fail when any case is skipped.
         verify_images: read every image fully (catches truncated files; slower than headers only).
-        preprocess: write the preprocessing cache.
+        store: write the case store (each case preprocessed, read a crop at a time by training).
         preprocessing: the preprocessing constants.
     """
 
@@ -63,7 +64,7 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False
     verify_images: bool = False
-    preprocess: bool = False
+    store: bool = True
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -310,8 +311,8 @@ class PrepareResult:
     reports: dict[str, DatasetReport]
     unknown_folders: list[str]
     datalists: list[Path]
-    cache_dir: Path | None = None
-    cached: int = 0
+    store_dir: Path | None = None
+    store: BuildResult | None = None
 
 
 def _task_entries(records: Iterable[dict[str, Any]], task_name: str) -> list[dict[str, Any]]:
@@ -342,10 +343,14 @@ def prepare(
     *,
     pairs: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    store_dir: str | os.PathLike[str] | None = None,
     on_found: Callable[[int], None] | None = None,
     on_case_done: Callable[[], None] | None = None,
+    on_store_start: Callable[[int], None] | None = None,
+    on_store_case: Callable[[str, str], None] | None = None,
 ) -> PrepareResult:
-    """Scan, validate, remap and split; write the manifest, data lists and reports (see module doc)."""
+    """Scan, validate, remap and split; write the manifest, data lists and reports; then, with
+    ``config.store``, the case store (:func:`build_case_store`) in ``store_dir`` (default ``<out>/store``)."""
     out = Path(out_dir)
     root = Path(data_root)
     if pairs is None and root.resolve() in (out.resolve(), *out.resolve().parents):
@@ -400,6 +405,10 @@ def prepare(
     _write_metadata(out, records, config, result)
     if config.strict and skipped:
         raise InputError(f"{skipped} case(s) skipped and --strict is set (reasons in {out / 'prepare_report.md'})")
+    if config.store:
+        result.store_dir, result.store = build_case_store(
+            out, config, store_dir=store_dir, workers=workers, on_start=on_store_start, on_case_done=on_store_case
+        )
     return result
 
 
@@ -455,53 +464,41 @@ def report_markdown(result: PrepareResult, config: PrepareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _preprocess_job(args: tuple[dict[str, Any], str, PreprocessConfig]) -> str | None:
-    record, cache_dir, pp = args
-    target = Path(cache_dir) / record["dataset"] / f"{record['case']}.npz"
-    if target.is_file():
-        return None
-    from monai import transforms as T
-
-    steps = pp.for_region(record["region"]).transforms(("image", "label"))
-    data = T.Compose(steps)({"image": record["image"], "label": record["label"]})
-    image = np.asarray(data["image"][0], dtype=np.float16)
-    label = np.asarray(data["label"][0]).astype(np.uint8)
-    with atomic_path(target) as tmp, tmp.open("wb") as handle:
-        np.savez(handle, image=image, label=label)
-    return str(target)
+def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``<out>/manifest.jsonl``."""
+    path = Path(out_dir) / "manifest.jsonl"
+    if not path.is_file():
+        raise InputError(f"no manifest in {out_dir}", hint="run freetumor prepare without --num-parts first")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
-def preprocess_cache(
+def build_case_store(
     out_dir: str | os.PathLike[str],
     config: PrepareConfig,
     *,
+    store_dir: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    num_parts: int = 1,
+    part_id: int = 0,
     on_start: Callable[[int], None] | None = None,
-    on_case_done: Callable[[], None] | None = None,
-) -> tuple[Path, int, int]:
-    """Write resampled, windowed, cropped arrays of every manifest case to ``cache/pp-<hash>/``.
+    on_case_done: Callable[[str, str], None] | None = None,
+) -> tuple[Path, BuildResult]:
+    """Write (or complete) the case store of every case in ``<out>/manifest.jsonl``.
+
+    The store goes to ``store_dir`` (default ``<out>/store``); a store elsewhere is recorded in
+    ``<out>/store.json`` so that the training loops find it. See :mod:`freetumor_cli.core.store`.
 
     Returns:
-        (cache folder, cases written now, cases already cached).
+        (the store folder, what the build did).
     """
     out = Path(out_dir)
-    pp = config.preprocessing
-    cache = out / "cache" / f"pp-{pp.digest()}"
-    cache.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache / "preprocessing.json", json.dumps(to_dict(pp), indent=2) + "\n")
-    with (out / "manifest.jsonl").open(encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    if on_start:
-        on_start(len(records))
-    jobs = [(r, str(cache), pp) for r in records]
-    written = 0
-    pool = process_pool(workers) if workers > 1 else None
-    try:
-        for path in pool.map(_preprocess_job, jobs) if pool else map(_preprocess_job, jobs):
-            written += path is not None
-            if on_case_done:
-                on_case_done()
-    finally:
-        if pool:
-            pool.shutdown()
-    return cache, written, len(records) - written
+    root = Path(store_dir) if store_dir is not None else out / "store"
+    if store_dir is not None:
+        write_text_atomic(out / STORE_POINTER, json.dumps({"path": str(root.resolve())}, indent=2) + "\n")
+    records = read_manifest(out)
+    result = build_store(
+        records, root, config.preprocessing.for_region, workers=workers, num_parts=num_parts, part_id=part_id,
+        on_start=on_start, on_case_done=on_case_done,
+    )  # fmt: skip
+    return root, result

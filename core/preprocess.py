@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from freetumor_cli.core.registry import REGIONS, RegionName, check_choices, task
+from freetumor_cli.core.registry import REGIONS, RegionName, check_choices
 
 
 @dataclass(frozen=True)
@@ -96,17 +96,6 @@ class Preprocessing:
         if self.crop_foreground if crop_foreground is None else crop_foreground:
             steps.append(T.CropForegroundd(keys=keys, source_key=keys[0], allow_smaller=True))
         return steps
-
-
-def task_remap_transform(task_name: str, key: str = "label") -> Any:
-    """MONAI transform mapping region-space labels into a task's label space (identity for region tasks)."""
-    from monai.transforms import Identityd, MapLabelValued
-
-    t = task(task_name)
-    if t.remap is None:
-        return Identityd(keys=[key])
-    sources = sorted(v for v in REGIONS[t.region].labels if v)
-    return MapLabelValued(keys=[key], orig_labels=sources, target_labels=[t.remap.get(v, 0) for v in sources])
 
 
 @dataclass(frozen=True)

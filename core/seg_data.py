@@ -1,23 +1,27 @@
-"""Training data for segmentation: MONAI transforms, online tumor synthesis, CutMix, seeded sampling.
+"""Training data for segmentation: crops from the case store (or the raw files), online tumor synthesis,
+augmentation, CutMix, quality control, seeded sampling.
 
-Every random draw of a sample is seeded from (run seed, epoch, sample index), so a sample is the same
-whichever worker loads it and whether or not the run was resumed.
+The deterministic preprocessing of a case happens once, in ``prepare``'s store; a sample only samples
+and reads its crops, and everything random runs on the crops. Every random draw of a sample is seeded
+from (run seed, epoch, sample index), so a sample is the same whichever worker loads it and whether or
+not the run was resumed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.preprocess import Preprocessing, task_remap_transform
+from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
+from freetumor_cli.core.store import CaseSource
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 
 
@@ -42,8 +46,8 @@ class OnlineSynthesisd:
     """Insert one rule-based tumor into every crop that holds an organ and no real tumor.
 
     Works on [0, 1]-windowed crops: the engine's HU changes are divided by the window's width. Adds
-    ``synth_mask`` (the synthetic tumor voxels) and ``image_orig`` (the crop before synthesis) for the
-    quality-control step on the device.
+    ``synth_mask`` (the synthetic tumor voxels), ``image_orig`` (the crop before synthesis) and
+    ``organ_index`` (the tumor's organ, an index into the task's organs) for the quality-control step.
     """
 
     def __init__(
@@ -55,8 +59,6 @@ class OnlineSynthesisd:
         config: SynthesisConfig | None = None,
         size: str = "mix",
     ) -> None:
-        from dataclasses import replace
-
         base = config or SynthesisConfig()
         width = float(window_hu[1] - window_hu[0])
         self.config = replace(
@@ -102,15 +104,18 @@ class OnlineSynthesisd:
         img = np.asarray(data["image"][0], dtype=np.float32)
         synth = np.zeros(lab.shape, dtype=bool)
         data["image_orig"] = torch.as_tensor(img[None]).clone()
+        organ_index = 0  # crops without a tumor: the task's first organ (nothing reads it there)
         drawn = self._draw(img, lab)
         if drawn is not None:
             value, result = drawn
             img[result.bbox] = np.clip(result.image, 0.0, 1.0)
             synth[result.bbox] = result.tumor_mask
             lab[synth] = value + 1
+            organ_index = TASKS[self.task].organs.index(TASKS[self.task].organ_values[value])
         data["image"] = torch.as_tensor(img[None])
         data["label"] = torch.as_tensor(lab[None].astype(np.float32))
         data["synth_mask"] = torch.as_tensor(synth[None])
+        data["organ_index"] = torch.tensor([organ_index])
         return data
 
 
@@ -130,8 +135,6 @@ class TumorGeometryd(OnlineSynthesisd):
         window_hu: tuple[float, float],
         config: SynthesisConfig | None = None,
     ) -> None:
-        from dataclasses import replace
-
         unit = replace(config or SynthesisConfig(), abdomen_hu_change=(1.0, 1.0), lung_hu_change=(1.0, 1.0))
         super().__init__(task, spacing_mm=spacing_mm, window_hu=(0.0, 1.0), config=unit, size="mix")
 
@@ -162,7 +165,7 @@ class TumorGeometryd(OnlineSynthesisd):
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Preprocessing and augmentation settings of a training run."""
+    """Preprocessing, crop sampling and augmentation settings of a training run."""
 
     task: str
     preprocessing: Preprocessing
@@ -175,29 +178,78 @@ class Pipeline:
     geometry_only: bool = False
 
 
-def load_transforms(p: Pipeline) -> list[Any]:
-    """Deterministic part: the region's preprocessing (load, orient, resample, window, crop), then the task remap."""
-    return [*p.preprocessing.transforms(("image", "label")), task_remap_transform(p.task)]
+def task_lut(task_name: str) -> np.ndarray:
+    """Lookup table from region label values to the task's (values the task does not keep become 0)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for region_value, task_value in TASKS[task_name].region_to_task().items():
+        lut[region_value] = task_value
+    return lut
 
 
-def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> Any:
+def sample_crop_origins(
+    shape: Sequence[int],
+    roi: Sequence[int],
+    locations: Mapping[int, np.ndarray],
+    counts: Mapping[int, int],
+    foreground: Collection[int],
+    *,
+    pos: float,
+    neg: float,
+    num: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """The first voxel of each of ``num`` crops of ``roi`` voxels from a case of ``shape``, as MONAI's
+    positive/negative sampling picks them (``SpatialPadd`` then ``RandCropByPosNegLabeld``).
+
+    Each crop is centred on a foreground voxel with probability ``pos / (pos + neg)`` (on a background
+    body voxel otherwise; on the other kind when one is missing), drawn uniformly: a label value by its
+    voxel count, then one of its stored locations. The crop is then moved to lie inside the case padded
+    symmetrically to at least ``roi``; its origin may be negative (the padding).
+
+    Args:
+        shape: the case's shape. roi: the crop's shape.
+        locations: label value -> ``(n, 3)`` voxel indices (a sample of that value's voxels).
+        counts: label value -> voxel count. foreground: the label values that count as positive.
+        pos, neg: the ratio. num: crops. rng: the sample's generator.
+    """
+    shape_a, roi_a = np.asarray(shape), np.asarray(roi)
+    padded = np.maximum(shape_a, roi_a)
+    pad_low = (padded - shape_a) // 2
+    fg = [v for v in sorted(locations) if v in foreground and counts.get(v, 0) > 0 and len(locations[v])]
+    bg = [v for v in sorted(locations) if v not in foreground and counts.get(v, 0) > 0 and len(locations[v])]
+    origins = []
+    for _ in range(num):
+        pool = fg if (rng.random() < pos / (pos + neg) and fg) or not bg else bg
+        if pool:
+            weights = np.array([counts[v] for v in pool], dtype=np.float64)
+            value = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
+            center = locations[value][int(rng.integers(len(locations[value])))]
+        else:
+            center = shape_a // 2
+        start = np.clip(center + pad_low - roi_a // 2, 0, padded - roi_a)
+        origins.append(start - pad_low)
+    return origins
+
+
+def read_crop(array: Any, origin: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """``array[origin : origin + roi]``, zeros where the crop leaves the array (a numpy or blosc2 array)."""
+    shape = np.asarray(array.shape)
+    lo, hi = np.asarray(origin), np.asarray(origin) + np.asarray(roi)
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    out = np.zeros(tuple(int(n) for n in roi), dtype=array.dtype)
+    if np.all(src_hi > src_lo):
+        source = tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi, strict=True))
+        target = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(src_lo, src_hi, lo, strict=True))
+        out[target] = array[source]
+    return out
+
+
+def crop_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> Any:
+    """The random part of a training sample, applied to each crop: online synthesis, then augmentation."""
     from monai import transforms as T
 
     pp = p.preprocessing
-    steps = [
-        *load_transforms(p),
-        T.SpatialPadd(keys=["image", "label"], spatial_size=p.roi),
-        T.RandCropByPosNegLabeld(
-            keys=["image", "label"],
-            label_key="label",
-            spatial_size=p.roi,
-            pos=p.pos,
-            neg=p.neg,
-            num_samples=p.crops_per_volume,
-            image_key="image",
-            image_threshold=0,
-        ),
-    ]
+    steps: list[Any] = []
     keys = ["image", "label"]
     if p.geometry_only:
         steps.append(TumorGeometryd(p.task, spacing_mm=pp.spacing_mm, window_hu=pp.window_hu, config=synthesis))
@@ -219,14 +271,28 @@ def train_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> A
     return T.Compose(steps)
 
 
-class SeededDataset:
-    """A map-style dataset whose random transforms are seeded per (seed, epoch, index)."""
+class CropDataset:
+    """A map-style dataset of training samples: ``crops_per_volume`` crops of one case each.
 
-    def __init__(self, entries: Sequence[dict[str, Any]], transform: Any, seed: int) -> None:
+    A sample reads its case from the store when it has it (only the crops' chunks are decompressed),
+    else from the raw files through the same preprocessing; samples its crops; maps their labels into
+    the task; and runs the random part on each crop. Every random draw is seeded from
+    (seed, epoch, index), so a sample is the same whichever worker or process loads it, whichever path
+    it is read by, and whether or not the run was resumed. Each crop carries its ``sample_index`` and
+    whether it came ``from_store``.
+    """
+
+    def __init__(
+        self, entries: Sequence[dict[str, Any]], source: CaseSource, pipeline: Pipeline, transform: Any, seed: int
+    ) -> None:
         self.entries = list(entries)
+        self.source = source
+        self.pipeline = pipeline
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.lut = task_lut(pipeline.task)
+        self.foreground = frozenset(TASKS[pipeline.task].region_to_task())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -234,14 +300,35 @@ class SeededDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        import torch
+
         seed = sample_seed(self.seed, self.epoch, index)
+        case = self.source.load(self.entries[index])
+        p = self.pipeline
+        origins = sample_crop_origins(
+            case.shape, p.roi, case.locations, case.counts, self.foreground,
+            pos=p.pos, neg=p.neg, num=p.crops_per_volume, rng=np.random.default_rng(seed),
+        )  # fmt: skip
         self.transform.set_random_state(seed=seed)
         for t in self.transform.transforms:
             if isinstance(t, OnlineSynthesisd):  # TumorGeometryd included
                 t.set_random_state(seed + 1)
-        entry = {k: self.entries[index][k] for k in ("image", "label")}
-        return self.transform(entry)
+        crops = []
+        for origin in origins:
+            image = read_crop(case.image, origin, p.roi).astype(np.float32)
+            label = self.lut[read_crop(case.label, origin, p.roi)].astype(np.float32)
+            crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])})
+            crop["sample_index"] = torch.tensor([index])
+            crop["from_store"] = torch.tensor([case.origin == "store"])
+            crops.append(crop)
+        return crops
+
+
+def case_for_validation(source: CaseSource, entry: dict[str, Any], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """A validation case's whole image (float32) and task labels on the preprocessed grid."""
+    case = source.load(entry)
+    return np.asarray(case.image[...], dtype=np.float32), task_lut(task)[np.asarray(case.label[...])]
 
 
 def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alpha: float = 0.2) -> tuple[Any, Any]:
@@ -296,3 +383,95 @@ def quality_control(
         shares.append(share)
         accepted.append(share > threshold)
     return accepted, shares
+
+
+@dataclass
+class SegBatch:
+    """A training batch on the device, all ``(B, 1, X, Y, Z)`` but ``organ_index`` (``(B,)``).
+
+    Attributes:
+        image: the crops as the network will see them.
+        label: task labels (synthetic tumors included while accepted).
+        synth_mask: where synthetic tumors were inserted (None without online synthesis).
+        image_orig: the crops before synthesis (None without online synthesis).
+        profile: blur(mask) · texture of the tumors, for the learned engine (None with the rules).
+        organ_index: each crop's tumor organ, an index into the task's organs.
+    """
+
+    image: Any
+    label: Any
+    synth_mask: Any = None
+    image_orig: Any = None
+    profile: Any = None
+    organ_index: Any = None
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any]) -> SegBatch:
+        mask = batch.get("synth_mask")
+        return cls(
+            image=batch["image"], label=batch["label"], synth_mask=None if mask is None else mask.bool(),
+            image_orig=batch.get("image_orig", batch["image"] if "profile" in batch else None),
+            profile=batch.get("profile"),
+            organ_index=batch["organ_index"].reshape(-1) if "organ_index" in batch else None,
+        )  # fmt: skip
+
+
+def learned_intensity(batch: SegBatch, generator: Any, task_name: str) -> SegBatch:
+    """The generator's map in place of the rule-based scalar, for the whole batch at once (no gradients)."""
+    import torch
+
+    from freetumor_cli.core.gan import compose, intensity_map
+
+    task = TASKS[task_name]
+    channels = [ORGANS[task.organs[int(i)]].generator_channel for i in batch.organ_index.tolist()]
+    with torch.no_grad():
+        change = intensity_map(generator(batch.image_orig), channels, task.region)
+    image = compose(batch.image_orig, batch.profile, change, float(REGIONS[task.region].tumor_sign))
+    return replace(batch, image=image)
+
+
+@dataclass(frozen=True)
+class QualityControlStats:
+    """What quality control saw in one batch: crops with a synthetic tumor, those kept, their mean share."""
+
+    seen: int
+    kept: int
+    share: float
+
+
+def quality_controlled(
+    batch: SegBatch, baseline: Any, channels: Mapping[str, int], task_name: str, threshold: float, autocast: Any
+) -> tuple[SegBatch, QualityControlStats]:
+    """Keep each synthetic tumor the baseline finds (more than ``threshold`` of its voxels called tumor);
+    a rejected crop goes back to its original image, and its tumor voxels back to the organ.
+
+    Args:
+        batch: a batch with online synthesis.
+        baseline: the frozen baseline segmentor.
+        channels: organ -> the baseline's output channel meaning its tumor.
+        task_name: the run's task (the batch's ``organ_index`` points into its organs).
+        threshold: the share of voxels needed.
+        autocast: the accelerator's autocast context factory.
+    """
+    import torch
+
+    has = batch.synth_mask.flatten(1).any(1)
+    if not bool(has.any()):
+        return batch, QualityControlStats(0, 0, 0.0)
+    organs = TASKS[task_name].organs
+    with torch.no_grad(), autocast():
+        probs = torch.softmax(baseline(batch.image).float(), 1)
+    tumor_channels = [channels[organs[int(i)]] for i in batch.organ_index.tolist()]
+    accepted, shares = quality_control(probs, batch.synth_mask, tumor_channels, threshold)
+    image, label = batch.image.clone(), batch.label.clone()
+    for b, ok in enumerate(accepted):
+        if bool(has[b]) and not ok:
+            image[b] = batch.image_orig[b]
+            label[b][batch.synth_mask[b]] -= 1  # the tumor's value is its organ's + 1
+    present = has.tolist()
+    stats = QualityControlStats(
+        seen=int(has.sum()),
+        kept=sum(ok for ok, h in zip(accepted, present, strict=True) if h),
+        share=float(np.mean([sh for sh, h in zip(shares, present, strict=True) if h])),
+    )
+    return replace(batch, image=image, label=label), stats

@@ -24,26 +24,38 @@ from typing import Any, Literal
 
 import numpy as np
 
-from freetumor_cli import __version__
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.gan import compose, intensity_map
-from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, TaskName, check_choices
+from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_choices
 from freetumor_cli.core.seg_data import (
+    CropDataset,
     Pipeline,
-    SeededDataset,
+    SegBatch,
+    case_for_validation,
+    crop_transforms,
     cutmix_along_axis,
-    load_transforms,
-    quality_control,
+    learned_intensity,
+    quality_controlled,
     read_task_datalist,
     sample_seed,
-    train_transforms,
 )
 from freetumor_cli.core.synthesis_config import SynthesisConfig
-from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
+from freetumor_cli.core.training import (
+    Schedule,
+    case_source,
+    check_run_folder,
+    gathered_list,
+    gathered_sum,
+    log_metrics,
+    make_accelerator,
+    make_loader,
+    note,
+    save_training_state,
+    start_run,
+    version_header,
+)
 
 
 @dataclass(frozen=True)
@@ -150,37 +162,29 @@ def model_config_for(config: TrainSegConfig) -> ModelConfig:
 
 
 def _validation_dice(
-    model: Any, entries: list[dict[str, Any]], pipeline: Pipeline, config: TrainSegConfig, accelerator: Any
+    model: Any, entries: list[dict[str, Any]], source: Any, config: TrainSegConfig, roi: Any, accelerator: Any
 ) -> float:
     """Mean tumor Dice over validation cases (sliding window, overlap, Gaussian blending), all processes."""
     import torch
-    from monai import transforms as T
     from monai.inferers import sliding_window_inference
 
     from freetumor_cli.core.metrics import dice
 
-    load = T.Compose(load_transforms(pipeline))
     tumors = list(TASKS[config.task].tumor_values)
-    scores: list[float] = []
+    total = count = 0.0
     model.eval()
-    shard = entries[accelerator.process_index :: accelerator.num_processes]
     with torch.no_grad():
-        for entry in shard:
-            data = load({"image": entry["image"], "label": entry["label"]})
-            image = torch.as_tensor(data["image"])[None].to(accelerator.device)
+        for entry in entries[accelerator.process_index :: accelerator.num_processes]:
+            image, gt = case_for_validation(source, entry, config.task)
+            x = torch.from_numpy(image)[None, None].to(accelerator.device)
             with accelerator.autocast():
-                logits = sliding_window_inference(
-                    image, pipeline.roi, 4, model, overlap=config.overlap, mode="gaussian"
-                )
+                logits = sliding_window_inference(x, roi, 4, model, overlap=config.overlap, mode="gaussian")
             pred = torch.as_tensor(logits).argmax(1)[0].cpu().numpy()
-            gt = np.asarray(data["label"][0])
-            values = [dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]]
-            scores.extend(v for v in values if not math.isnan(v))
+            score = dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]
+            if not math.isnan(score):
+                total, count = total + score, count + 1
     model.train()
-    gathered = accelerator.gather_for_metrics(
-        torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=accelerator.device).reshape(1, 2)
-    )
-    total, count = gathered.reshape(-1, 2).sum(0).tolist()
+    total, count = gathered_sum(accelerator, total, count)
     return total / count if count else float("nan")
 
 
@@ -193,6 +197,7 @@ class TrainSummary:
     losses: list[float]
     qc_acceptance: float | None
     is_main_process: bool = True
+    data: str = ""
 
 
 def train_segmentation(
@@ -206,17 +211,13 @@ def train_segmentation(
 ) -> TrainSummary:
     """Train a segmentation network from a prepared data folder (see the module doc)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from monai.losses import DiceCELoss
 
     config = config.resolved()
     task = TASKS[config.task]
     out = Path(out_dir)
-    if (out / "state").exists() and not resume:
-        raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
-    if resume and not (out / "state").exists():
-        raise InputError(f"nothing to resume in {out} (no state/ folder)")
+    check_run_folder(out, resume)
     lists = read_task_datalist(prepared, config.task, config.fold)
     labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
     organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
@@ -234,175 +235,142 @@ def train_segmentation(
         synthesize=config.mode == "freesyn", augment=config.augment,
         geometry_only=config.mode == "freesyn" and config.synth != "rules",
     )  # fmt: skip
-    accelerator = Accelerator(
-        # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with="tensorboard" if has_tensorboard() else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = make_accelerator(out, mixed_precision=config.mixed_precision, grad_accum=config.grad_accum)
     set_seed(config.seed)
-    dataset = SeededDataset(train_entries, train_transforms(pipeline, config.rules), config.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.volumes_per_batch, shuffle=True, num_workers=config.workers,
-        collate_fn=collate_crops, worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed),
-        persistent_workers=False,
-    )  # fmt: skip
+    source = case_source(prepared, pipeline.preprocessing)
+    dataset = CropDataset(train_entries, source, pipeline, crop_transforms(pipeline, config.rules), config.seed)
+    loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
     model = build_model(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    epochs = config.epochs
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)  # per process, after sharding
-    total_steps = config.max_steps or epochs * steps_per_epoch
-    epochs = min(epochs, math.ceil(total_steps / max(steps_per_epoch, 1)))
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+    plan = Schedule.of(len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
+    warmup = int(config.warmup_epochs * plan.steps_per_epoch)
+    # Stepped by the loop once per optimizer step (a prepared scheduler steps once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total_steps)
+        optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=plan.total_steps)
     )
-    scheduler = accelerator.prepare(scheduler)
+    accelerator.register_for_checkpointing(scheduler)
     generator = None
-    if config.mode == "freesyn" and config.synth != "rules":
+    if pipeline.geometry_only:
         from freetumor_cli.core.train_synth import load_generator
 
         generator, _ = load_generator(config.synth, device=str(accelerator.device))
         generator.requires_grad_(False)
-    baseline_model = None
-    qc_channel: dict[str, int] = {}  # organ -> the baseline's channel meaning its tumor
+    baseline_model, qc_channels = None, {}
     if baseline is not None:
         baseline_model, baseline_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
         baseline_model.eval().requires_grad_(False)
-        qc_channel = {o: TASKS[baseline_config.task].tumor_channel(o) for o in task.organs}
+        qc_channels = {o: TASKS[baseline_config.task].tumor_channel(o) for o in task.organs}
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-
-    progress = {"epoch": 0, "step": 0, "best_dice": -1.0}
-    if resume:
-        accelerator.load_state(str(out / "state"))
-        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", f"# freetumor {__version__} train-seg\n" + to_yaml(config))
-        labels = {
-            "model_labels": model_config.labels,
-            "task_remap": {str(k): v for k, v in task.region_to_task().items()},
-        }
-        write_text_atomic(out / "labels.json", json.dumps(labels, indent=2) + "\n")
-    if accelerator.log_with:
-        accelerator.init_trackers("train_seg")
+    labels_json = {
+        "model_labels": model_config.labels,
+        "task_remap": {str(k): v for k, v in task.region_to_task().items()},
+    }
+    progress = start_run(
+        accelerator, out, resume=resume, tracker="train_seg",
+        files={"config.yaml": version_header("train-seg") + to_yaml(config), "labels.json": json.dumps(labels_json, indent=2) + "\n"},
+        initial={"epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0},
+    )  # fmt: skip
+    note(accelerator, out, f"data: {source.describe()}")
+    note(
+        accelerator,
+        out,
+        f"{accelerator.num_processes} process(es), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps",
+    )
 
     losses: list[float] = []
-    qc_seen = qc_kept = 0
     step = int(progress["step"])
     model.train()
-    for epoch in range(int(progress["epoch"]), epochs):
+    for epoch in range(int(progress["epoch"]), plan.epochs):
         dataset.set_epoch(epoch)
-        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
-        done_in_epoch = step - epoch * steps_per_epoch
-        batches = (
-            accelerator.skip_first_batches(loader, done_in_epoch * config.grad_accum) if done_in_epoch > 0 else loader
-        )
+        loader.set_epoch(epoch)
+        skip = plan.batches_to_skip(step, epoch, config.grad_accum)
         started = time.perf_counter()
-        for batch in batches:
-            if step >= total_steps:
+        for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            if step >= plan.total_steps:
                 break
-            images, labels = batch["image"], batch["label"]
-            stats: dict[str, float] = {}
-            if generator is not None and "profile" in batch:
-                # The learned map in place of the rule-based scalar, batched on the device.
-                batch["image_orig"] = images
-                channels = [ORGANS[task.organs[int(i)]].generator_channel for i in batch["organ_index"].flatten()]
-                with torch.no_grad():
-                    change = intensity_map(generator(images), channels, task.region)
-                images = compose(images, batch["profile"], change, float(REGIONS[task.region].tumor_sign))
-            if "synth_mask" in batch:
-                synth = batch["synth_mask"].bool()
-                has = synth.flatten(1).any(1)
-                if baseline_model is not None and bool(has.any()):
-                    with torch.no_grad(), accelerator.autocast():
-                        probs = torch.softmax(baseline_model(images).float(), 1)
-                    classes = []
-                    for b in range(images.shape[0]):
-                        values = labels[b][synth[b]].long().unique().tolist()
-                        # The synthetic tumor's label is its organ's task value + 1 (a crop without one: unread).
-                        organ = task.organ_values.get(int(values[0]) - 1, task.organs[0]) if values else task.organs[0]
-                        classes.append(qc_channel[organ])
-                    accepted, shares = quality_control(probs, synth, classes, config.qc_threshold)
-                    stats["qc_tumor_share"] = float(
-                        np.mean([sh for sh, h in zip(shares, has.tolist(), strict=True) if h])
-                    )
-                    images, labels = images.clone(), labels.clone()
-                    for b, ok in enumerate(accepted):
-                        if bool(has[b]) and not ok:
-                            images[b] = batch["image_orig"][b]
-                            labels[b][synth[b]] -= 1  # back to the organ
-                    qc_seen += int(has.sum())
-                    qc_kept += sum(ok for ok, h in zip(accepted, has.tolist(), strict=True) if h)
-                stats["synthetic_tumor_voxels"] = float(synth.sum()) / max(int(has.sum()), 1)
-            if config.mode == "freesyn" and config.cutmix:
-                rng = np.random.default_rng(sample_seed(config.seed, epoch, step))
-                images, labels = cutmix_along_axis(images, labels, rng, alpha=config.cutmix_alpha)
+            batch = SegBatch.of(raw)
+            stats: dict[str, Any] = {}
+            if generator is not None:
+                batch = learned_intensity(batch, generator, config.task)
+            if baseline_model is not None and batch.synth_mask is not None:
+                batch, qc = quality_controlled(
+                    batch, baseline_model, qc_channels, config.task, config.qc_threshold, accelerator.autocast
+                )
+                seen, kept, share = gathered_sum(accelerator, qc.seen, qc.kept, qc.share * qc.seen)
+                progress["qc_seen"] += int(seen)
+                progress["qc_kept"] += int(kept)
+                if seen:
+                    stats["qc_tumor_share"] = share / seen
+            if batch.synth_mask is not None:
+                voxels, crops = gathered_sum(
+                    accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
+                )
+                stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
+            images, labels = batch.image, batch.label
+            if config.cutmix and config.mode == "freesyn":
+                images, labels = cutmix_along_axis(
+                    images,
+                    labels,
+                    np.random.default_rng(sample_seed(config.seed, epoch, step)),
+                    alpha=config.cutmix_alpha,
+                )
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = loss_fn(model(images), labels)
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            scheduler.step()
             step += 1
-            mean_loss = accelerator.gather_for_metrics(loss.detach().float().reshape(1)).mean().item()
+            mean_loss = gathered_sum(accelerator, float(loss.detach()))[0] / accelerator.num_processes
             losses.append(mean_loss)
-            stats.update({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch, "step": step})
-            if qc_seen:
-                stats["qc_acceptance"] = qc_kept / qc_seen
+            stats.update({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": epoch, "step": step})
+            stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume])
+            stats["store_share"] = (
+                gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
+            )
+            if progress["qc_seen"]:
+                stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
             stats["crops_per_s"] = (
                 images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
             )
             started = time.perf_counter()
             log_metrics(accelerator, out, stats, step)
             if step % config.save_every_steps == 0:
-                save_training_state(
-                    accelerator, out, {"epoch": epoch, "step": step, "best_dice": progress["best_dice"]}
-                )
+                save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
             if on_step:
-                on_step(step, total_steps, stats)
-        finished_epoch = step >= (epoch + 1) * steps_per_epoch or step >= total_steps
-        if finished_epoch and ((epoch + 1) % config.val_every == 0 or step >= total_steps) and lists["validation"]:
-            val = _validation_dice(model, lists["validation"], pipeline, config, accelerator)
+                on_step(step, plan.total_steps, stats)
+        finished_epoch = step >= (epoch + 1) * plan.steps_per_epoch or step >= plan.total_steps
+        if finished_epoch and ((epoch + 1) % config.val_every == 0 or step >= plan.total_steps) and lists["validation"]:
+            val = _validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator)
             log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
             if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
                 progress["best_dice"] = val
                 save_checkpoint(
-                    accelerator.unwrap_model(model),
-                    model_config,
-                    out / "checkpoints" / "best",
+                    accelerator.unwrap_model(model), model_config, out / "checkpoints" / "best",
                     extra={"val_tumor_dice": val, "step": step},
-                )
+                )  # fmt: skip
         progress.update({"epoch": epoch + 1, "step": step})
-        if step >= total_steps:
+        if step >= plan.total_steps:
             break
     if accelerator.is_main_process:
-        save_checkpoint(
-            accelerator.unwrap_model(model), model_config, out / "checkpoints" / "last", extra={"step": step}
-        )
+        final = accelerator.unwrap_model(model)
+        save_checkpoint(final, model_config, out / "checkpoints" / "last", extra={"step": step})
         if not (out / "checkpoints" / "best").exists():
             save_checkpoint(
-                accelerator.unwrap_model(model),
-                model_config,
-                out / "checkpoints" / "best",
-                extra={"step": step, "note": "no validation run"},
+                final, model_config, out / "checkpoints" / "best", extra={"step": step, "note": "no validation run"}
             )
-    save_training_state(
-        accelerator, out, {"epoch": progress["epoch"], "step": step, "best_dice": progress["best_dice"]}
-    )
+    save_training_state(accelerator, out, progress)
     if accelerator.is_main_process:
         _plot_curves(out)
     accelerator.end_training()
+    qc_rate = progress["qc_kept"] / progress["qc_seen"] if progress["qc_seen"] else None
     return TrainSummary(
-        out, step, int(progress["epoch"]), float(progress["best_dice"]), losses,
-        qc_kept / qc_seen if qc_seen else None, accelerator.is_main_process,
+        out, step, int(progress["epoch"]), float(progress["best_dice"]), losses, qc_rate,
+        accelerator.is_main_process, source.describe(),
     )  # fmt: skip
 
 

@@ -18,7 +18,6 @@ Run folder: ``config.yaml``, ``metrics.jsonl``, TensorBoard ``logs/``, ``preview
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +40,21 @@ from freetumor_cli.core.registry import (
     region_tasks,
 )
 from freetumor_cli.core.synthesis_config import SynthesisConfig
-from freetumor_cli.core.training import collate_crops, has_tensorboard, log_metrics, save_training_state, seed_worker
+from freetumor_cli.core.training import (
+    Schedule,
+    case_source,
+    check_run_folder,
+    collate_crops,
+    gathered_list,
+    gathered_sum,
+    log_metrics,
+    make_accelerator,
+    make_loader,
+    note,
+    save_training_state,
+    start_run,
+    version_header,
+)
 
 
 @dataclass(frozen=True)
@@ -153,8 +166,7 @@ def train_generator(
 ) -> SynthSummary:
     """Train the generator and the voxel discriminator (see the module doc)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     from freetumor_cli.core.gan import (
         GanConfig,
@@ -167,28 +179,18 @@ def train_generator(
     )
     from freetumor_cli.core.models import load_checkpoint
     from freetumor_cli.core.preprocess import Preprocessing
-    from freetumor_cli.core.seg_data import Pipeline, SeededDataset, read_task_datalist, train_transforms
+    from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist
 
     out = Path(out_dir)
-    if (out / "state").exists() and not resume:
-        raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
-    if resume and not (out / "state").exists():
-        raise InputError(f"nothing to resume in {out} (no state/ folder)")
-    accelerator = Accelerator(
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        mixed_precision=config.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with="tensorboard" if has_tensorboard() else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    check_run_folder(out, resume)
+    accelerator = make_accelerator(out, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
     critic, critic_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
     task = generator_task(critic_config.task, config.region, baseline)
     freeze_critic(critic)
     lists = read_task_datalist(prepared, task, 0)
-    train = lists["training"]
-    labelled = [e for e in train if e.get("role") == "tumor-labelled"]
-    organ_only = [e for e in train if e.get("role") != "tumor-labelled"]
+    labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
+    organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
     heldout = [e for e in lists["validation"] if e.get("role") != "tumor-labelled"] or lists["validation"]
     if not labelled or not organ_only:
         raise InputError(
@@ -197,42 +199,34 @@ def train_generator(
     preprocessing = Preprocessing.for_region(
         config.region, spacing_mm=config.spacing_mm or critic_config.spacing_mm, window_hu=critic_config.window_hu
     )
-    roi = config.roi or critic_config.roi
     pipeline = Pipeline(
-        task=task,
-        preprocessing=preprocessing,
-        roi=roi,
-        crops_per_volume=config.crops_per_volume,
-        geometry_only=True,
-    )
-    dataset = SeededDataset(
-        labelled * config.labelled_repeats + organ_only, train_transforms(pipeline, config.rules), config.seed
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, shuffle=True, num_workers=config.workers, collate_fn=collate_crops,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed),
+        task=task, preprocessing=preprocessing, roi=config.roi or critic_config.roi,
+        crops_per_volume=config.crops_per_volume, geometry_only=True,
     )  # fmt: skip
+    source = case_source(prepared, preprocessing)
+    dataset = CropDataset(
+        labelled * config.labelled_repeats + organ_only, source, pipeline, crop_transforms(pipeline, config.rules),
+        config.seed,
+    )  # fmt: skip
+    loader = make_loader(dataset, batch_size=1, workers=config.workers, seed=config.seed)
     gan = GanConfig(region=config.region, base_channels=config.base_channels, adversarial_weight=config.weight())
     generator, discriminator = make_generator(gan), make_discriminator(gan)
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    heldout_set = SeededDataset(heldout, train_transforms(replace(pipeline, augment=False)), config.seed + 1)
-    heldout_crops = [c for i in range(len(heldout_set)) for c in heldout_set[i]][: config.heldout_crops]
-    fixed = {k: v.to(accelerator.device) for k, v in collate_crops(heldout_crops).items()} if heldout_crops else None
-
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "best": [-1.0, -1.0]}
-    if resume:
-        accelerator.load_state(str(out / "state"))
-        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", f"# freetumor {__version__} train-synth\n" + to_yaml(config))
-    if accelerator.log_with:
-        accelerator.init_trackers("train_synth")
-    steps_per_epoch = len(loader)
-    total = config.max_steps or config.epochs * steps_per_epoch
-    epochs = min(config.epochs, math.ceil(total / max(steps_per_epoch, 1)))
+    fixed = _heldout_batch(heldout, source, pipeline, config, accelerator.device)
+    plan = Schedule.of(len(loader), grad_accum=1, epochs=config.epochs, max_steps=config.max_steps)
+    progress = start_run(
+        accelerator, out, resume=resume, tracker="train_synth",
+        files={"config.yaml": version_header("train-synth") + to_yaml(config)},
+        initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0]},
+    )  # fmt: skip
+    note(accelerator, out, f"data: {source.describe()}")
+    note(
+        accelerator,
+        out,
+        f"{accelerator.num_processes} process(es), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps",
+    )
     window_width = preprocessing.window_hu[1] - preprocessing.window_hu[0]
     rules_qc = float("nan")
     if fixed is not None:
@@ -242,36 +236,34 @@ def train_generator(
         rule_images = (fixed_batch.image + sign * fixed_batch.profile * ((low + high) / 2 / window_width)).clamp(0, 1)
         rules_scores = heldout_scores(rule_images, fixed_batch, critic, config.qc_threshold, window_width)
         rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
-        log_metrics(
-            accelerator,
-            out,
-            {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": int(progress["step"])},
-            int(progress["step"]),
-        )
+        if not resume:
+            log_metrics(accelerator, out, {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": 0}, 0)
     step = int(progress["step"])
     generator_qc: list[float] = []
-    for epoch in range(int(progress["epoch"]), epochs):
+    for epoch in range(int(progress["epoch"]), plan.epochs):
         dataset.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        done = step - epoch * steps_per_epoch
-        batches = accelerator.skip_first_batches(loader, done) if done > 0 else loader
+        loader.set_epoch(epoch)
+        skip = plan.batches_to_skip(step, epoch, 1)
         generator.train()
         discriminator.train()
-        for batch in batches:
-            if step >= total:
+        for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            if step >= plan.total_steps:
                 break
-            gan_batch = _gan_batch(batch, critic_config.task, task)
+            gan_batch = _gan_batch(raw, critic_config.task, task)
             with accelerator.autocast():
                 loss_g, fake = generator_step(
                     generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
                 )
                 loss_d = discriminator_step(discriminator, opt_d, fake, gan_batch, backward=accelerator.backward)
             step += 1
+            sum_g, sum_d, crops = gathered_sum(
+                accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
+            )
             stats = {
-                "loss_g": loss_g,
-                "loss_d": loss_d,
-                "synthetic_crops": float(gan_batch.synth_mask.flatten(1).any(1).sum()),
+                "loss_g": sum_g / accelerator.num_processes,
+                "loss_d": sum_d / accelerator.num_processes,
+                "synthetic_crops": crops,
+                "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
                 "epoch": epoch,
                 "step": step,
             }
@@ -279,7 +271,7 @@ def train_generator(
             if step % config.save_every_steps == 0:
                 save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
             if on_step:
-                on_step(step, total, stats)
+                on_step(step, plan.total_steps, stats)
         if fixed is not None:
             generator.eval()
             with torch.no_grad():
@@ -290,29 +282,45 @@ def train_generator(
             key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
             if accelerator.is_main_process:
                 _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
-                if key > progress["best"]:
-                    progress["best"] = key
-                    _save_generator(
-                        accelerator.unwrap_model(generator),
-                        gan,
-                        pipeline,
-                        out / "checkpoints" / "best",
-                        {"epoch": epoch, **scores},
-                    )
+            if key > progress["best"]:  # every process decides alike: the held-out batch is the same
+                progress["best"] = key
+                if accelerator.is_main_process:
+                    best = accelerator.unwrap_model(generator)
+                    _save_generator(best, gan, pipeline, out / "checkpoints" / "best", {"epoch": epoch, **scores})
         progress.update({"epoch": epoch + 1, "step": step})
-        if step >= total:
+        if step >= plan.total_steps:
             break
     if accelerator.is_main_process:
-        _save_generator(
-            accelerator.unwrap_model(generator), gan, pipeline, out / "checkpoints" / "last", {"step": step}
-        )
+        final = accelerator.unwrap_model(generator)
+        _save_generator(final, gan, pipeline, out / "checkpoints" / "last", {"step": step})
         if not (out / "checkpoints" / "best").exists():
-            _save_generator(
-                accelerator.unwrap_model(generator), gan, pipeline, out / "checkpoints" / "best", {"step": step}
-            )
+            _save_generator(final, gan, pipeline, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
     return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
+
+
+def _heldout_batch(
+    entries: list[dict[str, Any]], source: Any, pipeline: Any, config: TrainSynthConfig, device: Any
+) -> dict[str, Any] | None:
+    """The fixed held-out crops the generator is scored on each epoch: only as many cases as they need."""
+    from freetumor_cli.core.seg_data import CropDataset, crop_transforms
+
+    heldout = CropDataset(
+        entries,
+        source,
+        replace(pipeline, augment=False),
+        crop_transforms(replace(pipeline, augment=False), config.rules),
+        config.seed + 1,
+    )
+    crops: list[Any] = []
+    for index in range(len(heldout)):
+        if len(crops) >= config.heldout_crops:
+            break
+        crops.extend(heldout[index])
+    if not crops:
+        return None
+    return {k: v.to(device) for k, v in collate_crops(crops[: config.heldout_crops]).items()}
 
 
 def _save_generator(generator: Any, gan: Any, pipeline: Any, folder: Path, extra: dict[str, Any]) -> None:

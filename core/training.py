@@ -1,33 +1,63 @@
-"""Pieces every training loop shares: batching crops, worker setup, metrics and state on disk."""
+"""What both training loops share: the run folder, the Accelerator, the data loader, the schedule, metrics
+and saved state.
+
+Counts are per process and per optimizer step. With N processes each process sees 1/N of an epoch's
+samples (Accelerate shards the loader), so an epoch has ``ceil(batches / grad_accum)`` optimizer steps on
+every process, and warm-up and total steps are counted in those. The learning-rate scheduler is stepped
+once per optimizer step by the loop itself, not through ``accelerator.prepare`` (a prepared scheduler
+steps N times per optimizer step), so the schedule by fraction of training is the same on any number of
+processes.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from freetumor_cli import __version__
+from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from freetumor_cli.core.preprocess import Preprocessing
+    from freetumor_cli.core.store import CaseSource
+
+log = logging.getLogger("freetumor")
 
 
 def collate_crops(samples: list[Any]) -> dict[str, Any]:
     import torch
 
     crops = [c for s in samples for c in (s if isinstance(s, list) else [s])]
-    keys = [k for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_index") if k in crops[0]]
+    keys = [
+        k
+        for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_index", "sample_index", "from_store")
+        if k in crops[0]
+    ]
     return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
 
 
 def seed_worker(_worker_id: int) -> None:
-    """Set up a data-loader worker: one compute thread for torch and one for numpy's and scipy's BLAS.
+    """Set up a data-loader worker: one compute thread for torch, numpy's and scipy's BLAS and blosc2.
 
     Workers run side by side. A forked worker's BLAS would otherwise start a thread per core, and a
     few workers doing matrix products at once then run many times slower than one thread each.
     """
+    import blosc2
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
     threadpool_limits(limits=1, user_api="blas")
+    blosc2.set_nthreads(1)
 
 
 def has_tensorboard() -> bool:
@@ -38,17 +68,152 @@ def has_tensorboard() -> bool:
     return True
 
 
-def log_metrics(accelerator: Any, out: Path, stats: dict[str, float], step: int) -> None:
+def check_run_folder(out: Path, resume: bool) -> None:
+    """A new run never replaces an old one; a resume needs a saved state."""
+    if (out / "state").exists() and not resume:
+        raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
+    if resume and not (out / "state" / "progress.json").is_file():
+        raise InputError(f"nothing to resume in {out} (no saved state)", hint="start the run without --resume")
+
+
+def make_accelerator(out: Path, *, mixed_precision: str, grad_accum: int = 1) -> Accelerator:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with="tensorboard" if has_tensorboard() else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def make_loader(dataset: Any, *, batch_size: int, workers: int, seed: int) -> DataLoader[Any]:
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_crops,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+    )  # fmt: skip
+
+
+def case_source(prepared: str | Path, preprocessing: Preprocessing) -> CaseSource:
+    """The store of ``prepared`` for this preprocessing when it has one, else the raw files."""
+    from freetumor_cli.core.store import CaseSource, open_store
+
+    return CaseSource(preprocessing, open_store(prepared, preprocessing))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps of a run, per process (every process takes the same steps).
+
+    Attributes:
+        steps_per_epoch: optimizer steps in one epoch.
+        total_steps: steps of the whole run (``max_steps`` when given).
+        epochs: epochs the loop starts (the last one may stop early at ``total_steps``).
+    """
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @classmethod
+    def of(cls, batches_per_epoch: int, *, grad_accum: int, epochs: int, max_steps: int | None) -> Schedule:
+        """``batches_per_epoch`` is the length of the prepared (sharded) loader."""
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / grad_accum))
+        total = max_steps if max_steps is not None else epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, min(epochs, math.ceil(total / steps_per_epoch)))
+
+    def batches_to_skip(self, step: int, epoch: int, grad_accum: int) -> int:
+        """Loader batches of ``epoch`` already consumed when the run stopped after ``step`` steps."""
+        return max(0, step - epoch * self.steps_per_epoch) * grad_accum
+
+
+def start_run(
+    accelerator: Accelerator,
+    out: Path,
+    *,
+    resume: bool,
+    files: Mapping[str, str],
+    initial: dict[str, Any],
+    tracker: str,
+) -> dict[str, Any]:
+    """Resume the saved state, or start the run folder: ``files`` (name -> text) are written first.
+
+    ``metrics.jsonl`` keeps only the rows up to the saved step on a resume (a run killed after its last
+    save would otherwise repeat steps), and starts empty on a new run.
+
+    Returns:
+        The progress counters (``initial`` on a new run).
+    """
+    progress = dict(initial)
+    if resume:
+        accelerator.load_state(str(out / "state"))
+        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name, text in files.items():
+                write_text_atomic(out / name, text)
+            (out / "run.log").unlink(missing_ok=True)
+        _trim_metrics(out / "metrics.jsonl", int(progress["step"]) if resume else -1)
+    accelerator.wait_for_everyone()
     if accelerator.log_with:
-        accelerator.log({k: v for k, v in stats.items() if k not in ("epoch", "step")}, step=step)
+        accelerator.init_trackers(tracker)
+    return progress
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if step >= 0 and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def note(accelerator: Accelerator, out: Path, message: str) -> None:
+    """A line of the run's log: ``run.log`` in the run folder and the ``freetumor`` logger (main process)."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "run.log").open("a", encoding="utf-8") as handle:
+            handle.write(message + "\n")
+        log.info(message)
+
+
+def log_metrics(accelerator: Accelerator, out: Path, stats: Mapping[str, Any], step: int) -> None:
+    if accelerator.log_with:
+        scalars = {k: v for k, v in stats.items() if k not in ("epoch", "step") and isinstance(v, int | float)}
+        accelerator.log(scalars, step=step)
     if accelerator.is_main_process:
         with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(stats) + "\n")
+            handle.write(json.dumps(dict(stats)) + "\n")
 
 
-def save_training_state(accelerator: Any, out: Path, progress: dict[str, Any]) -> None:
+def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out / "state"))
     if accelerator.is_main_process:
         write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
     accelerator.wait_for_everyone()
+
+
+def gathered_sum(accelerator: Accelerator, *values: float) -> list[float]:
+    """Each value summed over all processes (every process gets the sums)."""
+    import torch
+
+    tensor = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+    return [float(v) for v in accelerator.reduce(tensor, reduction="sum")[0].tolist()]
+
+
+def gathered_list(accelerator: Accelerator, values: Any) -> list[Any]:
+    """A 1D tensor of each process, concatenated in process order (for logs: sample indices...)."""
+    return [v for v in accelerator.gather(values.reshape(-1)).tolist()]
+
+
+def version_header(command: str) -> str:
+    return f"# freetumor {__version__} {command}\n"

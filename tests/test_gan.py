@@ -373,6 +373,19 @@ def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[obje
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss_g" in r] == [1, 2]  # written once, by the main process
     assert (out / "checkpoints" / "last" / "generator.safetensors").is_file()
+    # The same samples as one process, two per step: step k holds the samples of its steps 2k - 1 and 2k.
+    from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
+
+    single = Path(str(tmp_path)) / "one"
+    config = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), labelled_repeats=1, max_steps=4, workers=0)
+    train_generator(prepared, single, config, baseline=baseline)  # type: ignore[arg-type]
+    one = {
+        r["step"]: r["samples"]
+        for r in map(json.loads, (single / "metrics.jsonl").read_text().splitlines())
+        if "loss_g" in r
+    }
+    two = {r["step"]: r["samples"] for r in rows if "loss_g" in r}
+    assert two == {k: one[2 * k - 1] + one[2 * k] for k in (1, 2)}
 
 
 def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: object) -> None:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from freetumor_cli.app import app
 from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.phantom import make_phantom
-from freetumor_cli.core.prepare import PrepareConfig, fold_of, prepare, preprocess_cache, scan_data_root
+from freetumor_cli.core.prepare import PrepareConfig, build_case_store, fold_of, prepare, scan_data_root
 
 
 def _native(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
@@ -229,22 +229,30 @@ def test_pairs_csv_and_workers(data_root: tuple[Path, dict[str, int]], tmp_path:
     assert result.valid == 2 and set(result.reports) == {"Dataset003_Liver", "BTCV"}
 
 
-def test_preprocess_cache_is_keyed_by_config(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+def test_case_store_is_keyed_by_the_preprocessing(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
     pytest.importorskip("monai")
+    import blosc2
+
     root, _ = data_root
     out = tmp_path / "pp"
-    config = PrepareConfig(datasets=("BTCV",))
+    config = PrepareConfig(datasets=("BTCV",), store=False)
     prepare(root, out, config)
-    cache, written, reused = preprocess_cache(out, config)
-    assert (written, reused) == (3, 0)
-    arrays = np.load(next(cache.rglob("*.npz")))
-    assert arrays["image"].min() >= 0 and arrays["image"].max() <= 1 and arrays["label"].dtype == np.uint8
-    assert set(np.unique(arrays["label"])) <= {0, 1, 3, 5}
-    again, written, reused = preprocess_cache(out, config)
-    assert again == cache and (written, reused) == (0, 3)
+    store, built = build_case_store(out, config)
+    assert (built.built, built.reused, built.failed) == (3, 0, {})
+    case = next(store.rglob("case.json")).parent
+    image = blosc2.open(str(case / "image.b2nd"))[...]
+    label = blosc2.open(str(case / "label.b2nd"))[...]
+    assert image.dtype == np.float16 and image.min() >= 0 and image.max() <= 1 and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1, 3, 5}
+    _, again = build_case_store(out, config)
+    assert (again.built, again.reused) == (0, 3)
     from dataclasses import replace
 
     coarse = replace(config, preprocessing=replace(config.preprocessing, abdomen_spacing_mm=(12.0, 12.0, 12.0)))
-    other, written, _ = preprocess_cache(out, coarse)
-    assert other != cache and written == 3
-    assert np.load(next(other.rglob("*.npz")))["image"].shape != arrays["image"].shape
+    _, other = build_case_store(out, coarse)
+    assert other.built == 3 and len(list(store.glob("pp-*"))) == 2
+    first, second = (
+        json.loads((folder / case.relative_to(case.parents[1])).joinpath("case.json").read_text())
+        for folder in store.glob("pp-*")
+    )
+    assert first["shape"] != second["shape"] and first["digest"] != second["digest"]  # the same case, two grids

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from freetumor_cli.app import app
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.prepare import PrepareConfig, prepare
+from freetumor_cli.core.preprocess import PreprocessConfig
 
 from .conftest import flat, write_phantom_root
 
@@ -44,7 +45,10 @@ def tiny_config(**changes: object) -> TrainSegConfig:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = write_phantom_root(tmp_path_factory.mktemp("root"))
     out = tmp_path_factory.mktemp("prepared")
-    prepare(root, out, PrepareConfig(folds=2, seed=1))  # fold 0: two liver cases train, one validates
+    # fold 0: two liver cases train, one validates; the case store at the tests' 4 mm grid
+    prepare(
+        root, out, PrepareConfig(folds=2, seed=1, preprocessing=PreprocessConfig(abdomen_spacing_mm=(4.0, 4.0, 4.0)))
+    )
     return out
 
 
@@ -164,19 +168,85 @@ def test_bad_inputs(prepared: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "SwinUNETR needs" in result.output
 
 
-def test_two_processes_through_a_real_launcher(prepared: Path, tmp_path: Path) -> None:
-    """Two CPU processes (gloo) started by torchrun run the same command unchanged."""
+SCHEDULE = ["--set", "epochs=2", "--set", "warmup_epochs=1", "--set", "labelled_repeats=4", "--set", "val_every=100"]
+
+
+def launch(out: Path, prepared: Path, *extra: str, processes: int = 2) -> subprocess.Popen[str]:
+    """train-seg through torchrun: ``processes`` CPU processes (gloo), the command line unchanged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "freetumor_cli", "train-seg", "--data", str(prepared), "--organ", "liver",
-        "--out", str(tmp_path / "ddp"), "--max-steps", "2", *TINY,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+        "-m", "freetumor_cli", "train-seg", "--data", str(prepared), "--organ", "liver", "--out", str(out),
+        *TINY, *SCHEDULE, "--set", "save_every_steps=2", *extra,
     ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # written once, by the main process
-    assert (tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors").is_file()
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def step_rows(run: Path) -> dict[int, dict[str, object]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    runs = tmp_path_factory.mktemp("ddp")
+    result = CliRunner().invoke(
+        app, ["train-seg", "--data", str(prepared), "--out", str(runs / "one"), *TINY, *SCHEDULE]
+    )
+    assert result.exit_code == 0, result.output
+    done = launch(runs / "two", prepared)
+    output, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, output[-3000:]
+    return runs / "one", runs / "two"
+
+
+def test_two_processes_follow_the_one_process_schedule_and_sample_order(
+    one_and_two_processes: tuple[Path, Path],
+) -> None:
+    one, two = (step_rows(run) for run in one_and_two_processes)
+    assert len(one) == 16 and len(two) == 8  # 8 samples an epoch; each of 2 processes takes half
+    lr_one = [one[s]["lr"] for s in sorted(one)]
+    lr_two = [two[s]["lr"] for s in sorted(two)]
+    step_change = max(abs(a - b) for a, b in itertools.pairwise(lr_one))
+    for k, lr in enumerate(lr_two, start=1):  # the same fraction of training: step k of 8 is step 2k of 16
+        assert abs(lr - one[2 * k]["lr"]) <= step_change + 1e-12, (k, lr, one[2 * k]["lr"])
+    assert max(lr_two) == pytest.approx(max(lr_one)) and lr_two[-1] == pytest.approx(lr_one[-1], abs=1e-9)
+    # Sample order: each step of the two processes holds the two samples of two 1-process steps.
+    for k in sorted(two):
+        assert two[k]["samples"] == one[2 * k - 1]["samples"] + one[2 * k]["samples"]
+    assert all(r["store_share"] == 1.0 for r in two.values())  # crops from the case store
+    assert "case store" in (one_and_two_processes[1] / "run.log").read_text()
+    assert (one_and_two_processes[1] / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_a_killed_two_process_run_resumes_on_the_same_schedule(
+    one_and_two_processes: tuple[Path, Path], prepared: Path, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    full = step_rows(one_and_two_processes[1])
+    run = tmp_path / "killed"
+    job = launch(run, prepared, "--set", "save_every_steps=2")
+    progress = run / "state" / "progress.json"
+    deadline = time.time() + 240
+    while not progress.is_file() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)  # torchrun's workers go with it
+    job.wait(timeout=60)
+    subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
+    saved = json.loads(progress.read_text())["step"]
+    assert 0 < saved < len(full), "the run ended before it could be killed"
+    resumed = launch(run, prepared, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    rows = step_rows(run)
+    assert sorted(rows) == sorted(full)
+    for k in sorted(full):
+        assert rows[k]["lr"] == pytest.approx(full[k]["lr"], rel=1e-9) and rows[k]["samples"] == full[k]["samples"]
+        assert rows[k]["loss"] == pytest.approx(full[k]["loss"], rel=1e-4)
 
 
 def test_prediction_keeps_the_input_geometry(baseline: Path, totalseg_case: Path, tmp_path: Path) -> None:
@@ -236,6 +306,27 @@ def test_evaluate_checkpoint_scores_a_data_list(baseline: Path, prepared: Path, 
     n_cases = sum(len(json.loads(datalist.read_text())[k]) for k in ("training", "validation"))
     assert summary["cases"] == n_cases
     assert len(list((tmp_path / "ev" / "predictions").glob("*.nii.gz"))) == n_cases
+    assert f"{n_cases} of {n_cases} case(s) from the case store" in flat(result.output)
+    # The same data list outside its prepared folder goes through the raw files: the same predictions.
+    import nibabel as nib
+
+    from freetumor_cli.core.io import read_datalist
+
+    loose = tmp_path / "elsewhere" / "list.json"
+    loose.parent.mkdir()
+    loose.write_text(
+        json.dumps(
+            {"testing": [{**e, "image": str(e["image"]), "label": str(e["label"])} for e in read_datalist(datalist)]}
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["evaluate", "--checkpoint", str(baseline), "--data", str(loose), "--out", str(tmp_path / "raw")]
+    )
+    assert result.exit_code == 0 and "images: raw files" in flat(result.output), result.output
+    for stored in (tmp_path / "ev" / "predictions").glob("*.nii.gz"):
+        a = np.asarray(nib.load(stored).dataobj)
+        b = np.asarray(nib.load(tmp_path / "raw" / "predictions" / stored.name).dataobj)
+        assert a.shape == b.shape and np.mean(a == b) > 0.999, (stored.name, np.mean(a == b))
 
 
 class BlasThreadsProbe(torch.utils.data.Dataset):
