@@ -23,7 +23,7 @@ import numpy as np
 
 from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
-from freetumor_cli.core.prepare import PrepareConfig, prepare, preprocess_cache
+from freetumor_cli.core.prepare import PrepareConfig, build_case_store, prepare
 
 
 def main() -> None:
@@ -70,15 +70,12 @@ def main() -> None:
             )
         for workers in (1, 2):
             out = Path(tmp) / f"pp{workers}"
-            config = PrepareConfig(preprocess=True)
+            config = PrepareConfig(store=False)
             prepare(root2, out, config)
-            t0 = time.perf_counter()
-            cache, written, _ = preprocess_cache(out, config, workers=workers)
-            seconds = time.perf_counter() - t0
-            size = sum(f.stat().st_size for f in cache.rglob("*.npz")) / 2**20
+            _, built = build_case_store(out, config, workers=workers)
             print(
-                f"  preprocess {written} CTs of 256x256x120 at 1.2x1.2x2.5 mm to 1.5 mm, {workers} worker(s): "
-                f"{written / seconds:.2f} cases/s ({seconds:.1f} s; cache {size:.0f} MB)"
+                f"  case store of {built.built} CTs of 256x256x120 at 1.2x1.2x2.5 mm, at 1.5 mm, {workers} worker(s): "
+                f"{built.built / built.seconds:.2f} cases/s ({built.seconds:.1f} s; {built.bytes / 2**20:.0f} MB)"
             )
 
 

@@ -26,7 +26,8 @@ from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.seg_data import OnlineSynthesisd, Pipeline, SeededDataset, train_transforms
+from freetumor_cli.core.seg_data import CropDataset, OnlineSynthesisd, Pipeline, crop_transforms
+from freetumor_cli.core.store import CaseSource
 
 
 def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -40,7 +41,7 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 def bench_model(name: str, roi: tuple[int, int, int], entries: list[dict[str, str]], repeats: int) -> None:
     pipe = Pipeline(task="liver", preprocessing=Preprocessing.for_region("abdomen"), roi=roi)
-    dataset = SeededDataset(entries, train_transforms(pipe), seed=0)
+    dataset = CropDataset(entries, CaseSource(pipe.preprocessing, None), pipe, crop_transforms(pipe), seed=0)
     load = median_time(lambda: dataset[0], repeats)
     crops = dataset[1]
     synth = OnlineSynthesisd("liver", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0))
@@ -80,7 +81,7 @@ def bench_model(name: str, roi: tuple[int, int, int], entries: list[dict[str, st
     t_qc = median_time(qc, repeats)
     synth_batch = 4 * per_crop_synth
     print(f"\n{name} at {roi[0]}³ (4 crops per step):")
-    print(f"  loader: {load:.2f} s per volume (load, resample, window, crop into 4, augment)")
+    print(f"  loader, raw files: {load:.2f} s per volume (load, resample, window, crop into 4, augment)")
     print(
         f"  online synthesis: {per_crop_synth * 1000:.0f} ms per crop ({inserted}/{len(synth_times)} crops got a tumor)"
     )

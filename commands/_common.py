@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
@@ -81,6 +82,21 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+class _LogToConsole(logging.Handler):
+    """The library's ``freetumor`` log lines, printed above the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[dim]{escape(record.getMessage())}[/]", soft_wrap=True)
+
+
+def show_library_log() -> None:
+    """Print the library's INFO lines (which data path a run uses, its step counts) on the console."""
+    logger = logging.getLogger("freetumor")
+    if not any(isinstance(h, _LogToConsole) for h in logger.handlers):
+        logger.addHandler(_LogToConsole())
+    logger.setLevel(logging.INFO)
 
 
 def warn(message: str) -> None:

@@ -19,6 +19,7 @@ from freetumor_cli.commands._common import (
     one_of,
     progress_bar,
     report_errors,
+    show_library_log,
 )
 from freetumor_cli.core.registry import TASKS, choices_help
 
@@ -88,6 +89,7 @@ def train_seg(
         "max_steps": max_steps, "mixed_precision": mixed_precision, "workers": workers, "seed": seed,
     }  # fmt: skip
     cfg = build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags).resolved()
+    show_library_log()
     with progress_bar("train-seg") as progress:
         bar = progress.add_task("", total=None)
 

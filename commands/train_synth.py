@@ -19,6 +19,7 @@ from freetumor_cli.commands._common import (
     one_of,
     progress_bar,
     report_errors,
+    show_library_log,
 )
 from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
 
@@ -74,6 +75,7 @@ def train_synth(
         "seed": seed,
     }
     cfg = build_config(TrainSynthConfig, file=config, overrides=set_ or [], flags=flags)
+    show_library_log()
     with progress_bar("train-synth") as progress:
         bar = progress.add_task("", total=None)
 

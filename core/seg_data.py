@@ -302,6 +302,7 @@ class CropDataset:
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
         import torch
+        from monai.data import get_track_meta, set_track_meta
 
         seed = sample_seed(self.seed, self.epoch, index)
         case = self.source.load(self.entries[index])
@@ -315,13 +316,18 @@ class CropDataset:
             if isinstance(t, OnlineSynthesisd):  # TumorGeometryd included
                 t.set_random_state(seed + 1)
         crops = []
-        for origin in origins:
-            image = read_crop(case.image, origin, p.roi).astype(np.float32)
-            label = self.lut[read_crop(case.label, origin, p.roi)].astype(np.float32)
-            crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])})
-            crop["sample_index"] = torch.tensor([index])
-            crop["from_store"] = torch.tensor([case.origin == "store"])
-            crops.append(crop)
+        tracking = get_track_meta()
+        set_track_meta(False)  # crops carry no geometry: MONAI's metadata tracking would only cost time
+        try:
+            for origin in origins:
+                image = read_crop(case.image, origin, p.roi).astype(np.float32)
+                label = self.lut[read_crop(case.label, origin, p.roi)].astype(np.float32)
+                crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])})
+                crop["sample_index"] = torch.tensor([index])
+                crop["from_store"] = torch.tensor([case.origin == "store"])
+                crops.append(crop)
+        finally:
+            set_track_meta(tracking)
         return crops
 
 

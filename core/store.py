@@ -466,5 +466,10 @@ class CaseSource:
     def describe(self) -> str:
         """One line for the run's log: which path the data comes from."""
         if self.store is None:
-            return "raw files (no case store for this preprocessing): every sample decodes and resamples its CT"
+            p = self.preprocessing
+            return (
+                f"raw files: no case store at {list(p.spacing_mm)} mm, window {list(p.window_hu)} HU, so every sample "
+                f"decodes and resamples its CT (freetumor prepare builds one; --set "
+                f"preprocessing.{p.region}_spacing_mm=[{','.join(f'{s:g}' for s in p.spacing_mm)}] for this grid)"
+            )
         return f"case store {self.store.folder} (cases missing or stale there are read from their raw files)"

@@ -150,6 +150,10 @@ def test_resume_reproduces_the_uninterrupted_losses(prepared: Path, tmp_path: Pa
     resumed = train_segmentation(prepared, tmp_path / "cut", config, resume=True)
     assert resumed.steps == 4
     np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # no step twice
+    assert all(r["store_share"] == 1.0 for r in rows if "loss" in r)  # resumed from the case store
+    assert "case store" in resumed.data
 
 
 def test_bad_inputs(prepared: Path, tmp_path: Path) -> None:
@@ -347,3 +351,16 @@ def test_loader_workers_use_one_blas_thread() -> None:
 
     loader = torch.utils.data.DataLoader(BlasThreadsProbe(), batch_size=None, num_workers=1, worker_init_fn=seed_worker)
     assert list(loader) == [1, 1]
+
+
+def test_without_a_matching_store_the_run_reads_raw_files_and_says_how_to_build_one(
+    prepared: Path, tmp_path: Path
+) -> None:
+    tiny = [a if a != "spacing_mm=[4,4,4]" else "spacing_mm=[5,5,5]" for a in TINY]
+    args = ["train-seg", "--data", str(prepared), "--out", str(tmp_path / "raw"), "--max-steps", "1", *tiny]
+    result = CliRunner().invoke(app, [*args, "--set", "val_every=100"])
+    assert result.exit_code == 0, result.output
+    assert "no case store at [5.0, 5.0, 5.0] mm" in flat(result.output)
+    assert "preprocessing.abdomen_spacing_mm=[5,5,5]" in flat(result.output)
+    rows = [json.loads(line) for line in (tmp_path / "raw" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["store_share"] for r in rows if "loss" in r] == [0.0]
