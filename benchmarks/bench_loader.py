@@ -42,9 +42,12 @@ from freetumor_cli.core.training import make_loader
 CTS = (((512, 512, 160), (0.78, 0.78, 2.5)), ((512, 512, 300), (0.78, 0.78, 1.0)))
 
 
-def write_data_root(root: Path, copies: int) -> None:
+def write_data_root(
+    root: Path, copies: int, cts: tuple[tuple[tuple[int, int, int], tuple[float, float, float]], ...] = CTS
+) -> None:
+    """``copies`` × ``cts``: the first CT of each copy LiTS-style (liver and one tumor), the others BTCV-style."""
     for i in range(copies):
-        for j, (shape, spacing) in enumerate(CTS):
+        for j, (shape, spacing) in enumerate(cts):
             p = make_phantom(shape, spacing, seed=10 * i + j, tumors={"liver": 1 if j == 0 else 0})
             ct = np.asfortranarray(p.ct.array.astype(np.int16))
             if j == 0:  # LiTS-style: liver and tumor labels only
@@ -53,9 +56,9 @@ def write_data_root(root: Path, copies: int) -> None:
                 save_volume(ct, p.ct, folder / "imagesTr" / f"{name}_0000.nii.gz")
                 save_volume(labels, p.ct, folder / "labelsTr" / f"{name}.nii.gz", label=True)
             else:
-                folder = root / "BTCV"
-                save_volume(ct, p.ct, folder / "imagesTr" / f"img{i:04d}.nii.gz")
-                save_volume(p.labels.array, p.ct, folder / "labelsTr" / f"label{i:04d}.nii.gz", label=True)
+                folder, number = root / "BTCV", i * len(cts) + j
+                save_volume(ct, p.ct, folder / "imagesTr" / f"img{number:04d}.nii.gz")
+                save_volume(p.labels.array, p.ct, folder / "labelsTr" / f"label{number:04d}.nii.gz", label=True)
 
 
 def crops_per_second(dataset: CropDataset, workers: int, batches: int, warmup: int) -> float:

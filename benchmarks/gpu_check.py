@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from bench_loader import write_data_root  # this folder is on the path of a script run from it
 
 
 def peak_gb(device: str) -> float:
@@ -82,22 +82,6 @@ def check_swinunetr(device: str, roi: tuple[int, int, int], model_name: str, ste
         f"1. {model_name} 4 × {roi[0]}³ bf16: {1 / seconds:.2f} steps/s ({4 / seconds:.1f} crops/s), peak {peak_gb(device):.1f} GB"
     )
     return seconds
-
-
-def write_cases(root: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], count: int) -> None:
-    from freetumor_cli.core.io import save_volume
-    from freetumor_cli.core.phantom import make_phantom
-
-    for i in range(count):
-        p = make_phantom(shape, spacing, seed=i, tumors={"liver": 1 if i == 0 else 0})
-        ct = np.asfortranarray(p.ct.array.astype(np.int16))
-        if i == 0:
-            labels = np.where(np.isin(p.labels.array, [1, 2]), p.labels.array, 0).astype(np.uint8)
-            save_volume(ct, p.ct, root / "Dataset003_Liver" / "imagesTr" / "liver_0_0000.nii.gz")
-            save_volume(labels, p.ct, root / "Dataset003_Liver" / "labelsTr" / "liver_0.nii.gz", label=True)
-        else:
-            save_volume(ct, p.ct, root / "BTCV" / "imagesTr" / f"img{i:04d}.nii.gz")
-            save_volume(p.labels.array, p.ct, root / "BTCV" / "labelsTr" / f"label{i:04d}.nii.gz", label=True)
 
 
 def check_loader(
@@ -231,7 +215,7 @@ def main() -> None:
         started = time.perf_counter()
         check_swinunetr(device, roi, model, 5 if args.smoke else 20)
         root, prepared = tmp / "data", tmp / "prepared"
-        write_cases(root, shape, spacing, 3)
+        write_data_root(root, 1, ((shape, spacing),) * 3)
         result = prepare(root, prepared, PrepareConfig(folds=2), workers=3)
         assert result.store is not None
         print(
