@@ -40,10 +40,15 @@ def fetch_labels(
     ] = None,
     repo: Annotated[str, typer.Option("--repo", help="Dataset repository on the hub.")] = "Luffy503/FreeTumor",
     workers: Annotated[int, typer.Option("--workers", help="Parallel downloads.", min=1)] = 8,
+    keep_archives: Annotated[
+        bool, typer.Option("--keep-archives", help="Keep downloaded archives after extracting them.")
+    ] = False,
 ) -> None:
     """Download organ labels from the Hugging Face dataset Luffy503/FreeTumor into a data root.
 
-    The hub endpoint comes from HF_ENDPOINT; with HF_HUB_OFFLINE=1 a complete local copy is used.
+    Datasets published as archives (BTCV.zip, BTCV.tar.gz, or parts Flare23.zip.001 ...) are downloaded,
+    checked and extracted safely into DEST/<dataset>/. The hub endpoint comes from HF_ENDPOINT; with
+    HF_HUB_OFFLINE=1 a complete local copy is used.
 
     Example: freetumor fetch-labels --dest data --datasets BTCV --datasets Flare22
     """
@@ -55,10 +60,23 @@ def fetch_labels(
     if list_only:
         listing = list_remote(repo, revision=revision, token=token)
         table = Table(title=f"{repo} @ {listing.commit[:12]}")
-        for column in ("dataset", "files", "size"):
+        for column in ("dataset", "files", "size", "archives"):
             table.add_column(column)
+        archives = listing.archives()
         for dataset, files in sorted(listing.by_dataset().items(), key=lambda kv: (kv[0] is None, kv[0] or "")):
-            table.add_row(dataset or "[not understood]", str(len(files)), _size(sum(f.size for f in files)))
+            packed = [
+                f"{name} ({len(parts)} parts, {_size(sum(p.size for p in parts))})"
+                if len(parts) > 1
+                else f"{name} ({_size(parts[0].size)})"
+                for name, parts in archives.items()
+                if parts[0].dataset == dataset
+            ]
+            table.add_row(
+                dataset or "[not understood]",
+                str(len(files)),
+                _size(sum(f.size for f in files)),
+                ", ".join(packed) or "-",
+            )
         console.print(table)
         for f in [f for f in listing.files if f.dataset is None][:20]:
             note(f"not understood: {f.path}")
@@ -75,10 +93,12 @@ def fetch_labels(
     with progress:
         result = run_fetch(
             dest, repo=repo, datasets=datasets, revision=revision, token=token, workers=workers,
-            on_listing=on_listing, on_file_done=lambda f, _new: progress.advance(state["task"]),
+            keep_archives=keep_archives, on_listing=on_listing, on_file_done=lambda f, _new: progress.advance(state["task"]),
         )  # fmt: skip
     for message in result.notes:
         note(message)
+    for name, count in result.extracted.items():
+        console.print(f"extracted {name}: {count} file(s)")
     table = Table(title=f"labels in {dest}")
     for column in ("dataset", "downloaded", "up to date", "size"):
         table.add_column(column)

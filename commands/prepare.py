@@ -69,6 +69,15 @@ def prepare(
         ),
     ] = 1,
     part_id: Annotated[int, typer.Option("--part-id", help="The part this job builds, 0 .. num-parts - 1.", min=0)] = 0,
+    organ_masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--organ-masks",
+            help="Folder of organ masks (<case>.nii.gz or <case>_*.nii.gz, e.g. lungmask's outputs) merged into "
+            "tumor labels that lack their organ, as the COVID-19-20 challenge's lesion-only labels do.",
+            show_default=False,
+        ),
+    ] = None,
     verify_images: Annotated[
         bool,
         typer.Option(
@@ -99,6 +108,7 @@ def prepare(
         "seed": seed,
         "store": store,
         "verify_images": True if verify_images else None,
+        "organ_masks": str(organ_masks) if organ_masks else None,
         "strict": True if strict else None,
     }
     cfg = build_config(PrepareConfig, file=config, overrides=set_ or [], flags=flags)

@@ -56,7 +56,22 @@ def train_seg(
         ),
     ] = None,
     synth: Annotated[
-        str | None, typer.Option("--synth", help="Synthesis engine for freesyn: rules.", show_default="rules")
+        str | None,
+        typer.Option(
+            "--synth",
+            help="Tumors for freesyn: rules (no training needed), a generator from train-synth, or the authors' "
+            "TGAN.pt (its own baseline then does quality control unless --baseline is given).",
+            show_default="rules",
+        ),
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights: VoCo's self-supervised .pt (the authors' --use_ssl_pretrained) or a "
+            "checkpoint folder; tensors whose name and shape match are copied.",
+            show_default=False,
+        ),
     ] = None,
     baseline: Annotated[
         Path | None,
@@ -87,6 +102,7 @@ def train_seg(
     flags = {
         "task": organ, "mode": task, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
         "max_steps": max_steps, "mixed_precision": mixed_precision, "workers": workers, "seed": seed,
+        "init": str(init) if init else None,
     }  # fmt: skip
     cfg = build_config(TrainSegConfig, file=config, overrides=set_ or [], flags=flags).resolved()
     show_library_log()

@@ -27,15 +27,23 @@ from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
 @report_errors
 def train_synth(
     baseline: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--baseline",
-            help="Checkpoint folder of the baseline segmentor, the frozen critic: a train-seg run of a task of the region ("
+            help="The frozen critic: a baseline of a task of the region ("
             + "; ".join(f"{r}: {', '.join(region_tasks(r))}" for r in REGIONS)
-            + ").",
+            + "), a train-seg checkpoint or the authors' .pt. Optional with --init TGAN.pt (its netSeg).",
             show_default=False,
         ),
-    ],
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Fine-tune from a generator: a train-synth checkpoint or the authors' TGAN.pt (generator and discriminator).",
+            show_default=False,
+        ),
+    ] = None,
     data: Annotated[Path, typer.Option("--data", help="Output folder of freetumor prepare.")] = Path("prepared"),
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/synth"),
     region: Annotated[
@@ -73,6 +81,7 @@ def train_synth(
         "mixed_precision": mixed_precision,
         "workers": workers,
         "seed": seed,
+        "init": str(init) if init else None,
     }
     cfg = build_config(TrainSynthConfig, file=config, overrides=set_ or [], flags=flags)
     show_library_log()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from freetumor_cli.core.registry import REGIONS, RegionName
@@ -27,6 +28,9 @@ class DatasetSpec:
         remap: source label value -> region value; None when the labels are already in the region space.
         naming: how images and labels are named (nnU-Net, BTCV's img/label, Covid19_20's _ct/_seg).
         aliases: other folder names meaning the same dataset (case-insensitive).
+        layout_remaps: sub-folder name -> the remap of labels found under it (None: already in the
+            region space), for copies of the dataset whose labels were redone (the authors' Covid19_20
+            ``Train_lungmask/``: 1 lung, 2 lesion).
     """
 
     name: str
@@ -35,6 +39,14 @@ class DatasetSpec:
     remap: Mapping[int, int] | None = None
     naming: Naming = "nnunet"
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    layout_remaps: Mapping[str, Mapping[int, int] | None] = field(default_factory=dict)
+
+    def remap_for(self, label: Path | str) -> Mapping[int, int] | None:
+        """The remap of a label file: its layout's when it lies under one of ``layout_remaps``' folders."""
+        for folder, remap in self.layout_remaps.items():
+            if folder in Path(label).parts:
+                return remap
+        return self.remap
 
 
 def _organ(name: str, *aliases: str, region: str = "abdomen") -> DatasetSpec:
@@ -55,7 +67,15 @@ DATASETS: Mapping[str, DatasetSpec] = {
         DatasetSpec(
             "Dataset220_KiTS2023", "abdomen", "tumor", {1: 5, 2: 6, 3: 5}, aliases=("KiTS23", "KiTS2023", "kits")
         ),
-        DatasetSpec("Covid19_20", "chest", "tumor", {1: 2}, "covid", aliases=("COVID-19-20", "covid19")),
+        DatasetSpec(
+            "Covid19_20",
+            "chest",
+            "tumor",
+            {1: 2},
+            "covid",
+            aliases=("COVID-19-20", "covid19"),
+            layout_remaps={"Train_lungmask": None},
+        ),
         DatasetSpec("BTCV", "abdomen", "organ", None, "btcv", aliases=("btcv",)),
         _organ("Flare22", "FLARE22"),
         _organ("Flare23", "FLARE23"),

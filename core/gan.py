@@ -26,31 +26,47 @@ from freetumor_cli.core.registry import REGIONS, RegionName, generator_channels
 BACKGROUND, REAL_TUMOR, FAKE_TUMOR = 0, 1, 2
 
 
+class BatchStatsNorm3d(nn.BatchNorm3d):
+    """Batch norm that always normalises with the batch's own statistics, in training and inference alike.
+
+    The authors' released networks were trained (and used) so: their ``ContBatchNorm3d`` passes
+    ``training=True`` whatever the mode. The running statistics are kept in the state dict (for key
+    compatibility) but never read or updated.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
 class LUConv(nn.Module):
     """conv3³ → batch norm → ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, batch_stats: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.bn1 = (BatchStatsNorm3d if batch_stats else nn.BatchNorm3d)(out_channels)
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.bn1(self.conv1(x)))
 
 
-def _two_convs(in_channels: int, depth: int, base: int, *, double: bool = False) -> nn.Sequential:
+def _two_convs(in_channels: int, depth: int, base: int, *, double: bool = False, batch_stats: bool) -> nn.Sequential:
     if double:
         width = base * 2 ** (depth + 1)
-        return nn.Sequential(LUConv(in_channels, width), LUConv(width, width))
+        return nn.Sequential(
+            LUConv(in_channels, width, batch_stats=batch_stats), LUConv(width, width, batch_stats=batch_stats)
+        )
     width = base * 2**depth
-    return nn.Sequential(LUConv(in_channels, width), LUConv(width, width * 2))
+    return nn.Sequential(
+        LUConv(in_channels, width, batch_stats=batch_stats), LUConv(width, width * 2, batch_stats=batch_stats)
+    )
 
 
 class DownTransition(nn.Module):
-    def __init__(self, in_channels: int, depth: int, base: int, last: bool) -> None:
+    def __init__(self, in_channels: int, depth: int, base: int, last: bool, batch_stats: bool) -> None:
         super().__init__()
-        self.ops = _two_convs(in_channels, depth, base)
+        self.ops = _two_convs(in_channels, depth, base, batch_stats=batch_stats)
         self.maxpool = nn.MaxPool3d(2)
         self.last = last
 
@@ -60,28 +76,32 @@ class DownTransition(nn.Module):
 
 
 class UpTransition(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, depth: int, base: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, depth: int, base: int, batch_stats: bool) -> None:
         super().__init__()
         self.up_conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.ops = _two_convs(in_channels + out_channels // 2, depth, base, double=True)
+        self.ops = _two_convs(in_channels + out_channels // 2, depth, base, double=True, batch_stats=batch_stats)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.ops(torch.cat((self.up_conv(x), skip), 1))
 
 
 class UNet3D(nn.Module):
-    """Models-Genesis 3D U-Net; returns logits of shape ``(B, n_class, X, Y, Z)`` (X, Y, Z divisible by 8)."""
+    """Models-Genesis 3D U-Net; returns logits of shape ``(B, n_class, X, Y, Z)`` (X, Y, Z divisible by 8).
 
-    def __init__(self, n_class: int, *, base: int = 32) -> None:
+    ``batch_stats`` makes every batch norm use the batch's statistics also in eval mode, as the authors'
+    released networks do (:class:`BatchStatsNorm3d`).
+    """
+
+    def __init__(self, n_class: int, *, base: int = 32, batch_stats: bool = False) -> None:
         super().__init__()
-        b = base
-        self.down_tr64 = DownTransition(1, 0, b, last=False)
-        self.down_tr128 = DownTransition(2 * b, 1, b, last=False)
-        self.down_tr256 = DownTransition(4 * b, 2, b, last=False)
-        self.down_tr512 = DownTransition(8 * b, 3, b, last=True)
-        self.up_tr256 = UpTransition(16 * b, 16 * b, 2, b)
-        self.up_tr128 = UpTransition(8 * b, 8 * b, 1, b)
-        self.up_tr64 = UpTransition(4 * b, 4 * b, 0, b)
+        b, s = base, batch_stats
+        self.down_tr64 = DownTransition(1, 0, b, last=False, batch_stats=s)
+        self.down_tr128 = DownTransition(2 * b, 1, b, last=False, batch_stats=s)
+        self.down_tr256 = DownTransition(4 * b, 2, b, last=False, batch_stats=s)
+        self.down_tr512 = DownTransition(8 * b, 3, b, last=True, batch_stats=s)
+        self.up_tr256 = UpTransition(16 * b, 16 * b, 2, b, s)
+        self.up_tr128 = UpTransition(8 * b, 8 * b, 1, b, s)
+        self.up_tr64 = UpTransition(4 * b, 4 * b, 0, b, s)
         self.out_tr = nn.Conv3d(2 * b, n_class, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,11 +125,13 @@ class GanConfig:
             (abdomen: liver, pancreas, kidney; chest: one).
         base_channels: 32 for the method's 19 M-parameter networks; smaller for tests.
         adversarial_weight: λ in the generator loss (0.1 abdomen, 0.5 chest in the method).
+        batch_stats: batch norm with the batch's statistics also at inference (the released networks').
     """
 
     region: RegionName = "abdomen"
     base_channels: int = 32
     adversarial_weight: float = REGIONS["abdomen"].adversarial_weight
+    batch_stats: bool = False
 
     @property
     def generator_channels(self) -> int:
@@ -117,11 +139,12 @@ class GanConfig:
 
 
 def make_generator(config: GanConfig) -> UNet3D:
-    return UNet3D(config.generator_channels, base=config.base_channels)
+    return UNet3D(config.generator_channels, base=config.base_channels, batch_stats=config.batch_stats)
 
 
 def make_discriminator(config: GanConfig) -> UNet3D:
-    return UNet3D(3, base=config.base_channels)  # background, real tumor, fake tumor
+    # background, real tumor, fake tumor
+    return UNet3D(3, base=config.base_channels, batch_stats=config.batch_stats)
 
 
 def _gaussian_kernel(size: int = 7, sigma: float = 1.0) -> torch.Tensor:
@@ -302,17 +325,3 @@ def freeze_critic(critic: nn.Module) -> nn.Module:
     critic.eval()
     critic.requires_grad_(False)
     return critic
-
-
-def map_released_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys of the authors' released checkpoint (``netG.*``, ``netD.*``, maybe ``module.``) for our modules."""
-    out = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
-        if name.startswith("module."):
-            name = name[len("module.") :]
-        name = name.replace("out_tr.final_conv.", "out_tr.")
-        out[name] = value
-    return out

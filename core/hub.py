@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from freetumor_cli.core.archives import archive_name, archive_stem, check_parts, extract_archive
 from freetumor_cli.core.datasets import canonical_dataset
 from freetumor_cli.core.errors import FreetumorError, InputError
 from freetumor_cli.core.io import write_text_atomic
@@ -35,9 +36,26 @@ class HubError(FreetumorError):
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """A file of a hub repository.
+
+    Attributes:
+        path: its path in the repository.
+        size: its size in bytes, as the hub lists it.
+        dataset: the registry dataset it belongs to (None when not understood).
+        sha256: the content's sha256 (the hub gives it for LFS files), or None.
+        blob_id: the git blob id (sha1 of ``blob <size>\\0`` + content; for files not in LFS), or None.
+    """
+
     path: str
     size: int
-    dataset: str | None  # registry name, None when the top-level folder is not a known dataset
+    dataset: str | None
+    sha256: str | None = None
+    blob_id: str | None = None
+    archive: str | None = None
+
+    def digest(self) -> str | None:
+        """The hub's content hash of the file (sha256, else the git blob id), or None."""
+        return self.sha256 or self.blob_id
 
 
 @dataclass
@@ -56,6 +74,14 @@ class Listing:
             groups.setdefault(f.dataset, []).append(f)
         return groups
 
+    def archives(self) -> dict[str, list[RemoteFile]]:
+        """Archive name -> its file(s), parts in order."""
+        groups: dict[str, list[RemoteFile]] = {}
+        for f in self.files:
+            if f.archive is not None:
+                groups.setdefault(f.archive, []).append(f)
+        return {k: sorted(v, key=lambda f: f.path) for k, v in sorted(groups.items())}
+
 
 @dataclass
 class FetchResult:
@@ -63,6 +89,7 @@ class FetchResult:
     commit: str
     downloaded: list[RemoteFile] = field(default_factory=list)
     up_to_date: list[RemoteFile] = field(default_factory=list)
+    extracted: dict[str, int] = field(default_factory=dict)  # archive -> files it put under dest
     unknown: list[RemoteFile] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     offline: bool = False
@@ -93,12 +120,12 @@ def _inside(dest: Path, relative: PurePosixPath) -> bool:
     return target == root or root in target.parents
 
 
-def _hub_failure(exc: Exception, endpoint: str, repo: str) -> HubError:
+def _hub_failure(exc: Exception, endpoint: str, repo: str, repo_type: str = "dataset") -> HubError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(exc, RepositoryNotFoundError | GatedRepoError):
         return HubError(
-            f"dataset repository {repo!r} not found or not accessible at {endpoint}",
+            f"{repo_type} repository {repo!r} not found or not accessible at {endpoint}",
             hint="check --repo, and set HF_TOKEN or --token if it is gated",
         )
     if isinstance(exc, RevisionNotFoundError):
@@ -110,19 +137,21 @@ def _hub_failure(exc: Exception, endpoint: str, repo: str) -> HubError:
     )
 
 
-def list_remote(repo: str = DEFAULT_REPO, *, revision: str = "main", token: str | None = None) -> Listing:
-    """List a dataset repository's files at ``revision`` and sort them into datasets."""
+def list_remote(
+    repo: str = DEFAULT_REPO, *, revision: str = "main", token: str | None = None, repo_type: str = "dataset"
+) -> Listing:
+    """List a repository's files at ``revision`` (with their sizes and hashes) and sort them into datasets."""
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        info = api.dataset_info(repo, revision=revision)
+        info = api.repo_info(repo, revision=revision, repo_type=repo_type)
         commit = info.sha or revision
-        entries = list(api.list_repo_tree(repo, recursive=True, revision=commit, repo_type="dataset"))
+        entries = list(api.list_repo_tree(repo, recursive=True, revision=commit, repo_type=repo_type))
     except Exception as exc:  # every failure of the hub client ends here, named and explained
-        raise _hub_failure(exc, endpoint, repo) from exc
+        raise _hub_failure(exc, endpoint, repo, repo_type) from exc
     listing = Listing(repo, revision, commit)
     for entry in entries:
         if not isinstance(entry, RepoFile):
@@ -133,7 +162,14 @@ def list_remote(repo: str = DEFAULT_REPO, *, revision: str = "main", token: str 
             continue
         top = relative.parts[0] if len(relative.parts) > 1 else None
         dataset = canonical_dataset(top) if top else None
-        listing.files.append(RemoteFile(str(relative), int(entry.size or 0), dataset))
+        archive = archive_name(entry.path) if len(relative.parts) == 1 else None
+        if archive is not None:  # a dataset published as one archive (or its parts) at the top level
+            dataset = canonical_dataset(archive_stem(archive[0]))
+        sha256 = entry.lfs.sha256 if entry.lfs is not None else None
+        blob_id = None if entry.lfs is not None else entry.blob_id
+        listing.files.append(
+            RemoteFile(str(relative), int(entry.size or 0), dataset, sha256, blob_id, archive[0] if archive else None)
+        )
     listing.files.sort(key=lambda f: f.path)
     return listing
 
@@ -166,6 +202,27 @@ def select(listing: Listing, datasets: Sequence[str] | None) -> tuple[list[Remot
     return [f for f in known if f.dataset in wanted], unknown
 
 
+def content_problem(path: Path, remote: RemoteFile) -> str | None:
+    """Why a downloaded file is not the hub's (size, then sha256 or git blob id where listed), or None."""
+    import hashlib
+
+    size = path.stat().st_size
+    if size != remote.size:
+        return f"{remote.path}: {size} bytes, the hub lists {remote.size}"
+    if remote.sha256 is None and remote.blob_id is None:
+        return None
+    sha256, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            sha256.update(block)
+            blob.update(block)
+    if remote.sha256 is not None and sha256.hexdigest() != remote.sha256:
+        return f"{remote.path}: its sha256 differs from the hub's"
+    if remote.sha256 is None and remote.blob_id is not None and blob.hexdigest() != remote.blob_id:
+        return f"{remote.path}: its content differs from the hub's (git blob id)"
+    return None
+
+
 def _local_complete(dest: Path, files: Sequence[RemoteFile]) -> bool:
     return all((dest / f.path).is_file() and (dest / f.path).stat().st_size == f.size for f in files)
 
@@ -178,6 +235,9 @@ def _read_record(dest: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+ARCHIVE_FOLDER = ".freetumor_archives"
+
+
 def fetch_labels(
     dest: str | os.PathLike[str] = "data",
     *,
@@ -186,14 +246,20 @@ def fetch_labels(
     revision: str = "main",
     token: str | None = None,
     workers: int = 8,
+    keep_archives: bool = False,
     on_file_done: Callable[[RemoteFile, bool], None] | None = None,
     on_listing: Callable[[list[RemoteFile]], None] | None = None,
 ) -> FetchResult:
     """Download the chosen datasets' label files into ``dest`` (a data root), resuming and idempotent.
 
-    A file already present with the listed size is not downloaded again; a partly downloaded file is
-    resumed by ``huggingface_hub``. Offline (``HF_HUB_OFFLINE=1``), the local copy recorded by an earlier
-    complete run is used if every file of it is present.
+    Files inside dataset folders are mirrored at their repository path. A dataset published as an
+    archive at the top level (``BTCV.zip``, ``BTCV.tar.gz``, or parts ``Flare23.zip.001`` …) is
+    downloaded to ``<dest>/.freetumor_archives/``, checked, and extracted safely into ``<dest>/<dataset>/``
+    (an archive holding the dataset's folder or only its contents alike); the archive is then removed
+    unless ``keep_archives``. Every download is checked against the hub's size and hash. A file already
+    present and verified, or an archive already extracted, is not fetched again; a partly downloaded file
+    is resumed by ``huggingface_hub``. Offline (``HF_HUB_OFFLINE=1``), the local copy recorded by an
+    earlier complete run is used if every file of it is present.
     """
     dest_path = Path(dest)
     token = token or os.environ.get("HF_TOKEN") or None
@@ -208,60 +274,114 @@ def fetch_labels(
     result = FetchResult(dest_path, listing.commit, unknown=unknown, unsafe=list(listing.unsafe))
     if on_listing:
         on_listing(chosen)
-    todo = []
+    previous = _read_record(dest_path) or {}
+    verified: dict[str, Any] = dict(previous.get("files") or {})
+    extracted: dict[str, Any] = dict(previous.get("archives") or {})
+    plain = [f for f in chosen if f.archive is None]
+    archives: dict[str, list[RemoteFile]] = {}
     for f in chosen:
+        if f.archive is not None:
+            archives.setdefault(f.archive, []).append(f)
+    todo = []
+    for f in plain:
         target = dest_path / f.path
-        if target.is_file() and target.stat().st_size == f.size:
+        known = verified.get(f.path) or {}
+        fresh = target.is_file() and target.stat().st_size == f.size
+        if fresh and known.get("digest") != f.digest():  # placed by hand, or by an older run: check it once
+            fresh = content_problem(target, f) is None
+            if fresh:
+                verified[f.path] = {"size": f.size, "dataset": f.dataset, "digest": f.digest()}
+        if fresh:
             result.up_to_date.append(f)
             if on_file_done:
                 on_file_done(f, False)
         else:
             todo.append(f)
+    for name, parts in sorted(archives.items()):
+        if _archive_done(dest_path, extracted.get(name), parts):
+            result.up_to_date.extend(parts)
+            for f in parts:
+                if on_file_done:
+                    on_file_done(f, False)
+        else:
+            check_parts(name, [archive_name(f.path)[1] or 0 for f in parts])
+            todo.extend(parts)
+    endpoint = hub_endpoint()
     if todo:
         from huggingface_hub import hf_hub_download
 
-        endpoint = hub_endpoint()
         dest_path.mkdir(parents=True, exist_ok=True)
 
         def download(f: RemoteFile) -> RemoteFile:
-            # A file present with the wrong size is damaged: huggingface_hub's own record would call it
-            # up to date, so force it.
-            damaged = (dest_path / f.path).exists()
+            local_dir = dest_path / ARCHIVE_FOLDER if f.archive else dest_path
+            target = local_dir / f.path
+            if target.is_file() and content_problem(target, f) is None:
+                return f  # an archive part downloaded by an interrupted run
             hf_hub_download(
-                repo,
-                f.path,
-                repo_type="dataset",
-                revision=listing.commit,
-                local_dir=dest_path,
-                token=token,
-                endpoint=endpoint,
-                force_download=damaged,
-            )
+                repo, f.path, repo_type="dataset", revision=listing.commit, local_dir=local_dir, token=token,
+                endpoint=endpoint, force_download=target.exists(),  # present but damaged: fetch it again
+            )  # fmt: skip
+            problem = content_problem(target, f)
+            if problem is not None:
+                target.unlink(missing_ok=True)
+                raise HubError(
+                    f"the download of {problem}", hint="run fetch-labels again; if it persists, the repository changed"
+                )
             return f
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                 for f in pool.map(download, todo):
                     result.downloaded.append(f)
+                    if f.archive is None:
+                        verified[f.path] = {"size": f.size, "dataset": f.dataset, "digest": f.digest()}
                     if on_file_done:
                         on_file_done(f, True)
         except FreetumorError:
             raise
         except Exception as exc:
             raise _hub_failure(exc, endpoint, repo) from exc
-    previous = _read_record(dest_path) or {}
-    files_before = previous.get("files")
-    recorded: dict[str, Any] = dict(files_before) if isinstance(files_before, dict) else {}
-    recorded.update({f.path: {"size": f.size, "dataset": f.dataset} for f in chosen})
+    for name, parts in sorted(archives.items()):
+        if _archive_done(dest_path, extracted.get(name), parts):
+            continue
+        dataset = parts[0].dataset
+        assert dataset is not None
+        local = [dest_path / ARCHIVE_FOLDER / f.path for f in parts]
+        placed = extract_archive(
+            local, dest_path / dataset, name=name,
+            strip=lambda top, d=dataset: top[0] if canonical_dataset(top[0]) == d else None,
+        )  # fmt: skip
+        extracted[name] = {
+            "dataset": dataset,
+            "parts": {f.path: f.digest() for f in parts},
+            "files": sorted(str(p.relative_to(dest_path)) for p in placed),
+        }
+        result.extracted[name] = len(placed)
+        _write_record(dest_path, repo, revision, listing.commit, verified, extracted)
+        if not keep_archives:
+            for path in local:
+                path.unlink(missing_ok=True)
+    _write_record(dest_path, repo, revision, listing.commit, verified, extracted)
+    return result
+
+
+def _archive_done(dest: Path, record: Any, parts: Sequence[RemoteFile]) -> bool:
+    """An archive was extracted from these very parts and its files are all there."""
+    if not isinstance(record, dict) or record.get("parts") != {f.path: f.digest() for f in parts}:
+        return False
+    return all((dest / name).is_file() for name in record.get("files", []))
+
+
+def _write_record(dest: Path, repo: str, revision: str, commit: str, files: Any, archives: Any) -> None:
     record = {
         "repo": repo,
         "revision": revision,
-        "commit": listing.commit,
+        "commit": commit,
         "endpoint": hub_endpoint(),
-        "files": recorded,
+        "files": files,
+        "archives": archives,
     }
-    write_text_atomic(dest_path / RECORD_NAME, json.dumps(record, indent=1) + "\n")
-    return result
+    write_text_atomic(dest / RECORD_NAME, json.dumps(record, indent=1) + "\n")
 
 
 def _offline_result(dest: Path, datasets: Sequence[str] | None) -> FetchResult:
@@ -273,6 +393,10 @@ def _offline_result(dest: Path, datasets: Sequence[str] | None) -> FetchResult:
             hint="unset HF_HUB_OFFLINE to download, or place the label files under --dest by hand",
         )
     files = [RemoteFile(path, int(meta["size"]), meta.get("dataset")) for path, meta in listed.items()]
+    for meta in (record.get("archives") or {}).values():
+        for path in meta.get("files", []):
+            size = (dest / path).stat().st_size if (dest / path).is_file() else -1
+            files.append(RemoteFile(path, size, meta.get("dataset")))
     if datasets:
         wanted = {canonical_dataset(d) for d in datasets}
         files = [f for f in files if f.dataset in wanted]

@@ -23,8 +23,8 @@ from freetumor_cli.core.tumor import SynthesisResult
 
 
 @functools.lru_cache(maxsize=4)
-def cached_generator(path: str) -> tuple[Any, dict[str, Any]]:
-    from freetumor_cli.core.train_synth import load_generator
+def cached_generator(path: str) -> Any:
+    from freetumor_cli.core.checkpoints import load_generator
 
     return load_generator(path)
 
@@ -37,7 +37,7 @@ def generator_preprocessing(meta: dict[str, Any]) -> Preprocessing:
 
 
 def generator_map(
-    box_hu: np.ndarray, box_affine: np.ndarray, generator: Any, meta: dict[str, Any], organ: Organ
+    box_hu: np.ndarray, box_affine: np.ndarray, generator: Any, meta: dict[str, Any], channel: int
 ) -> np.ndarray:
     """The generator's intensity change (HU per unit of profile) on a box of the CT, on the box's grid.
 
@@ -46,7 +46,7 @@ def generator_map(
         box_affine: the box's voxel-to-world matrix.
         generator: the generator network (eval mode).
         meta: its metadata (region, spacing, window).
-        organ: the tumor's organ (its generator channel).
+        channel: the output channel of the tumor's organ.
 
     Returns:
         float32, shape ``(I, J, K)``.
@@ -70,7 +70,7 @@ def generator_map(
     padded = torch.nn.functional.pad(x.as_tensor()[None], [p for n in reversed(pads) for p in (0, n)], mode="replicate")
     with torch.no_grad():
         out = generator(padded)
-        change = intensity_map(out, [organ.generator_channel], meta["generator"]["region"])[0]
+        change = intensity_map(out, [channel], meta["generator"]["region"])[0]
     change = change[:, : shape[0], : shape[1], : shape[2]]
     data["map"] = MetaTensor(change, meta=dict(x.meta), applied_operations=list(x.applied_operations))
     back = Invertd(keys="map", transform=chain, orig_keys="image", nearest_interp=False)(data)["map"]
@@ -80,13 +80,14 @@ def generator_map(
 
 def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, generator_path: str) -> SynthesisResult:
     """Replace each rule-based patch's scalar change by the generator's map (same shapes and masks)."""
-    generator, meta = cached_generator(str(generator_path))
-    region = meta["generator"]["region"]
+    loaded = cached_generator(str(generator_path))
+    generator, meta, region = loaded.module, loaded.meta, loaded.region
     if region != organ.region:
         raise InputError(
             f"the generator {generator_path} is for the {region}; --organ {organ.name} is not",
             hint="use a generator trained for that region",
         )
+    channel = loaded.channel(organ.name)
     offset = np.array([s.start for s in result.bbox])
     patches = []
     tumors = []
@@ -97,7 +98,7 @@ def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, genera
         global_box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
         box_affine = image.affine.copy()
         box_affine[:3, 3] = image.voxel_to_world(lo)
-        change = generator_map(image.array[global_box], box_affine, generator, meta, organ)
+        change = generator_map(image.array[global_box], box_affine, generator, meta, channel)
         new_delta = (organ.tumor_sign * profile * change).astype(np.float32)
         patches.append((box, new_delta))
         mask = result.tumor_mask[box]

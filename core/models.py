@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import atomic_path, write_text_atomic
-from freetumor_cli.core.registry import REGIONS, RegionName, TaskName
+from freetumor_cli.core.registry import REGIONS, RegionName, TaskName, check_choices
 
 if TYPE_CHECKING:
     from freetumor_cli.core.preprocess import Preprocessing
@@ -36,6 +36,7 @@ class ModelConfig:
         spacing_mm: voxel size the network works at.
         window_hu: HU window mapped to [0, 1].
         labels: the task's class names by value.
+        feature_size: SwinUNETR's width (48 is the method's "B"; VoCo's L and H are 96 and 192).
     """
 
     name: ModelName = "swinunetr"
@@ -46,6 +47,10 @@ class ModelConfig:
     spacing_mm: tuple[float, float, float] = REGIONS["abdomen"].spacing_mm
     window_hu: tuple[float, float] = REGIONS["abdomen"].window_hu
     labels: dict[str, str] = field(default_factory=dict)
+    feature_size: int = 48
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing the network was trained with."""
@@ -61,7 +66,7 @@ def build_model(config: ModelConfig) -> Any:
     if config.name == "swinunetr":
         from monai.networks.nets import SwinUNETR
 
-        return SwinUNETR(in_channels=1, out_channels=config.out_channels, feature_size=48, use_v2=True)
+        return SwinUNETR(in_channels=1, out_channels=config.out_channels, feature_size=config.feature_size, use_v2=True)
     channels: tuple[int, ...]
     if config.name == "unet":
         channels, res = (16, 32, 64, 128, 256), 2
@@ -97,29 +102,43 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
-    """Rebuild the network of a checkpoint folder (safetensors only: no pickle is ever executed)."""
+    """Rebuild the network of a checkpoint: a freetumor folder (safetensors), or one of the authors'
+    released SwinUNETR ``.pt`` baselines (read with ``weights_only``). No pickled code ever runs."""
     from safetensors.torch import load_file
 
+    from freetumor_cli.core.checkpoints import import_segmentor, load_strict
+
     path = Path(folder)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        model, config = import_segmentor(path)
+        return model.to(device), config, {"model": asdict(config), "source": str(path)}
     if path.is_file() and path.name in ("model.safetensors", "model.json"):
         path = path.parent
     if not (path / "model.json").is_file() or not (path / "model.safetensors").is_file():
         raise InputError(
-            f"not a freetumor checkpoint: {path}", hint="expected a folder with model.safetensors and model.json"
+            f"not a freetumor checkpoint: {path}",
+            hint="expected a folder with model.safetensors and model.json (train-seg's checkpoints/best), or a .pt baseline",
         )
-    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
-    raw = meta["model"]
-    config = ModelConfig(
-        **{
-            **raw,
-            "roi": tuple(raw["roi"]),
-            "spacing_mm": tuple(raw["spacing_mm"]),
-            "window_hu": tuple(raw["window_hu"]),
-        }
-    )
+    try:
+        meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+        raw = meta["model"]
+        config = ModelConfig(
+            **{
+                **raw,
+                "roi": tuple(raw["roi"]),
+                "spacing_mm": tuple(raw["spacing_mm"]),
+                "window_hu": tuple(raw["window_hu"]),
+            }
+        )
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(
+            f"{path / 'model.json'} is damaged or not freetumor's ({type(exc).__name__}: {exc})",
+            hint="use a checkpoint folder written by train-seg",
+        ) from None
     model = build_model(config)
     try:
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
-    except RuntimeError as exc:
-        raise InputError(f"checkpoint {path} does not match its model config: {str(exc).splitlines()[0]}") from exc
+        state = load_file(str(path / "model.safetensors"), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InputError(f"{path / 'model.safetensors'} is damaged ({type(exc).__name__})") from None
+    load_strict(model, state, path, "the checkpoint")
     return model.to(device), config, meta

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from freetumor_cli.core.io import (
 )
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
-from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
+from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, region_organs
 from freetumor_cli.core.store import STORE_POINTER, BuildResult, build_store
 
 
@@ -55,6 +55,7 @@ class PrepareConfig:
         seed: fold assignment seed (folds are a hash of seed, dataset and case id).
         strict: fail when any case is skipped.
         verify_images: read every image fully (catches truncated files; slower than headers only).
+        organ_masks: a folder of organ masks (by case id) merged into tumor labels that lack their organ.
         store: write the case store (each case preprocessed, read a crop at a time by training).
         preprocessing: the preprocessing constants.
     """
@@ -64,6 +65,7 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False
     verify_images: bool = False
+    organ_masks: str | None = None
     store: bool = True
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -228,8 +230,14 @@ def _read_array(image: Any, what: str) -> np.ndarray:
     return array
 
 
-def validate_case(candidate: Candidate, out_dir: str, verify_images: bool) -> dict[str, Any]:
+def validate_case(
+    candidate: Candidate, out_dir: str, verify_images: bool, organ_masks: str | None = None
+) -> dict[str, Any]:
     """Check one case and map its labels; returns its manifest record.
+
+    Tumor labels without their organ (the COVID-19-20 challenge's lesion-only labels) get the organ from
+    ``organ_masks`` (a folder of masks named by case, e.g. lungmask's outputs); without them the case is
+    skipped, since tumors can neither be placed nor learned against an unknown organ.
 
     Raises:
         CaseSkipped: with the reason the case cannot be used.
@@ -239,43 +247,42 @@ def validate_case(candidate: Candidate, out_dir: str, verify_images: bool) -> di
     if candidate.label is None:
         raise CaseSkipped("missing label")
     spec = dataset_spec(candidate.dataset)
+    remap = spec.remap_for(candidate.label)
     image = _load_header(candidate.image, "image")
     label = _load_header(candidate.label, "label")
-    if tuple(image.shape[:3]) != tuple(label.shape[:3]):
-        raise CaseSkipped(f"image shape {tuple(image.shape[:3])} != label shape {tuple(label.shape[:3])}")
-    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
-    diff = np.abs(np.asarray(image.affine) - np.asarray(label.affine))
-    if diff[:3, :3].max() > AFFINE_TOLERANCE_MM * scale or diff[:3, 3].max() > max(AFFINE_TOLERANCE_MM * scale, 1e-2):
-        raise CaseSkipped(f"image and label affines differ (by up to {diff.max():.3g} mm)")
+    _check_grid(image, label, "label")
     if verify_images:
         _read_array(image, "image")
-    labels = _read_array(label, "label")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.array_equal(labels, np.rint(labels)):
-            raise CaseSkipped("label holds non-integer values")
-        labels = labels.astype(np.int64)
+    labels = _integer_labels(_read_array(label, "label"))
     space = REGIONS[spec.region].labels
-    allowed = set(spec.remap) | {0} if spec.remap is not None else set(space)
-    low, high = int(labels.min()), int(labels.max())
-    seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
-    seen[(labels - min(low, 0)).ravel(order="K")] = True
-    values = sorted(int(v) + min(low, 0) for v in np.flatnonzero(seen))
+    allowed = set(remap) | {0} if remap is not None else set(space)
+    values = _present_values(labels)
     bad = [v for v in values if v not in allowed]
     if bad:
         raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)})")
+    changed = remap is not None and any(remap.get(v, 0) != v for v in values)
+    region_labels = _apply_remap(labels, remap, values) if changed else labels
+    organ_values = {o.value for o in region_organs(spec.region)}
+    tumor_values = {o.tumor_value: o.value for o in region_organs(spec.region)}
+    present_values = set(_present_values(region_labels))
+    if spec.role == "tumor" and not present_values & organ_values:
+        tumors = sorted(present_values & set(tumor_values))
+        if not tumors:
+            raise CaseSkipped("no organ or tumor in the label")
+        if organ_masks is None:
+            raise CaseSkipped(
+                f"tumor labels without their organ ({space[tumors[0]]} only; pass organ masks, e.g. lungmask's, with --organ-masks)"
+            )
+        region_labels = _merge_organ_mask(
+            region_labels, image, Path(organ_masks), candidate.case, tumor_values[tumors[0]]
+        )
+        changed = True
     label_path = candidate.label
-    if spec.remap is not None and any(spec.remap.get(v, 0) != v for v in values):
-        lut = np.zeros(max(values) + 1, dtype=np.uint8)
-        for source, target in spec.remap.items():
-            if source < len(lut):
-                lut[source] = target
-        mapped = lut[labels]
+    if changed:
         label_path = Path(out_dir) / "labels" / spec.name / f"{candidate.case}.nii.gz"
-        reference = Volume(mapped, np.asarray(label.affine, dtype=np.float64), label.header)
-        save_volume(mapped, reference, label_path, label=True)
-        counts = np.bincount(mapped.ravel(order="K"), minlength=len(space))
-    else:
-        counts = np.bincount(labels.ravel(order="K").astype(np.intp), minlength=len(space))
+        reference = Volume(region_labels, np.asarray(label.affine, dtype=np.float64), label.header)
+        save_volume(region_labels, reference, label_path, label=True)
+    counts = np.bincount(np.asarray(region_labels).ravel(order="K").astype(np.intp), minlength=len(space))
     present = {space[v]: int(counts[v]) for v in range(1, len(space)) if v < len(counts) and counts[v]}
     if not present:
         raise CaseSkipped("no organ or tumor in the label")
@@ -295,10 +302,57 @@ def validate_case(candidate: Candidate, out_dir: str, verify_images: bool) -> di
     }
 
 
-def _validate_job(args: tuple[Candidate, str, bool]) -> tuple[Candidate, dict[str, Any] | None, str | None]:
-    candidate, out_dir, verify = args
+def _check_grid(image: Any, other: Any, what: str) -> None:
+    if tuple(image.shape[:3]) != tuple(other.shape[:3]):
+        raise CaseSkipped(f"image shape {tuple(image.shape[:3])} != {what} shape {tuple(other.shape[:3])}")
+    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
+    diff = np.abs(np.asarray(image.affine) - np.asarray(other.affine))
+    if diff[:3, :3].max() > AFFINE_TOLERANCE_MM * scale or diff[:3, 3].max() > max(AFFINE_TOLERANCE_MM * scale, 1e-2):
+        raise CaseSkipped(f"image and {what} affines differ (by up to {diff.max():.3g} mm)")
+
+
+def _integer_labels(labels: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.rint(labels)):
+            raise CaseSkipped("label holds non-integer values")
+        labels = labels.astype(np.int64)
+    return labels
+
+
+def _present_values(labels: np.ndarray) -> list[int]:
+    low, high = int(labels.min()), int(labels.max())
+    seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
+    seen[(labels - min(low, 0)).ravel(order="K")] = True
+    return sorted(int(v) + min(low, 0) for v in np.flatnonzero(seen))
+
+
+def _apply_remap(labels: np.ndarray, remap: Mapping[int, int], values: Sequence[int]) -> np.ndarray:
+    lut = np.zeros(max(values) + 1, dtype=np.uint8)
+    for source, target in remap.items():
+        if source < len(lut):
+            lut[source] = target
+    return lut[labels]
+
+
+def _merge_organ_mask(labels: np.ndarray, image: Any, folder: Path, case: str, organ: int) -> np.ndarray:
+    """The organ from a mask file (any value above 0) where the labels hold nothing else."""
+    candidates = sorted(p for p in folder.glob(f"{case}*") if is_nifti(p.name)) if folder.is_dir() else []
+    if not candidates:
+        raise CaseSkipped(f"no organ mask for this case in {folder} (expected {case}.nii.gz or {case}_*.nii.gz)")
+    mask_image = _load_header(candidates[0], "organ mask")
+    _check_grid(image, mask_image, "organ mask")
+    mask = _read_array(mask_image, "organ mask") > 0
+    merged = np.asarray(labels).astype(np.uint8, copy=True)
+    merged[mask & (merged == 0)] = organ
+    return merged
+
+
+def _validate_job(
+    args: tuple[Candidate, str, bool, str | None],
+) -> tuple[Candidate, dict[str, Any] | None, str | None]:
+    candidate, out_dir, verify, masks = args
     try:
-        return candidate, validate_case(candidate, out_dir, verify), None
+        return candidate, validate_case(candidate, out_dir, verify, masks), None
     except CaseSkipped as exc:
         return candidate, None, str(exc)
 
@@ -366,7 +420,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, DatasetReport] = defaultdict(DatasetReport)
     records: list[dict[str, Any]] = []
-    jobs = [(c, str(out), config.verify_images) for c in candidates]
+    jobs = [(c, str(out), config.verify_images, config.organ_masks) for c in candidates]
     with atomic_path(out / "manifest.jsonl") as tmp, tmp.open("w", encoding="utf-8") as manifest:
         results: Iterable[tuple[Candidate, dict[str, Any] | None, str | None]]
         pool = process_pool(workers) if workers > 1 else None

@@ -71,6 +71,8 @@ class Region:
         generator_activation: the learned generator's output squashing: ``tanh`` or ``sigmoid``.
         adversarial_weight: λ of the generator loss.
         orientation: axis codes the preprocessing reorients to.
+        synthesize_beside_real_tumors: online synthesis also in crops holding a real tumor (the chest's:
+            lesions go wherever lung is); else only in crops with organ and no real tumor (the abdomen's).
     """
 
     name: str
@@ -84,6 +86,7 @@ class Region:
     generator_activation: str
     adversarial_weight: float
     orientation: str = "RAS"
+    synthesize_beside_real_tumors: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Organ:
         totalseg_ids: TotalSegmentator v2 "total" class ids that make up the organ.
         generator_channel: the learned generator's output channel for its tumors.
         size_classes: the size classes its tumors may take (``mix`` draws among those that fit).
+        size_weights: how often ``mix`` draws each of ``size_classes`` (None: equally often).
     """
 
     name: str
@@ -107,6 +111,7 @@ class Organ:
     totalseg_ids: tuple[int, ...]
     generator_channel: int
     size_classes: tuple[str, ...] = SIZE_CLASSES
+    size_weights: tuple[float, ...] | None = None
 
     @property
     def tumor_value(self) -> int:
@@ -211,7 +216,7 @@ REGIONS: Mapping[str, Region] = {
         Region(
             "chest", {0: "background", 1: "lung", 2: "lesion"}, (-1000.0, 500.0), (1.25, 1.25, 5.0), (192, 192, 32),
             tumor_sign=+1, scale_augment=False, generalist_task="covid", generator_activation="sigmoid",
-            adversarial_weight=0.5,
+            adversarial_weight=0.5, synthesize_beside_real_tumors=True,
         ),
     )
 }  # fmt: skip
@@ -222,7 +227,16 @@ ORGANS: Mapping[str, Organ] = {
         Organ("liver", "abdomen", 1, "liver tumor", (5,), generator_channel=0),
         Organ("pancreas", "abdomen", 3, "pancreas tumor", (7,), generator_channel=1),
         Organ("kidney", "abdomen", 5, "kidney tumor", (2, 3), generator_channel=2),
-        Organ("lung", "chest", 1, "COVID-19 lesion", (10, 11, 12, 13, 14), generator_channel=0),
+        Organ(
+            "lung",
+            "chest",
+            1,
+            "COVID-19 lesion",
+            (10, 11, 12, 13, 14),
+            generator_channel=0,
+            size_classes=("tiny", "small", "medium"),
+            size_weights=(0.35, 0.35, 0.30),
+        ),
     )
 }
 
@@ -357,6 +371,8 @@ def _validate() -> None:
             raise AssertionError(f"organ {name}: tumor value {o.tumor_value} is not a tumor class of {o.region}")
         if not set(o.size_classes) <= set(SIZE_CLASSES) or not o.size_classes:
             raise AssertionError(f"organ {name}: size classes must be among {SIZE_CLASSES}")
+        if o.size_weights is not None and (len(o.size_weights) != len(o.size_classes) or min(o.size_weights) < 0):
+            raise AssertionError(f"organ {name}: one non-negative weight per size class")
         if any(i not in TOTALSEG_V2 for i in o.totalseg_ids) or o.generator_channel < 0:
             raise AssertionError(f"organ {name}: TotalSegmentator id or generator channel invalid")
     for name, t in TASKS.items():

@@ -85,7 +85,8 @@ class OnlineSynthesisd:
 
         organs = TASKS[self.task].organ_values
         present = [v for v in organs if (lab == v).sum() >= 8]
-        if not present or any((lab == v + 1).any() for v in organs):
+        beside = REGIONS[TASKS[self.task].region].synthesize_beside_real_tumors  # the chest: wherever lung is
+        if not present or (not beside and any((lab == v + 1).any() for v in organs)):
             return None
         value = present[int(self.rng.integers(len(present)))]
         try:
@@ -422,16 +423,19 @@ class SegBatch:
         )  # fmt: skip
 
 
-def learned_intensity(batch: SegBatch, generator: Any, task_name: str) -> SegBatch:
-    """The generator's map in place of the rule-based scalar, for the whole batch at once (no gradients)."""
+def learned_intensity(batch: SegBatch, generator: Any, task_name: str, channels: Mapping[str, int]) -> SegBatch:
+    """The generator's map in place of the rule-based scalar, for the whole batch at once (no gradients).
+
+    ``channels`` gives the generator's output channel of each organ of the task.
+    """
     import torch
 
     from freetumor_cli.core.gan import compose, intensity_map
 
     task = TASKS[task_name]
-    channels = [ORGANS[task.organs[int(i)]].generator_channel for i in batch.organ_index.tolist()]
+    chosen = [channels[task.organs[int(i)]] for i in batch.organ_index.tolist()]
     with torch.no_grad():
-        change = intensity_map(generator(batch.image_orig), channels, task.region)
+        change = intensity_map(generator(batch.image_orig), chosen, task.region)
     image = compose(batch.image_orig, batch.profile, change, float(REGIONS[task.region].tumor_sign))
     return replace(batch, image=image)
 

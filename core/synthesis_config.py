@@ -7,8 +7,8 @@ produces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from freetumor_cli.core.registry import REGIONS, SIZE_CLASSES, LabelSchemeName, OrganName, SizeName, check_choices
 
@@ -52,6 +52,11 @@ class SynthesisConfig:
     texture_sigma_b_mm: float = 6.0
     texture_threshold: float = 0.12
     texture_mean: tuple[float, float] = (0.5, 0.55)
+    # The chest's textures: the original's 10 (σa in {3, 6, 9, 12, 15} × σb in {4, 7} voxels of 1.5 mm),
+    # one drawn per lesion. The abdomen uses the single texture above (σa 3, σb 4 voxels).
+    lung_texture_sigmas_mm: tuple[tuple[float, float], ...] = tuple(
+        (1.5 * a, 1.5 * b) for a in (3, 6, 9, 12, 15) for b in (4, 7)
+    )
     edge_sigma_mm: tuple[float, float] = (1.5, 3.0)
     # Intensity change in HU, multiplied by texture and blurred mask. Abdomen tumors get darker
     # (SyntheticTumors' calibrated drop), lung lesions brighter (ground-glass to consolidation).
@@ -69,6 +74,13 @@ class SynthesisConfig:
         if region not in REGIONS:
             raise ValueError(f"unknown region {region!r}")
         return self.lung_hu_change if region == "chest" else self.abdomen_hu_change
+
+    def texture_for(self, region: str, rng: Any) -> SynthesisConfig:
+        """The texture constants of one tumor: the chest draws one of its textures, the abdomen keeps its own."""
+        if region != "chest" or not self.lung_texture_sigmas_mm:
+            return self
+        sigma_a, sigma_b = self.lung_texture_sigmas_mm[int(rng.integers(len(self.lung_texture_sigmas_mm)))]
+        return replace(self, texture_sigma_a_mm=sigma_a, texture_sigma_b_mm=sigma_b)
 
     def size_class(self, name: str) -> SizeClass:
         if name not in SIZE_CLASSES:

@@ -18,14 +18,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from freetumor_cli.core.checkpoints import initialize_from, load_generator
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
+from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_choices
@@ -57,6 +59,32 @@ from freetumor_cli.core.training import (
     version_header,
 )
 
+GENERALIST_REPEATS = {"Dataset003_Liver": 4, "Dataset007_Pancreas": 2, "Dataset220_KiTS2023": 1}
+
+
+def check_quality_control_baseline(baseline: ModelConfig, run: ModelConfig, source: object) -> dict[str, int]:
+    """A quality-control baseline must see the crops as it was trained to: the run's region, spacing, window
+    and crop, and segment every organ of the run's task.
+
+    Returns:
+        organ -> the baseline's output channel meaning that organ's tumor.
+
+    Raises:
+        ConfigError: naming what differs.
+    """
+    for what, ours, theirs in (
+        ("region", run.region, baseline.region),
+        ("spacing_mm", tuple(run.spacing_mm), tuple(baseline.spacing_mm)),
+        ("window_hu", tuple(run.window_hu), tuple(baseline.window_hu)),
+        ("roi", tuple(run.roi), tuple(baseline.roi)),
+    ):
+        if ours != theirs:
+            raise ConfigError(
+                f"the quality-control baseline {source} was trained with {what} {theirs}, this run uses {ours}",
+                hint=f"train the baseline with the run's {what}, or set the run's to the baseline's",
+            )
+    return {o: TASKS[baseline.task].tumor_channel(o) for o in TASKS[run.task].organs}
+
 
 @dataclass(frozen=True)
 class TrainSegConfig:
@@ -66,7 +94,11 @@ class TrainSegConfig:
     (real tumors only; the baseline) or ``freesyn`` (real plus online synthetic tumors). Left unset,
     ``epochs`` and ``labelled_repeats`` default by mode (100 and ×1 for ``onlylabeled``, 20 and ×10 for
     ``freesyn``), ``roi`` and ``spacing_mm`` by the task's region (96³ at 1.5 mm for the abdomen,
-    192 × 192 × 32 at 1.25 × 1.25 × 5 mm for the chest): :meth:`resolved` fills them in.
+    192 × 192 × 32 at 1.25 × 1.25 × 5 mm for the chest): :meth:`resolved` fills them in. The generalist
+    (``all``) oversamples its tumor datasets ×4 (LiTS), ×2 (MSD pancreas), ×1 (KiTS) unless
+    ``dataset_repeats`` says otherwise. ``synth`` is ``rules`` or a generator (a train-synth checkpoint or
+    the authors' ``TGAN.pt``); ``init`` starts the network from a checkpoint (VoCo's self-supervised
+    weights, or a freetumor checkpoint). CutMix applies in both modes, as in the original.
     """
 
     task: TaskName = "liver"
@@ -84,7 +116,9 @@ class TrainSegConfig:
     pos: float = 1.0
     neg: float = 1.0
     labelled_repeats: int | None = None
+    dataset_repeats: dict[str, int] | None = None
     synth: str = "rules"
+    init: str | None = None
     qc_threshold: float = 0.7
     cutmix: bool = True
     cutmix_alpha: float = 0.2
@@ -114,6 +148,9 @@ class TrainSegConfig:
             else (1 if self.mode == "onlylabeled" else 10),
             roi=self.roi or region.roi,
             spacing_mm=self.spacing_mm or region.spacing_mm,
+            dataset_repeats=self.dataset_repeats
+            if self.dataset_repeats is not None
+            else (GENERALIST_REPEATS if self.task == region.generalist_task else {}),
         )
         assert config.roi is not None
         if config.model == "swinunetr" and min(config.roi) < 64:
@@ -129,10 +166,18 @@ class TrainSegConfig:
             raise ValueError("qc_threshold must lie in [0, 1]")
         if self.grad_accum < 1 or self.crops_per_volume < 1 or self.volumes_per_batch < 1:
             raise ValueError("grad_accum, crops_per_volume and volumes_per_batch must be >= 1")
-        if self.synth != "rules" and not (Path(self.synth) / "generator.json").is_file():
+        synth = Path(self.synth)
+        if self.synth != "rules" and not (
+            (synth / "generator.json").is_file() or (synth.is_file() and synth.suffix in (".pt", ".pth"))
+        ):
             raise ValueError(
-                f"synth must be 'rules' or a generator checkpoint folder of train-synth, got {self.synth!r}"
+                f"synth must be 'rules', a generator checkpoint folder of train-synth or TGAN.pt, got {self.synth!r}"
             )
+
+    def repeats(self, dataset: str) -> int:
+        """How many times a tumor-labelled case of ``dataset`` appears in an epoch (of a resolved config)."""
+        assert self.labelled_repeats is not None and self.dataset_repeats is not None
+        return self.labelled_repeats * self.dataset_repeats.get(dataset, 1)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -221,8 +266,9 @@ def train_segmentation(
     lists = read_task_datalist(prepared, config.task, config.fold)
     labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
     organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
-    assert config.labelled_repeats is not None and config.epochs is not None
-    train_entries = labelled * config.labelled_repeats + (organ_only if config.mode == "freesyn" else [])
+    assert config.epochs is not None
+    train_entries = [e for e in labelled for _ in range(config.repeats(str(e.get("dataset", ""))))]
+    train_entries += organ_only if config.mode == "freesyn" else []
     if not train_entries:
         raise InputError(
             f"no training cases for {config.task} ({config.mode}) in fold {config.fold}",
@@ -241,6 +287,7 @@ def train_segmentation(
     dataset = CropDataset(train_entries, source, pipeline, crop_transforms(pipeline, config.rules), config.seed)
     loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
     model = build_model(model_config)
+    init_report = initialize_from(model, config.init) if config.init and not resume else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = Schedule.of(len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
@@ -250,17 +297,21 @@ def train_segmentation(
         optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=plan.total_steps)
     )
     accelerator.register_for_checkpointing(scheduler)
-    generator = None
+    generator, channels, baseline_model, qc_channels = None, {}, None, {}
     if pipeline.geometry_only:
-        from freetumor_cli.core.train_synth import load_generator
-
-        generator, _ = load_generator(config.synth, device=str(accelerator.device))
-        generator.requires_grad_(False)
-    baseline_model, qc_channels = None, {}
-    if baseline is not None:
+        generator = load_generator(config.synth, device=str(accelerator.device))
+        if generator.region != task.region:
+            raise InputError(f"the generator {config.synth} is for the {generator.region}; task {task.name} is not")
+        generator.module.requires_grad_(False)
+        channels = {o: generator.channel(o) for o in task.organs}
+    if baseline is None and generator is not None and generator.critic is not None:
+        baseline = f"{config.synth} (netSeg)"  # the original's quality control uses TGAN.pt's own baseline
+        baseline_model, baseline_config = generator.critic
+    elif baseline is not None:
         baseline_model, baseline_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
-        baseline_model.eval().requires_grad_(False)
-        qc_channels = {o: TASKS[baseline_config.task].tumor_channel(o) for o in task.organs}
+    if baseline_model is not None:
+        baseline_model.to(accelerator.device).eval().requires_grad_(False)
+        qc_channels = check_quality_control_baseline(baseline_config, model_config, baseline)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     labels_json = {
         "model_labels": model_config.labels,
@@ -272,6 +323,12 @@ def train_segmentation(
         initial={"epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0},
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
+    if baseline_model is not None:
+        note(accelerator, out, f"quality control: {baseline} (threshold {config.qc_threshold})")
+    if init_report is not None:
+        note(accelerator, out, init_report.summary())
+        if accelerator.is_main_process:
+            write_text_atomic(out / "init.json", json.dumps(asdict(init_report), indent=1) + "\n")
     note(
         accelerator,
         out,
@@ -292,7 +349,7 @@ def train_segmentation(
             batch = SegBatch.of(raw)
             stats: dict[str, Any] = {}
             if generator is not None:
-                batch = learned_intensity(batch, generator, config.task)
+                batch = learned_intensity(batch, generator.module, config.task, channels)
             if baseline_model is not None and batch.synth_mask is not None:
                 batch, qc = quality_controlled(
                     batch, baseline_model, qc_channels, config.task, config.qc_threshold, accelerator.autocast
@@ -308,7 +365,7 @@ def train_segmentation(
                 )
                 stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
             images, labels = batch.image, batch.label
-            if config.cutmix and config.mode == "freesyn":
+            if config.cutmix:
                 images, labels = cutmix_along_axis(
                     images,
                     labels,

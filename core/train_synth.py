@@ -17,26 +17,22 @@ Run folder: ``config.yaml``, ``metrics.jsonl``, TensorBoard ``logs/``, ``preview
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from freetumor_cli import __version__
 from freetumor_cli.core.config import to_yaml
-from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.errors import ConfigError, InputError
+from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.registry import (
-    ORGANS,
     REGIONS,
     TASKS,
     RegionName,
     check_choices,
-    generator_channels,
     region_tasks,
 )
 from freetumor_cli.core.synthesis_config import SynthesisConfig
@@ -61,8 +57,12 @@ from freetumor_cli.core.training import (
 class TrainSynthConfig:
     """A generator run (the method's defaults, DESIGN §6).
 
-    ``roi`` and ``spacing_mm`` default to the critic's (the crop and voxel size it was trained on);
-    ``adversarial_weight`` to the region's (0.1 abdomen, 0.5 chest).
+    ``roi`` and ``spacing_mm`` default to the critic's (the crop and voxel size it was trained on), and
+    another value than the critic's is refused; ``adversarial_weight`` defaults to the region's (0.1
+    abdomen, 0.5 chest). Crops are sampled as the original does: 4 volumes × 1 crop per step, centred on
+    the organs (pos:neg 1:0), the tumor datasets oversampled (LiTS ×200, MSD pancreas ×100, KiTS ×100;
+    ``labelled_repeats`` sets one factor for all). ``init`` starts from a generator: a train-synth
+    checkpoint or the authors' ``TGAN.pt`` (whose ``netSeg`` is then the critic unless one is given).
     """
 
     region: RegionName = "abdomen"
@@ -71,8 +71,15 @@ class TrainSynthConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.999)
     roi: tuple[int, int, int] | None = None
-    crops_per_volume: int = 4
-    labelled_repeats: int = 100
+    crops_per_volume: int = 1
+    volumes_per_batch: int = 4
+    pos: float = 1.0
+    neg: float = 0.0
+    labelled_repeats: int | None = None
+    dataset_repeats: dict[str, int] = field(
+        default_factory=lambda: {"Dataset003_Liver": 200, "Dataset007_Pancreas": 100, "Dataset220_KiTS2023": 100}
+    )
+    init: str | None = None
     base_channels: int = 32
     adversarial_weight: float | None = None
     qc_threshold: float = 0.7
@@ -86,6 +93,20 @@ class TrainSynthConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if (
+            self.crops_per_volume < 1
+            or self.volumes_per_batch < 1
+            or self.pos < 0
+            or self.neg < 0
+            or self.pos + self.neg == 0
+        ):
+            raise ValueError("crops_per_volume and volumes_per_batch must be >= 1, pos and neg >= 0 and not both 0")
+
+    def repeats(self, dataset: str) -> int:
+        """How many times a tumor-labelled case of ``dataset`` appears in an epoch."""
+        if self.labelled_repeats is not None:
+            return self.labelled_repeats
+        return self.dataset_repeats.get(dataset, max(self.dataset_repeats.values(), default=1))
 
     def weight(self) -> float:
         if self.adversarial_weight is not None:
@@ -115,7 +136,7 @@ class SynthSummary:
     is_main_process: bool = True
 
 
-def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
+def _gan_batch(batch: dict[str, Any], critic_task: str, task: str, channels: Mapping[str, int]) -> Any:
     from freetumor_cli.core.gan import GanBatch
 
     organs = [TASKS[task].organs[int(i)] for i in batch["organ_index"].flatten().tolist()]
@@ -124,7 +145,7 @@ def _gan_batch(batch: dict[str, Any], critic_task: str, task: str) -> Any:
         labels=batch["label"],
         synth_mask=batch["synth_mask"].bool(),
         profile=batch["profile"],
-        organ_channels=[ORGANS[o].generator_channel for o in organs],
+        organ_channels=[channels[o] for o in organs],
         tumor_values=TASKS[task].tumor_values,
         seg_tumor_channels=[TASKS[critic_task].tumor_channel(o) for o in organs],
     )
@@ -160,7 +181,7 @@ def train_generator(
     out_dir: str | os.PathLike[str],
     config: TrainSynthConfig,
     *,
-    baseline: str | os.PathLike[str],
+    baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> SynthSummary:
@@ -168,6 +189,7 @@ def train_generator(
     import torch
     from accelerate.utils import set_seed
 
+    from freetumor_cli.core.checkpoints import load_generator, save_generator, trained_channels
     from freetumor_cli.core.gan import (
         GanConfig,
         discriminator_step,
@@ -185,8 +207,20 @@ def train_generator(
     check_run_folder(out, resume)
     accelerator = make_accelerator(out, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    critic, critic_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
+    init = load_generator(config.init, device=str(accelerator.device)) if config.init else None
+    if init is not None and init.region != config.region:
+        raise InputError(f"--init {config.init} is a {init.region} generator; this run is for the {config.region}")
+    if baseline is not None:
+        critic, critic_config, _ = load_checkpoint(baseline, device=str(accelerator.device))
+    elif init is not None and init.critic is not None:
+        critic, critic_config = init.critic  # the original's quality-control baseline: TGAN.pt's netSeg
+        baseline = f"{config.init} (netSeg)"
+    else:
+        raise InputError(
+            "train-synth needs a critic", hint="pass --baseline CHECKPOINT (or --init TGAN.pt, whose netSeg is one)"
+        )
     task = generator_task(critic_config.task, config.region, baseline)
+    check_matches_critic(config, critic_config)
     freeze_critic(critic)
     lists = read_task_datalist(prepared, task, 0)
     labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
@@ -201,20 +235,35 @@ def train_generator(
     )
     pipeline = Pipeline(
         task=task, preprocessing=preprocessing, roi=config.roi or critic_config.roi,
-        crops_per_volume=config.crops_per_volume, geometry_only=True,
+        crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg, geometry_only=True,
     )  # fmt: skip
     source = case_source(prepared, preprocessing)
-    dataset = CropDataset(
-        labelled * config.labelled_repeats + organ_only, source, pipeline, crop_transforms(pipeline, config.rules),
-        config.seed,
+    entries = [e for e in labelled for _ in range(config.repeats(str(e.get("dataset", ""))))] + organ_only
+    dataset = CropDataset(entries, source, pipeline, crop_transforms(pipeline, config.rules), config.seed)
+    loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
+    gan = GanConfig(
+        region=config.region, base_channels=init.meta["generator"]["base_channels"] if init else config.base_channels,
+        adversarial_weight=config.weight(), batch_stats=bool(init.meta["generator"].get("batch_stats")) if init else False,
     )  # fmt: skip
-    loader = make_loader(dataset, batch_size=1, workers=config.workers, seed=config.seed)
-    gan = GanConfig(region=config.region, base_channels=config.base_channels, adversarial_weight=config.weight())
     generator, discriminator = make_generator(gan), make_discriminator(gan)
+    channels = trained_channels(task)
+    if init is not None:  # fine-tune: the generator (with its channels) and, when the file has it, the discriminator
+        generator.load_state_dict(init.module.state_dict())
+        if init.discriminator_state is not None:
+            discriminator.load_state_dict(init.discriminator_state)
+        channels = {o: init.channel(o) for o in TASKS[task].organs}
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
     fixed = _heldout_batch(heldout, source, pipeline, config, accelerator.device)
+
+    def save(module: Any, folder: Path, extra: dict[str, Any]) -> None:
+        save_generator(
+            module, gan, folder, spacing_mm=preprocessing.spacing_mm, window_hu=preprocessing.window_hu, roi=pipeline.roi,
+            organ_channels=channels, discriminator=accelerator.unwrap_model(discriminator),
+            extra={**extra, "critic": str(baseline), **({"init": str(config.init)} if init else {})},
+        )  # fmt: skip
+
     plan = Schedule.of(len(loader), grad_accum=1, epochs=config.epochs, max_steps=config.max_steps)
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_synth",
@@ -223,6 +272,9 @@ def train_generator(
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
     note(
+        accelerator, out, f"critic: {baseline}" + (f"; generator and discriminator from {config.init}" if init else "")
+    )
+    note(
         accelerator,
         out,
         f"{accelerator.num_processes} process(es), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps",
@@ -230,7 +282,7 @@ def train_generator(
     window_width = preprocessing.window_hu[1] - preprocessing.window_hu[0]
     rules_qc = float("nan")
     if fixed is not None:
-        fixed_batch = _gan_batch(fixed, critic_config.task, task)
+        fixed_batch = _gan_batch(fixed, critic_config.task, task, channels)
         sign = float(REGIONS[config.region].tumor_sign)
         low, high = config.rules.hu_change(config.region)
         rule_images = (fixed_batch.image + sign * fixed_batch.profile * ((low + high) / 2 / window_width)).clamp(0, 1)
@@ -249,7 +301,7 @@ def train_generator(
         for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
             if step >= plan.total_steps:
                 break
-            gan_batch = _gan_batch(raw, critic_config.task, task)
+            gan_batch = _gan_batch(raw, critic_config.task, task, channels)
             with accelerator.autocast():
                 loss_g, fake = generator_step(
                     generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
@@ -286,15 +338,15 @@ def train_generator(
                 progress["best"] = key
                 if accelerator.is_main_process:
                     best = accelerator.unwrap_model(generator)
-                    _save_generator(best, gan, pipeline, out / "checkpoints" / "best", {"epoch": epoch, **scores})
+                    save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
         progress.update({"epoch": epoch + 1, "step": step})
         if step >= plan.total_steps:
             break
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(generator)
-        _save_generator(final, gan, pipeline, out / "checkpoints" / "last", {"step": step})
+        save(final, out / "checkpoints" / "last", {"step": step})
         if not (out / "checkpoints" / "best").exists():
-            _save_generator(final, gan, pipeline, out / "checkpoints" / "best", {"step": step})
+            save(final, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
     return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
@@ -323,90 +375,18 @@ def _heldout_batch(
     return {k: v.to(device) for k, v in collate_crops(crops[: config.heldout_crops]).items()}
 
 
-def _save_generator(generator: Any, gan: Any, pipeline: Any, folder: Path, extra: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    with atomic_path(folder / "generator.safetensors") as tmp:
-        save_file(state, str(tmp))
-    meta = {
-        "generator": asdict(gan),
-        "spacing_mm": list(pipeline.preprocessing.spacing_mm),
-        "window_hu": list(pipeline.preprocessing.window_hu),
-        "roi": list(pipeline.roi),
-        "version": __version__,
-        **extra,
-    }
-    write_text_atomic(folder / "generator.json", json.dumps(meta, indent=2) + "\n")
-
-
-def load_generator(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A trained generator and its metadata: a train-synth checkpoint folder, or the authors' ``TGAN.pt``.
-
-    Nothing is unpickled: checkpoint folders are safetensors, and a ``.pt`` file is read with
-    ``torch.load(weights_only=True)``.
-    """
-    from safetensors.torch import load_file
-
-    from freetumor_cli.core.gan import GanConfig, make_generator
-
-    path = Path(folder)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        return import_released_generator(path, device=device)
-    if not (path / "generator.json").is_file() or not (path / "generator.safetensors").is_file():
-        raise InputError(
-            f"not a freetumor generator checkpoint: {path}",
-            hint="expected generator.safetensors and generator.json, or TGAN.pt",
+def check_matches_critic(config: TrainSynthConfig, critic: Any) -> None:
+    """A run's crop and voxel size must be the critic's: it judges tumors as it was trained to see them."""
+    if config.spacing_mm is not None and tuple(config.spacing_mm) != tuple(critic.spacing_mm):
+        raise ConfigError(
+            f"spacing_mm {list(config.spacing_mm)} differs from the critic's {list(critic.spacing_mm)}",
+            hint="leave spacing_mm unset (the critic's is used) or train a critic at that spacing",
         )
-    meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
-    generator = make_generator(GanConfig(**meta["generator"]))
-    generator.load_state_dict(load_file(str(path / "generator.safetensors"), device="cpu"))
-    return generator.to(device).eval(), meta
-
-
-def import_released_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """The generator of the authors' released ``TGAN.pt`` (``{"state_dict": {"netG.*", "netD.*", "netSeg.*"}}``).
-
-    ``netG.*`` maps one to one onto :class:`~freetumor_cli.core.gan.UNet3D` (the Models-Genesis layout,
-    ``module.`` prefixes and ``out_tr.final_conv`` handled); the region follows from the number of
-    output channels (3 abdomen, 1 chest) and the width from the first convolution. ``netD.*`` maps the
-    same way (:func:`~freetumor_cli.core.gan.map_released_state_dict`); ``netSeg.*`` is not used.
-    """
-    import torch
-
-    from freetumor_cli.core.gan import GanConfig, make_generator, map_released_state_dict
-
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-        raise InputError(f"cannot load {path} safely (weights only): {str(exc).splitlines()[0]}") from exc
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict):
-        raise InputError(f"{path} holds no state dict")
-    weights = map_released_state_dict(state, "netG.")
-    if "down_tr64.ops.0.conv1.weight" not in weights or "out_tr.weight" not in weights:
-        raise InputError(f"{path} holds no netG.* generator weights in the Models-Genesis UNet3D layout")
-    out_channels = int(weights["out_tr.weight"].shape[0])
-    base = int(weights["down_tr64.ops.0.conv1.weight"].shape[0])
-    regions = [name for name in REGIONS if generator_channels(name) == out_channels]
-    if not regions:
-        raise InputError(f"{path}: a generator with {out_channels} output channels fits no region")
-    region = regions[0]
-    gan = GanConfig(region=region, base_channels=base)
-    generator = make_generator(gan)
-    try:
-        generator.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: netG does not match the generator layout: {str(exc).splitlines()[0]}") from exc
-    meta = {
-        "generator": asdict(gan),
-        "spacing_mm": list(REGIONS[region].spacing_mm),
-        "window_hu": list(REGIONS[region].window_hu),
-        "roi": list(REGIONS[region].roi),
-        "source": str(path),
-    }
-    return generator.to(device).eval(), meta
+    if config.roi is not None and tuple(config.roi) != tuple(critic.roi):
+        raise ConfigError(
+            f"roi {list(config.roi)} differs from the critic's crop {list(critic.roi)}",
+            hint="leave roi unset (the critic's is used) or train a critic on that crop",
+        )
 
 
 def _preview(batch: Any, images: Any, path: Path) -> None:

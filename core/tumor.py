@@ -186,6 +186,14 @@ def plan_size_classes(
             f"mix: {', '.join(dropped)} tumors do not fit the {geometry.organ.name} "
             f"({geometry.volume_ml:.1f} ml); using {', '.join(fitting)}"
         )
+    weights = geometry.organ.size_weights
+    if weights is not None:  # the organ's own mix (the chest's: tiny .35, small .35, medium .30)
+        p = np.array([weights[allowed.index(n)] for n in fitting], dtype=np.float64)
+        picks = rng.choice(len(fitting), size=1 if count is None else count, p=p / p.sum())
+        if count is None:
+            chosen = fitting[int(picks[0])]
+            return [chosen] * _draw_count(config.size_class(chosen), rng)
+        return [fitting[int(i)] for i in picks]
     if count is None:
         chosen = fitting[int(rng.integers(len(fitting)))]
         return [chosen] * _draw_count(config.size_class(chosen), rng)
@@ -698,7 +706,7 @@ def insert_tumor(
         for a, b, n, (low, high) in zip(lo, hi, geometry.mask.shape, geometry.at_volume_edge, strict=True)
     ]
     delta, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, gain=organ.tumor_sign * change_hu, open_faces=open_faces)
-    tumor_texture(delta.shape, spacing, rng, config, multiply=delta)
+    tumor_texture(delta.shape, spacing, rng, config.texture_for(organ.region, rng), multiply=delta)
     delta *= organ_box  # the image changes inside the organ only
     patches.append((box, delta))
     voxels = int(np.count_nonzero(shape))

@@ -14,6 +14,7 @@ from freetumor_cli import __version__
 from freetumor_cli.commands.demo import demo
 from freetumor_cli.commands.evaluate import evaluate
 from freetumor_cli.commands.fetch_labels import fetch_labels
+from freetumor_cli.commands.fetch_weights import fetch_weights
 from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
 from freetumor_cli.commands.train_seg import train_seg
@@ -45,6 +46,7 @@ def _root(
 
 
 app.command("fetch-labels")(fetch_labels)
+app.command("fetch-weights")(fetch_weights)
 app.command("prepare")(prepare)
 app.command("synthesize")(synthesize)
 app.command("train-seg")(train_seg)

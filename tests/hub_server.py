@@ -1,7 +1,9 @@
 """A local HTTP server that speaks enough of the Hugging Face hub protocol for ``huggingface_hub``.
 
-It serves dataset repositories held in memory: revision info, the recursive tree listing, and HEAD/GET
-on ``resolve`` URLs with the headers the client requires (DESIGN §10).
+It serves dataset and model repositories held in memory: revision info, the recursive tree listing, and
+HEAD/GET on ``resolve`` URLs with the headers the client requires (DESIGN §10). Tree entries carry the git
+blob id as ``oid``; files at least :data:`LFS_FROM` bytes long (or archives and ``.pt`` files) also carry
+``lfs`` with their sha256 and size, as the hub lists LFS files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,26 @@ from typing import ClassVar
 from urllib.parse import unquote, urlparse
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+LFS_FROM = 1 << 20
+LFS_SUFFIXES = (".pt", ".pth", ".zip", ".gz", ".tar", ".safetensors")
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def tree_entry(path: str, data: bytes) -> dict[str, object]:
+    entry: dict[str, object] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+    name = path.rsplit("/", 1)[-1]
+    if len(data) >= LFS_FROM or name.endswith(LFS_SUFFIXES) or name.rsplit(".", 1)[-1].isdigit():
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry
 
 
 class HubHandler(BaseHTTPRequestHandler):
     repos: ClassVar[Mapping[str, Mapping[str, bytes]]] = {}
+    models: ClassVar[Mapping[str, Mapping[str, bytes]]] = {}
+    served: ClassVar[Mapping[str, bytes]] = {}  # path -> bytes served instead of the listed ones (a damaged transfer)
     requests: ClassVar[list[tuple[str, str]]] = []
 
     def log_message(self, *args: object) -> None:  # keep test output quiet
@@ -48,29 +66,29 @@ class HubHandler(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         type(self).requests.append((self.command, path))
         parts = path.strip("/").split("/")
-        if parts[:2] == ["api", "datasets"] and len(parts) >= 6:
+        if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("datasets", "models"):
+            store = self.repos if parts[1] == "datasets" else self.models
             repo = "/".join(parts[2:4])
-            if repo not in self.repos:
+            if repo not in store:
                 return self._not_found()
-            files = self.repos[repo]
+            files = store[repo]
             if parts[4] == "revision":
                 return self._json(
                     {"id": repo, "sha": SHA, "private": False, "siblings": [{"rfilename": p} for p in files]}
                 )
             if parts[4] == "tree":
                 prefix = "/".join(parts[6:])
-                entries = [
-                    {"type": "file", "path": p, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                    for p, data in files.items()
-                    if not prefix or p.startswith(prefix + "/")
-                ]
+                entries = [tree_entry(p, data) for p, data in files.items() if not prefix or p.startswith(prefix + "/")]
                 return self._json(entries)
-        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
-            repo = "/".join(parts[1:3])
-            if repo not in self.repos:
+        dataset = parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve"
+        model = len(parts) >= 5 and parts[2] == "resolve" and parts[0] != "datasets"
+        if dataset or model:
+            store, first = (self.repos, 1) if dataset else (self.models, 0)
+            repo = "/".join(parts[first : first + 2])
+            if repo not in store:
                 return self._not_found(head=head)
-            name = "/".join(parts[5:])
-            data = self.repos[repo].get(name)
+            name = "/".join(parts[first + 4 :])
+            data = self.served.get(name, store[repo].get(name))
             if data is None:
                 return self._not_found("EntryNotFound", head=head)
             headers = {
@@ -89,9 +107,17 @@ class HubHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_hub(repos: Mapping[str, Mapping[str, bytes]]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-    """Serve ``repos`` ({"owner/name": {path: bytes}}) on a free local port; yields (endpoint, request log)."""
-    handler = type("Handler", (HubHandler,), {"repos": repos, "requests": []})
+def serve_hub(
+    repos: Mapping[str, Mapping[str, bytes]],
+    models: Mapping[str, Mapping[str, bytes]] | None = None,
+    served: Mapping[str, bytes] | None = None,
+) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """Serve dataset ``repos`` and model repositories ``models`` ({"owner/name": {path: bytes}}) on a free
+    local port; yields (endpoint, request log). ``served`` replaces the content sent for some paths
+    (the listing keeps the true size and hash), as a damaged transfer would."""
+    handler = type(
+        "Handler", (HubHandler,), {"repos": repos, "models": models or {}, "served": served or {}, "requests": []}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -15,6 +15,7 @@ from freetumor_cli.app import app
 from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
 
+from .conftest import flat
 from .hub_server import serve_hub
 
 REPO = "Luffy503/FreeTumor"
@@ -195,3 +196,121 @@ def test_an_interrupted_download_resumes_with_the_missing_files_only(
     assert (dest / "BTCV" / "labelsTr" / "label0000.nii.gz").read_bytes() == repo_files[
         "BTCV/labelsTr/label0000.nii.gz"
     ]
+
+
+def zip_bytes(members: dict[str, bytes], *, symlink: str | None = None) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = 0o120777 << 16
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes], *, symlink: str | None = None) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        if symlink is not None:
+            info = tarfile.TarInfo(symlink)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def archived_repo(repo_files: dict[str, bytes]) -> dict[str, bytes]:
+    """The authors' way: one archive per dataset at the top level, a large one split into parts."""
+    label = repo_files["BTCV/labelsTr/label0000.nii.gz"]
+    other = repo_files["BTCV/labelsTr/label0001.nii.gz"]
+    amos = zip_bytes({f"labelsTr/amos_{i:04d}.nii.gz": d for i, d in enumerate((label, other, label))})
+    third = -(-len(amos) // 3)
+    return {
+        "README.md": b"# labels\n",
+        "BTCV.zip": zip_bytes({"BTCV/labelsTr/label0000.nii.gz": label, "BTCV/labelsTr/label0001.nii.gz": other}),
+        "Flare22.tar.gz": tar_bytes({"FLARE22_0.nii.gz": label, "FLARE22_1.nii.gz": other}),
+        **{f"Amos2022.zip.{k + 1:03d}": amos[k * third : (k + 1) * third] for k in range(3)},
+        "Covid19_20/Train_lungmask/volume-covid19-A-0_seg.nii.gz": label,
+    }
+
+
+def test_archives_per_dataset_split_parts_and_nested_folders(
+    archived_repo: dict[str, bytes], repo_files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "data"
+    with serve_hub({REPO: archived_repo}) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        listed = fetch("--list")
+        assert listed.exit_code == 0, listed.output
+        text = flat(listed.output)
+        assert "BTCV.zip" in text and "Amos2022.zip (3 parts" in text and "Flare22.tar.gz" in text
+        result = fetch("--dest", dest)
+        assert result.exit_code == 0, result.output
+        assert "extracted Amos2022.zip: 3 file(s)" in result.output
+        log.clear()
+        again = fetch("--dest", dest)
+        assert again.exit_code == 0 and "extracted" not in again.output, again.output
+        assert not [r for r in log if "/resolve/" in r[1]], "a second run must neither download nor extract"
+    label = repo_files["BTCV/labelsTr/label0000.nii.gz"]
+    assert (dest / "BTCV" / "labelsTr" / "label0000.nii.gz").read_bytes() == label  # the archive held the folder
+    assert (dest / "Flare22" / "FLARE22_0.nii.gz").read_bytes() == label  # the archive held only the contents
+    assert (dest / "Amos2022" / "labelsTr" / "amos_0002.nii.gz").read_bytes() == label  # parts read as one zip
+    assert (dest / "Covid19_20" / "Train_lungmask" / "volume-covid19-A-0_seg.nii.gz").is_file()
+    archives = [p for p in (dest / ".freetumor_archives").glob("*") if p.is_file()]
+    assert not archives, "extracted archives are removed"
+    assert not list(dest.glob(".extract-*"))
+
+
+@pytest.mark.parametrize(
+    ("archive", "message"),
+    [
+        (lambda: zip_bytes({"../escaped.nii.gz": b"x"}), "would leave the destination"),
+        (lambda: zip_bytes({"/abs/escaped.nii.gz": b"x"}), "would leave the destination"),
+        (lambda: zip_bytes({"labelsTr/a.nii.gz": b"x"}, symlink="labelsTr/link"), "link"),
+        (lambda: tar_bytes({"labelsTr/a.nii.gz": b"x"}, symlink="labelsTr/link"), "link"),
+        (lambda: zip_bytes({"labelsTr/a.nii.gz": b"x" * 5000})[:-300], "corrupt or incomplete"),
+    ],
+)
+def test_unsafe_or_corrupt_archives_are_refused_whole(
+    archive: object, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = archive()  # type: ignore[operator]
+    name = "BTCV.tar.gz" if data[:2] == b"\x1f\x8b" else "BTCV.zip"
+    dest = tmp_path / "inner" / "data"
+    with serve_hub({REPO: {name: data}}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", dest)
+    assert result.exit_code == 2 and message in flat(result.output) and name in flat(result.output), result.output
+    assert "Traceback" not in result.output
+    assert not (dest / "BTCV").exists(), "nothing half-extracted under a final name"
+    assert not list(dest.glob(".extract-*")) and not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
+
+
+def test_a_missing_part_and_a_damaged_download_are_errors(
+    archived_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gap = {k: v for k, v in archived_repo.items() if k != "Amos2022.zip.002"}
+    with serve_hub({REPO: gap}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", tmp_path / "a", "--datasets", "Amos2022")
+    assert result.exit_code == 2 and "Amos2022.zip is incomplete: part(s) 002 missing" in flat(result.output)
+    bad = bytearray(archived_repo["BTCV.zip"])
+    bad[len(bad) // 2] ^= 0xFF  # same size, other content: only the hash sees it
+    with serve_hub({REPO: archived_repo}, served={"BTCV.zip": bytes(bad)}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", tmp_path / "b", "--datasets", "BTCV")
+    assert result.exit_code != 0 and "BTCV.zip: its sha256 differs from the hub's" in flat(result.output)
+    assert not (tmp_path / "b" / "BTCV").exists()

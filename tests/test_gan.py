@@ -19,7 +19,6 @@ from freetumor_cli.core.gan import (  # noqa: E402
     generator_step,
     make_discriminator,
     make_generator,
-    map_released_state_dict,
     voxel_roles,
 )
 
@@ -112,18 +111,6 @@ def test_g_step_changes_only_the_generator_and_d_step_only_the_discriminator() -
     assert not torch.allclose(fake[batch.synth_mask], batch.image[batch.synth_mask])
 
 
-def test_released_checkpoint_keys_map_onto_our_modules() -> None:
-    config = GanConfig(base_channels=2)
-    ours_g, ours_d = make_generator(config), make_discriminator(config)
-    released = {f"netG.module.{k}": v for k, v in ours_g.state_dict().items()}
-    released.update({f"netD.{k}": v for k, v in ours_d.state_dict().items()})
-    released["netSeg.some.weight"] = torch.zeros(1)
-    fresh_g, fresh_d = make_generator(config), make_discriminator(config)
-    fresh_g.load_state_dict(map_released_state_dict(released, "netG."), strict=True)
-    fresh_d.load_state_dict(map_released_state_dict(released, "netD."), strict=True)
-    assert not changed(snapshot(ours_g), fresh_g)
-
-
 @pytest.fixture(scope="module")
 def gan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
     from freetumor_cli.core.prepare import PrepareConfig, prepare
@@ -185,10 +172,11 @@ class TestTrainSynth:
             (out / "previews").glob("*.png")
         )
         assert (Path(str(baseline)) / "model.safetensors").read_bytes() == critic_before
-        from freetumor_cli.core.train_synth import load_generator
+        from freetumor_cli.core.checkpoints import load_generator
 
-        generator, meta = load_generator(out / "checkpoints" / "best")
-        assert meta["generator"]["base_channels"] == 4 and not generator.training
+        loaded = load_generator(out / "checkpoints" / "best")
+        assert loaded.meta["generator"]["base_channels"] == 4 and not loaded.module.training
+        assert loaded.meta["organ_channels"] == {"liver": 0, "pancreas": 1, "kidney": 2}  # a 7-class critic
 
     def test_resume_continues_exactly(self, gan_setup: tuple[object, object], tmp_path: object) -> None:
         from pathlib import Path
@@ -319,39 +307,6 @@ class TestTrainSynth:
         assert missing.exit_code != 0 and "--generator" in missing.output
 
 
-def test_released_tgan_file_loads_safely(tmp_path: object) -> None:
-    from pathlib import Path
-
-    from freetumor_cli.core.errors import InputError
-    from freetumor_cli.core.train_synth import load_generator
-
-    root = Path(str(tmp_path))
-    ours = make_generator(GanConfig(base_channels=2))
-    released = {
-        "state_dict": {
-            f"netG.module.{k}".replace("out_tr.", "out_tr.final_conv."): v for k, v in ours.state_dict().items()
-        }
-    }
-    released["state_dict"]["netSeg.x"] = torch.zeros(1)
-    torch.save(released, root / "TGAN.pt")
-    generator, meta = load_generator(root / "TGAN.pt")
-    assert meta["generator"]["region"] == "abdomen" and meta["generator"]["base_channels"] == 2
-    assert all(
-        torch.equal(a, b) for a, b in zip(generator.state_dict().values(), ours.state_dict().values(), strict=True)
-    )
-
-    class Payload:
-        def __reduce__(self):  # type: ignore[no-untyped-def]
-            return (print, ("this must never run",))
-
-    torch.save({"state_dict": {"netG.x": Payload()}}, root / "evil.pt")
-    with pytest.raises(InputError, match="safely"):
-        load_generator(root / "evil.pt")
-    torch.save({"state_dict": {"netD.x": torch.zeros(1)}}, root / "nog.pt")
-    with pytest.raises(InputError, match="no netG"):
-        load_generator(root / "nog.pt")
-
-
 def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[object, object], tmp_path: object) -> None:
     """Two CPU processes (gloo) started by torchrun run train-synth unchanged."""
     import json
@@ -367,6 +322,7 @@ def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[obje
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "freetumor_cli", "train-synth", "--data", str(prepared), "--baseline", str(baseline), "--out", str(out),
         "--max-steps", "2", "--workers", "0", "--set", "base_channels=4", "--set", "roi=[32,32,32]", "--set", "labelled_repeats=1",
+        "--set", "volumes_per_batch=1",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -377,7 +333,9 @@ def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[obje
     from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
 
     single = Path(str(tmp_path)) / "one"
-    config = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), labelled_repeats=1, max_steps=4, workers=0)
+    config = TrainSynthConfig(
+        base_channels=4, roi=(32, 32, 32), labelled_repeats=1, max_steps=4, workers=0, volumes_per_batch=1
+    )
     train_generator(prepared, single, config, baseline=baseline)  # type: ignore[arg-type]
     one = {
         r["step"]: r["samples"]
@@ -417,7 +375,7 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     box_affine = nib.load(path).affine  # as synthesize has it: read from a file (float32 in the header)
     meta = {"generator": {"region": "abdomen"}, "spacing_mm": [1.5, 1.5, 1.5], "window_hu": [-175.0, 250.0]}
     recorder = Recorder()
-    change = generator_map(box_hu, box_affine, recorder, meta, ORGANS["liver"])
+    change = generator_map(box_hu, box_affine, recorder, meta, ORGANS["liver"].generator_channel)
     chain = Compose(generator_preprocessing(meta).transforms(("image",), crop_foreground=False))
     expected = chain({"image": str(path)})["image"].as_tensor()
     seen = recorder.seen[0, :, : expected.shape[1], : expected.shape[2], : expected.shape[3]]

@@ -52,11 +52,18 @@ def build_data_root(root: Path) -> dict[str, int]:
         save_volume(
             _native(lab, {1: 1, 3: 3, 5: 5}), ct, root / "BTCV" / "labelsTr" / f"label000{i}.nii.gz", label=True
         )
-        save_volume(ct.array, ct, root / "Covid19_20" / f"volume-covid19-A-{i}_ct.nii.gz")
+        # COVID-19-20: the challenge's lesion-only labels (case 0, 1; lungs from lungmask, beside the data
+        # root), and the authors' copy with lung masks merged in (Train_lungmask/: 1 lung, 2 lesion).
+        lesion = np.zeros_like(p.lung.array)
+        lesion[(p.lung.array == 1) & (np.indices(lesion.shape)[2] % 3 == 0)] = 1
+        folder = root / "Covid19_20" if i < 2 else root / "Covid19_20" / "Train_lungmask"
+        save_volume(ct.array, ct, folder / f"volume-covid19-A-{i}_ct.nii.gz")
+        authors = np.where(lesion == 1, 2, (p.lung.array == 1).astype(np.uint8)).astype(np.uint8)
+        save_volume(lesion if i < 2 else authors, ct, folder / f"volume-covid19-A-{i}_seg.nii.gz", label=True)
         save_volume(
             (p.lung.array == 1).astype(np.uint8),
             ct,
-            root / "Covid19_20" / f"volume-covid19-A-{i}_seg.nii.gz",
+            root.parent / "lungmasks" / f"volume-covid19-A-{i}.nii.gz",
             label=True,
         )
         # Organ labels as a label-only download leaves them: flat in the dataset folder.
@@ -127,7 +134,7 @@ def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]]
     root, expected = data_root
     before = tree_digest(root)
     out = tmp_path / "prepared"
-    result = prepare(root, out, PrepareConfig(folds=3, seed=1))
+    result = prepare(root, out, PrepareConfig(folds=3, seed=1, organ_masks=str(root.parent / "lungmasks")))
     assert tree_digest(root) == before, "the data root was modified"
     assert {n: r.valid for n, r in result.reports.items()} == expected
     word = result.reports["WORD"]
@@ -146,8 +153,11 @@ def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]]
     assert set(np.unique(load_volume(kits["label"]).array)) <= {0, 5, 6}  # cyst folded into kidney
     liver = next(r for r in records if r["dataset"] == "Dataset003_Liver")
     assert liver["label"] == liver["source_label"]  # identity remap: referenced in place
-    covid = next(r for r in records if r["dataset"] == "Covid19_20")
-    assert covid["region"] == "chest" and "lesion" in covid["tumors"]
+    covid = {r["case"]: r for r in records if r["dataset"] == "Covid19_20"}
+    for case, record in covid.items():  # lungs merged into the challenge's labels; the authors' taken as they are
+        assert record["region"] == "chest" and set(record["tumors"]) == {"lesion"} and set(record["organs"]) == {"lung"}
+        assert set(np.unique(load_volume(record["label"]).array)) == {0, 1, 2}, case
+    assert covid["volume-covid19-A-2"]["label"] == covid["volume-covid19-A-2"]["source_label"]  # Train_lungmask
     for task in ("liver", "pancreas", "kidney", "covid", "all"):
         lists = [json.loads((out / "datalists" / f"{task}_fold{k}.json").read_text()) for k in range(3)]
         cases = {(e["dataset"], e["case"]) for e in lists[0]["training"] + lists[0]["validation"]}
@@ -256,3 +266,16 @@ def test_case_store_is_keyed_by_the_preprocessing(data_root: tuple[Path, dict[st
         for folder in store.glob("pp-*")
     )
     assert first["shape"] != second["shape"] and first["digest"] != second["digest"]  # the same case, two grids
+
+
+def test_lesion_only_labels_need_organ_masks(data_root: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    root, _ = data_root
+    result = prepare(root, tmp_path / "p", PrepareConfig(datasets=("Covid19_20",), store=False))
+    covid = result.reports["Covid19_20"]
+    assert covid.valid == 1  # the authors' Train_lungmask copy; the challenge's lesion-only labels are skipped
+    assert "--organ-masks" in " ".join(covid.examples.values())
+    result = CliRunner().invoke(app, [
+        "prepare", "--data-root", str(root), "--out", str(tmp_path / "q"), "--datasets", "covid19",
+        "--organ-masks", str(tmp_path / "nowhere"), "--no-store",
+    ])  # fmt: skip
+    assert result.exit_code == 0 and "no organ mask for this case" in (tmp_path / "q" / "prepare_report.md").read_text()

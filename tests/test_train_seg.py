@@ -364,3 +364,31 @@ def test_without_a_matching_store_the_run_reads_raw_files_and_says_how_to_build_
     assert "preprocessing.abdomen_spacing_mm=[5,5,5]" in flat(result.output)
     rows = [json.loads(line) for line in (tmp_path / "raw" / "metrics.jsonl").read_text().splitlines()]
     assert [r["store_share"] for r in rows if "loss" in r] == [0.0]
+
+
+def test_init_from_a_checkpoint_and_a_mismatched_quality_control_baseline(
+    prepared: Path, baseline: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "init"
+    args = ["train-seg", "--data", str(prepared), "--out", str(run), "--max-steps", "1", "--init", str(baseline), *TINY]
+    result = CliRunner().invoke(app, [*args, "--set", "val_every=100"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "init.json").read_text())
+    assert report["loaded"] and not report["skipped_shape"] and "tensors loaded" in (run / "run.log").read_text()
+    # A quality-control baseline trained on another grid than the run's is refused, naming what differs.
+    other = [a if a != "spacing_mm=[4,4,4]" else "spacing_mm=[5,5,5]" for a in TINY]
+    args = [
+        "train-seg",
+        "--data",
+        str(prepared),
+        "--out",
+        str(tmp_path / "qc"),
+        "--task",
+        "freesyn",
+        "--baseline",
+        str(baseline),
+    ]
+    result = CliRunner().invoke(app, [*args, "--max-steps", "1", *other])
+    assert result.exit_code == 2 and "trained with spacing_mm (4.0, 4.0, 4.0), this run uses (5.0, 5.0, 5.0)" in flat(
+        result.output
+    )

@@ -332,3 +332,42 @@ def test_blur_mask_repeats_the_mask_beyond_open_faces(axis: int) -> None:
     np.testing.assert_allclose(full, reference, atol=1e-5)
     closed, _ = blur_mask(mask, 2.0, spacing)
     assert not np.allclose(closed, blurred, atol=1e-3), "open faces must change the edge"
+
+
+def test_the_chest_follows_the_originals_lesion_sizes_and_textures() -> None:
+    from collections import Counter
+
+    from freetumor_cli.core.errors import ConfigError
+
+    lung = ORGANS["lung"]
+    organ = ball((120, 120, 120), (1.5, 1.5, 1.5), 80.0)
+    geometry = prepare_organ(organ, lung, spacing=(1.5, 1.5, 1.5), affine=np.diag([1.5, 1.5, 1.5, 1]), config=CONFIG)
+    rng = np.random.default_rng(0)
+    drawn = Counter(plan_size_classes("mix", 1, geometry, CONFIG, rng)[0] for _ in range(3000))
+    assert set(drawn) == {"tiny", "small", "medium"}  # a large lesion fits, but the chest takes none
+    for size, share in (("tiny", 0.35), ("small", 0.35), ("medium", 0.30)):
+        assert abs(drawn[size] / 3000 - share) < 0.03, drawn
+    with pytest.raises(ConfigError, match="come in sizes tiny, small, medium, not large"):
+        plan_size_classes("large", 1, geometry, CONFIG, rng)
+    textures = {CONFIG.texture_for("chest", rng).texture_sigma_a_mm for _ in range(200)}
+    pairs = {
+        (c.texture_sigma_a_mm, c.texture_sigma_b_mm) for c in (CONFIG.texture_for("chest", rng) for _ in range(400))
+    }
+    assert textures == {4.5, 9.0, 13.5, 18.0, 22.5} and len(pairs) == 10
+    assert CONFIG.texture_for("abdomen", rng) is CONFIG  # the abdomen keeps its one texture
+
+
+def test_online_synthesis_goes_beside_real_lesions_in_the_chest_only() -> None:
+    import torch
+
+    from freetumor_cli.core.seg_data import OnlineSynthesisd
+
+    organ = ball((40, 40, 40), (3.0, 3.0, 3.0), 50.0)
+    label = organ.astype(np.float32)
+    label[18:22, 18:22, 18:22] = 2  # a real tumor or lesion
+    image = np.full(label.shape, 0.3, dtype=np.float32)
+    for task, expected in (("covid", True), ("liver", False)):
+        transform = OnlineSynthesisd(task, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-1000.0, 500.0), size="small")
+        transform.set_random_state(1)
+        out = transform({"image": torch.from_numpy(image[None].copy()), "label": torch.from_numpy(label[None].copy())})
+        assert bool(out["synth_mask"].any()) is expected, task

@@ -1,0 +1,443 @@
+"""Every checkpoint freetumor reads: its own folders, and the authors' released ``.pt`` files.
+
+freetumor writes safetensors with a JSON description (``model.json`` for segmentors, ``generator.json``
+for generators). The authors' files (DESIGN §6) are torch pickles; they are read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, so no code in
+a downloaded file ever runs. Their keys are mapped strictly: ``module.`` and ``backbone.`` prefixes are
+dropped and ``swin_vit`` is renamed ``swinViT``; a key that still does not fit is an error naming it.
+
+- ``baseline/model_baseline_segmentor.pt`` and ``baseline/model_covid_voco160k.pt``:
+  ``{"epoch", "best_acc", "state_dict"}`` of a SwinUNETR v2 (feature 48), 7 classes (abdomen) or the
+  chest's (:func:`import_segmentor`).
+- ``baseline/TGAN.pt``: ``{"epoch", "state_dict"}`` with ``netG.*`` and ``netD.*`` (the Models-Genesis
+  UNet3D, ``out_tr.final_conv``) and ``netSeg.*``, a full 7-class baseline (:func:`import_tgan`). Only
+  the generator's output channel 0 was ever trained, so every organ uses it; its batch norm always
+  uses batch statistics.
+- ``pretrained/VoCo_B_SSL_head.pt``: a flat state dict of the SwinUNETR encoder, no decoder
+  (:func:`initialize_from`: shape-matching keys are copied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from freetumor_cli import __version__
+from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
+
+if TYPE_CHECKING:
+    import torch
+
+    from freetumor_cli.core.models import ModelConfig
+
+WRAPPERS = ("state_dict", "network_weights", "net", "model", "student")
+
+
+def read_torch_file(path: str | os.PathLike[str]) -> Any:
+    """A ``.pt``/``.pth`` file's content, loaded with ``weights_only=True`` (no pickled code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise InputError(
+            f"cannot load {path} safely (weights only): {str(exc).splitlines()[0]}",
+            hint="only tensors and plain containers are read from checkpoint files; no code in them runs",
+        ) from exc
+
+
+def state_dict_of(raw: Any, path: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint (inside a ``state_dict``/``network_weights``/``net`` wrapper or flat),
+    with ``module.``/``backbone.`` prefixes dropped and ``swin_vit`` renamed ``swinViT``."""
+    import torch
+
+    state = raw
+    if isinstance(raw, Mapping):
+        for key in WRAPPERS:
+            if isinstance(raw.get(key), Mapping):
+                state = raw[key]
+                break
+    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} holds no state dict of tensors")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = str(key)
+        for prefix in ("module.", "backbone."):
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        out[name.replace("swin_vit.", "swinViT.")] = value
+    return out
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, with an error naming the first key that does not fit."""
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise InputError(f"{source}: {what} lacks the key {key!r} of freetumor's layout")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise InputError(
+                f"{source}: {what} key {key!r} has shape {list(state[key].shape)}, freetumor's layout {list(value.shape)}"
+            )
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise InputError(f"{source}: {what} holds the key {extra[0]!r}, which freetumor's layout does not have")
+    module.load_state_dict(dict(state), strict=True)
+
+
+# Segmentors -------------------------------------------------------------------------------------
+
+
+def _segmentor_task(out_channels: int, path: Path, task: str | None) -> str:
+    if task is not None:
+        if TASKS[task].out_channels != out_channels:
+            raise InputError(
+                f"{path} predicts {out_channels} classes; a {task} network predicts {TASKS[task].out_channels}"
+            )
+        return task
+    generalists = [t for t in TASKS.values() if t.remap is None and t.out_channels == out_channels]
+    if "covid" in path.name.lower() and "covid" in TASKS:
+        return "covid"
+    abdomen = [t for t in generalists if t.region == "abdomen"]
+    if abdomen:
+        return abdomen[0].name
+    raise InputError(
+        f"{path} predicts {out_channels} classes: say which task it is",
+        hint="convert it once: freetumor fetch-weights --convert FILE --task TASK --out DIR",
+    )
+
+
+def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -> tuple[Any, ModelConfig]:
+    """A SwinUNETR v2 baseline of the authors (``{"state_dict": ...}``) as a freetumor network.
+
+    The class count comes from ``out.conv.conv.weight``: 7 is the abdomen generalist (``all``); a file
+    named like ``*covid*`` is the chest's (``covid``); otherwise pass ``task``.
+    """
+    from freetumor_cli.core.models import build_model
+
+    path = Path(path)
+    state = state_dict_of(read_torch_file(path), path)
+    weight = state.get("out.conv.conv.weight")
+    if weight is None:
+        raise InputError(
+            f"{path} holds no SwinUNETR output layer (out.conv.conv.weight)",
+            hint="is it a VoCo backbone? use it with --init",
+        )
+    config = swinunetr_config(state, _segmentor_task(int(weight.shape[0]), path, task))
+    model = build_model(config)
+    load_strict(model, state, path, "the segmentor")
+    return model, config
+
+
+def swinunetr_config(state: Mapping[str, Any], task: str) -> ModelConfig:
+    """The configuration of a SwinUNETR v2 of ``task`` with the width of ``state``, at the region's preprocessing."""
+    from freetumor_cli.core.models import ModelConfig
+
+    t, region = TASKS[task], REGIONS[TASKS[task].region]
+    embed = state.get("swinViT.patch_embed.proj.weight")
+    return ModelConfig(
+        name="swinunetr", out_channels=t.out_channels, roi=region.roi, region=t.region, task=task,
+        spacing_mm=region.spacing_mm, window_hu=region.window_hu, labels={str(k): v for k, v in t.labels.items()},
+        feature_size=int(embed.shape[0]) if embed is not None else 48,
+    )  # fmt: skip
+
+
+# Generators -------------------------------------------------------------------------------------
+
+
+def save_generator(
+    generator: Any,
+    gan: Any,
+    folder: str | os.PathLike[str],
+    *,
+    spacing_mm: Any,
+    window_hu: Any,
+    roi: Any,
+    organ_channels: Mapping[str, int],
+    discriminator: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``generator.safetensors`` (and ``discriminator.safetensors``) and ``generator.json``.
+
+    ``organ_channels`` names the organs whose channel was trained, and the channel each uses: using any
+    other organ with this generator is an error.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, module in (("generator", generator), ("discriminator", discriminator)):
+        if module is None:
+            continue
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        with atomic_path(out / f"{name}.safetensors") as tmp:
+            save_file(state, str(tmp))
+    meta = {
+        "generator": asdict(gan),
+        "spacing_mm": list(spacing_mm),
+        "window_hu": list(window_hu),
+        "roi": list(roi),
+        "organ_channels": dict(organ_channels),
+        "version": __version__,
+        **(extra or {}),
+    }
+    write_text_atomic(out / "generator.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def trained_channels(task_name: str) -> dict[str, int]:
+    """The generator channels a run on ``task_name`` trains: one per organ of the task."""
+    return {o: ORGANS[o].generator_channel for o in TASKS[task_name].organs}
+
+
+@dataclass
+class Generator:
+    """A generator ready to use, with what it was trained for.
+
+    Attributes:
+        module: the network (eval mode).
+        meta: its ``generator.json`` content.
+        discriminator_state: the discriminator's weights when the checkpoint holds them (to fine-tune).
+        critic: the segmentor the checkpoint carries (the authors' ``netSeg``), with its config, or None.
+    """
+
+    module: Any
+    meta: dict[str, Any]
+    discriminator_state: dict[str, Any] | None = None
+    critic: tuple[Any, ModelConfig] | None = None
+
+    @property
+    def region(self) -> str:
+        return str(self.meta["generator"]["region"])
+
+    def channel(self, organ: str) -> int:
+        """The output channel the generator was trained to use for ``organ``.
+
+        Raises:
+            InputError: that organ's channel was never trained.
+        """
+        channels = self.meta.get("organ_channels") or trained_channels(REGIONS[self.region].generalist_task)
+        if organ not in channels:
+            raise InputError(
+                f"this generator was trained for {', '.join(channels) or 'no organ'} tumors, not {organ}",
+                hint="train one with a critic that segments that organ (train-synth --baseline)",
+            )
+        return int(channels[organ])
+
+
+def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+    """A generator: a ``train-synth`` checkpoint folder (or a fetch-weights conversion), or ``TGAN.pt``.
+
+    Nothing is unpickled: folders hold safetensors, and ``.pt`` files are read with ``weights_only``.
+    """
+    from safetensors.torch import load_file
+
+    from freetumor_cli.core.gan import GanConfig, make_generator
+
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return import_tgan(path, device=device)
+    if not (path / "generator.json").is_file() or not (path / "generator.safetensors").is_file():
+        raise InputError(
+            f"not a freetumor generator checkpoint: {path}",
+            hint="expected generator.safetensors and generator.json (train-synth's checkpoints/best), or TGAN.pt",
+        )
+    try:
+        meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
+        gan = GanConfig(**meta["generator"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path / 'generator.json'} is damaged ({type(exc).__name__}: {exc})") from None
+    generator = make_generator(gan)
+    load_strict(generator, load_file(str(path / "generator.safetensors"), device="cpu"), path, "the generator")
+    disc = path / "discriminator.safetensors"
+    disc_state = load_file(str(disc), device="cpu") if disc.is_file() else None
+    critic = None
+    if (path / "critic" / "model.json").is_file():
+        from freetumor_cli.core.models import load_checkpoint
+
+        model, config, _ = load_checkpoint(path / "critic", device=device)
+        critic = (model, config)
+    return Generator(generator.to(device).eval(), meta, disc_state, critic)
+
+
+def import_tgan(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+    """The authors' ``TGAN.pt``: the generator (``netG.*``), the discriminator (``netD.*``) and, when the
+    file holds it, the 7-class baseline (``netSeg.*``) that the original uses for quality control.
+
+    The released generator's batch norm uses batch statistics at inference, and only its channel 0 was
+    trained (the original translated every label to 1 before picking the channel): every organ uses it.
+    """
+    from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator
+
+    path = Path(path)
+    raw = read_torch_file(path)
+    state = state_dict_of(raw, path)
+    parts = {
+        p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("netG", "netD", "netSeg")
+    }
+    weights = {_released_unet_key(k): v for k, v in parts["netG"].items()}
+    if "down_tr64.ops.0.conv1.weight" not in weights or "out_tr.weight" not in weights:
+        raise InputError(f"{path} holds no netG.* generator weights in the Models-Genesis UNet3D layout")
+    out_channels = int(weights["out_tr.weight"].shape[0])
+    base = int(weights["down_tr64.ops.0.conv1.weight"].shape[0])
+    regions = [name for name in REGIONS if generator_channels(name) == out_channels]
+    if not regions:
+        raise InputError(f"{path}: a generator with {out_channels} output channels fits no region")
+    region = regions[0]
+    gan = GanConfig(
+        region=region, base_channels=base, adversarial_weight=REGIONS[region].adversarial_weight, batch_stats=True
+    )
+    generator = make_generator(gan)
+    load_strict(generator, weights, path, "netG")
+    disc_state = None
+    if parts["netD"]:
+        discriminator = make_discriminator(gan)
+        load_strict(discriminator, {_released_unet_key(k): v for k, v in parts["netD"].items()}, path, "netD")
+        disc_state = discriminator.state_dict()
+    critic = None
+    if parts["netSeg"]:
+        critic = _import_critic({_released_unet_key(k): v for k, v in parts["netSeg"].items()}, path, region, device)
+    meta = {
+        "generator": asdict(gan),
+        "spacing_mm": list(REGIONS[region].spacing_mm),
+        "window_hu": list(REGIONS[region].window_hu),
+        "roi": list(REGIONS[region].roi),
+        "organ_channels": {o.name: 0 for o in region_organs(region)},
+        "source": str(path),
+        "released": True,
+    }
+    return Generator(generator.to(device).eval(), meta, disc_state, critic)
+
+
+def _released_unet_key(key: str) -> str:
+    while key.startswith("module."):  # a network wrapped in DataParallel inside the TGAN module
+        key = key[len("module.") :]
+    return key.replace("out_tr.final_conv.", "out_tr.")
+
+
+def _import_critic(state: Mapping[str, Any], path: Path, region: str, device: str) -> tuple[Any, ModelConfig]:
+    from freetumor_cli.core.models import build_model
+
+    weight = state.get("out.conv.conv.weight")
+    if weight is None:
+        raise InputError(f"{path}: netSeg holds no SwinUNETR output layer")
+    task = REGIONS[region].generalist_task
+    if int(weight.shape[0]) != TASKS[task].out_channels:
+        raise InputError(
+            f"{path}: netSeg predicts {int(weight.shape[0])} classes, the {task} task {TASKS[task].out_channels}"
+        )
+    config = swinunetr_config(state, task)
+    model = build_model(config)
+    load_strict(model, state, path, "netSeg")
+    return model.to(device).eval(), config
+
+
+# Initialisation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class InitReport:
+    """What :func:`initialize_from` copied."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    skipped_shape: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unused: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"initialised from {self.source}: {len(self.loaded)} tensors loaded, {len(self.skipped_shape)} skipped "
+            f"(shape differs), {len(self.missing)} not in the file (kept as initialised), {self.unused} in the file unused"
+        )
+
+
+def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
+    """Copy every tensor of a checkpoint whose name and shape match one of ``model``'s (the others keep
+    their initialisation): VoCo's self-supervised encoder, a freetumor checkpoint folder, or any
+    state dict file.
+
+    Raises:
+        InputError: nothing matches (the file is not a checkpoint of this network).
+    """
+
+    path = Path(path)
+    if path.is_dir() or path.name in ("model.safetensors", "model.json"):
+        from safetensors.torch import load_file
+
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "model.safetensors").is_file():
+            raise InputError(f"not a freetumor checkpoint: {folder}", hint="expected model.safetensors and model.json")
+        state: dict[str, torch.Tensor] = load_file(str(folder / "model.safetensors"), device="cpu")
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = state_dict_of(read_torch_file(path), path)
+    own = model.state_dict()
+    report = InitReport(str(path))
+    merged = {}
+    for key, value in own.items():
+        if key in state and tuple(state[key].shape) == tuple(value.shape):
+            merged[key] = state[key].to(value.dtype)
+            report.loaded.append(key)
+        else:
+            merged[key] = value
+            (report.skipped_shape if key in state else report.missing).append(key)
+    report.unused = len(set(state) - set(own))
+    if not report.loaded:
+        raise InputError(
+            f"{path}: no tensor matches this network's layout", hint="is it a checkpoint of the same architecture?"
+        )
+    model.load_state_dict(merged, strict=True)
+    return report
+
+
+def convert_released(path: str | os.PathLike[str], out: str | os.PathLike[str], *, task: str | None = None) -> Path:
+    """Convert an authors' file once into freetumor's folders: a segmentor into ``model.safetensors`` +
+    ``model.json``; ``TGAN.pt`` into a generator folder (with its discriminator, and its ``netSeg`` in
+    ``critic/``)."""
+    from freetumor_cli.core.models import save_checkpoint
+
+    path, out_path = Path(path), Path(out)
+    state = state_dict_of(read_torch_file(path), path)
+    if any(k.startswith("netG.") for k in state):
+        gen = import_tgan(path)
+        save_generator(
+            gen.module, replace_gan(gen.meta), out_path, spacing_mm=gen.meta["spacing_mm"], window_hu=gen.meta["window_hu"],
+            roi=gen.meta["roi"], organ_channels=gen.meta["organ_channels"], discriminator=_as_module(gen),
+            extra={"source": str(path), "released": True},
+        )  # fmt: skip
+        if gen.critic is not None:
+            save_checkpoint(gen.critic[0], gen.critic[1], out_path / "critic", extra={"source": str(path)})
+        return out_path
+    model, config = import_segmentor(path, task=task)
+    return save_checkpoint(model, config, out_path, extra={"source": str(path), "released": True})
+
+
+def replace_gan(meta: Mapping[str, Any]) -> Any:
+    from freetumor_cli.core.gan import GanConfig
+
+    return GanConfig(**meta["generator"])
+
+
+def _as_module(gen: Generator) -> Any:
+    if gen.discriminator_state is None:
+        return None
+    from freetumor_cli.core.gan import make_discriminator
+
+    module = make_discriminator(replace_gan(gen.meta))
+    module.load_state_dict(gen.discriminator_state)
+    return module

@@ -1,0 +1,263 @@
+"""The authors' released weights: their key layouts, safe loading, the generator's facts, fetch-weights.
+
+State dicts are built here in the authors' layouts from MONAI's SwinUNETR (feature size 12, to stay small)
+and the Models-Genesis UNet3D; no released weights are shipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from freetumor_cli.app import app  # noqa: E402
+from freetumor_cli.core.checkpoints import (  # noqa: E402
+    convert_released,
+    import_segmentor,
+    import_tgan,
+    initialize_from,
+    load_generator,
+)
+from freetumor_cli.core.errors import InputError  # noqa: E402
+from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator  # noqa: E402
+from freetumor_cli.core.models import load_checkpoint  # noqa: E402
+
+from .conftest import flat  # noqa: E402
+from .hub_server import serve_hub  # noqa: E402
+
+
+def swinunetr(out_channels: int) -> torch.nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(out_channels)
+    return SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12, use_v2=True).eval()
+
+
+def authors_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """As the authors' DDP runs saved them: ``module.`` prefixes and the old ``swin_vit`` name."""
+    return {f"module.{k}".replace("swinViT.", "swin_vit."): v for k, v in state.items()}
+
+
+def released_unet(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}".replace("out_tr.", "out_tr.final_conv."): v for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("released")
+    baseline, covid = swinunetr(7), swinunetr(3)
+    torch.save(
+        {"epoch": 99, "best_acc": 0.6, "state_dict": authors_names(baseline.state_dict())},
+        root / "model_baseline_segmentor.pt",
+    )
+    torch.save({"epoch": 9, "best_acc": 0.5, "state_dict": covid.state_dict()}, root / "model_covid_voco160k.pt")
+    gan = GanConfig(base_channels=2)
+    tgan = {**released_unet(make_generator(gan), "netG"), **released_unet(make_discriminator(gan), "netD")}
+    tgan.update({f"netSeg.{k}": v for k, v in baseline.state_dict().items()})
+    torch.save({"epoch": 100, "state_dict": tgan}, root / "TGAN.pt")
+    encoder = {f"backbone.{k}": v for k, v in baseline.state_dict().items() if k.startswith(("swinViT.", "encoder"))}
+    torch.save(encoder, root / "VoCo_B_SSL_head.pt")
+    torch.save({"generator": make_generator(gan).state_dict()}, root / "reference.pt")
+    return {"baseline": root / "model_baseline_segmentor.pt", "covid": root / "model_covid_voco160k.pt",
+            "tgan": root / "TGAN.pt", "voco": root / "VoCo_B_SSL_head.pt", "root": root}  # fmt: skip
+
+
+def test_the_authors_baselines_load_with_their_names(released: dict[str, Path]) -> None:
+    model, config, _ = load_checkpoint(released["baseline"])
+    assert (config.task, config.out_channels, config.feature_size, config.roi) == ("all", 7, 12, (96, 96, 96))
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), swinunetr(7)(x))
+    _, chest = import_segmentor(released["covid"])
+    assert (chest.task, chest.region, chest.spacing_mm, chest.roi) == (
+        "covid",
+        "chest",
+        (1.25, 1.25, 5.0),
+        (192, 192, 32),
+    )
+
+
+def test_a_key_that_does_not_fit_is_named(released: dict[str, Path], tmp_path: Path) -> None:
+    state = torch.load(released["baseline"], weights_only=True)["state_dict"]
+    renamed = {
+        ("module.decoder1.oops.weight" if k == "module.decoder1.conv_block.conv1.conv.weight" else k): v
+        for k, v in state.items()
+    }
+    torch.save({"state_dict": renamed}, tmp_path / "renamed.pt")
+    with pytest.raises(InputError, match=r"lacks the key 'decoder1\.conv_block\.conv1\.conv\.weight'"):
+        load_checkpoint(tmp_path / "renamed.pt")
+    torch.save({"state_dict": {**state, "module.extra.weight": torch.zeros(1)}}, tmp_path / "extra.pt")
+    with pytest.raises(InputError, match=r"holds the key 'extra\.weight'"):
+        load_checkpoint(tmp_path / "extra.pt")
+
+
+def test_a_pickle_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (marker.write_text, ("the payload ran",))
+
+    torch.save({"state_dict": {"netG.x": Payload()}}, tmp_path / "evil.pt")
+    for load in (load_checkpoint, load_generator, lambda p: initialize_from(torch.nn.Linear(1, 1), p)):
+        with pytest.raises(InputError, match="safely"):
+            load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--data", str(tmp_path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output and not marker.exists()
+
+
+def test_the_released_generator_uses_channel_0_and_batch_statistics(released: dict[str, Path]) -> None:
+    gen = import_tgan(released["tgan"])
+    assert gen.meta["generator"]["batch_stats"] and gen.meta["released"]
+    assert [gen.channel(o) for o in ("liver", "pancreas", "kidney")] == [0, 0, 0]
+    assert gen.discriminator_state is not None and gen.critic is not None and gen.critic[1].task == "all"
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():  # batch statistics at inference: a crop's map depends on the batch it is in
+        assert not torch.allclose(gen.module(x)[:1], gen.module(x[:1]))
+    state = torch.load(released["tgan"], weights_only=True)["state_dict"]
+    assert all(
+        torch.equal(v, state["netG." + k.replace("out_tr.", "out_tr.final_conv.")])
+        for k, v in gen.module.state_dict().items()
+    )
+
+
+def test_an_untrained_channel_is_refused(released: dict[str, Path], tmp_path: Path) -> None:
+    from freetumor_cli.core.checkpoints import save_generator
+
+    gan = GanConfig(base_channels=2)
+    folder = save_generator(
+        make_generator(gan), gan, tmp_path / "liver_only", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
+        organ_channels={"liver": 0},
+    )  # fmt: skip
+    loaded = load_generator(folder)
+    assert loaded.channel("liver") == 0
+    with pytest.raises(InputError, match="trained for liver tumors, not pancreas"):
+        loaded.channel("pancreas")
+
+
+def test_conversion_once_into_freetumor_folders(released: dict[str, Path], tmp_path: Path) -> None:
+    folder = convert_released(released["tgan"], tmp_path / "tgan")
+    assert {p.name for p in folder.iterdir()} >= {
+        "generator.safetensors",
+        "discriminator.safetensors",
+        "generator.json",
+        "critic",
+    }
+    again = load_generator(folder)
+    direct = import_tgan(released["tgan"])
+    assert again.meta["organ_channels"] == direct.meta["organ_channels"] and again.meta["generator"]["batch_stats"]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.module.state_dict().values(), direct.module.state_dict().values(), strict=True)
+    )
+    assert again.critic is not None and again.critic[1].task == "all"
+    seg = convert_released(released["covid"], tmp_path / "covid")
+    _, config, _ = load_checkpoint(seg)
+    assert config.task == "covid"
+
+
+def test_voco_weights_initialise_the_encoder(released: dict[str, Path]) -> None:
+    model = swinunetr(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = initialize_from(model, released["voco"])
+    encoder = [k for k in before if k.startswith(("swinViT.", "encoder"))]
+    assert sorted(report.loaded) == sorted(encoder) and report.missing and not report.unused
+    assert all(
+        torch.equal(model.state_dict()[k], torch.load(released["voco"], weights_only=True)["backbone." + k])
+        for k in encoder
+    )
+    assert torch.equal(
+        model.state_dict()["out.conv.conv.weight"], before["out.conv.conv.weight"]
+    )  # no decoder in the file
+    with pytest.raises(InputError, match="no tensor matches"):
+        initialize_from(torch.nn.Linear(3, 3), released["voco"])
+
+
+@pytest.fixture
+def isolated_hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def test_fetch_weights_downloads_converts_resumes_and_works_offline(
+    released: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_hub_home: None
+) -> None:
+    files = {
+        "baseline/model_baseline_segmentor.pt": released["baseline"].read_bytes(),
+        "baseline/model_covid_voco160k.pt": released["covid"].read_bytes(),
+        "baseline/TGAN.pt": released["tgan"].read_bytes(),
+        "pretrained/VoCo_B_SSL_head.pt": released["voco"].read_bytes(),
+    }
+    home = tmp_path / "home"
+    monkeypatch.setenv("FREETUMOR_HOME", str(home))
+    run = CliRunner()
+    with serve_hub({}, models={"Luffy503/FreeTumor": files}) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = run.invoke(app, ["fetch-weights"])
+        assert result.exit_code == 0, result.output
+        text = flat(result.output)
+        assert f"baseline: {home / 'checkpoints' / 'baseline'} (downloaded)" in text
+        assert (home / "checkpoints" / "tgan" / "critic" / "model.json").is_file()
+        log.clear()
+        again = run.invoke(app, ["fetch-weights"])
+        assert again.exit_code == 0 and "(up to date)" in again.output, again.output
+        assert not [r for r in log if "/resolve/" in r[1]], "a second run must not download"
+        (home / "downloads" / "Luffy503/FreeTumor" / "baseline" / "TGAN.pt").unlink()  # an interrupted cache
+        log.clear()
+        resumed = run.invoke(app, ["fetch-weights", "tgan", "baseline"])
+        assert resumed.exit_code == 0, resumed.output
+        assert sorted({p.rsplit("/", 1)[-1] for m, p in log if m == "GET" and "/resolve/" in p}) == ["TGAN.pt"]
+        missing = run.invoke(app, ["fetch-weights", "nope"])
+        assert missing.exit_code == 2 and "unknown released file 'nope'" in flat(missing.output)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = run.invoke(app, ["fetch-weights", "baseline"])
+    assert offline.exit_code == 0 and "offline" in offline.output, offline.output
+    empty = run.invoke(app, ["fetch-weights", "--home", str(tmp_path / "empty")])
+    assert empty.exit_code != 0 and "lacks baseline" in flat(empty.output) and "Traceback" not in empty.output
+    _, config, _ = load_checkpoint(home / "checkpoints" / "baseline")
+    assert config.task == "all" and config.feature_size == 12
+
+
+@pytest.mark.slow
+def test_the_authors_workflow_with_their_files(released: dict[str, Path], tmp_path: Path) -> None:
+    """Free_train.sh (freesyn, TGAN.pt, its netSeg as quality control), Syn_train.sh (fine-tune TGAN.pt),
+    and the baseline as evaluate --checkpoint, all at the method's 1.5 mm and 96³."""
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+
+    from .conftest import write_phantom_root
+
+    root = write_phantom_root(tmp_path / "root", labelled=2, organ_only=2)
+    prepare(root, tmp_path / "prepared", PrepareConfig(folds=2, store=False))
+    common = ["--data", str(tmp_path / "prepared"), "--workers", "0", "--max-steps", "1"]
+    result = CliRunner().invoke(app, [
+        "train-seg", *common, "--organ", "all", "--task", "freesyn", "--synth", str(released["tgan"]),
+        "--model", "unet-tiny", "--init", str(released["voco"]), "--out", str(tmp_path / "free"), "--set", "val_every=100",
+    ])  # fmt: skip
+    assert result.exit_code != 0 and "no tensor matches" in flat(result.output), result.output  # VoCo is SwinUNETR's
+    result = CliRunner().invoke(app, [
+        "train-seg", *common, "--organ", "all", "--task", "freesyn", "--synth", str(released["tgan"]),
+        "--model", "unet-tiny", "--out", str(tmp_path / "free2"), "--set", "val_every=100",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    log = (tmp_path / "free2" / "run.log").read_text()
+    assert "quality control: " in log and "(netSeg)" in log
+    result = CliRunner().invoke(app, [
+        "train-synth", *common, "--init", str(released["tgan"]), "--out", str(tmp_path / "syn"), "--set", "heldout_crops=2",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = load_generator(tmp_path / "syn" / "checkpoints" / "last").meta
+    assert meta["organ_channels"] == {"liver": 0, "pancreas": 0, "kidney": 0} and meta["generator"]["batch_stats"]
+    ct = next((root / "Dataset003_Liver" / "imagesTr").glob("*.nii.gz"))
+    result = CliRunner().invoke(
+        app, ["evaluate", "--checkpoint", str(released["baseline"]), "--data", str(ct), "--out", str(tmp_path / "ev")]
+    )
+    assert result.exit_code == 0 and (tmp_path / "ev" / "predictions" / ct.name.replace("_0000", "")).is_file(), (
+        result.output
+    )
