@@ -137,7 +137,7 @@ class TrainSegConfig:
         """This configuration with every default that depends on the mode or the region filled in.
 
         Raises:
-            ConfigError: a combination that cannot work (SwinUNETR on a crop under 64 voxels per axis).
+            ConfigError: a combination that cannot work (SwinUNETR on a crop it cannot take).
         """
         region = REGIONS[TASKS[self.task].region]
         config = replace(
@@ -153,10 +153,11 @@ class TrainSegConfig:
             else (GENERALIST_REPEATS if self.task == region.generalist_task else {}),
         )
         assert config.roi is not None
-        if config.model == "swinunetr" and min(config.roi) < 64:
+        cells = [n // 32 for n in config.roi]
+        if config.model == "swinunetr" and (any(n % 32 for n in config.roi) or cells[0] * cells[1] * cells[2] < 2):
             raise ConfigError(
-                f"SwinUNETR needs a crop of at least 64 voxels per axis, got {list(config.roi)}",
-                hint="use --model unet, or --set roi=[192,192,64] for the chest",
+                f"SwinUNETR needs a crop whose sides are multiples of 32 and larger than 32³, got {list(config.roi)}",
+                hint="e.g. --set roi=[96,96,96] (the abdomen's) or [192,192,32] (the chest's); or use --model unet",
             )
         return config
 
