@@ -140,3 +140,25 @@ def test_one_preprocessing_for_prepare_training_and_prediction() -> None:
     trained = model_config_for(TrainSegConfig(task="liver")).preprocessing()
     assert trained == Preprocessing.for_region("abdomen") == ModelConfig().preprocessing()
     assert trained.digest() != Preprocessing.for_region("abdomen", spacing_mm=(2, 2, 2)).digest()
+
+
+def test_sampling_follows_the_original() -> None:
+    from freetumor_cli.core.train_seg import TrainSegConfig
+    from freetumor_cli.core.train_synth import TrainSynthConfig
+
+    synth = TrainSynthConfig()
+    assert (synth.volumes_per_batch, synth.crops_per_volume, synth.pos, synth.neg) == (4, 1, 1.0, 0.0)
+    assert [synth.repeats(d) for d in ("Dataset003_Liver", "Dataset007_Pancreas", "Dataset220_KiTS2023")] == [
+        200,
+        100,
+        100,
+    ]
+    assert TrainSynthConfig(labelled_repeats=3).repeats("Dataset003_Liver") == 3
+    generalist = TrainSegConfig(task="all").resolved()
+    assert [generalist.repeats(d) for d in ("Dataset003_Liver", "Dataset007_Pancreas", "Dataset220_KiTS2023")] == [
+        4,
+        2,
+        1,
+    ]
+    assert TrainSegConfig(task="liver", mode="freesyn").resolved().repeats("Dataset003_Liver") == 10
+    assert TrainSegConfig().cutmix and TrainSegConfig().mode == "onlylabeled"  # CutMix in every task
