@@ -17,7 +17,7 @@ from freetumor_cli.commands._common import (
     report_errors,
     warn,
 )
-from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.errors import ConfigError
 from freetumor_cli.core.registry import EVAL_SCHEMES
 
 
@@ -47,7 +47,13 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    overlap: Annotated[float, typer.Option("--overlap", help="Sliding-window overlap (with --checkpoint).")] = 0.75,
+    overlap: Annotated[
+        float, typer.Option("--overlap", help="Sliding-window overlap (with --checkpoint).", min=0.0, max=0.99)
+    ] = 0.75,
+    split: Annotated[
+        one_of(("validation", "training", "all")),
+        typer.Option("--split", help="With --checkpoint and a fold's data list: which of its cases to predict."),
+    ] = "validation",
     tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (with --checkpoint).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Output folder for CSVs, summaries and plots.")] = Path(
         "evaluation"
@@ -107,6 +113,7 @@ def evaluate(
     from freetumor_cli.core.config import build_config
     from freetumor_cli.core.evaluate import EvaluateConfig, match_cases, predict_for_scoring, write_reports
     from freetumor_cli.core.evaluate import evaluate as run_evaluation
+    from freetumor_cli.core.io import OutputLock
 
     flags = {
         "label_scheme": label_scheme,
@@ -118,53 +125,55 @@ def evaluate(
         "resample_pred": True if resample_pred else None,
     }
     cfg = build_config(EvaluateConfig, file=config, overrides=set_ or [], flags=flags)
-    if checkpoint is not None:
-        if data is None:
-            raise InputError("--checkpoint needs --data: a data list, a folder of CTs or one CT")
-        with progress_bar("predict") as progress:
-            bar = progress.add_task("", total=None)
-            pred, gt, cfg, source = predict_for_scoring(
-                checkpoint, data, out, cfg, overlap=overlap, tta=tta, on_case_done=lambda _p: progress.advance(bar)
+    if checkpoint is not None and data is None:
+        raise ConfigError("--checkpoint needs --data: a data list, a folder of CTs or one CT")
+    if checkpoint is None and (pred is None or gt is None):
+        raise ConfigError("pass --pred and --gt to score predictions, or --checkpoint and --data to predict first")
+    with OutputLock(out, "evaluate"):  # a second run into the same --out stops at once
+        if checkpoint is not None:
+            with progress_bar("predict") as progress:
+                bar = progress.add_task("", total=None)
+                pred, gt, cfg, source = predict_for_scoring(
+                    checkpoint, data, out, cfg, overlap=overlap, tta=tta, split=split,
+                    on_case_done=lambda _p: progress.advance(bar),
+                )  # fmt: skip
+            note(f"images: {source}")
+            if gt is None:
+                console.print(f"predictions written to {pred} (no labels known for these images: nothing to score)")
+                return
+        total = len(match_cases(pred, gt)[0])
+        with progress_bar("evaluate") as progress:
+            task = progress.add_task("", total=total)
+            cases, summary, notes = run_evaluation(
+                pred, gt, cfg, workers=workers, on_case_done=lambda _case: progress.advance(task)
             )
-        note(f"images: {source}")
-        if gt is None:
-            console.print(f"predictions written to {pred} (no labels known for these images: nothing to score)")
-            return
-    elif pred is None or gt is None:
-        raise InputError("pass --pred and --gt to score predictions, or --checkpoint and --data to predict first")
-    total = len(match_cases(pred, gt)[0])
-    with progress_bar("evaluate") as progress:
-        task = progress.add_task("", total=total)
-        cases, summary, notes = run_evaluation(
-            pred, gt, cfg, workers=workers, on_case_done=lambda _case: progress.advance(task)
+        for message in notes:
+            (warn if "without a prediction" in message or "match no" in message else note)(message)
+        written = write_reports(cases, summary, out)
+        table = Table(title=f"{summary['cases']} cases")
+        for column in (
+            "class",
+            "Dice",
+            "Dice (empty=1)",
+            "NSD",
+            "HD95 mm",
+            "lesion sens.",
+            "early sens.",
+            "precision",
+            "FP/case",
+        ):
+            table.add_column(column)
+
+        def fmt(value: object, digits: int = 3) -> str:
+            return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+        for name, c in summary["classes"].items():
+            les = c["lesions"]
+            table.add_row(
+                name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
+                fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
+            )  # fmt: skip
+        console.print(table)
+        console.print(
+            f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
         )
-    for message in notes:
-        (warn if "without a prediction" in message or "match no" in message else note)(message)
-    written = write_reports(cases, summary, out)
-    table = Table(title=f"{summary['cases']} cases")
-    for column in (
-        "class",
-        "Dice",
-        "Dice (empty=1)",
-        "NSD",
-        "HD95 mm",
-        "lesion sens.",
-        "early sens.",
-        "precision",
-        "FP/case",
-    ):
-        table.add_column(column)
-
-    def fmt(value: object, digits: int = 3) -> str:
-        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-    for name, c in summary["classes"].items():
-        les = c["lesions"]
-        table.add_row(
-            name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
-            fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
-        )  # fmt: skip
-    console.print(table)
-    console.print(
-        f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
-    )

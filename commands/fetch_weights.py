@@ -51,7 +51,7 @@ def fetch_weights(
     """
     from rich.table import Table
 
-    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.errors import ConfigError, OutputExistsError
     from freetumor_cli.core.weights import RELEASED, usable_path, weights_home
     from freetumor_cli.core.weights import fetch_weights as run_fetch
 
@@ -60,9 +60,9 @@ def fetch_weights(
         from freetumor_cli.core.checkpoints import convert_released
 
         if out is None:
-            raise InputError("--convert needs --out: the checkpoint folder to write")
+            raise ConfigError("--convert needs --out: the checkpoint folder to write")
         if out.exists():
-            raise InputError(f"--out {out} exists", hint="choose a new folder")
+            raise OutputExistsError(f"--out {out} exists", hint="choose a new folder")
         written = convert_released(convert, out, task=task)
         console.print(f"converted {convert} -> {written}")
         return

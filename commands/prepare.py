@@ -96,12 +96,12 @@ def prepare(
     """
 
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.errors import ConfigError
     from freetumor_cli.core.prepare import PrepareConfig
     from freetumor_cli.core.prepare import prepare as run_prepare
 
     if part_id >= num_parts:
-        raise InputError(f"--part-id {part_id} must be below --num-parts {num_parts}")
+        raise ConfigError(f"--part-id {part_id} must be below --num-parts {num_parts}")
     flags = {
         "datasets": list(datasets) if datasets else None,
         "folds": folds,

@@ -19,7 +19,7 @@ from freetumor_cli.commands._common import (
     report_errors,
     warn,
 )
-from freetumor_cli.core.errors import FreetumorError, InputError
+from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError, InputError
 from freetumor_cli.core.registry import LABEL_SCHEMES, ORGANS, choices_help
 from freetumor_cli.core.synthesis_config import SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
 
@@ -53,7 +53,7 @@ def synthesize(
     ],
     organ: Annotated[
         one_of(ORGANS),
-        typer.Option("--organ", "-o", help=f"Target organ: {choices_help(ORGANS)}.", show_default=False),
+        typer.Option("--organ", help=f"Target organ: {choices_help(ORGANS)}.", show_default=False),
     ],
     labels: Annotated[
         Path | None,
@@ -115,15 +115,16 @@ def synthesize(
     preview: Annotated[
         bool, typer.Option("--preview", help="Also write a PNG: slices through each tumor, before and after.")
     ] = False,
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synthetic"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("synthetic"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
     """Insert realistic synthetic tumors into CT scans (rule-based engine, no training needed).
 
-    Writes <case>_synthetic.nii.gz (the CT with tumors, input geometry and dtype),
-    <case>_synthetic_label.nii.gz (organs and tumors, freetumor scheme) and <case>_synthetic.json.
+    Writes <case>_<organ>_synthetic.nii.gz (the CT with tumors, input geometry and dtype),
+    <case>_<organ>_synthetic_label.nii.gz (organs and tumors, freetumor scheme) and
+    <case>_<organ>_synthetic.json. A rerun skips the cases already done with the same settings.
 
     Example: freetumor synthesize --in ct.nii.gz --labels seg.nii.gz --organ liver --preview
     """
@@ -153,6 +154,7 @@ def synthesize(
     if len(cases) == 1 and cases[0].labels is None and labels is not None:
         raise InputError(f"no label file for {cases[0].image} in {labels}")
     failures: list[tuple[str, FreetumorError]] = []
+    done_before = 0
     total = len(cases) * cfg.copies
     with progress_bar("synthesize") as progress:
         task = progress.add_task("", total=total)
@@ -164,6 +166,9 @@ def synthesize(
                 progress.advance(task, cfg.copies)
                 warn(f"skipped {case.name}: {result}")
                 continue
+            if result.skipped:
+                done_before += 1
+                progress.advance(task, cfg.copies)
             for message in result.warnings:
                 warn(message)
             for message in result.notes:
@@ -173,10 +178,12 @@ def synthesize(
                     f"{t.size_class} {t.volume_ml:.1f} ml ({t.mean_hu_change:+.0f} HU)" for t in tumors
                 )
                 console.print(f"{case.name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {described}")
-    console.print(f"wrote {total - len(failures) * cfg.copies} output set(s) to {out}", highlight=False)
+    written = total - (len(failures) + done_before) * cfg.copies
+    already = f" ({done_before} case(s) done before, skipped)" if done_before else ""
+    console.print(f"wrote {written} output set(s) to {out}{already}", highlight=False)
     if failures:
         err_console.print(f"[red]{len(failures)} of {len(cases)} case(s) failed[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def _with_auto_count(cfg: SynthesizeConfig) -> SynthesizeConfig:

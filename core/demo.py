@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import save_volume, write_text_atomic
+from freetumor_cli.core.io import OutputLock, save_volume, write_text_atomic
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.registry import ORGANS
 
@@ -177,6 +177,17 @@ def run_demo(
         on_step: called with a one-line description as each stage starts.
         on_progress: called with (step, total) during training stages.
     """
+    config = config or DemoConfig.preset()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file", hint="choose a folder for the demo's outputs")
+    with OutputLock(out, "demo"):
+        return _run_demo(out, config, step=on_step or (lambda _message: None), on_progress=on_progress)
+
+
+def _run_demo(
+    out: Path, config: DemoConfig, *, step: Callable[[str], None], on_progress: Callable[[int, int], None] | None
+) -> DemoResult:
     import time
 
     from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
@@ -188,14 +199,9 @@ def run_demo(
     from freetumor_cli.core.train_seg import train_segmentation
     from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
 
-    config = config or DemoConfig.preset()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file", hint="choose a folder for the demo's outputs")
     for name in ("prepared", "runs", "synthetic", "eval"):
         shutil.rmtree(out / name, ignore_errors=True)
     result = DemoResult(out)
-    step = on_step or (lambda _message: None)
 
     def progress(done: int, total: int, _stats: dict[str, float]) -> None:
         if on_progress:
@@ -314,8 +320,8 @@ def report_markdown(result: DemoResult, config: DemoConfig) -> str:
     """The one-page report: what ran, the comparison, previews and plots (links relative to the report)."""
     qc = "n/a" if result.qc_acceptance is None else f"{result.qc_acceptance:.0%}"
     images = [
-        ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_synthetic_preview.png"),
-        ("synthetic liver tumors, learned generator", "synthetic/generator/demo_synthetic_preview.png"),
+        ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_liver_synthetic_preview.png"),
+        ("synthetic liver tumors, learned generator", "synthetic/generator/demo_liver_synthetic_preview.png"),
         ("baseline training curves", "runs/baseline/curves.png"),
         ("freesyn training curves", "runs/freesyn/curves.png"),
         ("freesyn (rule-based tumors) training curves", "runs/freesyn_rules/curves.png"),

@@ -1,10 +1,19 @@
 """One exception hierarchy for everything a user can get wrong.
 
-The command line turns a :class:`FreetumorError` into a one-line message and a non-zero exit code;
-anything else is a bug and keeps its traceback.
+The command line turns a :class:`FreetumorError` into a one-line message and its exit code; anything
+else is a bug and keeps its traceback. Exit codes (README, "Exit codes"):
+
+- 0 success; 1 an internal error (a bug: the traceback is printed);
+- 2 a usage or configuration error (an unknown option or key, a value out of range);
+- 3 bad input (a missing, unreadable or malformed file; geometry; labels; an organ too small);
+- 4 the environment (the hub unreachable, the output folder in use or not writable, too little memory);
+- 5 a batch finished, but some of its cases failed;
+- 130 interrupted (finished outputs are kept).
 """
 
 from __future__ import annotations
+
+EXIT_USAGE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_PARTIAL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
 
 
 class FreetumorError(Exception):
@@ -15,7 +24,7 @@ class FreetumorError(Exception):
         hint: what to do about it (optional), appended after the message.
     """
 
-    exit_code = 1
+    exit_code = EXIT_ENVIRONMENT
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -29,7 +38,7 @@ class FreetumorError(Exception):
 class InputError(FreetumorError):
     """A missing, unreadable or malformed input file."""
 
-    exit_code = 2
+    exit_code = EXIT_INPUT
 
 
 class GeometryError(InputError):
@@ -43,12 +52,18 @@ class LabelError(InputError):
 class OrganTooSmallError(FreetumorError):
     """The organ cannot hold a tumor of the requested size."""
 
+    exit_code = EXIT_INPUT
+
 
 class ConfigError(FreetumorError):
     """An unknown configuration key, a wrong type or an invalid value."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class OutputExistsError(FreetumorError):
     """An output file exists and ``--overwrite`` was not given."""
+
+
+class OutputBusyError(FreetumorError):
+    """Another run is writing into the same output folder."""

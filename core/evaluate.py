@@ -23,6 +23,7 @@ from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.errors import ConfigError, GeometryError, InputError, LabelError
 from freetumor_cli.core.io import (
     AFFINE_TOLERANCE_MM,
+    DATALIST_SECTIONS,
     Volume,
     case_name,
     check_same_grid,
@@ -511,6 +512,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _has_folds(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "training" in data and "validation" in data
+
+
 def predict_for_scoring(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -519,12 +528,15 @@ def predict_for_scoring(
     *,
     overlap: float = 0.75,
     tta: bool = False,
+    split: str = "validation",
     on_case_done: Callable[[Path], None] | None = None,
 ) -> tuple[Path, Path | None, EvaluateConfig, str]:
     """Predict ``data`` (a data list, a folder of CTs or one CT) with a checkpoint into ``<out>/predictions``.
 
     A data list of a prepared folder (``<prepared>/datalists/*.json``) is read from that folder's case
-    store where it holds the cases at the network's preprocessing. Cases with labels are listed in
+    store where it holds the cases at the network's preprocessing. Of a data list with ``training`` and
+    ``validation`` sections (a fold's), ``split`` picks which are predicted: ``validation`` (default),
+    ``training`` or ``all``. Cases with labels are listed in
     ``<out>/ground_truth.json``, and the configuration is set to score the network's classes in its
     region's label space (unless ``config.classes`` names some).
 
@@ -539,7 +551,8 @@ def predict_for_scoring(
     data_path = Path(data)
     prepared = None
     if data_path.suffix == ".json" and data_path.is_file():
-        entries = read_datalist(data_path)
+        sections = {"validation": ("validation",), "training": ("training",)}.get(split, DATALIST_SECTIONS)
+        entries = read_datalist(data_path, sections) if _has_folds(data_path) else read_datalist(data_path)
         candidate = data_path.parent.parent
         prepared = candidate if (candidate / "manifest.jsonl").is_file() else None
     else:

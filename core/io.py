@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from freetumor_cli.core.errors import GeometryError, InputError
+from freetumor_cli.core.errors import GeometryError, InputError, OutputBusyError
 
 try:  # ISA-L deflates about 4 times and inflates about 1.4 times as fast as zlib, in the same format
     from isal.igzip import compress as gzip_compress
@@ -101,8 +101,8 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
 DATALIST_SECTIONS = ("training", "validation", "test", "testing")
 
 
-def read_datalist(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Entries of a MONAI data-list JSON (all sections, or a bare list), with paths made absolute.
+def read_datalist(path: str | os.PathLike[str], sections: Sequence[str] = DATALIST_SECTIONS) -> list[dict[str, Any]]:
+    """Entries of a MONAI data-list JSON (the given sections, or a bare list), with paths made absolute.
 
     ``image`` and ``label`` values relative to the file are resolved against its folder; a bare string
     entry is an image path.
@@ -116,7 +116,7 @@ def read_datalist(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read data list {file}: {exc}") from exc
     if isinstance(data, dict):
-        raw = [e for key in DATALIST_SECTIONS for e in data.get(key, [])]
+        raw = [e for key in sections for e in data.get(key, [])]
     elif isinstance(data, list):
         raw = data
     else:
@@ -167,7 +167,7 @@ def load_header(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     if len(shape) != 3:
         raise GeometryError(f"{what} {path} is not a 3D volume (shape {shape})", hint="pass a single 3D CT volume")
     zeros = np.broadcast_to(np.zeros((), dtype=image.header.get_data_dtype()), shape)
-    return Volume(zeros, np.asarray(image.affine, dtype=np.float64), image.header.copy(), path)
+    return Volume(zeros, _checked_affine(image.affine, path, what), image.header.copy(), path)
 
 
 def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
@@ -200,7 +200,19 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
             hint="pass a single 3D CT volume",
         )
     header = image.header.copy()
-    return Volume(np.asarray(array), np.asarray(image.affine, dtype=np.float64), header, path)
+    return Volume(np.asarray(array), _checked_affine(image.affine, path, what), header, path)
+
+
+def _checked_affine(affine: Any, path: Path, what: str) -> np.ndarray:
+    """The affine of a file, refused when it gives no real voxel size (pixdim 0, NaN, a flat axis)."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((matrix[:3, :3] ** 2).sum(axis=0))
+    if not np.all(np.isfinite(matrix)) or np.any(spacing <= 1e-6) or abs(np.linalg.det(matrix[:3, :3])) <= 1e-12:
+        raise GeometryError(
+            f"{what} {path} has no valid voxel size in its header (spacing {np.round(spacing, 6).tolist()} mm)",
+            hint="fix the header's pixdim / sform (e.g. with nibabel) before using it",
+        )
+    return matrix
 
 
 _GUNZIP_CHUNK = 1 << 20  # compressed bytes per codec call: bounds the copy of what follows a member's end
@@ -396,11 +408,15 @@ class ParallelGzipWriter(io.RawIOBase):
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success."""
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
+
+    The file gets the permissions the user's umask gives new files (``mkstemp`` alone makes them private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -409,6 +425,116 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+TEMP_PREFIX = ".ft-"  # temporary files of atomic writes; remove_stale_temporaries knows them by it
+STALE_SECONDS = 3600
+
+
+def process_umask() -> int:
+    """This process's umask (read without changing it where the system tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, then restore it at once
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], *, older_than: float = STALE_SECONDS) -> int:
+    """Remove temporary files of atomic writes that a killed run left in ``folder`` (and below).
+
+    Only files older than ``older_than`` seconds go: a write in progress is never touched.
+    """
+    import time
+
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in root.rglob(f"{TEMP_PREFIX}*"):
+        try:
+            if path.is_file() and ".tmp" in path.name and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def writable_folder(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
+    """``path`` as an output folder: created if needed; an existing file or an unwritable place is an error."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {folder} is a file, not a folder", hint="choose a folder for the outputs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot create {what} {folder}: {exc.strerror}", hint="choose a folder you can write to"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write to {what} {folder} (permission denied)", hint="choose a folder you can write to"
+        )
+    return folder
+
+
+class OutputLock:
+    """Lock ``folder`` while a command writes into it: a second run into the same folder stops at once with
+    an error instead of replacing the first one's files.
+
+    The lock is on the folder itself (``flock``), released when the run ends or dies; while it is held,
+    ``.freetumor.lock`` in the folder names the run holding it. Entering it also removes what killed runs
+    left there (:func:`remove_stale_temporaries`). A folder the lock created is removed again if the run
+    wrote nothing into it, so a run refused for bad input leaves no trace.
+    """
+
+    NAME = ".freetumor.lock"
+
+    def __init__(self, folder: str | os.PathLike[str], command: str) -> None:
+        self.folder = Path(folder)
+        self.command = command
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        self._created = not self.folder.exists()
+        writable_folder(self.folder)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            try:
+                holder = (self.folder / self.NAME).read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = "another freetumor run"
+            raise OutputBusyError(
+                f"{self.folder} is in use by {holder}", hint="wait for it to finish, or choose another --out"
+            ) from None
+        self._fd = fd
+        (self.folder / self.NAME).write_text(f"freetumor {self.command} (pid {os.getpid()})\n", encoding="utf-8")
+        remove_stale_temporaries(self.folder, older_than=0)  # nobody else writes here now
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            (self.folder / self.NAME).unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+            if self._created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                    self.folder.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -19,7 +19,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import (
     AFFINE_TOLERANCE_MM,
+    OutputLock,
     Volume,
     atomic_path,
     case_name,
@@ -404,17 +405,47 @@ def prepare(
     on_store_case: Callable[[str, str], None] | None = None,
 ) -> PrepareResult:
     """Scan, validate, remap and split; write the manifest, data lists and reports; then, with
-    ``config.store``, the case store (:func:`build_case_store`) in ``store_dir`` (default ``<out>/store``)."""
-    out = Path(out_dir)
-    root = Path(data_root)
+    ``config.store``, the case store (:func:`build_case_store`) in ``store_dir`` (default ``<out>/store``).
+
+    Paths in the manifest are relative to ``out``, and in the data lists relative to their folder: the
+    prepared folder works from any working folder, and keeps working when it and the data root are
+    moved together.
+    """
+    out, root = Path(out_dir), Path(data_root)
+    if pairs is None and not root.is_dir():
+        raise InputError(f"data root not found: {root}", hint="pass --data-root, e.g. the --dest of fetch-labels")
     if pairs is None and root.resolve() in (out.resolve(), *out.resolve().parents):
         raise InputError(
             f"--out {out} lies inside --data-root {root}", hint="write prepared data outside the data root"
         )
+    with OutputLock(out_dir, "prepare"):
+        return _prepare(
+            data_root, out_dir, config, pairs, workers, store_dir, on_found, on_case_done, on_store_start, on_store_case
+        )
+
+
+def _prepare(
+    data_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: PrepareConfig,
+    pairs: str | os.PathLike[str] | None,
+    workers: int,
+    store_dir: str | os.PathLike[str] | None,
+    on_found: Callable[[int], None] | None,
+    on_case_done: Callable[[], None] | None,
+    on_store_start: Callable[[int], None] | None,
+    on_store_case: Callable[[str, str], None] | None,
+) -> PrepareResult:
+    out = Path(out_dir).absolute()
+    root = Path(data_root)
     if pairs is not None:
         candidates, unknown = read_pairs(pairs), list[str]()
     else:
         candidates, unknown = scan_data_root(root, config.datasets)
+    candidates = [
+        replace(c, image=c.image.absolute() if c.image else None, label=c.label.absolute() if c.label else None)
+        for c in candidates
+    ]
     if on_found:
         on_found(len(candidates))
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +466,7 @@ def prepare(
                     report.examples.setdefault(key, f"{candidate.case}: {reason}")
                 else:
                     record["fold"] = fold_of(record["dataset"], record["case"], seed=config.seed, folds=config.folds)
-                    manifest.write(json.dumps(record) + "\n")
+                    manifest.write(json.dumps(_relative(record, out, out)) + "\n")
                     report.valid += 1
                     records.append(
                         {
@@ -448,14 +479,14 @@ def prepare(
         finally:
             if pool:
                 pool.shutdown()
-    skipped = sum(sum(r.skipped.values()) for r in reports.values())
-    result = PrepareResult(out, len(records), skipped, dict(reports), unknown, [])
-    write_text_atomic(out / "prepare_report.md", report_markdown(result, config))
-    if not records:
-        raise InputError(
-            f"no usable case found in {pairs or root} ({skipped} skipped; see {out / 'prepare_report.md'})",
-            hint="check the data root layout (imagesTr/ with labelsTr/) or pass --pairs",
-        )
+        skipped = sum(sum(r.skipped.values()) for r in reports.values())
+        result = PrepareResult(out, len(records), skipped, dict(reports), unknown, [])
+        write_text_atomic(out / "prepare_report.md", report_markdown(result, config))
+        if not records:  # raised inside the manifest's write: no empty manifest is left
+            raise InputError(
+                f"no usable case found in {pairs or root} ({skipped} skipped; see {out / 'prepare_report.md'})",
+                hint="check the data root layout (imagesTr/ with labelsTr/) or pass --pairs",
+            )
     _write_metadata(out, records, config, result)
     if config.strict and skipped:
         raise InputError(f"{skipped} case(s) skipped and --strict is set (reasons in {out / 'prepare_report.md'})")
@@ -468,7 +499,7 @@ def prepare(
 
 def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareConfig, result: PrepareResult) -> None:
     for task in TASKS.values():
-        entries = _task_entries(records, task.name)
+        entries = [_relative(e, out / "datalists", out) for e in _task_entries(records, task.name)]
         if not entries:
             continue
         for fold in range(config.folds):
@@ -518,13 +549,32 @@ def report_markdown(result: PrepareResult, config: PrepareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+PATH_KEYS = ("image", "label", "source_label")
+
+
+def _relative(record: dict[str, Any], folder: Path, prepared: Path) -> dict[str, Any]:
+    """``record`` with the paths inside the ``prepared`` folder made relative to ``folder``, so that they move
+    with it; paths elsewhere (the data root's images) stay absolute, so that they survive the move."""
+
+    def portable(value: str) -> str:
+        path = Path(value).absolute()
+        return os.path.relpath(path, folder) if path.is_relative_to(prepared.absolute()) else str(path)
+
+    return {k: (portable(v) if k in PATH_KEYS and v else v) for k, v in record.items()}
+
+
 def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``<out>/manifest.jsonl``."""
-    path = Path(out_dir) / "manifest.jsonl"
+    """The records of ``<out>/manifest.jsonl``, their paths made absolute (they are stored relative to it)."""
+    folder = Path(out_dir).absolute()
+    path = folder / "manifest.jsonl"
     if not path.is_file():
         raise InputError(f"no manifest in {out_dir}", hint="run freetumor prepare without --num-parts first")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    try:
+        with path.open(encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is damaged ({type(exc).__name__})", hint="run freetumor prepare again") from None
+    return [{k: (str(folder / v) if k in PATH_KEYS and v else v) for k, v in r.items()} for r in records]
 
 
 def build_case_store(

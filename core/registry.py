@@ -39,6 +39,14 @@ class OneOf:
     choices: tuple[str, ...]
 
 
+def check_at_least(config: object, **minimums: float) -> None:
+    """Raise ``ValueError`` naming the first field below its minimum (fields holding None are skipped)."""
+    for name, low in minimums.items():
+        value = getattr(config, name)
+        if value is not None and not value >= low:  # also refuses NaN
+            raise ValueError(f"{name} must be at least {low:g}, got {value!r}")
+
+
 def check_choices(config: object) -> None:
     """Raise ``ValueError`` when a field of a config dataclass holds a value its ``OneOf`` does not allow.
 

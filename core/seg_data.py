@@ -33,8 +33,21 @@ def read_task_datalist(prepared: str | Path, task: str, fold: int) -> dict[str, 
             f"data list not found: {path}",
             hint="run freetumor prepare first and check --organ and --fold",
         )
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {"training": data.get("training", []), "validation": data.get("validation", [])}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sections = {key: list(data.get(key, [])) for key in ("training", "validation")}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise InputError(
+            f"data list {path} is damaged ({type(exc).__name__})", hint="run freetumor prepare again"
+        ) from None
+    folder = path.parent.absolute()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, entries in sections.items():
+        if not all(isinstance(e, dict) and e.get("image") for e in entries):
+            raise InputError(f"data list {path}: every {key} entry needs an image", hint="run freetumor prepare again")
+        # Paths are relative to the list's folder (absolute ones stay as they are).
+        out[key] = [{**e, **{k: str(folder / e[k]) for k in ("image", "label") if e.get(k)}} for e in entries]
+    return out
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

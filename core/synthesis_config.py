@@ -13,6 +13,8 @@ from typing import Any, Literal
 from freetumor_cli.core.registry import REGIONS, SIZE_CLASSES, LabelSchemeName, OrganName, SizeName, check_choices
 
 SIZE_CHOICES: tuple[str, ...] = (*SIZE_CLASSES, "mix")
+MAX_TUMORS = 100  # per output: beyond, an organ is more tumor than organ
+MAX_COPIES = 1000
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,10 @@ class SynthesizeConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.count is not None and self.count < 1:
-            raise ValueError("count must be at least 1")
-        if self.copies < 1:
-            raise ValueError("copies must be at least 1")
+        if self.count is not None and not 1 <= self.count <= MAX_TUMORS:
+            raise ValueError(f"count must lie in 1..{MAX_TUMORS} (tumors per output)")
+        if not 1 <= self.copies <= MAX_COPIES:
+            raise ValueError(f"copies must lie in 1..{MAX_COPIES}")
         if self.radius_mm is not None and self.radius_mm <= 0:
             raise ValueError("radius_mm must be positive")
         if self.seed < 0:

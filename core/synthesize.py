@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from freetumor_cli import __version__
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
 from freetumor_cli.core.io import (
+    OutputLock,
     Volume,
     case_name,
     check_same_grid,
@@ -56,6 +58,7 @@ class CaseResult:
     tumors: list[list[TumorRecord]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped: bool = False  # every output was there already, from the same configuration
 
 
 def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Case]:
@@ -76,9 +79,13 @@ def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[
     if path.suffix == ".json":
         return _cases_from_datalist(path, labels_path)
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+        images = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and is_nifti(p) and not p.name.startswith(".") and not is_synthesize_output(p)
+        )
         if not images:
-            raise InputError(f"no .nii or .nii.gz files in folder {path}")
+            raise InputError(f"no .nii or .nii.gz files in folder {path} (outputs of synthesize are not inputs)")
         if labels_path is not None and not labels_path.is_dir():
             raise InputError(f"with a folder of images, --labels must be a folder too: {labels_path}")
         return [_case_for(image, labels_path) for image in images]
@@ -131,9 +138,18 @@ def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
     return cases
 
 
-def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: bool) -> dict[str, Path]:
-    """The files written for one copy of one case."""
-    stem = f"{case}_synthetic" if copy_index is None else f"{case}_synthetic_{copy_index:03d}"
+OUTPUT_NAME = re.compile(r"_synthetic(_\d{3})?(_label)?$")
+
+
+def is_synthesize_output(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is one of synthesize's outputs (so that a folder run never reads its own outputs)."""
+    return bool(OUTPUT_NAME.search(case_name(path)))
+
+
+def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: bool, organ: str) -> dict[str, Path]:
+    """The files written for one copy of one case: ``<case>_<organ>_synthetic[_NNN]`` (+ ``_label``, ``.json``,
+    ``_preview.png``), so that runs for two organs into one folder do not collide."""
+    stem = f"{case}_{organ}_synthetic" + ("" if copy_index is None else f"_{copy_index:03d}")
     paths = {
         "image": out_dir / f"{stem}.nii.gz",
         "label": out_dir / f"{stem}_label.nii.gz",
@@ -227,12 +243,15 @@ def present_values(array: np.ndarray) -> np.ndarray:
 
 
 def check_ct_values(image: Volume) -> list[str]:
-    """Refuse NaN voxels; warn when the intensities do not look like CT in Hounsfield units."""
+    """Refuse NaN and infinite voxels; warn when the intensities do not look like CT in Hounsfield units."""
     array = image.array
     if np.issubdtype(array.dtype, np.floating):
-        nan = int(np.isnan(array).sum())
-        if nan:
-            raise InputError(f"image {image.path} has {nan} NaN voxels", hint="replace them (e.g. with -1024 HU) first")
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"image {image.path} has {bad} voxels that are NaN or infinite",
+                hint="replace them (e.g. with -1024 HU) first",
+            )
     sample = array[::4, ::4, ::2]
     low, high = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 0.0)
     if low > -500 or high > 4000 or high - low < 200:
@@ -266,7 +285,11 @@ def synthesize_case(
             ),
         )
     copies: list[int | None] = [None] if config.copies == 1 else list(range(1, config.copies + 1))
-    all_paths = [output_paths(out, case.name, c, preview=config.preview) for c in copies]
+    all_paths = [output_paths(out, case.name, c, preview=config.preview, organ=organ.name) for c in copies]
+    if not config.overwrite and all(_finished(paths, case, config) for paths in all_paths):
+        result.skipped = True  # a rerun after an interruption: this case is done
+        result.notes.append(f"{case.name}: already done (same configuration), skipped")
+        return result
     # gzip (de)compression releases the GIL: read the image and its labels side by side, and import
     # the engine (scipy) meanwhile.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -312,7 +335,10 @@ def synthesize_case(
             # before the first write so that nothing is written when any output exists.
             existing = [p for paths in all_paths for p in paths.values() if p.exists()]
             if existing:
-                raise OutputExistsError(f"output exists: {existing[0]}", hint="pass --overwrite to replace it")
+                raise OutputExistsError(
+                    f"output exists from another configuration or an unfinished write: {existing[0]}",
+                    hint="pass --overwrite to replace it, or choose another --out",
+                )
         new_image = synth.apply(source.copy(order="K") if source.dtype == dtype else source.astype(dtype))
         new_labels = region_labels.copy(order="K")
         label_region = new_labels[synth.bbox]
@@ -363,6 +389,19 @@ def synthesize_case(
     return result
 
 
+def _finished(paths: dict[str, Path], case: Case, config: SynthesizeConfig) -> bool:
+    """Whether one copy's outputs are all there, written for this input with this configuration."""
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        sidecar = json.loads(paths["json"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    ours = {k: v for k, v in to_dict(config).items() if k != "overwrite"}
+    theirs = {k: v for k, v in (sidecar.get("config") or {}).items() if k != "overwrite"}
+    return ours == theirs and sidecar.get("input") == str(case.image)
+
+
 def iter_results(
     cases: Iterable[Case],
     config: SynthesizeConfig,
@@ -370,9 +409,14 @@ def iter_results(
     *,
     on_copy_done: Callable[[], None] | None = None,
 ) -> Iterable[tuple[Case, CaseResult | Exception]]:
-    """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it."""
-    for case in cases:
-        try:
-            yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done)
-        except FreetumorError as exc:
-            yield case, exc
+    """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it.
+
+    The output folder is locked meanwhile: a second run into it stops at once. Cases finished by an
+    earlier run with the same configuration are skipped.
+    """
+    with OutputLock(out_dir, "synthesize"):
+        for case in cases:
+            try:
+                yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done)
+            except FreetumorError as exc:
+                yield case, exc

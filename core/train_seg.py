@@ -30,7 +30,7 @@ from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_choices
+from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_at_least, check_choices
 from freetumor_cli.core.seg_data import (
     CropDataset,
     Pipeline,
@@ -54,6 +54,7 @@ from freetumor_cli.core.training import (
     make_accelerator,
     make_loader,
     note,
+    run_lock,
     save_training_state,
     start_run,
     version_header,
@@ -163,10 +164,15 @@ class TrainSegConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_at_least(
+            self, fold=0, epochs=1, max_steps=1, lr=1e-12, weight_decay=0, warmup_epochs=0, crops_per_volume=1,
+            volumes_per_batch=1, pos=0, neg=0, labelled_repeats=1, cutmix_alpha=1e-6, val_every=1, overlap=0,
+            save_every_steps=1, grad_accum=1, workers=0, seed=0,
+        )  # fmt: skip
         if not 0 <= self.qc_threshold <= 1:
             raise ValueError("qc_threshold must lie in [0, 1]")
-        if self.grad_accum < 1 or self.crops_per_volume < 1 or self.volumes_per_batch < 1:
-            raise ValueError("grad_accum, crops_per_volume and volumes_per_batch must be >= 1")
+        if not self.overlap < 1 or self.pos + self.neg <= 0:
+            raise ValueError("overlap must be below 1, and pos + neg above 0")
         synth = Path(self.synth)
         if self.synth != "rules" and not (
             (synth / "generator.json").is_file() or (synth.is_file() and synth.suffix in (".pt", ".pth"))
@@ -256,6 +262,19 @@ def train_segmentation(
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> TrainSummary:
     """Train a segmentation network from a prepared data folder (see the module doc)."""
+    with run_lock(Path(out_dir), "train-seg"):
+        return _train_segmentation(prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step)
+
+
+def _train_segmentation(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSegConfig,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainSummary:
     import torch
     from accelerate.utils import set_seed
     from monai.losses import DiceCELoss

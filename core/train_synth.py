@@ -32,6 +32,7 @@ from freetumor_cli.core.registry import (
     REGIONS,
     TASKS,
     RegionName,
+    check_at_least,
     check_choices,
     region_tasks,
 )
@@ -47,6 +48,7 @@ from freetumor_cli.core.training import (
     make_accelerator,
     make_loader,
     note,
+    run_lock,
     save_training_state,
     start_run,
     version_header,
@@ -93,6 +95,12 @@ class TrainSynthConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_at_least(
+            self, epochs=1, max_steps=1, lr=1e-12, labelled_repeats=1, base_channels=1, heldout_crops=0,
+            save_every_steps=1, workers=0, seed=0,
+        )  # fmt: skip
+        if not 0 <= self.qc_threshold <= 1:
+            raise ValueError("qc_threshold must lie in [0, 1]")
         if (
             self.crops_per_volume < 1
             or self.volumes_per_batch < 1
@@ -186,6 +194,19 @@ def train_generator(
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> SynthSummary:
     """Train the generator and the voxel discriminator (see the module doc)."""
+    with run_lock(Path(out_dir), "train-synth"):
+        return _train_generator(prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step)
+
+
+def _train_generator(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSynthConfig,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> SynthSummary:
     import torch
     from accelerate.utils import set_seed
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.io import OutputLock, write_text_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,6 +68,20 @@ def has_tensorboard() -> bool:
     except ImportError:
         return False
     return True
+
+
+@contextmanager
+def run_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold the run folder's lock for the run (the main process does; the others write nothing).
+
+    The rank comes from the launcher's environment: the process group does not exist yet here.
+    """
+    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "0")
+    if rank == "0":
+        with OutputLock(out, command):
+            yield
+    else:
+        yield
 
 
 def check_run_folder(out: Path, resume: bool) -> None:

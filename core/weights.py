@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.errors import ConfigError
 from freetumor_cli.core.hub import (
     HubError,
     RemoteFile,
@@ -126,7 +126,7 @@ def fetch_weights(
     """Download (resuming) and convert the released files ``names`` (all when None) into the cache.
 
     Raises:
-        InputError: an unknown name. HubError: the hub unreachable, a file missing or damaged, or an
+        ConfigError: an unknown name. HubError: the hub unreachable, a file missing or damaged, or an
         incomplete cache offline.
     """
     root = weights_home(home)
@@ -183,7 +183,7 @@ def _check_names(names: Sequence[str] | None) -> list[str]:
         return list(RELEASED)
     unknown = [n for n in names if n not in RELEASED]
     if unknown:
-        raise InputError(f"unknown released file {unknown[0]!r}", hint=f"choose among {', '.join(RELEASED)}")
+        raise ConfigError(f"unknown released file {unknown[0]!r}", hint=f"choose among {', '.join(RELEASED)}")
     return list(dict.fromkeys(names))
 
 

@@ -52,8 +52,8 @@ def test_synthesize_writes_ct_label_json_in_input_geometry(
     )
     assert result.exit_code == 0, result.output
     assert (digest(image), digest(labels)) == before, "the input was modified"
-    ct_in, ct_out = nib.load(image), nib.load(out / "case_synthetic.nii.gz")
-    lab_out = nib.load(out / "case_synthetic_label.nii.gz")
+    ct_in, ct_out = nib.load(image), nib.load(out / "case_liver_synthetic.nii.gz")
+    lab_out = nib.load(out / "case_liver_synthetic_label.nii.gz")
     for img in (ct_out, lab_out):
         assert img.shape == ct_in.shape
         np.testing.assert_allclose(img.affine, ct_in.affine)
@@ -64,13 +64,13 @@ def test_synthesize_writes_ct_label_json_in_input_geometry(
     assert (labels_out == 2).sum() > (np.asanyarray(nib.load(labels).dataobj) == 2).sum()
     changed = np.asanyarray(ct_out.dataobj) != np.asanyarray(ct_in.dataobj)
     assert changed.any() and not (changed & ~np.isin(labels_out, [1, 2])).any()
-    meta = json.loads((out / "case_synthetic.json").read_text())
+    meta = json.loads((out / "case_liver_synthetic.json").read_text())
     assert meta["seed"] == 3 and meta["organ"] == "liver" and meta["version"]
     tumor = meta["tumors"][0]
     assert tumor["size_class"] == "medium" and tumor["volume_ml"] > 0 and tumor["mean_hu_change"] < 0
     center = np.array(tumor["center_voxel"])
     np.testing.assert_allclose(ct_in.affine[:3, :3] @ center + ct_in.affine[:3, 3], tumor["center_mm"], atol=0.01)
-    assert (out / "case_synthetic_preview.png").stat().st_size > 1000
+    assert (out / "case_liver_synthetic_preview.png").stat().st_size > 1000
 
 
 def test_labels_found_beside_image_by_nnunet_convention(
@@ -104,12 +104,12 @@ def test_same_seed_same_bytes_and_copies_numbered(
             ).exit_code
             == 0
         )
-    a = load_volume(tmp_path / "a" / "case_synthetic_001.nii.gz").array
-    b = load_volume(tmp_path / "b" / "case_synthetic_001.nii.gz").array
-    c = load_volume(tmp_path / "a" / "case_synthetic_002.nii.gz").array
+    a = load_volume(tmp_path / "a" / "case_liver_synthetic_001.nii.gz").array
+    b = load_volume(tmp_path / "b" / "case_liver_synthetic_001.nii.gz").array
+    c = load_volume(tmp_path / "a" / "case_liver_synthetic_002.nii.gz").array
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    meta = json.loads((tmp_path / "a" / "case_synthetic_002.json").read_text())
+    meta = json.loads((tmp_path / "a" / "case_liver_synthetic_002.json").read_text())
     assert meta["seed"] == 6
 
 
@@ -117,11 +117,15 @@ def test_existing_outputs_need_overwrite(runner: CliRunner, phantom_files: tuple
     image, _ = phantom_files
     args = ("synthesize", "--in", image, "--organ", "liver", "--out", tmp_path / "o")
     assert invoke(runner, *args).exit_code == 0
-    stamp = (tmp_path / "o" / "case_synthetic.nii.gz").stat().st_mtime_ns
-    again = invoke(runner, *args)
-    assert again.exit_code != 0 and "--overwrite" in again.output
-    assert (tmp_path / "o" / "case_synthetic.nii.gz").stat().st_mtime_ns == stamp
-    assert invoke(runner, *args, "--overwrite").exit_code == 0
+    stamp = (tmp_path / "o" / "case_liver_synthetic.nii.gz").stat().st_mtime_ns
+    again = invoke(runner, *args)  # a rerun with the same settings: the case is done
+    assert again.exit_code == 0 and "already done" in again.output and "wrote 0 output set(s)" in again.output
+    other = invoke(runner, *args, "--seed", "1")  # other settings would replace the first run's files
+    assert other.exit_code != 0 and "--overwrite" in other.output
+    assert (tmp_path / "o" / "case_liver_synthetic.nii.gz").stat().st_mtime_ns == stamp
+    assert invoke(runner, *args, "--seed", "1", "--overwrite").exit_code == 0
+    kidney = invoke(runner, "synthesize", "--in", image, "--organ", "kidney", "--out", tmp_path / "o")
+    assert kidney.exit_code == 0 and (tmp_path / "o" / "case_kidney_synthetic.nii.gz").is_file()  # no collision
 
 
 def test_folder_and_datalist_batches(runner: CliRunner, small_phantom: Phantom, tmp_path: Path) -> None:
@@ -145,14 +149,14 @@ def test_folder_and_datalist_batches(runner: CliRunner, small_phantom: Phantom, 
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "o1").glob("*_synthetic.nii.gz")) == [
-        "p1_synthetic.nii.gz",
-        "p2_synthetic.nii.gz",
+        "p1_pancreas_synthetic.nii.gz",
+        "p2_pancreas_synthetic.nii.gz",
     ]
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps({"training": [{"image": "imgs/p1_0000.nii.gz", "label": "labs/p1.nii.gz"}]}))
     result = invoke(runner, "synthesize", "--in", datalist, "--organ", "kidney", "--out", tmp_path / "o2")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "o2" / "p1_synthetic_label.nii.gz").is_file()
+    assert (tmp_path / "o2" / "p1_kidney_synthetic_label.nii.gz").is_file()
 
 
 def test_batch_continues_past_a_bad_case_and_fails_at_the_end(
@@ -165,9 +169,9 @@ def test_batch_continues_past_a_bad_case_and_fails_at_the_end(
     result = invoke(
         runner, "synthesize", "--in", images, "--labels", labels, "--organ", "liver", "--out", tmp_path / "o"
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 5  # some cases of the batch failed
     assert "nolabel" in result.output
-    assert (tmp_path / "o" / "good_synthetic.nii.gz").is_file()
+    assert (tmp_path / "o" / "good_liver_synthetic.nii.gz").is_file()
     assert not list((tmp_path / "o").glob("nolabel*"))
 
 
@@ -275,7 +279,7 @@ def test_oblique_anisotropic_input_keeps_its_geometry(
         tmp_path / "o",
     )
     assert result.exit_code == 0, result.output
-    for name in ("obl_synthetic.nii.gz", "obl_synthetic_label.nii.gz"):
+    for name in ("obl_liver_synthetic.nii.gz", "obl_liver_synthetic_label.nii.gz"):
         out = nib.load(tmp_path / "o" / name)
         np.testing.assert_allclose(out.affine, affine, atol=1e-5)
         assert out.shape == small_phantom.ct.shape
@@ -312,14 +316,14 @@ class TestRealCase:
         scheme = "totalsegmentator" if labels == "totalseg_labels" else "freetumor"
         assert f"detected the {scheme} scheme" in result.output
         src = nib.load(ct)
-        out = nib.load(tmp_path / "ct_synthetic.nii.gz")
+        out = nib.load(tmp_path / f"ct_{organ}_synthetic.nii.gz")
         np.testing.assert_array_equal(out.affine, src.affine)
         assert out.get_data_dtype() == np.int16
-        lab = np.asanyarray(nib.load(tmp_path / "ct_synthetic_label.nii.gz").dataobj)
+        lab = np.asanyarray(nib.load(tmp_path / f"ct_{organ}_synthetic_label.nii.gz").dataobj)
         organs = np.asanyarray(nib.load(totalseg_case / "organs.nii.gz").dataobj)
         value = {"liver": 1, "kidney": 5}[organ]
         np.testing.assert_array_equal(np.where(lab == value + 1, value, lab), organs)
-        meta = json.loads((tmp_path / "ct_synthetic.json").read_text())
+        meta = json.loads((tmp_path / f"ct_{organ}_synthetic.json").read_text())
         assert len(meta["tumors"]) == 2 and all(t["mean_hu_change"] < -10 for t in meta["tumors"])
 
     def test_large_tumor_in_small_pancreas_refused_clearly(
@@ -384,5 +388,5 @@ class TestRealCase:
             tmp_path / "o",
         )
         assert result.exit_code == 0, result.output
-        meta = json.loads((tmp_path / "o" / "ct_synthetic.json").read_text())
+        meta = json.loads((tmp_path / "o" / "ct_lung_synthetic.json").read_text())
         assert meta["region"] == "chest" and meta["tumors"][0]["mean_hu_change"] > 0

@@ -41,7 +41,8 @@ def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
         ("size=huge", "size must be one of"),
         ("rules.abdomen_hu_change=[1,2,3]", "must have 2 items"),
         ("preview=3", "preview must be true or false"),
-        ("copies=0", "copies must be at least 1"),
+        ("copies=0", r"copies must lie in 1\.\.1000"),
+        ("count=101", r"count must lie in 1\.\.100"),
         ("novalue", "key=value"),
     ],
 )

@@ -52,9 +52,9 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
     freesyn_config = (out / "runs" / "freesyn" / "config.yaml").read_text()
     assert "runs/generator/checkpoints/best" in freesyn_config.replace("\\", "/")
     for engine in ("rules", "generator"):
-        meta = json.loads((out / "synthetic" / engine / "demo_synthetic.json").read_text())
+        meta = json.loads((out / "synthetic" / engine / "demo_liver_synthetic.json").read_text())
         assert meta["engine"] == engine
-        assert (out / "synthetic" / engine / "demo_synthetic_preview.png").is_file()
+        assert (out / "synthetic" / engine / "demo_liver_synthetic_preview.png").is_file()
     # Predictions keep the test CTs' geometry; both models are scored and compared.
     for i in range(TINY_WORLD.test_cases):
         ct = load_volume(out / "test" / "imagesTs" / f"test_{i:03d}_0000.nii.gz")

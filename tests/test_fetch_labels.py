@@ -293,7 +293,7 @@ def test_unsafe_or_corrupt_archives_are_refused_whole(
     with serve_hub({REPO: {name: data}}) as (endpoint, _):
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         result = fetch("--dest", dest)
-    assert result.exit_code == 2 and message in flat(result.output) and name in flat(result.output), result.output
+    assert result.exit_code == 3 and message in flat(result.output) and name in flat(result.output), result.output
     assert "Traceback" not in result.output
     assert not (dest / "BTCV").exists(), "nothing half-extracted under a final name"
     assert not list(dest.glob(".extract-*")) and not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
@@ -306,7 +306,7 @@ def test_a_missing_part_and_a_damaged_download_are_errors(
     with serve_hub({REPO: gap}) as (endpoint, _):
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         result = fetch("--dest", tmp_path / "a", "--datasets", "Amos2022")
-    assert result.exit_code == 2 and "Amos2022.zip is incomplete: part(s) 002 missing" in flat(result.output)
+    assert result.exit_code == 3 and "Amos2022.zip is incomplete: part(s) 002 missing" in flat(result.output)
     bad = bytearray(archived_repo["BTCV.zip"])
     bad[len(bad) // 2] ^= 0xFF  # same size, other content: only the hash sees it
     with serve_hub({REPO: archived_repo}, served={"BTCV.zip": bytes(bad)}) as (endpoint, _):

@@ -292,16 +292,17 @@ class TestTrainSynth:
         assert result.exit_code == 0, result.output
         rules = CliRunner().invoke(app, [*args, "--out", str(root / "r")])
         assert rules.exit_code == 0, rules.output
-        g_label = np.asanyarray(nib.load(root / "g" / "ct_synthetic_label.nii.gz").dataobj)
-        r_label = np.asanyarray(nib.load(root / "r" / "ct_synthetic_label.nii.gz").dataobj)
+        g_label = np.asanyarray(nib.load(root / "g" / "ct_liver_synthetic_label.nii.gz").dataobj)
+        r_label = np.asanyarray(nib.load(root / "r" / "ct_liver_synthetic_label.nii.gz").dataobj)
         np.testing.assert_array_equal(g_label, r_label)  # same geometry, learned intensities
-        g_ct = np.asanyarray(nib.load(root / "g" / "ct_synthetic.nii.gz").dataobj)
+        g_ct = np.asanyarray(nib.load(root / "g" / "ct_liver_synthetic.nii.gz").dataobj)
         changed = g_ct != p.ct.array
         assert not (changed & (g_label == 0)).any(), "the image changed outside the organ"
         assert (
-            nib.load(root / "g" / "ct_synthetic.nii.gz").affine.tolist() == nib.load(root / "ct.nii.gz").affine.tolist()
+            nib.load(root / "g" / "ct_liver_synthetic.nii.gz").affine.tolist()
+            == nib.load(root / "ct.nii.gz").affine.tolist()
         )
-        meta = json.loads((root / "g" / "ct_synthetic.json").read_text())
+        meta = json.loads((root / "g" / "ct_liver_synthetic.json").read_text())
         assert meta["engine"] == "generator" and len(meta["tumors"]) == 1
         missing = CliRunner().invoke(app, [*args, "--engine", "generator", "--out", str(root / "m")])
         assert missing.exit_code != 0 and "--generator" in missing.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +16,15 @@ from typer.testing import CliRunner
 from freetumor_cli.app import app
 from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.phantom import make_phantom
-from freetumor_cli.core.prepare import PrepareConfig, build_case_store, fold_of, prepare, scan_data_root
+from freetumor_cli.core.prepare import (
+    PrepareConfig,
+    build_case_store,
+    fold_of,
+    prepare,
+    read_manifest,
+    scan_data_root,
+)
+from freetumor_cli.core.seg_data import read_task_datalist
 
 
 def _native(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
@@ -143,7 +152,11 @@ def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]]
         assert reason in reasons, (reason, reasons)
     report = (out / "prepare_report.md").read_text()
     assert "WORD" in report and "not allowed" in report and "notes_folder" in report
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    stored = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    derived = [r for r in stored if r["label"] != r["source_label"]]
+    assert derived and all(not Path(r["label"]).is_absolute() for r in derived), "derived labels move with the folder"
+    assert all(Path(r["image"]).is_absolute() for r in stored), "the data root's images survive the move"
+    records = read_manifest(out)
     assert len(records) == sum(expected.values())
     pancreas = next(r for r in records if r["dataset"] == "Dataset007_Pancreas")
     assert pancreas["role"] == "tumor-labelled" and set(pancreas["organs"]) == {"pancreas"}
@@ -175,6 +188,13 @@ def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]]
     dataset_json = json.loads((out / "dataset.json").read_text())
     assert dataset_json["labels"]["kidney_tumor"] == 6 and dataset_json["channel_names"] == {"0": "CT"}
     assert json.loads((out / "labels.json").read_text())["task_remaps"]["pancreas"] == {"3": 1, "4": 2}
+    # The prepared folder can move (another disk, another node): its own files move with it.
+    moved = tmp_path / "elsewhere" / "prepared"
+    shutil.move(out, moved)
+    for record in read_manifest(moved):
+        assert Path(record["image"]).is_file() and (record["label"] is None or Path(record["label"]).is_file())
+    for entry in read_task_datalist(moved, "pancreas", 0)["training"]:
+        assert Path(entry["image"]).is_file() and Path(entry["label"]).is_file()
 
 
 def test_folds_are_deterministic_from_case_and_seed() -> None:

@@ -307,9 +307,27 @@ def test_evaluate_checkpoint_scores_a_data_list(baseline: Path, prepared: Path, 
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert set(summary["classes"]) == {"liver", "liver_tumor"}
-    n_cases = sum(len(json.loads(datalist.read_text())[k]) for k in ("training", "validation"))
-    assert summary["cases"] == n_cases
-    assert len(list((tmp_path / "ev" / "predictions").glob("*.nii.gz"))) == n_cases
+    sections = json.loads(datalist.read_text())
+    assert summary["cases"] == len(sections["validation"])  # a fold's list scores its held-out cases
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(baseline),
+            "--data",
+            str(datalist),
+            "--split",
+            "all",
+            "--out",
+            str(tmp_path / "all"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["cases"] == len(sections["training"]) + len(sections["validation"])
+    n_cases = summary["cases"]
+    assert len(list((tmp_path / "all" / "predictions").glob("*.nii.gz"))) == n_cases
     assert f"{n_cases} of {n_cases} case(s) from the case store" in flat(result.output)
     # The same data list outside its prepared folder goes through the raw files: the same predictions.
     import nibabel as nib
@@ -327,7 +345,7 @@ def test_evaluate_checkpoint_scores_a_data_list(baseline: Path, prepared: Path, 
         app, ["evaluate", "--checkpoint", str(baseline), "--data", str(loose), "--out", str(tmp_path / "raw")]
     )
     assert result.exit_code == 0 and "images: raw files" in flat(result.output), result.output
-    for stored in (tmp_path / "ev" / "predictions").glob("*.nii.gz"):
+    for stored in (tmp_path / "all" / "predictions").glob("*.nii.gz"):
         a = np.asarray(nib.load(stored).dataobj)
         b = np.asarray(nib.load(tmp_path / "raw" / "predictions" / stored.name).dataobj)
         assert a.shape == b.shape and np.mean(a == b) > 0.999, (stored.name, np.mean(a == b))
