@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,15 +33,30 @@ ConfigOption = Annotated[
         "--config", help="YAML file with configuration values (overridden by --set and flags).", show_default=False
     ),
 ]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        metavar="KEY=VALUE",
-        help="Override one configuration value, e.g. --set rules.abdomen_hu_change=[60,120]. Repeatable.",
-        show_default=False,
-    ),
-]
+
+
+def set_option(example: str) -> Any:
+    """The ``--set KEY=VALUE`` option, its help showing ``example`` (a value the command accepts: tested)."""
+    return Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help=f"Override one configuration value, e.g. --set {example}. Repeatable.",
+            show_default=False,
+        ),
+    ]
+
+
+SET_EXAMPLES = {
+    "synthesize": "rules.abdomen_hu_change=[60,120]",
+    "train-seg": "crops_per_volume=2",
+    "train-synth": "volumes_per_batch=2",
+    "prepare": "preprocessing.abdomen_spacing_mm=[1.5,1.5,2.0]",
+    "evaluate": "tolerance_mm=1.0",
+}
+
+
 MaxStepsOption = Annotated[
     int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
 ]
@@ -64,15 +80,53 @@ def progress_bar(label: str | None = None) -> Any:
         MofNCompleteColumn(),
     ]
     columns.append(TimeElapsedColumn())
-    return Progress(*columns, console=err_console, transient=True)
+    return Progress(*columns, console=err_console, transient=True, disable=_quiet)
+
+
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only warnings and errors: no progress, notes or summary.")
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also print debug lines and the libraries' warnings.")
+]
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where the model runs: auto (a GPU if there is one), cpu, cuda or cuda:N."),
+]
+
+_quiet = False
+
+
+def set_verbosity(*, quiet: bool, verbose: bool) -> None:
+    """Apply -q / -v: quiet silences stdout and progress bars; verbose shows debug lines and warnings."""
+    global _quiet
+    import warnings
+
+    if quiet and verbose:
+        from freetumor_cli.core.errors import ConfigError
+
+        raise ConfigError("--quiet and --verbose exclude each other", hint="pass one of them")
+    _quiet = quiet
+    console.quiet = quiet
+    logger = logging.getLogger("freetumor")
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if verbose:
+        show_library_log()
+    else:
+        # The libraries' deprecation notices speak to developers, not to the people running freetumor.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(monai|torch)\.")
 
 
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a :class:`FreetumorError` into a one-line message and its exit code (no traceback)."""
+    """Give a command ``-q/--quiet`` and ``-v/--verbose``, and turn a :class:`FreetumorError` into a
+    one-line message and its exit code (no traceback)."""
 
     @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
         try:
+            set_verbosity(quiet=quiet, verbose=verbose)
             return func(*args, **kwargs)
         except FreetumorError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
@@ -81,7 +135,14 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
             err_console.print("[yellow]interrupted[/]: finished outputs are kept, none is half-written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
-    return wrapper
+    signature = inspect.signature(func, eval_str=True)
+    extra = [
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=QuietOption),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOption),
+    ]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 class _LogToConsole(logging.Handler):
@@ -96,7 +157,8 @@ def show_library_log() -> None:
     logger = logging.getLogger("freetumor")
     if not any(isinstance(h, _LogToConsole) for h in logger.handlers):
         logger.addHandler(_LogToConsole())
-    logger.setLevel(logging.INFO)
+    if logger.level == logging.NOTSET:  # -q / -v set it
+        logger.setLevel(logging.INFO)
 
 
 def warn(message: str) -> None:

@@ -8,13 +8,15 @@ from typing import Annotated
 import typer
 
 from freetumor_cli.commands._common import (
+    SET_EXAMPLES,
     ConfigOption,
-    SetOption,
+    DeviceOption,
     console,
     note,
     one_of,
     progress_bar,
     report_errors,
+    set_option,
     warn,
 )
 from freetumor_cli.core.errors import ConfigError
@@ -55,6 +57,7 @@ def evaluate(
         typer.Option("--split", help="With --checkpoint and a fold's data list: which of its cases to predict."),
     ] = "validation",
     tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation (with --checkpoint).")] = False,
+    device: DeviceOption = "auto",
     out: Annotated[Path, typer.Option("--out", help="Output folder for CSVs, summaries and plots.")] = Path(
         "evaluation"
     ),
@@ -98,7 +101,7 @@ def evaluate(
     ] = False,
     workers: Annotated[int, typer.Option("--workers", help="Processes scoring cases in parallel.", min=1)] = 1,
     config: ConfigOption = None,
-    set_: SetOption = None,
+    set_: set_option(SET_EXAMPLES["evaluate"]) = None,  # type: ignore[valid-type]
 ) -> None:
     """Score predicted segmentations: Dice, surface Dice, HD95, surface distance, lesion detection by size.
 
@@ -134,7 +137,7 @@ def evaluate(
             with progress_bar("predict") as progress:
                 bar = progress.add_task("", total=None)
                 pred, gt, cfg, source = predict_for_scoring(
-                    checkpoint, data, out, cfg, overlap=overlap, tta=tta, split=split,
+                    checkpoint, data, out, cfg, overlap=overlap, tta=tta, split=split, device=device,
                     on_case_done=lambda _p: progress.advance(bar),
                 )  # fmt: skip
             note(f"images: {source}")

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from freetumor_cli.commands._common import (
+    SET_EXAMPLES,
     ConfigOption,
     SeedOption,
-    SetOption,
     console,
     progress_bar,
     report_errors,
+    set_option,
     warn,
 )
 
@@ -87,7 +88,7 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", help="Processes for validation and preprocessing.", min=1)] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="Fail when any case is skipped.")] = False,
     config: ConfigOption = None,
-    set_: SetOption = None,
+    set_: set_option(SET_EXAMPLES["prepare"]) = None,  # type: ignore[valid-type]
 ) -> None:
     """Pair, validate and remap a data root into manifest.jsonl, per-task data lists with folds and reports.
 

@@ -8,15 +8,17 @@ from typing import Annotated
 import typer
 
 from freetumor_cli.commands._common import (
+    SET_EXAMPLES,
     ConfigOption,
+    DeviceOption,
     SeedOption,
-    SetOption,
     console,
     err_console,
     note,
     one_of,
     progress_bar,
     report_errors,
+    set_option,
     warn,
 )
 from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError, InputError
@@ -100,7 +102,7 @@ def synthesize(
         str | None,
         typer.Option(
             "--engine",
-            help="Synthesis engine: rules (no training needed) or generator (needs --generator).",
+            help="Synthesis engine: rules (no training needed) or generator (implied by --generator).",
             show_default=DEFAULTS.engine,
         ),
     ] = None,
@@ -108,7 +110,7 @@ def synthesize(
         Path | None,
         typer.Option(
             "--generator",
-            help="Generator checkpoint folder from train-synth (with --engine generator).",
+            help="Generator checkpoint from train-synth or fetch-weights (implies --engine generator).",
             show_default=False,
         ),
     ] = None,
@@ -116,9 +118,10 @@ def synthesize(
         bool, typer.Option("--preview", help="Also write a PNG: slices through each tumor, before and after.")
     ] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("synthetic"),
+    device: DeviceOption = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     config: ConfigOption = None,
-    set_: SetOption = None,
+    set_: set_option(SET_EXAMPLES["synthesize"]) = None,  # type: ignore[valid-type]
 ) -> None:
     """Insert realistic synthetic tumors into CT scans (rule-based engine, no training needed).
 
@@ -140,7 +143,7 @@ def synthesize(
         "radius_mm": radius_mm,
         "seed": seed,
         "copies": copies,
-        "engine": engine,
+        "engine": engine or ("generator" if generator else None),  # --generator alone means use it
         "generator": str(generator) if generator else None,
         "preview": True if preview else None,
         "overwrite": True if overwrite else None,
@@ -150,6 +153,12 @@ def synthesize(
     cfg = build_config(SynthesizeConfig, file=config, overrides=set_ or [], flags=flags)
     if parsed_count == "auto":
         cfg = _with_auto_count(cfg)
+    from freetumor_cli.core.devices import check_device_name, resolve_device
+
+    if cfg.engine == "generator":
+        device = resolve_device(device)
+    elif check_device_name(device) != "auto":
+        note("the rules engine runs on the CPU: --device applies to --engine generator")
     cases = collect_cases(input_path, labels)
     if len(cases) == 1 and cases[0].labels is None and labels is not None:
         raise InputError(f"no label file for {cases[0].image} in {labels}")
@@ -158,7 +167,7 @@ def synthesize(
     total = len(cases) * cfg.copies
     with progress_bar("synthesize") as progress:
         task = progress.add_task("", total=total)
-        for case, result in iter_results(cases, cfg, out, on_copy_done=lambda: progress.advance(task)):
+        for case, result in iter_results(cases, cfg, out, on_copy_done=lambda: progress.advance(task), device=device):
             if isinstance(result, FreetumorError):
                 if len(cases) == 1:
                     raise result

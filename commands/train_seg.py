@@ -8,17 +8,19 @@ from typing import Annotated
 import typer
 
 from freetumor_cli.commands._common import (
+    SET_EXAMPLES,
     ConfigOption,
+    DeviceOption,
     MaxStepsOption,
     MixedPrecisionOption,
     ResumeOption,
     SeedOption,
-    SetOption,
     WorkersOption,
     console,
     one_of,
     progress_bar,
     report_errors,
+    set_option,
     show_library_log,
 )
 from freetumor_cli.core.registry import TASKS, choices_help
@@ -90,7 +92,8 @@ def train_seg(
     resume: ResumeOption = False,
     seed: SeedOption = None,
     config: ConfigOption = None,
-    set_: SetOption = None,
+    set_: set_option(SET_EXAMPLES["train-seg"]) = None,  # type: ignore[valid-type]
+    device: DeviceOption = "auto",
 ) -> None:
     """Train a tumor segmentation network (Accelerate: CPU, one GPU or many with accelerate launch).
 
@@ -113,7 +116,7 @@ def train_seg(
             speed = f", {stats['crops_per_s']:.1f} crops/s" if "crops_per_s" in stats else ""
             progress.update(bar, completed=step, total=total, description=f"loss {stats['loss']:.3f}{speed}")
 
-        summary = train_segmentation(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step)
+        summary = train_segmentation(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step, device=device)
     if not summary.is_main_process:
         return
     qc = (

@@ -8,17 +8,19 @@ from typing import Annotated
 import typer
 
 from freetumor_cli.commands._common import (
+    SET_EXAMPLES,
     ConfigOption,
+    DeviceOption,
     MaxStepsOption,
     MixedPrecisionOption,
     ResumeOption,
     SeedOption,
-    SetOption,
     WorkersOption,
     console,
     one_of,
     progress_bar,
     report_errors,
+    set_option,
     show_library_log,
 )
 from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
@@ -65,7 +67,8 @@ def train_synth(
     resume: ResumeOption = False,
     seed: SeedOption = None,
     config: ConfigOption = None,
-    set_: SetOption = None,
+    set_: set_option(SET_EXAMPLES["train-synth"]) = None,  # type: ignore[valid-type]
+    device: DeviceOption = "auto",
 ) -> None:
     """Train the tumor generator against a voxel discriminator and the frozen baseline segmentor.
 
@@ -93,7 +96,7 @@ def train_synth(
                 bar, completed=step, total=total, description=f"G {stats['loss_g']:.3f} D {stats['loss_d']:.3f}"
             )
 
-        summary = train_generator(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step)
+        summary = train_generator(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step, device=device)
     if not summary.is_main_process:
         return
     last = f"{summary.generator_qc[-1]:.0%}" if summary.generator_qc else "n/a"

@@ -529,6 +529,7 @@ def predict_for_scoring(
     overlap: float = 0.75,
     tta: bool = False,
     split: str = "validation",
+    device: str = "auto",
     on_case_done: Callable[[Path], None] | None = None,
 ) -> tuple[Path, Path | None, EvaluateConfig, str]:
     """Predict ``data`` (a data list, a folder of CTs or one CT) with a checkpoint into ``<out>/predictions``.
@@ -561,8 +562,9 @@ def predict_for_scoring(
         raise InputError(f"no images in {data_path}")
     predictions = Path(out_dir) / "predictions"
     _, model_config, source = predict_cases(
-        checkpoint, entries, predictions, overlap=overlap, tta=tta, prepared=prepared, on_case_done=on_case_done
-    )
+        checkpoint, entries, predictions, overlap=overlap, tta=tta, prepared=prepared, on_case_done=on_case_done,
+        device=device,
+    )  # fmt: skip
     labelled = [{"image": str(e["image"]), "label": str(e["label"])} for e in entries if e.get("label")]
     if not labelled:
         return predictions, None, config, source

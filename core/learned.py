@@ -23,10 +23,10 @@ from freetumor_cli.core.tumor import SynthesisResult
 
 
 @functools.lru_cache(maxsize=4)
-def cached_generator(path: str) -> Any:
+def cached_generator(path: str, device: str = "cpu") -> Any:
     from freetumor_cli.core.checkpoints import load_generator
 
-    return load_generator(path)
+    return load_generator(path, device=device)
 
 
 def generator_preprocessing(meta: dict[str, Any]) -> Preprocessing:
@@ -69,8 +69,8 @@ def generator_map(
     pads = [max(8, -(-n // 8) * 8) - n for n in shape]
     padded = torch.nn.functional.pad(x.as_tensor()[None], [p for n in reversed(pads) for p in (0, n)], mode="replicate")
     with torch.no_grad():
-        out = generator(padded)
-        change = intensity_map(out, [channel], meta["generator"]["region"])[0]
+        out = generator(padded.to(next(generator.parameters(), padded).device))
+        change = intensity_map(out, [channel], meta["generator"]["region"])[0].cpu()
     change = change[:, : shape[0], : shape[1], : shape[2]]
     data["map"] = MetaTensor(change, meta=dict(x.meta), applied_operations=list(x.applied_operations))
     back = Invertd(keys="map", transform=chain, orig_keys="image", nearest_interp=False)(data)["map"]
@@ -78,9 +78,11 @@ def generator_map(
     return np.asarray(back[0], dtype=np.float32) * np.float32(high - low)
 
 
-def apply_generator(result: SynthesisResult, image: Volume, organ: Organ, generator_path: str) -> SynthesisResult:
+def apply_generator(
+    result: SynthesisResult, image: Volume, organ: Organ, generator_path: str, *, device: str = "cpu"
+) -> SynthesisResult:
     """Replace each rule-based patch's scalar change by the generator's map (same shapes and masks)."""
-    loaded = cached_generator(str(generator_path))
+    loaded = cached_generator(str(generator_path), device)
     generator, meta, region = loaded.module, loaded.meta, loaded.region
     if region != organ.region:
         raise InputError(

@@ -136,12 +136,12 @@ def predict_cases(
     Returns:
         (the files written, the network's configuration, which path the images came by).
     """
-    import torch
 
+    from freetumor_cli.core.devices import resolve_device
     from freetumor_cli.core.io import case_name
     from freetumor_cli.core.store import StoreMiss, open_store
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or "auto")
     model, config, _ = load_checkpoint(checkpoint, device=device)
     store = open_store(prepared, config.preprocessing()) if prepared is not None else None
     out = Path(out_dir)

@@ -466,7 +466,7 @@ def _prepare(
                     report.examples.setdefault(key, f"{candidate.case}: {reason}")
                 else:
                     record["fold"] = fold_of(record["dataset"], record["case"], seed=config.seed, folds=config.folds)
-                    manifest.write(json.dumps(_relative(record, out, out)) + "\n")
+                    manifest.write(json.dumps(_relative(record, out)) + "\n")
                     report.valid += 1
                     records.append(
                         {
@@ -499,7 +499,7 @@ def _prepare(
 
 def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareConfig, result: PrepareResult) -> None:
     for task in TASKS.values():
-        entries = [_relative(e, out / "datalists", out) for e in _task_entries(records, task.name)]
+        entries = [_relative(e, out / "datalists") for e in _task_entries(records, task.name)]
         if not entries:
             continue
         for fold in range(config.folds):
@@ -552,15 +552,10 @@ def report_markdown(result: PrepareResult, config: PrepareConfig) -> str:
 PATH_KEYS = ("image", "label", "source_label")
 
 
-def _relative(record: dict[str, Any], folder: Path, prepared: Path) -> dict[str, Any]:
-    """``record`` with the paths inside the ``prepared`` folder made relative to ``folder``, so that they move
-    with it; paths elsewhere (the data root's images) stay absolute, so that they survive the move."""
-
-    def portable(value: str) -> str:
-        path = Path(value).absolute()
-        return os.path.relpath(path, folder) if path.is_relative_to(prepared.absolute()) else str(path)
-
-    return {k: (portable(v) if k in PATH_KEYS and v else v) for k, v in record.items()}
+def _relative(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``record`` with its paths relative to ``folder``: a prepared folder works from any working folder, and
+    keeps working when it and the data root move together (to another disk, or mounted elsewhere on a node)."""
+    return {k: (os.path.relpath(Path(v).absolute(), folder) if k in PATH_KEYS and v else v) for k, v in record.items()}
 
 
 def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

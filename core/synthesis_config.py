@@ -155,3 +155,7 @@ class SynthesizeConfig:
             raise ValueError("seed must be non-negative")
         if self.engine == "generator" and not self.generator:
             raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")
+        if self.engine == "rules" and self.generator:
+            raise ValueError(
+                "a generator is given but the engine is rules: drop --generator, or use --engine generator"
+            )

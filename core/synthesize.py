@@ -268,6 +268,7 @@ def synthesize_case(
     out_dir: str | os.PathLike[str],
     *,
     on_copy_done: Callable[[], None] | None = None,
+    device: str = "cpu",
 ) -> CaseResult:
     """Synthesize ``config.copies`` variants of one case and write them to ``out_dir``.
 
@@ -328,7 +329,7 @@ def synthesize_case(
         if config.engine == "generator":
             from freetumor_cli.core.learned import apply_generator
 
-            synth = apply_generator(synth, image, organ, str(config.generator))
+            synth = apply_generator(synth, image, organ, str(config.generator), device=device)
         result.notes.extend(n for n in synth.notes if n not in result.notes)
         if copy_index in (None, 1) and not config.overwrite:
             # Checked after the first synthesis so that input problems are reported first, and
@@ -408,6 +409,7 @@ def iter_results(
     out_dir: str | os.PathLike[str],
     *,
     on_copy_done: Callable[[], None] | None = None,
+    device: str = "cpu",
 ) -> Iterable[tuple[Case, CaseResult | Exception]]:
     """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it.
 
@@ -417,6 +419,6 @@ def iter_results(
     with OutputLock(out_dir, "synthesize"):
         for case in cases:
             try:
-                yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done)
+                yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done, device=device)
             except FreetumorError as exc:
                 yield case, exc

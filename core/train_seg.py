@@ -28,6 +28,7 @@ from freetumor_cli.core.checkpoints import initialize_from, load_generator
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.memory import activation_bytes, estimate, parameter_count
 from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_at_least, check_choices
@@ -48,12 +49,14 @@ from freetumor_cli.core.training import (
     Schedule,
     case_source,
     check_run_folder,
+    check_step_fits,
     gathered_list,
     gathered_sum,
     log_metrics,
     make_accelerator,
     make_loader,
     note,
+    out_of_memory_is_an_error,
     run_lock,
     save_training_state,
     start_run,
@@ -260,10 +263,16 @@ def train_segmentation(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
 ) -> TrainSummary:
-    """Train a segmentation network from a prepared data folder (see the module doc)."""
+    """Train a segmentation network from a prepared data folder (see the module doc).
+
+    ``device`` is ``auto`` (the GPU the launcher gives each process, else the CPU), ``cpu`` or ``cuda:N``.
+    """
     with run_lock(Path(out_dir), "train-seg"):
-        return _train_segmentation(prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step)
+        return _train_segmentation(
+            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step, device=device
+        )
 
 
 def _train_segmentation(
@@ -274,6 +283,7 @@ def _train_segmentation(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
 ) -> TrainSummary:
     import torch
     from accelerate.utils import set_seed
@@ -301,12 +311,28 @@ def _train_segmentation(
         synthesize=config.mode == "freesyn", augment=config.augment,
         geometry_only=config.mode == "freesyn" and config.synth != "rules",
     )  # fmt: skip
-    accelerator = make_accelerator(out, mixed_precision=config.mixed_precision, grad_accum=config.grad_accum)
+    accelerator = make_accelerator(
+        out, device=device, mixed_precision=config.mixed_precision, grad_accum=config.grad_accum
+    )
     set_seed(config.seed)
     source = case_source(prepared, pipeline.preprocessing)
     dataset = CropDataset(train_entries, source, pipeline, crop_transforms(pipeline, config.rules), config.seed)
     loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
     model = build_model(model_config)
+    check_step_fits(
+        accelerator,
+        lambda where: estimate(
+            device=where,
+            crops_per_step=config.volumes_per_batch * config.crops_per_volume,
+            activation_per_crop=activation_bytes(
+                model_config.name, model_config.roi, feature_size=model_config.feature_size
+            ),
+            trained_parameters=parameter_count(model),
+            mixed_precision=config.mixed_precision,
+            workers=config.workers,
+        ),
+        suggestion="use --model unet, fewer crops (--set crops_per_volume=1), a smaller --set roi=[...], or a GPU",
+    )
     init_report = initialize_from(model, config.init) if config.init and not resume else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -358,81 +384,89 @@ def _train_segmentation(
     losses: list[float] = []
     step = int(progress["step"])
     model.train()
-    for epoch in range(int(progress["epoch"]), plan.epochs):
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = plan.batches_to_skip(step, epoch, config.grad_accum)
-        started = time.perf_counter()
-        for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+    with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
+        for epoch in range(int(progress["epoch"]), plan.epochs):
+            dataset.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            skip = plan.batches_to_skip(step, epoch, config.grad_accum)
+            started = time.perf_counter()
+            for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                if step >= plan.total_steps:
+                    break
+                batch = SegBatch.of(raw)
+                stats: dict[str, Any] = {}
+                if generator is not None:
+                    batch = learned_intensity(batch, generator.module, config.task, channels)
+                if baseline_model is not None and batch.synth_mask is not None:
+                    batch, qc = quality_controlled(
+                        batch, baseline_model, qc_channels, config.task, config.qc_threshold, accelerator.autocast
+                    )
+                    seen, kept, share = gathered_sum(accelerator, qc.seen, qc.kept, qc.share * qc.seen)
+                    progress["qc_seen"] += int(seen)
+                    progress["qc_kept"] += int(kept)
+                    if seen:
+                        stats["qc_tumor_share"] = share / seen
+                if batch.synth_mask is not None:
+                    voxels, crops = gathered_sum(
+                        accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
+                    )
+                    stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
+                images, labels = batch.image, batch.label
+                if config.cutmix:
+                    images, labels = cutmix_along_axis(
+                        images,
+                        labels,
+                        np.random.default_rng(sample_seed(config.seed, epoch, step)),
+                        alpha=config.cutmix_alpha,
+                    )
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = loss_fn(model(images), labels)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                mean_loss = gathered_sum(accelerator, float(loss.detach()))[0] / accelerator.num_processes
+                losses.append(mean_loss)
+                stats.update({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": epoch, "step": step})
+                stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume])
+                stats["store_share"] = (
+                    gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
+                )
+                if progress["qc_seen"]:
+                    stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
+                stats["crops_per_s"] = (
+                    images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
+                )
+                started = time.perf_counter()
+                log_metrics(accelerator, out, stats, step)
+                if step % config.save_every_steps == 0:
+                    save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+                if on_step:
+                    on_step(step, plan.total_steps, stats)
+            # Validation closes whole epochs: a run that --max-steps stops mid-epoch (a smoke test) skips it.
+            finished_epoch = step >= (epoch + 1) * plan.steps_per_epoch
+            if (
+                finished_epoch
+                and ((epoch + 1) % config.val_every == 0 or step >= plan.total_steps)
+                and lists["validation"]
+            ):
+                val = _validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator)
+                log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
+                if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
+                    progress["best_dice"] = val
+                    save_checkpoint(
+                        accelerator.unwrap_model(model), model_config, out / "checkpoints" / "best",
+                        extra={"val_tumor_dice": val, "step": step},
+                    )  # fmt: skip
+            progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
-            batch = SegBatch.of(raw)
-            stats: dict[str, Any] = {}
-            if generator is not None:
-                batch = learned_intensity(batch, generator.module, config.task, channels)
-            if baseline_model is not None and batch.synth_mask is not None:
-                batch, qc = quality_controlled(
-                    batch, baseline_model, qc_channels, config.task, config.qc_threshold, accelerator.autocast
-                )
-                seen, kept, share = gathered_sum(accelerator, qc.seen, qc.kept, qc.share * qc.seen)
-                progress["qc_seen"] += int(seen)
-                progress["qc_kept"] += int(kept)
-                if seen:
-                    stats["qc_tumor_share"] = share / seen
-            if batch.synth_mask is not None:
-                voxels, crops = gathered_sum(
-                    accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
-                )
-                stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
-            images, labels = batch.image, batch.label
-            if config.cutmix:
-                images, labels = cutmix_along_axis(
-                    images,
-                    labels,
-                    np.random.default_rng(sample_seed(config.seed, epoch, step)),
-                    alpha=config.cutmix_alpha,
-                )
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = loss_fn(model(images), labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            mean_loss = gathered_sum(accelerator, float(loss.detach()))[0] / accelerator.num_processes
-            losses.append(mean_loss)
-            stats.update({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": epoch, "step": step})
-            stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume])
-            stats["store_share"] = (
-                gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
-            )
-            if progress["qc_seen"]:
-                stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
-            stats["crops_per_s"] = (
-                images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
-            )
-            started = time.perf_counter()
-            log_metrics(accelerator, out, stats, step)
-            if step % config.save_every_steps == 0:
-                save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
-            if on_step:
-                on_step(step, plan.total_steps, stats)
-        finished_epoch = step >= (epoch + 1) * plan.steps_per_epoch or step >= plan.total_steps
-        if finished_epoch and ((epoch + 1) % config.val_every == 0 or step >= plan.total_steps) and lists["validation"]:
-            val = _validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator)
-            log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
-            if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
-                progress["best_dice"] = val
-                save_checkpoint(
-                    accelerator.unwrap_model(model), model_config, out / "checkpoints" / "best",
-                    extra={"val_tumor_dice": val, "step": step},
-                )  # fmt: skip
-        progress.update({"epoch": epoch + 1, "step": step})
-        if step >= plan.total_steps:
-            break
+    if lists["validation"] and step < plan.steps_per_epoch:
+        note(accelerator, out, f"validation skipped: the run stopped at step {step}, before its first epoch ended")
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         save_checkpoint(final, model_config, out / "checkpoints" / "last", extra={"step": step})

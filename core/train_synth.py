@@ -28,6 +28,14 @@ import numpy as np
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import atomic_path
+from freetumor_cli.core.memory import (
+    CRITIC_FRACTION,
+    GAN_BYTES_PER_VOXEL_AT_BASE_32,
+    activation_bytes,
+    estimate,
+    parameter_count,
+    voxels,
+)
 from freetumor_cli.core.registry import (
     REGIONS,
     TASKS,
@@ -41,6 +49,7 @@ from freetumor_cli.core.training import (
     Schedule,
     case_source,
     check_run_folder,
+    check_step_fits,
     collate_crops,
     gathered_list,
     gathered_sum,
@@ -48,6 +57,7 @@ from freetumor_cli.core.training import (
     make_accelerator,
     make_loader,
     note,
+    out_of_memory_is_an_error,
     run_lock,
     save_training_state,
     start_run,
@@ -192,10 +202,13 @@ def train_generator(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
 ) -> SynthSummary:
-    """Train the generator and the voxel discriminator (see the module doc)."""
+    """Train the generator and the voxel discriminator (see the module doc); ``device`` as for train-seg."""
     with run_lock(Path(out_dir), "train-synth"):
-        return _train_generator(prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step)
+        return _train_generator(
+            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step, device=device
+        )
 
 
 def _train_generator(
@@ -206,6 +219,7 @@ def _train_generator(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
 ) -> SynthSummary:
     import torch
     from accelerate.utils import set_seed
@@ -226,7 +240,7 @@ def _train_generator(
 
     out = Path(out_dir)
     check_run_folder(out, resume)
-    accelerator = make_accelerator(out, mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(out, device=device, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
     init = load_generator(config.init, device=str(accelerator.device)) if config.init else None
     if init is not None and init.region != config.region:
@@ -267,6 +281,21 @@ def _train_generator(
         adversarial_weight=config.weight(), batch_stats=bool(init.meta["generator"].get("batch_stats")) if init else False,
     )  # fmt: skip
     generator, discriminator = make_generator(gan), make_discriminator(gan)
+    check_step_fits(
+        accelerator,
+        lambda where: estimate(
+            device=where,
+            crops_per_step=config.volumes_per_batch * config.crops_per_volume,
+            activation_per_crop=GAN_BYTES_PER_VOXEL_AT_BASE_32 * gan.base_channels / 32 * voxels(pipeline.roi)
+            + CRITIC_FRACTION
+            * activation_bytes(critic_config.name, pipeline.roi, feature_size=critic_config.feature_size),
+            trained_parameters=parameter_count(generator) + parameter_count(discriminator),
+            frozen_parameters=parameter_count(critic),
+            mixed_precision=config.mixed_precision,
+            workers=config.workers,
+        ),
+        suggestion="use fewer crops (--set volumes_per_batch=1), --mixed-precision bf16, or a GPU",
+    )
     channels = trained_channels(task)
     if init is not None:  # fine-tune: the generator (with its channels) and, when the file has it, the discriminator
         generator.load_state_dict(init.module.state_dict())
@@ -313,56 +342,57 @@ def _train_generator(
             log_metrics(accelerator, out, {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": 0}, 0)
     step = int(progress["step"])
     generator_qc: list[float] = []
-    for epoch in range(int(progress["epoch"]), plan.epochs):
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = plan.batches_to_skip(step, epoch, 1)
-        generator.train()
-        discriminator.train()
-        for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+    with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
+        for epoch in range(int(progress["epoch"]), plan.epochs):
+            dataset.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            skip = plan.batches_to_skip(step, epoch, 1)
+            generator.train()
+            discriminator.train()
+            for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                if step >= plan.total_steps:
+                    break
+                gan_batch = _gan_batch(raw, critic_config.task, task, channels)
+                with accelerator.autocast():
+                    loss_g, fake = generator_step(
+                        generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
+                    )
+                    loss_d = discriminator_step(discriminator, opt_d, fake, gan_batch, backward=accelerator.backward)
+                step += 1
+                sum_g, sum_d, crops = gathered_sum(
+                    accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
+                )
+                stats = {
+                    "loss_g": sum_g / accelerator.num_processes,
+                    "loss_d": sum_d / accelerator.num_processes,
+                    "synthetic_crops": crops,
+                    "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
+                    "epoch": epoch,
+                    "step": step,
+                }
+                log_metrics(accelerator, out, stats, step)
+                if step % config.save_every_steps == 0:
+                    save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
+                if on_step:
+                    on_step(step, plan.total_steps, stats)
+            if fixed is not None:
+                generator.eval()
+                with torch.no_grad():
+                    images = synthesize_batch(accelerator.unwrap_model(generator), fixed_batch, config.region)
+                scores = heldout_scores(images, fixed_batch, critic, config.qc_threshold, window_width)
+                generator_qc.append(scores.get("qc_pass_rate", float("nan")))
+                log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
+                key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
+                if accelerator.is_main_process:
+                    _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
+                if key > progress["best"]:  # every process decides alike: the held-out batch is the same
+                    progress["best"] = key
+                    if accelerator.is_main_process:
+                        best = accelerator.unwrap_model(generator)
+                        save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
+            progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
-            gan_batch = _gan_batch(raw, critic_config.task, task, channels)
-            with accelerator.autocast():
-                loss_g, fake = generator_step(
-                    generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
-                )
-                loss_d = discriminator_step(discriminator, opt_d, fake, gan_batch, backward=accelerator.backward)
-            step += 1
-            sum_g, sum_d, crops = gathered_sum(
-                accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
-            )
-            stats = {
-                "loss_g": sum_g / accelerator.num_processes,
-                "loss_d": sum_d / accelerator.num_processes,
-                "synthetic_crops": crops,
-                "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
-                "epoch": epoch,
-                "step": step,
-            }
-            log_metrics(accelerator, out, stats, step)
-            if step % config.save_every_steps == 0:
-                save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
-            if on_step:
-                on_step(step, plan.total_steps, stats)
-        if fixed is not None:
-            generator.eval()
-            with torch.no_grad():
-                images = synthesize_batch(accelerator.unwrap_model(generator), fixed_batch, config.region)
-            scores = heldout_scores(images, fixed_batch, critic, config.qc_threshold, window_width)
-            generator_qc.append(scores.get("qc_pass_rate", float("nan")))
-            log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
-            key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
-            if accelerator.is_main_process:
-                _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
-            if key > progress["best"]:  # every process decides alike: the held-out batch is the same
-                progress["best"] = key
-                if accelerator.is_main_process:
-                    best = accelerator.unwrap_model(generator)
-                    save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
-        progress.update({"epoch": epoch + 1, "step": step})
-        if step >= plan.total_steps:
-            break
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(generator)
         save(final, out / "checkpoints" / "last", {"step": step})

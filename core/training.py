@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import OutputLock, write_text_atomic
+from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,14 +93,18 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise InputError(f"nothing to resume in {out} (no saved state)", hint="start the run without --resume")
 
 
-def make_accelerator(out: Path, *, mixed_precision: str, grad_accum: int = 1) -> Accelerator:
+def make_accelerator(out: Path, *, mixed_precision: str, grad_accum: int = 1, device: str = "auto") -> Accelerator:
+    """The run's Accelerator; ``device`` is ``auto`` (what the launcher gives), ``cpu``, or one ``cuda:N``."""
+    from freetumor_cli.core.devices import pin_training_device
+
+    on_cpu = pin_training_device(device)  # before torch touches CUDA
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     return Accelerator(
         # Without an accelerator, say so: Accelerate then runs torchrun's processes as gloo CPU workers.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        cpu=on_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -216,6 +221,30 @@ def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str,
     if accelerator.is_main_process:
         write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
     accelerator.wait_for_everyone()
+
+
+def check_step_fits(accelerator: Accelerator, need_for: Callable[[str], MemoryEstimate], *, suggestion: str) -> None:
+    """Refuse to start a run whose step would not fit in memory (each process checks its own device)."""
+    device = str(accelerator.device)
+    if device == "cuda":
+        device = f"cuda:{accelerator.device.index or 0}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    check_fits(need_for(device), processes_per_host=local, suggestion=suggestion)
+
+
+@contextmanager
+def out_of_memory_is_an_error(out: Path, device: Any, current_step: Callable[[], int]) -> Iterator[None]:
+    """Turn running out of memory in a step into a one-line error naming the state kept for --resume."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        try:
+            saved = int(json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError):
+            saved = None
+        raise out_of_memory(current_step(), saved, str(device)) from None
 
 
 def gathered_sum(accelerator: Accelerator, *values: float) -> list[float]:

@@ -6,9 +6,10 @@ and ``freetumor --version`` answer instantly.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperOption
 
 from freetumor_cli import __version__
 from freetumor_cli.commands.demo import demo
@@ -19,6 +20,19 @@ from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
 from freetumor_cli.commands.train_seg import train_seg
 from freetumor_cli.commands.train_synth import train_synth
+
+
+def _flag_takes_no_value(display_type_rich: Any) -> Any:
+    """Help shows no ``<bool>`` type beside an on/off flag: it takes no value (``--preview``, not
+    ``--preview true``)."""
+
+    def shown(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_bool_flag", False) else display_type_rich(self, ctx)
+
+    return shown
+
+
+TyperOption.display_type_rich = _flag_takes_no_value(TyperOption.display_type_rich)  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="freetumor",
