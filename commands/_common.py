@@ -113,6 +113,8 @@ def set_verbosity(*, quiet: bool, verbose: bool) -> None:
     if verbose:
         show_library_log()
     else:
+        # nibabel's header repairs ("setting 0 dims to 1") are refused with freetumor's own message.
+        logging.getLogger("nibabel.global").setLevel(logging.ERROR)
         # The libraries' deprecation notices speak to developers, not to the people running freetumor.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

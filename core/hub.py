@@ -130,10 +130,16 @@ def _hub_failure(exc: Exception, endpoint: str, repo: str, repo_type: str = "dat
         )
     if isinstance(exc, RevisionNotFoundError):
         return HubError(f"revision not found in {repo!r} at {endpoint}", hint="check --revision")
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    if hub_offline():
+        return HubError(
+            f"HF_HUB_OFFLINE is set, and this needs the hub at {endpoint}",
+            hint="unset HF_HUB_OFFLINE to download, or place the files under --dest by hand",
+        )
     return HubError(
-        f"cannot reach the Hugging Face hub at {endpoint} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})",
+        f"cannot reach the Hugging Face hub at {endpoint} ({detail})",
         hint="check the network or HF_ENDPOINT; offline, set HF_HUB_OFFLINE=1 to use a complete local copy, "
-        "or place the label files under --dest by hand",
+        "or place the files under --dest by hand",
     )
 
 

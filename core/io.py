@@ -135,7 +135,7 @@ def read_datalist(path: str | os.PathLike[str], sections: Sequence[str] = DATALI
             if value:
                 if not isinstance(value, str):
                     raise InputError(f"data list {file}: {key} must be a path, got {value!r}")
-                entry[key] = Path(value) if Path(value).is_absolute() else file.parent / value
+                entry[key] = Path(value) if Path(value).is_absolute() else file.parent.absolute() / value
         entries.append(entry)
     return entries
 
@@ -167,7 +167,7 @@ def load_header(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     if len(shape) != 3:
         raise GeometryError(f"{what} {path} is not a 3D volume (shape {shape})", hint="pass a single 3D CT volume")
     zeros = np.broadcast_to(np.zeros((), dtype=image.header.get_data_dtype()), shape)
-    return Volume(zeros, _checked_affine(image.affine, path, what), image.header.copy(), path)
+    return Volume(zeros, _checked_affine(image.affine, path, what, image.header), image.header.copy(), path)
 
 
 def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
@@ -200,11 +200,32 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
             hint="pass a single 3D CT volume",
         )
     header = image.header.copy()
-    return Volume(np.asarray(array), _checked_affine(image.affine, path, what), header, path)
+    return Volume(np.asarray(array), _checked_affine(image.affine, path, what, header), header, path)
 
 
-def _checked_affine(affine: Any, path: Path, what: str) -> np.ndarray:
+def _stored_zooms_are_zero(path: Path, header: Any) -> bool:
+    """Whether the file's own pixdim (before nibabel's silent "0 becomes 1 mm") has a zero voxel size,
+    where the affine comes from pixdim (no sform)."""
+    import gzip
+
+    if not isinstance(header, nib.Nifti1Header) or int(header["sform_code"]) > 0:
+        return False
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb") as handle:
+            raw = handle.read(header.sizeof_hdr)
+        stored = type(header).from_fileobj(io.BytesIO(raw), check=False)
+    except Exception:  # the header was read once already: any trouble here is not a zero zoom
+        return False
+    return bool(np.any(np.asarray(stored["pixdim"][1:4]) == 0))
+
+
+def _checked_affine(affine: Any, path: Path, what: str, header: Any = None) -> np.ndarray:
     """The affine of a file, refused when it gives no real voxel size (pixdim 0, NaN, a flat axis)."""
+    if header is not None and _stored_zooms_are_zero(path, header):
+        raise GeometryError(
+            f"{what} {path} has a zero voxel size in its header (pixdim 0)",
+            hint="set the real voxel size in the header's pixdim (e.g. with nibabel) before using it",
+        )
     matrix = np.asarray(affine, dtype=np.float64)
     spacing = np.sqrt((matrix[:3, :3] ** 2).sum(axis=0))
     if not np.all(np.isfinite(matrix)) or np.any(spacing <= 1e-6) or abs(np.linalg.det(matrix[:3, :3])) <= 1e-12:

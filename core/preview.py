@@ -35,6 +35,15 @@ def index_to_ras(index: Sequence[int], shape: Sequence[int], ornt: np.ndarray) -
     return tuple(int(v) for v in out)  # type: ignore[return-value]
 
 
+def displayed_slice(ras: np.ndarray, index: int, axis: int) -> np.ndarray:
+    """Slice ``index`` across ``axis`` of a RAS array, as shown: row 0 at the top, column 0 on the left.
+
+    Radiological convention: superior (axial: anterior) at the top, and the patient's right on the
+    image's left for axial and coronal slices, anterior on the left for sagittal ones.
+    """
+    return np.take(ras, index, axis=axis).T[::-1, ::-1]
+
+
 def save_tumor_preview(
     *,
     before: Volume,
@@ -47,7 +56,8 @@ def save_tumor_preview(
 ) -> Path:
     """Write a PNG with one row per tumor: axial, coronal, sagittal, before and after, tumor outlined.
 
-    Slices are shown in radiological convention (patient's right on the left of axial images).
+    Slices are shown in radiological convention (:func:`displayed_slice`): the patient's right on the
+    image's left.
     """
     import matplotlib
 
@@ -66,13 +76,13 @@ def save_tumor_preview(
         for col, (name, axis) in enumerate(views):
             for k, (label, data) in enumerate((("before", ras_before), ("after", ras_after))):
                 ax = axes[row, 2 * col + k]
-                image = np.take(data, c[axis], axis=axis).astype(np.float32).T
-                mask = np.take(ras_mask, c[axis], axis=axis).T
+                image = displayed_slice(data, c[axis], axis).astype(np.float32)
+                mask = displayed_slice(ras_mask, c[axis], axis)
                 shown = [a for a in range(3) if a != axis]
                 aspect = spacing[shown[1]] / spacing[shown[0]]
-                ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+                ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="upper", aspect=aspect)
                 if k == 1 and mask.any():
-                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
+                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8, origin="upper")
                 ax.set_title(f"tumor {row + 1} {name} {label}", fontsize=8)
                 ax.axis("off")
     if title:

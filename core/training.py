@@ -174,8 +174,7 @@ def start_run(
     """
     progress = dict(initial)
     if resume:
-        accelerator.load_state(str(out / "state"))
-        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+        progress = _resume_state(accelerator, out, initial)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -187,6 +186,23 @@ def start_run(
     if accelerator.log_with:
         accelerator.init_trackers(tracker)
     return progress
+
+
+def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any]) -> dict[str, Any]:
+    """Load the saved state of ``out`` into the prepared objects; a state this run cannot take is an error."""
+    hint = "resume with the settings the run started with (its config.yaml), or start a new run in another --out"
+    try:
+        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+        if not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in ("step", "epoch")):
+            raise ValueError("no step and epoch")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot resume from {out / 'state'}: progress.json is damaged ({exc})", hint=hint) from None
+    try:
+        accelerator.load_state(str(out / "state"))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot resume from {out / 'state'}: {first[:300]}", hint=hint) from None
+    return {**initial, **progress}
 
 
 def _trim_metrics(path: Path, step: int) -> None:
