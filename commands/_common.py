@@ -121,6 +121,16 @@ def set_verbosity(*, quiet: bool, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(monai|torch)\.")
 
 
+def one_line(exc: FreetumorError) -> str:
+    """The error's message; of one re-raised from a data loader worker (its message then holds the
+    worker's traceback), the original's last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Give a command ``-q/--quiet`` and ``-v/--verbose``, and turn a :class:`FreetumorError` into a
     one-line message and its exit code (no traceback)."""
@@ -131,7 +141,7 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
             set_verbosity(quiet=quiet, verbose=verbose)
             return func(*args, **kwargs)
         except FreetumorError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished outputs are kept, none is half-written")

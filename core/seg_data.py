@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,7 +48,20 @@ def read_task_datalist(prepared: str | Path, task: str, fold: int) -> dict[str, 
             raise InputError(f"data list {path}: every {key} entry needs an image", hint="run freetumor prepare again")
         # Paths are relative to the list's folder (absolute ones stay as they are).
         out[key] = [{**e, **{k: str(folder / e[k]) for k in ("image", "label") if e.get(k)}} for e in entries]
+    check_files_exist(path, [e for entries in out.values() for e in entries])
     return out
+
+
+def check_files_exist(source: Path, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a data list whose files are not there, before a run starts (a stat per file)."""
+    from freetumor_cli.core.store import MOVED_HINT
+
+    paths = {str(e[k]) for e in entries for k in ("image", "label") if e.get(k)}
+    missing = sorted(p for p in paths if not os.path.isfile(p))
+    if missing:
+        raise InputError(
+            f"{len(missing)} of the {len(paths)} files in {source} are missing, e.g. {missing[0]}", hint=MOVED_HINT
+        )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

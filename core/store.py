@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.preprocess import Preprocessing
 
@@ -129,12 +130,28 @@ def case_key(entry: Mapping[str, Any]) -> str:
     return Path(str(entry["image"])).name
 
 
+MOVED_HINT = (
+    "a prepared folder's paths are relative to it: move it together with the data root, or run freetumor prepare "
+    "again (earlier versions wrote paths relative to the folder where prepare ran)"
+)
+
+
 def preprocess_case(entry: Mapping[str, Any], preprocessing: Preprocessing) -> CaseData:
     """Read a case (``image``, optional ``label``) from its files through the preprocessing chain: the raw path."""
     from monai.transforms import Compose
 
     keys = ("image", "label") if entry.get("label") else ("image",)
-    data = Compose(preprocessing.transforms(keys))({key: str(entry[key]) for key in keys})
+    for key in keys:
+        if not Path(str(entry[key])).is_file():
+            raise InputError(f"{key} file not found: {entry[key]}", hint=MOVED_HINT)
+    try:
+        data = Compose(preprocessing.transforms(keys))({key: str(entry[key]) for key in keys})
+    except RuntimeError as exc:  # MONAI wraps what a reader raised
+        cause = exc.__cause__ or exc
+        raise InputError(
+            f"cannot read case {case_key(entry)} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})",
+            hint="check its files, or leave it out with freetumor prepare --datasets",
+        ) from None
     image = np.asarray(data["image"][0], dtype=np.float32)
     label = np.asarray(data["label"][0]).astype(np.uint8) if "label" in keys else np.zeros(image.shape, np.uint8)
     locations, counts = class_locations(label, image, key=case_key(entry))

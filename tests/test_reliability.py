@@ -132,6 +132,21 @@ def test_a_prepared_folder_works_from_another_folder(
     assert json.loads(Path("ev/summary.json").read_text())["cases"] >= 1
 
 
+def test_an_unreadable_case_met_in_a_loader_worker_is_one_line(prepared: Path, tmp_path: Path) -> None:
+    root = prepared.parent.parent / "root0"
+    shutil.copytree(root, tmp_path / "root0")
+    shutil.copytree(prepared, tmp_path / "area0" / "prepared")
+    damaged = next((tmp_path / "root0" / "Dataset003_Liver" / "imagesTr").iterdir())
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # truncated: the store's copy is stale now
+    moved = tmp_path / "area0" / "prepared"
+    args = ["--out", tmp_path / "run", "--max-steps", "3", *TINY[:2], *TINY[4:]]
+    code, output = invoke("train-seg", "--data", moved, "--workers", "1", *args)
+    assert_one_line_error(code, output, EXIT_INPUT, "cannot read case Dataset003_Liver/")
+    (tmp_path / "root0" / "BTCV" / "imagesTr" / "img0000.nii.gz").unlink()
+    code, output = invoke("train-seg", "--data", moved, "--workers", "0", *args)
+    assert_one_line_error(code, output, EXIT_INPUT, "files in", "are missing", "move it together with the data root")
+
+
 # 3. Numbers have bounds, voxels must be finite, voxel sizes non-zero.
 
 
