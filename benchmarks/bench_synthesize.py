@@ -3,8 +3,9 @@
 Prints:
 1. seconds per tumor for each size class (one thread, file I/O excluded) on a 128³ liver crop at
    1 mm, a 512×512×100 CT and a 512×512×300 CT (phantoms), the first call listed apart;
-2. the whole ``freetumor synthesize`` command on the 512×512×100 and 512×512×300 CTs, with reading
-   and writing, and its peak memory;
+2. per call (organ preparation included) on C- and Fortran-ordered arrays, as nibabel returns them;
+   the whole ``freetumor synthesize`` command on the 512×512×100 and 512×512×300 CTs, with reading
+   and writing, its peak memory, and a plain nibabel load + save of the same files (its floor);
 3. realism: mean HU of synthetic liver tumors minus the surrounding liver, per size class, on a phantom
    and on the real case in ../shared/data/totalseg_abdomen (LiTS' real tumors: about -48 HU).
 
@@ -136,6 +137,37 @@ def run_command(image: Path, labels: Path, out: Path) -> tuple[float, float]:
     return wall, (peaks[-1] / 1024 if peaks else float("nan"))
 
 
+def time_memory_orders(ct: np.ndarray, labels: np.ndarray, affine: np.ndarray, repeats: int) -> None:
+    """One tumor per call, organ preparation included, on C- and Fortran-ordered arrays (nibabel's)."""
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    print(f"  memory order, 1 tumor per call incl. organ preparation (ms, median of {repeats}):")
+    for size in ("tiny", "medium"):
+        row = []
+        for order in ("C", "F"):
+            image, mask = np.asarray(ct, order=order), np.asarray(labels == LIVER.value, order=order)
+            times = []
+            for seed in range(repeats):
+                t0 = time.perf_counter()
+                synthesize_in_organ(
+                    image, mask, LIVER, spacing=spacing, affine=affine, rng=np.random.default_rng(seed), size=size
+                )
+                times.append(time.perf_counter() - t0)
+            row.append(f"{order} {np.median(times) * 1000:6.1f}")
+        print(f"    {size:<7} " + "   ".join(row))
+
+
+def load_save_floor(image: Path, labels: Path, out: Path) -> float:
+    """Seconds of a plain nibabel load of the CT and labels and a save of both (the command's floor)."""
+    import nibabel as nib
+
+    t0 = time.perf_counter()
+    ct, lab = nib.load(str(image)), nib.load(str(labels))
+    ct_array, lab_array = np.asanyarray(ct.dataobj), np.asanyarray(lab.dataobj)
+    nib.Nifti1Image(ct_array, ct.affine, ct.header).to_filename(str(out / "floor_ct.nii.gz"))
+    nib.Nifti1Image(lab_array, lab.affine, lab.header).to_filename(str(out / "floor_label.nii.gz"))
+    return time.perf_counter() - t0
+
+
 def realism(name: str, ct: Volume, labels: np.ndarray, seeds: int) -> None:
     """Mean HU of synthetic tumors minus the liver 2-10 mm around them (after insertion)."""
     organ_mask = labels == LIVER.value
@@ -190,15 +222,23 @@ def main() -> None:
             phantom = make_phantom(shape, spacing, seed=1)
             label = "x".join(map(str, shape))
             time_size_classes(f"{label} CT", phantom.ct.array, phantom.labels.array, phantom.ct.affine, repeats)
+            time_memory_orders(phantom.ct.array, phantom.labels.array, phantom.ct.affine, repeats)
             image = save_volume(phantom.ct.array, phantom.ct, Path(tmp) / f"ct{label}.nii.gz")
             labels = save_volume(phantom.labels.array, phantom.ct, Path(tmp) / f"lab{label}.nii.gz", label=True)
             del phantom
             runs = [run_command(image, labels, Path(tmp) / "out") for _ in range(1 if args.quick else 3)]
             walls = sorted(w for w, _ in runs)
             peak = max(p for _, p in runs)
+            (Path(tmp) / "floor").mkdir(exist_ok=True)
+            floors = sorted(load_save_floor(image, labels, Path(tmp) / "floor") for _ in range(len(runs)))
             print(
                 f"  whole command (read, synthesize 1 medium tumor, write .nii.gz), {len(runs)} run(s): "
                 f"median {walls[len(walls) // 2]:.2f} s (min {walls[0]:.2f}, max {walls[-1]:.2f}), peak {peak:.0f} MB"
+            )
+            floor = floors[len(floors) // 2]
+            print(
+                f"  nibabel load + save of the same files (the floor): median {floor:.2f} s; "
+                f"command / floor {walls[len(walls) // 2] / floor:.2f}"
             )
 
         phantom = make_phantom((192, 192, 120), (1.5, 1.5, 1.5), seed=2)

@@ -63,6 +63,10 @@ MaxStepsOption = Annotated[
 MixedPrecisionOption = Annotated[
     str | None, typer.Option("--mixed-precision", help="no | fp16 | bf16.", show_default="no")
 ]
+NumPartsOption = Annotated[
+    int, typer.Option("--num-parts", help="Split the work into this many parts (a cluster's array jobs).", min=1)
+]
+PartIdOption = Annotated[int, typer.Option("--part-id", help="The part this job does, 0 .. num-parts - 1.", min=0)]
 WorkersOption = Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default="2")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")]
 SeedOption = Annotated[

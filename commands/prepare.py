@@ -10,6 +10,8 @@ import typer
 from freetumor_cli.commands._common import (
     SET_EXAMPLES,
     ConfigOption,
+    NumPartsOption,
+    PartIdOption,
     SeedOption,
     console,
     progress_bar,
@@ -61,15 +63,8 @@ def prepare(
             show_default=False,
         ),
     ] = None,
-    num_parts: Annotated[
-        int,
-        typer.Option(
-            "--num-parts",
-            help="Split the store build into this many parts (array jobs); needs an earlier prepare of OUT.",
-            min=1,
-        ),
-    ] = 1,
-    part_id: Annotated[int, typer.Option("--part-id", help="The part this job builds, 0 .. num-parts - 1.", min=0)] = 0,
+    num_parts: NumPartsOption = 1,
+    part_id: PartIdOption = 0,
     organ_masks: Annotated[
         Path | None,
         typer.Option(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,8 @@ from freetumor_cli.commands._common import (
     SET_EXAMPLES,
     ConfigOption,
     DeviceOption,
+    NumPartsOption,
+    PartIdOption,
     SeedOption,
     console,
     err_console,
@@ -23,7 +26,7 @@ from freetumor_cli.commands._common import (
 )
 from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError, InputError
 from freetumor_cli.core.registry import LABEL_SCHEMES, ORGANS, choices_help
-from freetumor_cli.core.synthesis_config import SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
+from freetumor_cli.core.synthesis_config import LAYOUTS, SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
 
 DEFAULTS = SynthesizeConfig()
 
@@ -49,7 +52,7 @@ def synthesize(
         typer.Option(
             "--in",
             "-i",
-            help="CT in NIfTI (any orientation and spacing), a folder of CTs, or a MONAI data-list JSON.",
+            help="CT in NIfTI (any orientation and spacing), a folder of CTs, a DICOM series folder (with --labels; needs freetumor[dicom]), or a MONAI data-list JSON.",
             show_default=False,
         ),
     ],
@@ -96,7 +99,11 @@ def synthesize(
     seed: SeedOption = None,
     copies: Annotated[
         int | None,
-        typer.Option("--copies", help="Variants per input, with seeds S, S+1, ...", show_default=str(DEFAULTS.copies)),
+        typer.Option(
+            "--copies",
+            help="Variants per input, each with its own stream (seed, case id, copy).",
+            show_default=str(DEFAULTS.copies),
+        ),
     ] = None,
     engine: Annotated[
         str | None,
@@ -118,7 +125,29 @@ def synthesize(
         bool, typer.Option("--preview", help="Also write a PNG: slices through each tumor, before and after.")
     ] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("synthetic"),
+    layout: Annotated[
+        one_of(LAYOUTS) | None,
+        typer.Option(
+            "--layout",
+            help="flat: every file in --out; nnunet: a raw nnU-Net v2 dataset (--dataset); monai: flat plus datalist.json.",
+            show_default=DEFAULTS.layout,
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="With --layout nnunet: the dataset folder, DatasetNNN_Name.",
+            show_default=DEFAULTS.dataset,
+        ),
+    ] = None,
     device: DeviceOption = "auto",
+    workers: Annotated[
+        int,
+        typer.Option("--workers", help="Cases synthesized in parallel (processes) for folders and data lists.", min=1),
+    ] = 1,
+    num_parts: NumPartsOption = 1,
+    part_id: PartIdOption = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     config: ConfigOption = None,
     set_: set_option(SET_EXAMPLES["synthesize"]) = None,  # type: ignore[valid-type]
@@ -147,6 +176,8 @@ def synthesize(
         "generator": str(generator) if generator else None,
         "preview": True if preview else None,
         "overwrite": True if overwrite else None,
+        "layout": layout,
+        "dataset": dataset,
     }
     if parsed_count is not None:
         flags["count"] = None if parsed_count == "auto" else parsed_count
@@ -162,37 +193,59 @@ def synthesize(
     cases = collect_cases(input_path, labels)
     if len(cases) == 1 and cases[0].labels is None and labels is not None:
         raise InputError(f"no label file for {cases[0].image} in {labels}")
+    part = None
+    if num_parts > 1 or part_id:
+        from freetumor_cli.core.parallel import select_part
+
+        all_cases = len(cases)
+        cases = select_part(cases, num_parts, part_id)
+        part = (part_id, num_parts)
+        note(f"part {part_id} of {num_parts}: {len(cases)} of {all_cases} case(s)")
     failures: list[tuple[str, FreetumorError]] = []
     done_before = 0
     total = len(cases) * cfg.copies
     with progress_bar("synthesize") as progress:
         task = progress.add_task("", total=total)
-        for case, result in iter_results(cases, cfg, out, on_copy_done=lambda: progress.advance(task), device=device):
-            if isinstance(result, FreetumorError):
-                if len(cases) == 1:
-                    raise result
-                failures.append((case.name, result))
-                progress.advance(task, cfg.copies)
-                warn(f"skipped {case.name}: {result}")
-                continue
-            if result.skipped:
-                done_before += 1
-                progress.advance(task, cfg.copies)
-            for message in result.warnings:
-                warn(message)
-            for message in result.notes:
-                note(message)
-            for tumors in result.tumors:
-                described = ", ".join(
-                    f"{t.size_class} {t.volume_ml:.1f} ml ({t.mean_hu_change:+.0f} HU)" for t in tumors
-                )
-                console.print(f"{case.name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {described}")
+        results = iter_results(
+            cases, cfg, out, on_copy_done=lambda: progress.advance(task), device=device, workers=workers, part=part
+        )
+        with closing(results):  # closed at once on an error: that releases the output folder
+            for case, result in results:
+                if isinstance(result, FreetumorError):
+                    if len(cases) == 1 and part is None:
+                        raise result
+                    failures.append((case.name, result))
+                    progress.advance(task, cfg.copies)
+                    warn(f"skipped {case.name}: {result}")
+                    continue
+                if result.skipped:
+                    done_before += 1
+                    progress.advance(task, cfg.copies)
+                for message in result.warnings:
+                    warn(message)
+                for message in result.notes:
+                    note(message)
+                for tumors in result.tumors:
+                    console.print(f"{case.name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {_describe(tumors)}")
     written = total - (len(failures) + done_before) * cfg.copies
     already = f" ({done_before} case(s) done before, skipped)" if done_before else ""
     console.print(f"wrote {written} output set(s) to {out}{already}", highlight=False)
     if failures:
         err_console.print(f"[red]{len(failures)} of {len(cases)} case(s) failed[/]")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _describe(tumors: list) -> str:  # type: ignore[type-arg]
+    """Each tumor up to five; beyond, a summary per size class (the JSON record lists them all)."""
+    if len(tumors) <= 5:
+        return ", ".join(f"{t.size_class} {t.volume_ml:.1f} ml ({t.mean_hu_change:+.0f} HU)" for t in tumors)
+    parts = []
+    for size in dict.fromkeys(t.size_class for t in tumors):
+        group = [t for t in tumors if t.size_class == size]
+        ml = [t.volume_ml for t in group]
+        hu = [t.mean_hu_change for t in group]
+        parts.append(f"{len(group)} {size} {min(ml):.1f}-{max(ml):.1f} ml ({min(hu):+.0f} to {max(hu):+.0f} HU)")
+    return "; ".join(parts)
 
 
 def _with_auto_count(cfg: SynthesizeConfig) -> SynthesizeConfig:

@@ -34,6 +34,13 @@ class FreetumorError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[object, ...]:  # keeps the hint across processes (a worker's error)
+        return _rebuild, (type(self), self.message, self.hint)
+
+
+def _rebuild(cls: type[FreetumorError], message: str, hint: str | None) -> FreetumorError:
+    return cls(message, hint=hint)
+
 
 class InputError(FreetumorError):
     """A missing, unreadable or malformed input file."""

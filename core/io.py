@@ -58,6 +58,11 @@ class Volume:
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
 
     @property
+    def name(self) -> str:
+        """How messages call it: its path, or that it lives in memory."""
+        return str(self.path) if self.path is not None else "(in memory)"
+
+    @property
     def spacing(self) -> np.ndarray:
         """Voxel size in mm along each array axis (the column norms of the affine), shape ``(3,)``."""
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
@@ -201,6 +206,83 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
         )
     header = image.header.copy()
     return Volume(np.asarray(array), _checked_affine(image.affine, path, what, header), header, path)
+
+
+def is_dicom_series(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder of DICOM files (the ``DICM`` mark at byte 128) holding no NIfTI."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if not files or any(is_nifti(p) for p in files):
+        return False
+    for candidate in files[:8]:
+        try:
+            with candidate.open("rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def load_dicom_series(folder: str | os.PathLike[str], *, what: str = "image") -> Volume:
+    """Read a DICOM series folder as a volume in its world geometry (dicom2nifti, as TotalSegmentator does).
+
+    The series is converted once into a temporary NIfTI (not reoriented: voxels stay in the series'
+    order, the affine gives their RAS world positions) and read back; nothing is left on disk.
+
+    Raises:
+        InputError: dicom2nifti is not installed, or the series cannot be converted.
+    """
+    folder = Path(folder)
+    try:
+        from dicom2nifti import convert_dicom
+    except ImportError:
+        raise InputError(
+            f"{folder} is a DICOM series, and reading DICOM needs dicom2nifti",
+            hint='pip install "freetumor[dicom]" (or dicom2nifti), or convert the series to NIfTI first',
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="freetumor-dicom-") as tmp:
+        target = Path(tmp) / "series.nii.gz"
+        try:
+            convert_dicom.dicom_series_to_nifti(str(folder), str(target), reorient_nifti=False)
+        except Exception as exc:  # dicom2nifti raises many kinds; all mean "cannot read this series"
+            raise InputError(f"cannot read the DICOM series {folder}: {exc}".rstrip()) from exc
+        volume = load_volume(target, what=what)
+        array = np.array(volume.array)  # detach from the temporary file before it goes
+    return Volume(array, volume.affine, volume.header, folder)
+
+
+def load_image(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+    """A NIfTI file, or a DICOM series folder, as a volume."""
+    return load_dicom_series(path, what=what) if is_dicom_series(path) else load_volume(path, what=what)
+
+
+def volume_from(image: Any, affine: Any = None, *, what: str = "image") -> Volume:
+    """A volume from a nibabel image, or from an array and its affine (the in-memory API's inputs).
+
+    Raises:
+        InputError: neither a nibabel image nor an array with an affine.
+        GeometryError: not 3D, or an affine without a real voxel size.
+    """
+    header = None
+    if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        array = np.asanyarray(image.dataobj)
+        affine = image.affine if affine is None else affine
+        header = image.header.copy()
+    elif isinstance(image, np.ndarray):
+        if affine is None:
+            raise InputError(f"the {what} is an array without an affine", hint="pass affine=, or a nibabel image")
+        array = image
+    else:
+        raise InputError(f"the {what} must be a nibabel image or a numpy array, not {type(image).__name__}")
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise GeometryError(f"the {what} is not a 3D volume (shape {tuple(array.shape)})")
+    return Volume(np.asarray(array), _checked_affine(affine, Path(f"(in-memory {what})"), what), header, None)
 
 
 def _stored_zooms_are_zero(path: Path, header: Any) -> bool:
@@ -517,39 +599,48 @@ class OutputLock:
 
     NAME = ".freetumor.lock"
 
-    def __init__(self, folder: str | os.PathLike[str], command: str) -> None:
+    def __init__(self, folder: str | os.PathLike[str], command: str, *, part: tuple[int, int] | None = None) -> None:
         self.folder = Path(folder)
         self.command = command
+        self.part = part  # (part id, number of parts): parts of one job share the folder, each locks its own
         self._fd: int | None = None
         self._created = False
+
+    @property
+    def _name(self) -> str:
+        return self.NAME if self.part is None else f"{self.NAME}.part-{self.part[0]}-of-{self.part[1]}"
 
     def __enter__(self) -> OutputLock:
         import fcntl
 
         self._created = not self.folder.exists()
         writable_folder(self.folder)
-        fd = os.open(self.folder, os.O_RDONLY)
+        if self.part is None:
+            fd = os.open(self.folder, os.O_RDONLY)
+        else:
+            fd = os.open(self.folder / self._name, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             try:
-                holder = (self.folder / self.NAME).read_text(encoding="utf-8").strip()
+                holder = (self.folder / self._name).read_text(encoding="utf-8").strip()
             except OSError:
                 holder = "another freetumor run"
             raise OutputBusyError(
                 f"{self.folder} is in use by {holder}", hint="wait for it to finish, or choose another --out"
             ) from None
         self._fd = fd
-        (self.folder / self.NAME).write_text(f"freetumor {self.command} (pid {os.getpid()})\n", encoding="utf-8")
-        remove_stale_temporaries(self.folder, older_than=0)  # nobody else writes here now
+        (self.folder / self._name).write_text(f"freetumor {self.command} (pid {os.getpid()})\n", encoding="utf-8")
+        # Nobody else writes here now, unless other parts of the same job do: then only old leftovers go.
+        remove_stale_temporaries(self.folder, **({"older_than": 0} if self.part is None else {}))
         return self
 
     def __exit__(self, *exc: object) -> None:
         import fcntl
 
         if self._fd is not None:
-            (self.folder / self.NAME).unlink(missing_ok=True)
+            (self.folder / self._name).unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -1,8 +1,8 @@
 """The learned engine for ``synthesize``: the generator's intensity map in place of the rule's scalar.
 
-The rule-based engine still decides each tumor's shape, position, edge and texture (its patch is
-``sign · blur(mask) · texture · d`` inside the organ); here the scalar ``d`` is replaced by the
-generator's per-voxel map. The map is computed on the tumor's box of the CT, preprocessed by the same
+The rule-based engine still decides each tumor's shape, position, edge and texture (its profile
+``blur(mask) · texture`` inside the organ); :class:`GeneratorIntensity` gives the change
+``sign · profile · map`` with the generator's per-voxel map in place of the rule's scalar ``d``. The map is computed on the tumor's box of the CT, preprocessed by the same
 MONAI chain the generator was trained on (:class:`~freetumor_cli.core.preprocess.Preprocessing`:
 reoriented, resampled to its spacing, windowed), and inverted through that chain onto the CT's grid.
 """
@@ -10,16 +10,15 @@ reoriented, resampled to its spacing, windowed), and inverted through that chain
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+import os
 from typing import Any
 
 import numpy as np
 
+from freetumor_cli.core.engines import Scene, TumorGeometry
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import Volume
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import Organ
-from freetumor_cli.core.tumor import SynthesisResult
+from freetumor_cli.core.registry import REGIONS, Organ
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,32 +77,31 @@ def generator_map(
     return np.asarray(back[0], dtype=np.float32) * np.float32(high - low)
 
 
-def apply_generator(
-    result: SynthesisResult, image: Volume, organ: Organ, generator_path: str, *, device: str = "cpu"
-) -> SynthesisResult:
-    """Replace each rule-based patch's scalar change by the generator's map (same shapes and masks)."""
-    loaded = cached_generator(str(generator_path), device)
-    generator, meta, region = loaded.module, loaded.meta, loaded.region
-    if region != organ.region:
-        raise InputError(
-            f"the generator {generator_path} is for the {region}; --organ {organ.name} is not",
-            hint="use a generator trained for that region",
-        )
-    channel = loaded.channel(organ.name)
-    offset = np.array([s.start for s in result.bbox])
-    patches = []
-    tumors = []
-    for (box, delta), record in zip(result.patches, result.tumors, strict=True):
-        profile = np.abs(delta / np.float32(record.intensity_change_hu))
-        lo = offset + np.array([s.start for s in box])
-        hi = offset + np.array([s.stop for s in box])
-        global_box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        box_affine = image.affine.copy()
-        box_affine[:3, 3] = image.voxel_to_world(lo)
-        change = generator_map(image.array[global_box], box_affine, generator, meta, channel)
-        new_delta = (organ.tumor_sign * profile * change).astype(np.float32)
-        patches.append((box, new_delta))
-        mask = result.tumor_mask[box]
-        tumors.append(replace(record, intensity_change_hu=round(float(change[mask].mean()) * organ.tumor_sign, 2) if mask.any() else 0.0,
-                              mean_hu_change=round(float(new_delta[mask].mean()), 2) if mask.any() else 0.0))  # fmt: skip
-    return replace(result, patches=patches, tumors=tumors)
+class GeneratorIntensity:
+    """The generator as an intensity model: ``sign · profile · map`` on each tumor's box.
+
+    The map is the generator's output on the box of the CT (in HU), preprocessed as it was trained
+    and inverted back onto the CT's grid; the profile is the rule engine's. Raises
+    :class:`InputError` when the generator is for another region than the organ's.
+    """
+
+    name = "generator"
+
+    def __init__(self, generator_path: str | os.PathLike[str], organ: Organ, *, device: str = "cpu") -> None:
+        loaded = cached_generator(str(generator_path), device)
+        if loaded.region != organ.region:
+            raise InputError(
+                f"the generator {generator_path} is for the {loaded.region}; --organ {organ.name} is not",
+                hint="use a generator trained for that region",
+            )
+        self.module, self.meta = loaded.module, loaded.meta
+        self.channel = loaded.channel(organ.name)
+
+    def change(self, tumor: TumorGeometry, scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        box = scene.global_box(tumor.box)
+        box_affine = scene.affine.copy()
+        box_affine[:3, 3] = scene.affine[:3, :3] @ np.array([s.start for s in box]) + scene.affine[:3, 3]
+        change = generator_map(scene.image[box], box_affine, self.module, self.meta, self.channel)
+        sign = float(REGIONS[scene.organ.region].tumor_sign)
+        nominal = sign * float(change[tumor.mask].mean()) if tumor.mask.any() else 0.0
+        return (sign * tumor.profile * change).astype(np.float32), nominal

@@ -203,6 +203,11 @@ class Task:
         return self.region_to_task()[ORGANS[organ].tumor_value]
 
 
+# How a synthetic tumor gets its intensity change (core/engines.py): the rule's scalar or a generator's map.
+ENGINES: tuple[str, ...] = ("rules", "generator")
+EngineName = Annotated[str, OneOf(ENGINES)]
+
+
 _ABDOMEN_LABELS = {
     0: "background",
     1: "liver",

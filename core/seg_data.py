@@ -21,7 +21,7 @@ import numpy as np
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS
+from freetumor_cli.core.registry import REGIONS, TASKS
 from freetumor_cli.core.store import CaseSource
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 
@@ -67,128 +67,6 @@ def check_files_exist(source: Path, entries: Sequence[Mapping[str, Any]]) -> Non
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-class OnlineSynthesisd:
-    """Insert one rule-based tumor into every crop that holds an organ and no real tumor.
-
-    Works on [0, 1]-windowed crops: the engine's HU changes are divided by the window's width. Adds
-    ``synth_mask`` (the synthetic tumor voxels), ``image_orig`` (the crop before synthesis) and
-    ``organ_index`` (the tumor's organ, an index into the task's organs) for the quality-control step.
-    """
-
-    def __init__(
-        self,
-        task: str,
-        *,
-        spacing_mm: Sequence[float],
-        window_hu: tuple[float, float],
-        config: SynthesisConfig | None = None,
-        size: str = "mix",
-    ) -> None:
-        base = config or SynthesisConfig()
-        width = float(window_hu[1] - window_hu[0])
-        self.config = replace(
-            base,
-            abdomen_hu_change=tuple(v / width for v in base.abdomen_hu_change),
-            lung_hu_change=tuple(v / width for v in base.lung_hu_change),
-        )
-        self.task = task
-        self.spacing = tuple(float(s) for s in spacing_mm)
-        self.size = size
-        self.rng = np.random.default_rng(0)
-
-    def set_random_state(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def _draw(self, img: np.ndarray, lab: np.ndarray) -> tuple[int, Any] | None:
-        """One rule-based tumor in an organ of the crop, when it has an organ and no real tumor.
-
-        Returns (organ value, :class:`SynthesisResult`), or None when nothing was drawn (no organ, a real
-        tumor present, or the organ part in this crop too small for a tumor: the crop stays as it is).
-        """
-        from freetumor_cli.core.errors import FreetumorError
-        from freetumor_cli.core.tumor import synthesize_in_organ
-
-        organs = TASKS[self.task].organ_values
-        present = [v for v in organs if (lab == v).sum() >= 8]
-        beside = REGIONS[TASKS[self.task].region].synthesize_beside_real_tumors  # the chest: wherever lung is
-        if not present or (not beside and any((lab == v + 1).any() for v in organs)):
-            return None
-        value = present[int(self.rng.integers(len(present)))]
-        try:
-            result = synthesize_in_organ(
-                img, lab == value, ORGANS[organs[value]], spacing=self.spacing,
-                affine=np.diag([*self.spacing, 1.0]), rng=self.rng, size=self.size, count=1, config=self.config,
-            )  # fmt: skip
-        except FreetumorError:
-            return None
-        return value, result
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        lab = np.asarray(data["label"][0]).astype(np.int64)
-        img = np.asarray(data["image"][0], dtype=np.float32)
-        synth = np.zeros(lab.shape, dtype=bool)
-        data["image_orig"] = torch.as_tensor(img[None]).clone()
-        organ_index = 0  # crops without a tumor: the task's first organ (nothing reads it there)
-        drawn = self._draw(img, lab)
-        if drawn is not None:
-            value, result = drawn
-            img[result.bbox] = np.clip(result.image, 0.0, 1.0)
-            synth[result.bbox] = result.tumor_mask
-            lab[synth] = value + 1
-            organ_index = TASKS[self.task].organs.index(TASKS[self.task].organ_values[value])
-        data["image"] = torch.as_tensor(img[None])
-        data["label"] = torch.as_tensor(lab[None].astype(np.float32))
-        data["synth_mask"] = torch.as_tensor(synth[None])
-        data["organ_index"] = torch.tensor([organ_index])
-        return data
-
-
-class TumorGeometryd(OnlineSynthesisd):
-    """Rule-based tumor geometry for the learned generator: the crop stays as it is.
-
-    Adds ``synth_mask`` (the tumor voxels), ``profile`` (the engine's blur(mask) · texture inside the
-    organ, i.e. its intensity change per unit of HU change) and ``organ_index`` (the tumor's organ, as
-    an index into the task's organs). The label marks the tumor too.
-    """
-
-    def __init__(
-        self,
-        task: str,
-        *,
-        spacing_mm: Sequence[float],
-        window_hu: tuple[float, float],
-        config: SynthesisConfig | None = None,
-    ) -> None:
-        unit = replace(config or SynthesisConfig(), abdomen_hu_change=(1.0, 1.0), lung_hu_change=(1.0, 1.0))
-        super().__init__(task, spacing_mm=spacing_mm, window_hu=(0.0, 1.0), config=unit, size="mix")
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        lab = np.asarray(data["label"][0]).astype(np.int64)
-        img = np.asarray(data["image"][0], dtype=np.float32)
-        synth = np.zeros(lab.shape, dtype=bool)
-        profile = np.zeros(lab.shape, dtype=np.float32)
-        organ_index = 0  # crops without a tumor: the task's first organ (nothing reads it there)
-        drawn = self._draw(img, lab)
-        if drawn is not None:
-            value, result = drawn
-            box_profile = np.zeros(result.tumor_mask.shape, dtype=np.float32)
-            for box, delta in result.patches:
-                box_profile[box] += np.abs(delta)
-            profile[result.bbox] = box_profile
-            synth[result.bbox] = result.tumor_mask
-            lab[synth] = value + 1
-            organ_index = TASKS[self.task].organs.index(TASKS[self.task].organ_values[value])
-        data["label"] = torch.as_tensor(lab[None].astype(np.float32))
-        data["synth_mask"] = torch.as_tensor(synth[None])
-        data["profile"] = torch.as_tensor(profile[None])
-        data["organ_index"] = torch.tensor([organ_index])
-        return data
 
 
 @dataclass(frozen=True)
@@ -276,14 +154,17 @@ def crop_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> An
     """The random part of a training sample, applied to each crop: online synthesis, then augmentation."""
     from monai import transforms as T
 
+    from freetumor_cli.core.transforms import RandTumorGeometryd, RandTumorSynthd
+
     pp = p.preprocessing
     steps: list[Any] = []
     keys = ["image", "label"]
+    where = {"spacing_mm": pp.spacing_mm, "window_hu": pp.window_hu, "config": synthesis}
     if p.geometry_only:
-        steps.append(TumorGeometryd(p.task, spacing_mm=pp.spacing_mm, window_hu=pp.window_hu, config=synthesis))
+        steps.append(RandTumorGeometryd(["image", "label"], p.task, **where))
         keys = ["image", "label", "synth_mask", "profile"]
     elif p.synthesize:
-        steps.append(OnlineSynthesisd(p.task, spacing_mm=pp.spacing_mm, window_hu=pp.window_hu, config=synthesis))
+        steps.append(RandTumorSynthd(["image", "label"], p.task, **where))
         keys = ["image", "label", "synth_mask", "image_orig"]
     if p.augment:
         steps += [
@@ -339,9 +220,11 @@ class CropDataset:
             case.shape, p.roi, case.locations, case.counts, self.foreground,
             pos=p.pos, neg=p.neg, num=p.crops_per_volume, rng=np.random.default_rng(seed),
         )  # fmt: skip
+        from freetumor_cli.core.transforms import RandTumorSynthd
+
         self.transform.set_random_state(seed=seed)
         for t in self.transform.transforms:
-            if isinstance(t, OnlineSynthesisd):  # TumorGeometryd included
+            if isinstance(t, RandTumorSynthd):  # RandTumorGeometryd included
                 t.set_random_state(seed + 1)
         crops = []
         tracking = get_track_meta()

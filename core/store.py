@@ -30,7 +30,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import numpy as np
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.parallel import select_part
 from freetumor_cli.core.preprocess import Preprocessing
 
 STORE_FORMAT = 1
@@ -347,13 +348,6 @@ class BuildResult:
     failed: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     seconds: float = 0.0
-
-
-def select_part(items: Sequence[Any], num_parts: int, part_id: int) -> list[Any]:
-    """Part ``part_id`` of ``num_parts`` (every ``num_parts``-th item): the parts cover ``items`` exactly once."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"part_id must lie in 0..{num_parts - 1} and num_parts be at least 1")
-    return list(items[part_id::num_parts])
 
 
 def _build_job(args: tuple[str, dict[str, Any], Preprocessing]) -> tuple[str, str, int, str | None]:

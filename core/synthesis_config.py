@@ -7,14 +7,25 @@ produces.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from freetumor_cli.core.registry import REGIONS, SIZE_CLASSES, LabelSchemeName, OrganName, SizeName, check_choices
+from freetumor_cli.core.registry import (
+    REGIONS,
+    SIZE_CLASSES,
+    EngineName,
+    LabelSchemeName,
+    OneOf,
+    OrganName,
+    SizeName,
+    check_choices,
+)
 
 SIZE_CHOICES: tuple[str, ...] = (*SIZE_CLASSES, "mix")
 MAX_TUMORS = 100  # per output: beyond, an organ is more tumor than organ
 MAX_COPIES = 1000
+LAYOUTS: tuple[str, ...] = ("flat", "nnunet", "monai")  # where synthesize's outputs go (SynthesizeConfig.layout)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class SynthesisConfig:
     placement_grid_mm: float = 4.0
     min_kept_fraction: float = 0.3
     max_placement_attempts: int = 20
+    # At most this share of an organ's voxels becomes tumor in one call: a tumor that would pass it is
+    # not placed, nor any after it (with a note), so a large --count cannot turn an organ into tumor.
+    max_tumor_share: float = 0.3
 
     def hu_change(self, region: str) -> tuple[float, float]:
         """The range of the intensity change (HU, a magnitude; its sign is the region's) in ``region``."""
@@ -109,6 +123,8 @@ class SynthesisConfig:
                 raise ValueError(f"{key} must be a range low <= high of non-negative values")
         if not 0 <= self.min_depth_fraction <= 1.5:
             raise ValueError("min_depth_fraction must lie in [0, 1.5]")
+        if not 0 < self.max_tumor_share <= 1:
+            raise ValueError("max_tumor_share must lie in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -120,13 +136,16 @@ class SynthesizeConfig:
         size: size class, or ``mix`` (a class per tumor among those that fit).
         count: tumors per output; None draws it from the size class's range.
         radius_mm: exact base radius in mm; overrides ``size``.
-        seed: seed of the first copy; copy ``k`` uses ``seed + k``.
+        seed: the run's seed; each case and copy draws from its own stream of (seed, case id, copy).
         copies: variants per input.
         engine: ``rules`` (no training needed) or ``generator`` (the learned intensity change).
         generator: with ``engine=generator``, a generator checkpoint folder from ``train-synth``.
         label_scheme: how to read the organ labels.
         preview: also write a PNG of each tumor, before and after.
         overwrite: replace existing outputs.
+        layout: ``flat`` (every file in the output folder), ``nnunet`` (a raw nnU-Net v2 dataset
+            ``<dataset>/imagesTr``, ``labelsTr``, ``dataset.json``) or ``monai`` (flat, plus a MONAI data list).
+        dataset: with ``layout=nnunet``, the dataset's folder name, ``DatasetNNN_Name``.
         rules: constants of the rule-based engine.
     """
 
@@ -136,11 +155,13 @@ class SynthesizeConfig:
     radius_mm: float | None = None
     seed: int = 0
     copies: int = 1
-    engine: Literal["rules", "generator"] = "rules"
+    engine: EngineName = "rules"
     generator: str | None = None
     label_scheme: LabelSchemeName = "auto"
     preview: bool = False
     overwrite: bool = False
+    layout: Annotated[str, OneOf(LAYOUTS)] = "flat"
+    dataset: str = "Dataset501_Synthetic"
     rules: SynthesisConfig = SynthesisConfig()
 
     def __post_init__(self) -> None:
@@ -155,6 +176,10 @@ class SynthesizeConfig:
             raise ValueError("seed must be non-negative")
         if self.engine == "generator" and not self.generator:
             raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")
+        if self.layout == "nnunet" and not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_-]*", self.dataset):
+            raise ValueError(
+                f"dataset must read DatasetNNN_Name (nnU-Net's naming, e.g. Dataset501_LiverSynth), got {self.dataset!r}"
+            )
         if self.engine == "rules" and self.generator:
             raise ValueError(
                 "a generator is given but the engine is rules: drop --generator, or use --engine generator"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,17 +27,20 @@ from freetumor_cli.core.io import (
     case_name,
     check_same_grid,
     disk_dtype,
+    is_dicom_series,
     is_nifti,
+    load_image,
     load_volume,
     read_datalist,
     save_volume,
     write_text_atomic,
 )
 from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
-from freetumor_cli.core.synthesis_config import SynthesizeConfig
+from freetumor_cli.core.synthesis_config import SynthesisConfig, SynthesizeConfig
 
 if TYPE_CHECKING:
-    from freetumor_cli.core.tumor import TumorRecord
+    from freetumor_cli.core.engines import IntensityModel
+    from freetumor_cli.core.tumor import OrganGeometry, SynthesisResult, TumorRecord
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,13 @@ def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[
         raise InputError(f"input not found: {path}", hint="pass a NIfTI file, a folder of them or a data-list JSON")
     if path.suffix == ".json":
         return _cases_from_datalist(path, labels_path)
+    if is_dicom_series(path):
+        if labels_path is None or labels_path.is_dir():
+            raise InputError(
+                f"{path} is a DICOM series: pass its organ labels as one NIfTI file with --labels",
+                hint="e.g. TotalSegmentator -i <series folder> -o seg.nii.gz --ml",
+            )
+        return [Case(path, labels_path, path.name)]
     if path.is_dir():
         images = sorted(
             p
@@ -146,10 +157,28 @@ def is_synthesize_output(path: str | os.PathLike[str]) -> bool:
     return bool(OUTPUT_NAME.search(case_name(path)))
 
 
-def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: bool, organ: str) -> dict[str, Path]:
-    """The files written for one copy of one case: ``<case>_<organ>_synthetic[_NNN]`` (+ ``_label``, ``.json``,
-    ``_preview.png``), so that runs for two organs into one folder do not collide."""
+def output_paths(
+    out_dir: Path, case: str, copy_index: int | None, *, preview: bool, organ: str, layout: str = "flat",
+    dataset: str = "Dataset501_Synthetic",
+) -> dict[str, Path]:  # fmt: skip
+    """The files written for one copy of one case.
+
+    Their stem is ``<case>_<organ>_synthetic[_NNN]``, so that runs for two organs into one folder do not
+    collide. ``flat`` and ``monai`` put ``<stem>.nii.gz``, ``<stem>_label.nii.gz``, ``<stem>.json`` (and
+    ``<stem>_preview.png``) in ``out_dir``; ``nnunet`` writes ``<dataset>/imagesTr/<stem>_0000.nii.gz``,
+    ``<dataset>/labelsTr/<stem>.nii.gz``, and the records under ``<dataset>/freetumor/``.
+    """
     stem = f"{case}_{organ}_synthetic" + ("" if copy_index is None else f"_{copy_index:03d}")
+    if layout == "nnunet":
+        root = out_dir / dataset
+        paths = {
+            "image": root / "imagesTr" / f"{stem}_0000.nii.gz",
+            "label": root / "labelsTr" / f"{stem}.nii.gz",
+            "json": root / RECORDS_FOLDER / f"{stem}.json",
+        }
+        if preview:
+            paths["preview"] = root / RECORDS_FOLDER / f"{stem}_preview.png"
+        return paths
     paths = {
         "image": out_dir / f"{stem}.nii.gz",
         "label": out_dir / f"{stem}_label.nii.gz",
@@ -158,6 +187,46 @@ def output_paths(out_dir: Path, case: str, copy_index: int | None, *, preview: b
     if preview:
         paths["preview"] = out_dir / f"{stem}_preview.png"
     return paths
+
+
+RECORDS_FOLDER = "freetumor"  # in an nnU-Net dataset: the JSON records and previews, beside imagesTr
+DATALIST_NAME = "datalist.json"
+
+
+def write_layout_index(out_dir: str | os.PathLike[str], config: SynthesizeConfig) -> Path | None:
+    """The index of the outputs' layout, rebuilt from every record in the folder (so reruns and parts add up).
+
+    ``nnunet``: ``<dataset>/dataset.json`` (channel CT, the region's labels, ``numTraining``);
+    ``monai``: ``datalist.json`` with a ``training`` entry per output, paths relative to it. ``flat``
+    writes nothing.
+    """
+    out = Path(out_dir)
+    region = REGIONS[ORGANS[config.organ].region]
+    if config.layout == "nnunet":
+        root = out / config.dataset
+        cases = sorted(p.name[: -len(".nii.gz")] for p in (root / "labelsTr").glob("*.nii.gz"))
+        if not cases:
+            return None
+        index = {
+            "channel_names": {"0": "CT"},
+            "labels": {name: value for value, name in sorted(region.labels.items())},
+            "numTraining": len(cases),
+            "file_ending": ".nii.gz",
+            "description": f"synthetic {region.name} tumors from freetumor {__version__}",
+        }
+        return write_text_atomic(root / "dataset.json", json.dumps(index, indent=2) + "\n")
+    if config.layout == "monai":
+        entries = []
+        for record in sorted(out.glob("*_synthetic*.json")):
+            stem = record.name[: -len(".json")]
+            image, label = out / f"{stem}.nii.gz", out / f"{stem}_label.nii.gz"
+            if OUTPUT_NAME.search(stem) and image.is_file() and label.is_file():
+                entries.append({"image": image.name, "label": label.name})
+        if not entries:
+            return None
+        index = {"labels": {str(v): n for v, n in sorted(region.labels.items())}, "training": entries}
+        return write_text_atomic(out / DATALIST_NAME, json.dumps(index, indent=2) + "\n")
+    return None
 
 
 def detect_label_scheme(values: np.ndarray, organ: Organ) -> str:
@@ -188,10 +257,10 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
     array = labels.array
     if not np.issubdtype(array.dtype, np.integer):
         if np.isnan(array).any() or not np.array_equal(array, np.rint(array)):
-            raise LabelError(f"labels {labels.path} hold non-integer values", hint="pass an integer label map")
+            raise LabelError(f"labels {labels.name} hold non-integer values", hint="pass an integer label map")
         array = array.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() > 65535):
-        raise LabelError(f"labels {labels.path} hold values outside 0..65535")
+        raise LabelError(f"labels {labels.name} hold values outside 0..65535")
     values = present_values(array)
     used = detect_label_scheme(values, organ) if scheme == "auto" else scheme
     if used == "freetumor":
@@ -199,7 +268,7 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
         bad = sorted(set(int(v) for v in values) - allowed)
         if bad:
             raise LabelError(
-                f"labels {labels.path} hold values {bad} outside freetumor's {organ.region} scheme "
+                f"labels {labels.name} hold values {bad} outside freetumor's {organ.region} scheme "
                 f"({', '.join(f'{k} {v}' for k, v in REGIONS[organ.region].labels.items())})",
                 hint="pass --label-scheme totalsegmentator or binary if the labels use another scheme",
             )
@@ -208,7 +277,7 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
         if used == "binary":
             bad = sorted(set(int(v) for v in values) - {0, 1})
             if bad:
-                raise LabelError(f"labels {labels.path} are not a binary mask (values {bad[:5]})")
+                raise LabelError(f"labels {labels.name} are not a binary mask (values {bad[:5]})")
         mapping = foreign_to_region(used, organ)
         lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
         for source, target in mapping.items():
@@ -223,7 +292,7 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
             "freetumor": f"value {organ.value}",
         }[used]
         raise LabelError(
-            f"no {organ.name} in labels {labels.path} ({used} scheme, {where}; values present: "
+            f"no {organ.name} in labels {labels.name} ({used} scheme, {where}; values present: "
             f"{', '.join(str(int(v)) for v in values[:12])})",
             hint="check --organ, or pass --label-scheme if the scheme was guessed wrong",
         )
@@ -249,14 +318,14 @@ def check_ct_values(image: Volume) -> list[str]:
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise InputError(
-                f"image {image.path} has {bad} voxels that are NaN or infinite",
+                f"image {image.name} has {bad} voxels that are NaN or infinite",
                 hint="replace them (e.g. with -1024 HU) first",
             )
     sample = array[::4, ::4, ::2]
     low, high = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 0.0)
     if low > -500 or high > 4000 or high - low < 200:
         return [
-            f"image {image.path} spans {low:.0f}..{high:.0f} (0.5-99.5 percentile): that does not look like "
+            f"image {image.name} spans {low:.0f}..{high:.0f} (0.5-99.5 percentile): that does not look like "
             "CT in Hounsfield units (air is about -1000 HU), so the tumor contrast may be wrong"
         ]
     return []
@@ -286,7 +355,12 @@ def synthesize_case(
             ),
         )
     copies: list[int | None] = [None] if config.copies == 1 else list(range(1, config.copies + 1))
-    all_paths = [output_paths(out, case.name, c, preview=config.preview, organ=organ.name) for c in copies]
+    all_paths = [
+        output_paths(
+            out, case.name, c, preview=config.preview, organ=organ.name, layout=config.layout, dataset=config.dataset
+        )
+        for c in copies
+    ]
     if not config.overwrite and all(_finished(paths, case, config) for paths in all_paths):
         result.skipped = True  # a rerun after an interruption: this case is done
         result.notes.append(f"{case.name}: already done (same configuration), skipped")
@@ -294,9 +368,9 @@ def synthesize_case(
     # gzip (de)compression releases the GIL: read the image and its labels side by side, and import
     # the engine (scipy) meanwhile.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        image_job = pool.submit(load_volume, case.image, what="image")
+        image_job = pool.submit(load_image, case.image, what="image")
         labels_job = pool.submit(load_volume, case.labels, what="labels")
-        from freetumor_cli.core.tumor import prepare_organ, synthesize_in_organ
+        from freetumor_cli.core.tumor import prepare_organ
 
         image, labels = image_job.result(), labels_job.result()
     check_same_grid(image, labels)
@@ -306,30 +380,20 @@ def synthesize_case(
         result.notes.append(f"labels {case.labels.name}: detected the {scheme} scheme")
     if case.labels_found_by == "nnU-Net convention":
         result.notes.append(f"labels found beside the image: {case.labels}")
-    organ_mask = region_labels == organ.value
-    source = image.array
-    dtype = disk_dtype(image)
-    geometry = prepare_organ(organ_mask, organ, spacing=image.spacing, affine=image.affine, config=config.rules)
-    for copy_index, paths in zip(copies, all_paths, strict=True):
-        seed = config.seed + (0 if copy_index is None else copy_index - 1)
-        rng = np.random.default_rng(seed)
-        synth = synthesize_in_organ(
-            source,
-            organ_mask,
-            organ,
-            spacing=image.spacing,
-            affine=image.affine,
-            rng=rng,
-            size=config.size,
-            count=config.count,
-            radius_mm=config.radius_mm,
-            config=config.rules,
-            geometry=geometry,
-        )
-        if config.engine == "generator":
-            from freetumor_cli.core.learned import apply_generator
+    geometry = prepare_organ(
+        region_labels == organ.value, organ, spacing=image.spacing, affine=image.affine, config=config.rules
+    )
+    intensity = None
+    if config.engine == "generator":
+        from freetumor_cli.core.learned import GeneratorIntensity
 
-            synth = apply_generator(synth, image, organ, str(config.generator), device=device)
+        intensity = GeneratorIntensity(str(config.generator), organ, device=device)
+    for copy_index, paths in zip(copies, all_paths, strict=True):
+        stream = case_stream(config.seed, case.name, copy_index)
+        synth, new_image, new_labels = insert_tumors(
+            image, region_labels, organ, rng=np.random.default_rng(stream), config=config,
+            geometry=geometry, intensity=intensity,
+        )  # fmt: skip
         result.notes.extend(n for n in synth.notes if n not in result.notes)
         if copy_index in (None, 1) and not config.overwrite:
             # Checked after the first synthesis so that input problems are reported first, and
@@ -340,10 +404,8 @@ def synthesize_case(
                     f"output exists from another configuration or an unfinished write: {existing[0]}",
                     hint="pass --overwrite to replace it, or choose another --out",
                 )
-        new_image = synth.apply(source.copy(order="K") if source.dtype == dtype else source.astype(dtype))
-        new_labels = region_labels.copy(order="K")
-        label_region = new_labels[synth.bbox]
-        label_region[synth.tumor_mask & (label_region == organ.value)] = organ.tumor_value
+        for folder in {p.parent for p in paths.values()}:
+            folder.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=2) as pool:
             jobs = [
                 pool.submit(save_volume, new_image, image, paths["image"]),
@@ -355,7 +417,8 @@ def synthesize_case(
             "tool": "freetumor",
             "version": __version__,
             "engine": config.engine,
-            "seed": seed,
+            "seed": config.seed,
+            "stream": list(stream),
             "input": str(case.image),
             "labels": str(case.labels),
             "label_scheme": scheme,
@@ -374,13 +437,13 @@ def synthesize_case(
             from freetumor_cli.core.preview import save_tumor_preview
 
             save_tumor_preview(
-                before=image.like(np.asarray(source)),
+                before=image,
                 after=image.like(new_image),
                 tumor_mask=new_labels == organ.tumor_value,
                 centers=[t.center_voxel for t in synth.tumors],
                 region=organ.region,
                 path=paths["preview"],
-                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {seed}",
+                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {config.seed}",
             )
             written.append(paths["preview"])
         result.outputs.extend(written)
@@ -388,6 +451,141 @@ def synthesize_case(
         if on_copy_done is not None:
             on_copy_done()
     return result
+
+
+def case_stream(seed: int, case: str, copy_index: int | None = None) -> tuple[int, int, int]:
+    """The entropy of one case's random stream: the seed, the case id and the copy.
+
+    Each case of a batch gets its own tumors, and adding or removing cases changes nobody else's.
+    The case id is hashed with CRC-32, which (unlike ``hash``) is the same in every process.
+    """
+    return (int(seed), zlib.crc32(case.encode("utf-8")), 0 if copy_index is None else int(copy_index))
+
+
+def insert_tumors(
+    image: Volume,
+    region_labels: np.ndarray,
+    organ: Organ,
+    *,
+    rng: np.random.Generator,
+    config: SynthesizeConfig,
+    geometry: OrganGeometry | None = None,
+    intensity: IntensityModel | None = None,
+) -> tuple[SynthesisResult, np.ndarray, np.ndarray]:
+    """Tumors into one CT volume: (what was done, the new image in the input's dtype, the new labels).
+
+    ``region_labels`` are in freetumor's scheme for the organ's region; the new labels mark the
+    tumors with the organ's tumor value. Neither input is modified.
+    """
+    from freetumor_cli.core.tumor import synthesize_in_organ
+
+    source = image.array
+    dtype = disk_dtype(image)
+    synth = synthesize_in_organ(
+        source, region_labels == organ.value if geometry is None else geometry.mask, organ,
+        spacing=image.spacing, affine=image.affine, rng=rng, size=config.size, count=config.count,
+        radius_mm=config.radius_mm, config=config.rules, geometry=geometry, intensity=intensity,
+    )  # fmt: skip
+    new_image = synth.apply(source.copy(order="K") if source.dtype == dtype else source.astype(dtype))
+    new_labels = region_labels.astype(np.uint8, copy=True, order="K")
+    label_box = new_labels[synth.bbox]
+    label_box[synth.tumor_mask & (label_box == organ.value)] = organ.tumor_value
+    return synth, new_image, new_labels
+
+
+@dataclass
+class SynthesizedImage:
+    """What :func:`synthesize_tumors` returns.
+
+    Attributes:
+        image: the CT with tumors: a nibabel image when a nibabel image came in (same affine and
+            header, the input's dtype), else an array of the input's dtype.
+        label: organs and tumors in freetumor's scheme for the organ's region (uint8), of the same kind.
+        tumors: one record per tumor (size class, center in voxels and world mm, radii, volume, HU).
+        notes: what the engine decided on the caller's behalf.
+        label_scheme: how the labels were read (freetumor, totalsegmentator or binary).
+    """
+
+    image: Any
+    label: Any
+    tumors: list[TumorRecord]
+    notes: list[str]
+    label_scheme: str
+
+
+def synthesize_tumors(
+    image: Any,
+    labels: Any,
+    organ: str,
+    *,
+    affine: Any = None,
+    seed: int | np.random.Generator = 0,
+    size: str = "mix",
+    count: int | None = 1,
+    radius_mm: float | None = None,
+    label_scheme: str = "auto",
+    rules: SynthesisConfig | None = None,
+    generator: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+) -> SynthesizedImage:
+    """Insert synthetic tumors into a CT held in memory: no files are read or written.
+
+    Args:
+        image: the CT in HU, a nibabel image or a 3D array (then pass ``affine``).
+        labels: the organ labels on the same grid, of the same kind: freetumor's scheme, a
+            TotalSegmentator multilabel map or a binary organ mask (bool or 0/1).
+        organ: the target organ (``liver``, ``pancreas``, ``kidney``, ``lung``).
+        affine: the voxel-to-world matrix of array inputs.
+        seed: a seed or a ``numpy.random.Generator``: the same seed gives the same tumors.
+        size: a size class (``tiny``, ``small``, ``medium``, ``large``) or ``mix``.
+        count: tumors to insert; None draws the count from the size class's range.
+        radius_mm: an exact tumor radius in mm (overrides ``size``).
+        label_scheme: ``auto`` or the scheme of ``labels``.
+        rules: the rule engine's constants.
+        generator: a generator checkpoint for learned intensities (``train-synth``, ``fetch-weights``).
+        device: where the generator runs.
+
+    Raises:
+        InputError, GeometryError, LabelError, OrganTooSmallError: as the ``synthesize`` command.
+
+    Example:
+        >>> import nibabel as nib
+        >>> from freetumor_cli import synthesize_tumors
+        >>> out = synthesize_tumors(nib.load("ct.nii.gz"), nib.load("seg.nii.gz"), "liver", seed=1)
+        >>> out.image.to_filename("ct_tumor.nii.gz"); out.label.to_filename("ct_tumor_label.nii.gz")
+    """
+    from freetumor_cli.core.io import _nifti_image, volume_from
+
+    if organ not in ORGANS:
+        raise InputError(f"unknown organ {organ!r}", hint=f"choose one of {', '.join(ORGANS)}")
+    config = SynthesizeConfig(
+        organ=organ, size=size, count=count, radius_mm=radius_mm, label_scheme=label_scheme,
+        engine="generator" if generator else "rules", generator=str(generator) if generator else None,
+        **({"rules": rules} if rules is not None else {}),
+    )  # fmt: skip
+    ct = volume_from(image, affine, what="image")
+    label_array = labels.astype(np.uint8) if isinstance(labels, np.ndarray) and labels.dtype == bool else labels
+    label_volume = volume_from(label_array, ct.affine if isinstance(labels, np.ndarray) else None, what="labels")
+    check_same_grid(ct, label_volume)
+    warnings = check_ct_values(ct)
+    target = ORGANS[organ]
+    region_labels, scheme = organ_labels_in_region(label_volume, target, config.label_scheme)
+    intensity = None
+    if generator:
+        from freetumor_cli.core.learned import GeneratorIntensity
+
+        intensity = GeneratorIntensity(generator, target, device=device)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    synth, new_image, new_labels = insert_tumors(ct, region_labels, target, rng=rng, config=config, intensity=intensity)
+    if isinstance(image, np.ndarray):
+        return SynthesizedImage(new_image, new_labels, synth.tumors, warnings + synth.notes, scheme)
+    return SynthesizedImage(
+        _nifti_image(new_image, ct, label=False),
+        _nifti_image(new_labels, ct, label=True),
+        synth.tumors,
+        warnings + synth.notes,
+        scheme,
+    )
 
 
 def _finished(paths: dict[str, Path], case: Case, config: SynthesizeConfig) -> bool:
@@ -403,6 +601,13 @@ def _finished(paths: dict[str, Path], case: Case, config: SynthesizeConfig) -> b
     return ours == theirs and sidecar.get("input") == str(case.image)
 
 
+def _run_case(case: Case, config: SynthesizeConfig, out_dir: str, device: str) -> CaseResult | FreetumorError:
+    try:
+        return synthesize_case(case, config, out_dir, device=device)
+    except FreetumorError as exc:
+        return exc
+
+
 def iter_results(
     cases: Iterable[Case],
     config: SynthesizeConfig,
@@ -410,15 +615,47 @@ def iter_results(
     *,
     on_copy_done: Callable[[], None] | None = None,
     device: str = "cpu",
+    workers: int = 1,
+    part: tuple[int, int] | None = None,
 ) -> Iterable[tuple[Case, CaseResult | Exception]]:
     """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it.
 
-    The output folder is locked meanwhile: a second run into it stops at once. Cases finished by an
-    earlier run with the same configuration are skipped.
+    The output folder is locked meanwhile: a second run into it stops at once (with ``part``, each
+    part of a job locks its own share, and the parts write side by side). Cases finished by an
+    earlier run with the same configuration are skipped. With ``workers`` > 1 the cases run in that
+    many processes and results come as they finish; each case's tumors are the same either way.
     """
-    with OutputLock(out_dir, "synthesize"):
+    cases = list(cases)
+    with OutputLock(out_dir, "synthesize", part=part):
+        yield from _results(cases, config, out_dir, on_copy_done=on_copy_done, device=device, workers=workers)
+        write_layout_index(out_dir, config)
+
+
+def _results(
+    cases: list[Case],
+    config: SynthesizeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    on_copy_done: Callable[[], None] | None,
+    device: str,
+    workers: int,
+) -> Iterable[tuple[Case, CaseResult | Exception]]:
+    if workers <= 1 or len(cases) <= 1:
         for case in cases:
             try:
                 yield case, synthesize_case(case, config, out_dir, on_copy_done=on_copy_done, device=device)
             except FreetumorError as exc:
                 yield case, exc
+        return
+    from concurrent.futures import as_completed
+
+    from freetumor_cli.core.parallel import process_pool
+
+    with process_pool(min(workers, len(cases))) as pool:
+        futures = {pool.submit(_run_case, case, config, str(out_dir), device): case for case in cases}
+        for future in as_completed(futures):
+            result = future.result()
+            if on_copy_done is not None and isinstance(result, CaseResult) and not result.skipped:
+                for _ in result.tumors:
+                    on_copy_done()
+            yield futures[future], result

@@ -177,7 +177,7 @@ class TrainSegConfig:
         if not self.overlap < 1 or self.pos + self.neg <= 0:
             raise ValueError("overlap must be below 1, and pos + neg above 0")
         synth = Path(self.synth)
-        if self.synth != "rules" and not (
+        if self.engine == "generator" and not (
             (synth / "generator.json").is_file() or (synth.is_file() and synth.suffix in (".pt", ".pth"))
         ):
             raise ValueError(
@@ -188,6 +188,13 @@ class TrainSegConfig:
         """How many times a tumor-labelled case of ``dataset`` appears in an epoch (of a resolved config)."""
         assert self.labelled_repeats is not None and self.dataset_repeats is not None
         return self.labelled_repeats * self.dataset_repeats.get(dataset, 1)
+
+    @property
+    def engine(self) -> str:
+        """The synthesis engine ``synth`` names: ``rules``, or ``generator`` for a checkpoint's path."""
+        from freetumor_cli.core.engines import engine_of
+
+        return engine_of(self.synth)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -309,7 +316,7 @@ def _train_segmentation(
         task=config.task, preprocessing=model_config.preprocessing(), roi=model_config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
         synthesize=config.mode == "freesyn", augment=config.augment,
-        geometry_only=config.mode == "freesyn" and config.synth != "rules",
+        geometry_only=config.mode == "freesyn" and config.engine == "generator",
     )  # fmt: skip
     accelerator = make_accelerator(
         out, device=device, mixed_precision=config.mixed_precision, grad_accum=config.grad_accum

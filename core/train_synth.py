@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from freetumor_cli.core.config import to_yaml
+from freetumor_cli.core.engines import RuleIntensity
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.memory import (
@@ -333,9 +334,9 @@ def _train_generator(
     rules_qc = float("nan")
     if fixed is not None:
         fixed_batch = _gan_batch(fixed, critic_config.task, task, channels)
+        rule = RuleIntensity.for_region(config.region, config.rules, window_hu=preprocessing.window_hu)
         sign = float(REGIONS[config.region].tumor_sign)
-        low, high = config.rules.hu_change(config.region)
-        rule_images = (fixed_batch.image + sign * fixed_batch.profile * ((low + high) / 2 / window_width)).clamp(0, 1)
+        rule_images = (fixed_batch.image + rule.of_profile(fixed_batch.profile, sign, rule.mean_hu)).clamp(0, 1)
         rules_scores = heldout_scores(rule_images, fixed_batch, critic, config.qc_threshold, window_width)
         rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
         if not resume:

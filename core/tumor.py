@@ -16,12 +16,21 @@ passed explicitly. The file-level API is :mod:`freetumor_cli.core.synthesize`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
+from freetumor_cli.core.engines import (
+    IntensityModel,
+    RuleIntensity,
+    Scene,
+    TumorGeometry,
+    apply_intensity,
+    compose_changes,
+)
 from freetumor_cli.core.errors import ConfigError, LabelError, OrganTooSmallError
 from freetumor_cli.core.registry import SIZE_CLASSES, Organ
 from freetumor_cli.core.synthesis_config import SizeClass, SynthesisConfig
@@ -78,7 +87,11 @@ class OrganGeometry:
 
     @property
     def volume_ml(self) -> float:
-        return float(self.mask.sum()) * self.voxel_volume_ml
+        return self.organ_voxels * self.voxel_volume_ml
+
+    @functools.cached_property
+    def organ_voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
 
     @property
     def max_depth_mm(self) -> float:
@@ -89,9 +102,17 @@ class OrganGeometry:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Slices of the smallest box holding every true voxel of a 3D mask, or None when it is empty."""
-    plane = np.asarray(mask.any(axis=2))  # one pass over the volume, then small projections
-    along = (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1)))
+    """Slices of the smallest box holding every true voxel of a 3D mask, or None when it is empty.
+
+    One pass over the volume, along its slowest axis (whole contiguous planes OR-ed together, in C or
+    Fortran order alike), then small projections of the plane it leaves.
+    """
+    outer = int(np.argmax(np.abs(mask.strides))) if mask.size else 0
+    plane = np.asarray(mask.any(axis=outer))
+    inner = [a for a in range(3) if a != outer]  # the plane's axes, in order
+    along: list[np.ndarray] = [np.zeros(0, bool)] * 3
+    along[inner[0]], along[inner[1]] = plane.any(axis=1), plane.any(axis=0)
+    along[outer] = mask.any(axis=tuple(inner)) if plane.any() else np.zeros(mask.shape[outer], bool)
     slices = []
     for present in along:
         index = np.flatnonzero(present)
@@ -130,7 +151,7 @@ def prepare_organ(
     bbox = bounding_box(organ_mask)
     if bbox is None:
         raise LabelError(f"no {organ.name} voxels in the labels", hint="check --organ and --labels")
-    mask = np.ascontiguousarray(organ_mask[bbox])
+    mask = organ_mask[bbox].copy(order="K")  # keeps the memory order: a Fortran-ordered box is not transposed
     step = np.maximum(1, np.floor(config.placement_grid_mm / spacing_arr)).astype(int)
     coarse = mask[:: step[0], :: step[1], :: step[2]]
     # Pad so the bounding box's faces count as surface (the organ may be cut by the field of view).
@@ -640,8 +661,7 @@ def _tumor_voxels(
         hi = np.where(grow_hi, np.minimum(hi + geometry.coarse_step, limit_hi), hi)
 
 
-def insert_tumor(
-    patches: list[tuple[tuple[slice, ...], np.ndarray]],
+def place_tumor(
     tumor_mask: np.ndarray,
     geometry: OrganGeometry,
     *,
@@ -650,22 +670,25 @@ def insert_tumor(
     elastic_range_mm: tuple[float, float],
     rng: np.random.Generator,
     config: SynthesisConfig,
-) -> TumorRecord:
-    """Place one tumor in the organ: append its intensity change to ``patches``, update ``tumor_mask``.
+) -> TumorGeometry:
+    """Place one tumor in the organ and make its geometry: voxels, edge and texture (no intensity).
 
     A draw is first evaluated on the organ's coarse grid: a placement that keeps less than
     ``min_kept_fraction`` of the tumor inside the organ is re-drawn (cheaply), and the fine work is
     done only on the bounding box of what is kept.
 
     Args:
-        patches: (box in the organ's bounding box, float32 change there) per tumor so far (appended to).
-        tumor_mask: bool tumor mask over the organ's bounding box (updated in place).
+        tumor_mask: bool tumor mask over the organ's bounding box (read only: the caller adds to it).
         geometry: the prepared organ.
         size_class: the size class name (or "custom" with ``radius_mm``).
         radius_mm: exact base radius, or None to draw each axis in ``radius_jitter`` × R of the class.
         elastic_range_mm: range of the elastic displacement strength.
         rng: the call's random generator.
         config: engine constants.
+
+    Returns:
+        The tumor's box in the organ's bounding box, its voxels, its profile ``blur(mask) · texture``
+        inside the organ, and its record (center relative to the organ's box; no intensity yet).
     """
     spacing = geometry.spacing
     organ = geometry.organ
@@ -698,101 +721,56 @@ def insert_tumor(
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     shape = np.zeros(hi - lo, dtype=bool)
     shape[tuple(slice(int(a), int(a) + n) for a, n in zip(corner - lo, tight.shape, strict=True))] = tight
-    organ_box = geometry.mask[box]
-    change_hu = float(rng.uniform(*config.hu_change(organ.region)))
     # The organ (and so the tumor) may go on beyond the field of view: there the edge is not blurred.
     open_faces = [
         (bool(a == 0 and low), bool(b == n and high))
         for a, b, n, (low, high) in zip(lo, hi, geometry.mask.shape, geometry.at_volume_edge, strict=True)
     ]
-    delta, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, gain=organ.tumor_sign * change_hu, open_faces=open_faces)
-    tumor_texture(delta.shape, spacing, rng, config.texture_for(organ.region, rng), multiply=delta)
-    delta *= organ_box  # the image changes inside the organ only
-    patches.append((box, delta))
+    profile, _ = blur_mask(shape, draw.edge_sigma_mm, spacing, open_faces=open_faces)
+    tumor_texture(profile.shape, spacing, rng, config.texture_for(organ.region, rng), multiply=profile)
+    profile *= geometry.mask[box]  # the image changes inside the organ only
     voxels = int(np.count_nonzero(shape))
-    mean_change = float(np.sum(delta, where=shape, dtype=np.float64)) / voxels
-    tumor_mask[box] |= shape
-    return TumorRecord(
+    record = TumorRecord(
         organ=organ.name,
         size_class=size_class,
-        center_voxel=(
-            int(draw.center[0]),
-            int(draw.center[1]),
-            int(draw.center[2]),
-        ),  # bbox-relative; shifted by the caller
+        center_voxel=(int(draw.center[0]), int(draw.center[1]), int(draw.center[2])),
         radii_mm=tuple(round(float(r), 3) for r in draw.radii_mm),  # type: ignore[arg-type]
         elastic_sigma_mm=round(draw.elastic_sigma_mm, 3),
         edge_sigma_mm=round(draw.edge_sigma_mm, 3),
-        intensity_change_hu=round(organ.tumor_sign * change_hu, 2),
+        intensity_change_hu=0.0,
         depth_mm=round(draw.depth_mm, 2),
         voxels=voxels,
         volume_ml=round(voxels * geometry.voxel_volume_ml, 4),
         kept_fraction=round(kept, 3),
-        mean_hu_change=round(mean_change, 2),
     )
-
-
-def elastic_range(size_class: str, radius_mm: float | None, config: SynthesisConfig) -> tuple[float, float]:
-    """The elastic strength range of a size class, or of the class nearest in size to ``radius_mm``."""
-    if radius_mm is None:
-        return config.size_class(size_class).elastic_sigma_mm
-    nearest = min(SIZE_CLASSES, key=lambda n: abs(np.log(config.size_class(n).radius_mm / radius_mm)))
-    sc = config.size_class(nearest)
-    factor = radius_mm / sc.radius_mm
-    return (sc.elastic_sigma_mm[0] * factor, sc.elastic_sigma_mm[1] * factor)
+    return TumorGeometry(box, shape, profile, record)
 
 
 @dataclass
-class SynthesisResult:
-    """The result of :func:`synthesize_in_organ`, as changes over the organ's bounding box.
+class Placement:
+    """The tumors placed in one organ, before any intensity change.
 
     Attributes:
-        source: the input image (not modified).
-        patches: per tumor, a box within ``bbox`` and the float32 intensity change there (additive).
-        tumor_mask: bool mask of synthetic tumor voxels over ``bbox``.
+        tumors: each tumor's geometry (boxes within ``bbox``; record centers in volume voxels).
+        tumor_mask: bool mask of all tumor voxels over ``bbox``.
         bbox: the organ's bounding box in the volume.
-        tumors: one record per tumor, centers in volume voxel indices.
-        notes: what the engine decided on the user's behalf (sizes dropped, ...).
+        notes: what the engine decided on the user's behalf (sizes dropped, tumors not placed, ...).
     """
 
-    source: np.ndarray
-    patches: list[tuple[tuple[slice, ...], np.ndarray]]
+    tumors: list[TumorGeometry]
     tumor_mask: np.ndarray
     bbox: tuple[slice, slice, slice]
-    tumors: list[TumorRecord]
     notes: list[str]
 
-    @property
-    def image(self) -> np.ndarray:
-        """The organ's bounding box after insertion, float32 (allocated on each access)."""
-        work = self.source[self.bbox].astype(np.float32)
-        for box, delta in self.patches:
-            work[box] += delta
-        return work
-
-    def apply(self, out: np.ndarray) -> np.ndarray:
-        """Write the changed voxels into ``out`` (a copy of the source volume), cast to its dtype.
-
-        Only the tumors' boxes are touched: unchanged voxels keep their exact values.
-        """
-        from freetumor_cli.core.io import cast_like
-
-        if not self.patches:
-            return out
-        lo = np.min([[s.start for s in box] for box, _ in self.patches], axis=0)
-        hi = np.max([[s.stop for s in box] for box, _ in self.patches], axis=0)
-        union = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        change = np.zeros(tuple(int(b - a) for a, b in zip(lo, hi, strict=True)), dtype=np.float32)
-        for box, delta in self.patches:
-            change[tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, lo, strict=True))] += delta
-        region = out[self.bbox][union]
-        changed = change != 0
-        region[changed] = cast_like(region[changed].astype(np.float32) + change[changed], out.dtype)
+    def profile(self) -> np.ndarray:
+        """The tumors' profiles over ``bbox`` (float32); where they overlap, the larger one."""
+        out = np.zeros(self.tumor_mask.shape, dtype=np.float32)
+        for tumor in self.tumors:
+            np.maximum(out[tumor.box], tumor.profile, out=out[tumor.box])
         return out
 
 
-def synthesize_in_organ(
-    image: np.ndarray,
+def place_tumors(
     organ_mask: np.ndarray,
     organ: Organ,
     *,
@@ -804,25 +782,11 @@ def synthesize_in_organ(
     radius_mm: float | None = None,
     config: SynthesisConfig | None = None,
     geometry: OrganGeometry | None = None,
-) -> SynthesisResult:
-    """Insert rule-based tumors into one organ of a CT volume.
+) -> Placement:
+    """Place tumors in one organ: their voxels, edges and textures, whatever the intensity engine.
 
-    Args:
-        image: the CT in HU, shape ``(I, J, K)`` (not modified).
-        organ_mask: bool mask of the target organ (healthy tissue), same shape.
-        organ: the organ's registry entry (decides the sign of the change).
-        spacing: voxel size in mm per array axis.
-        affine: voxel-to-world matrix.
-        rng: the only source of randomness.
-        size: a size class or ``"mix"``.
-        count: number of tumors; None draws it from the size class's range.
-        radius_mm: exact base radius in mm (overrides ``size``).
-        config: engine constants.
-        geometry: a prepared organ (from :func:`prepare_organ`) to reuse across calls.
-
-    Raises:
-        LabelError: the organ is absent.
-        OrganTooSmallError: the organ cannot hold the asked size.
+    Arguments as :func:`synthesize_in_organ`. At most ``config.max_tumor_share`` of the organ becomes
+    tumor: a tumor that would pass it is not placed, nor any after it, and a note says so.
     """
     config = config or SynthesisConfig()
     if geometry is None:
@@ -842,13 +806,13 @@ def synthesize_in_organ(
         classes = ["custom"] * (count if count is not None else 1)
     else:
         classes = plan_size_classes(size, count, geometry, config, rng)
-    patches: list[tuple[tuple[slice, ...], np.ndarray]] = []
     tumor_mask = np.zeros(geometry.mask.shape, dtype=bool)
     offset = np.array([s.start for s in geometry.bbox])
-    tumors = []
-    for size_class in classes:
-        record = insert_tumor(
-            patches,
+    budget = config.max_tumor_share * geometry.organ_voxels
+    covered = 0
+    tumors: list[TumorGeometry] = []
+    for n, size_class in enumerate(classes):
+        tumor = place_tumor(
             tumor_mask,
             geometry,
             size_class=size_class,
@@ -857,8 +821,128 @@ def synthesize_in_organ(
             rng=rng,
             config=config,
         )
+        added = int(np.count_nonzero(tumor.mask & ~tumor_mask[tumor.box]))
+        if covered + added > budget and tumors:
+            geometry.notes.append(
+                f"placed {n} of {len(classes)} tumors: the next would make more than "
+                f"{config.max_tumor_share:.0%} of the {organ.name} tumor (rules.max_tumor_share)"
+            )
+            break
+        covered += added
+        tumor_mask[tumor.box] |= tumor.mask
+        record = tumor.record
         center = np.array(record.center_voxel) + offset
-        record.center_voxel = tuple(int(v) for v in center)  # type: ignore[assignment]
-        record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])  # type: ignore[assignment]
-        tumors.append(record)
-    return SynthesisResult(image, patches, tumor_mask, geometry.bbox, tumors, list(geometry.notes))
+        record.center_voxel = tuple(int(v) for v in center)
+        record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])
+        tumors.append(tumor)
+    return Placement(tumors, tumor_mask, geometry.bbox, list(geometry.notes))
+
+
+def elastic_range(size_class: str, radius_mm: float | None, config: SynthesisConfig) -> tuple[float, float]:
+    """The elastic strength range of a size class, or of the class nearest in size to ``radius_mm``."""
+    if radius_mm is None:
+        return config.size_class(size_class).elastic_sigma_mm
+    nearest = min(SIZE_CLASSES, key=lambda n: abs(np.log(config.size_class(n).radius_mm / radius_mm)))
+    sc = config.size_class(nearest)
+    factor = radius_mm / sc.radius_mm
+    return (sc.elastic_sigma_mm[0] * factor, sc.elastic_sigma_mm[1] * factor)
+
+
+@dataclass
+class SynthesisResult:
+    """The result of :func:`synthesize_in_organ`, as changes over the organ's bounding box.
+
+    Attributes:
+        source: the input image (not modified).
+        patches: per tumor, a box within ``bbox`` and the float32 intensity change there. Where tumors
+            overlap, the change of largest magnitude wins (:func:`~freetumor_cli.core.engines.compose_changes`).
+        tumor_mask: bool mask of synthetic tumor voxels over ``bbox``.
+        bbox: the organ's bounding box in the volume.
+        tumors: one record per tumor, centers in volume voxel indices.
+        notes: what the engine decided on the user's behalf (sizes dropped, ...).
+    """
+
+    source: np.ndarray
+    patches: list[tuple[tuple[slice, ...], np.ndarray]]
+    tumor_mask: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    tumors: list[TumorRecord]
+    notes: list[str]
+
+    def change(self) -> np.ndarray:
+        """The composed intensity change over ``bbox``, float32."""
+        return compose_changes(self.patches, self.tumor_mask.shape)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The organ's bounding box after insertion, float32 (allocated on each access)."""
+        return self.source[self.bbox].astype(np.float32) + self.change()
+
+    def apply(self, out: np.ndarray) -> np.ndarray:
+        """Write the changed voxels into ``out`` (a copy of the source volume), cast to its dtype.
+
+        Only the tumors' boxes are touched: unchanged voxels keep their exact values.
+        """
+        from freetumor_cli.core.io import cast_like
+
+        if not self.patches:
+            return out
+        lo = np.min([[s.start for s in box] for box, _ in self.patches], axis=0)
+        hi = np.max([[s.stop for s in box] for box, _ in self.patches], axis=0)
+        union = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        shifted = [
+            (tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, lo, strict=True)), delta)
+            for box, delta in self.patches
+        ]
+        change = compose_changes(shifted, hi - lo)
+        region = out[self.bbox][union]
+        changed = change != 0
+        region[changed] = cast_like(region[changed].astype(np.float32) + change[changed], out.dtype)
+        return out
+
+
+def synthesize_in_organ(
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    organ: Organ,
+    *,
+    spacing: Floats,
+    affine: np.ndarray,
+    rng: np.random.Generator,
+    size: str = "mix",
+    count: int | None = 1,
+    radius_mm: float | None = None,
+    config: SynthesisConfig | None = None,
+    geometry: OrganGeometry | None = None,
+    intensity: IntensityModel | None = None,
+) -> SynthesisResult:
+    """Insert tumors into one organ of a CT volume.
+
+    Args:
+        image: the CT in HU, shape ``(I, J, K)`` (not modified).
+        organ_mask: bool mask of the target organ (healthy tissue), same shape.
+        organ: the organ's registry entry (decides the sign of the change).
+        spacing: voxel size in mm per array axis.
+        affine: voxel-to-world matrix.
+        rng: the only source of randomness.
+        size: a size class or ``"mix"``.
+        count: number of tumors; None draws it from the size class's range.
+        radius_mm: exact base radius in mm (overrides ``size``).
+        config: engine constants.
+        geometry: a prepared organ (from :func:`prepare_organ`) to reuse across calls.
+        intensity: the intensity model; the rule engine's for the organ's region by default.
+
+    Raises:
+        LabelError: the organ is absent.
+        OrganTooSmallError: the organ cannot hold the asked size.
+    """
+    config = config or SynthesisConfig()
+    placement = place_tumors(
+        organ_mask, organ, spacing=spacing, affine=affine, rng=rng, size=size, count=count,
+        radius_mm=radius_mm, config=config, geometry=geometry,
+    )  # fmt: skip
+    model = intensity or RuleIntensity.for_region(organ.region, config)
+    scene = Scene(image, affine, placement.bbox, organ)
+    patches = apply_intensity(placement.tumors, model, scene, rng)
+    records = [t.record for t in placement.tumors]
+    return SynthesisResult(image, patches, placement.tumor_mask, placement.bbox, records, placement.notes)

@@ -12,10 +12,11 @@ import pytest
 pytest.importorskip("monai")
 torch = pytest.importorskip("torch")
 
+from freetumor_cli.core.parallel import select_part  # noqa: E402
 from freetumor_cli.core.prepare import PrepareConfig, build_case_store, prepare, read_manifest  # noqa: E402
 from freetumor_cli.core.preprocess import PreprocessConfig, Preprocessing  # noqa: E402
 from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, sample_crop_origins  # noqa: E402
-from freetumor_cli.core.store import CaseSource, CaseStore, StoreMiss, open_store, select_part  # noqa: E402
+from freetumor_cli.core.store import CaseSource, CaseStore, StoreMiss, open_store  # noqa: E402
 
 from .conftest import write_phantom_root  # noqa: E402
 

@@ -360,14 +360,16 @@ def test_the_chest_follows_the_originals_lesion_sizes_and_textures() -> None:
 def test_online_synthesis_goes_beside_real_lesions_in_the_chest_only() -> None:
     import torch
 
-    from freetumor_cli.core.seg_data import OnlineSynthesisd
+    from freetumor_cli.core.transforms import RandTumorSynthd
 
     organ = ball((40, 40, 40), (3.0, 3.0, 3.0), 50.0)
     label = organ.astype(np.float32)
     label[18:22, 18:22, 18:22] = 2  # a real tumor or lesion
     image = np.full(label.shape, 0.3, dtype=np.float32)
     for task, expected in (("covid", True), ("liver", False)):
-        transform = OnlineSynthesisd(task, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-1000.0, 500.0), size="small")
+        transform = RandTumorSynthd(
+            ["image", "label"], task, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-1000.0, 500.0), size="small"
+        )
         transform.set_random_state(1)
         out = transform({"image": torch.from_numpy(image[None].copy()), "label": torch.from_numpy(label[None].copy())})
         assert bool(out["synth_mask"].any()) is expected, task
