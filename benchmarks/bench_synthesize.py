@@ -156,16 +156,102 @@ def time_memory_orders(ct: np.ndarray, labels: np.ndarray, affine: np.ndarray, r
         print(f"    {size:<7} " + "   ".join(row))
 
 
-def load_save_floor(image: Path, labels: Path, out: Path) -> float:
-    """Seconds of a plain nibabel load of the CT and labels and a save of both (the command's floor)."""
+FLOOR = """
+import sys, nibabel as nib, numpy as np
+ct, lab = nib.load(sys.argv[1]), nib.load(sys.argv[2])
+a, b = np.asanyarray(ct.dataobj), np.asanyarray(lab.dataobj)
+nib.Nifti1Image(a, ct.affine, ct.header).to_filename(sys.argv[3] + "/floor_ct.nii.gz")
+nib.Nifti1Image(b, lab.affine, lab.header).to_filename(sys.argv[3] + "/floor_label.nii.gz")
+"""
+
+
+def load_save_floor(image: Path, labels: Path, out: Path) -> tuple[float, float]:
+    """Seconds of a plain nibabel load of the CT and labels and a save of both (the command's floor):
+    as a program of its own (the same interpreter start-up as the command), and within this process."""
     import nibabel as nib
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR, str(image), str(labels), str(out)], env=env, check=True)
+    program = time.perf_counter() - t0
     t0 = time.perf_counter()
     ct, lab = nib.load(str(image)), nib.load(str(labels))
     ct_array, lab_array = np.asanyarray(ct.dataobj), np.asanyarray(lab.dataobj)
     nib.Nifti1Image(ct_array, ct.affine, ct.header).to_filename(str(out / "floor_ct.nii.gz"))
     nib.Nifti1Image(lab_array, lab.affine, lab.header).to_filename(str(out / "floor_label.nii.gz"))
-    return time.perf_counter() - t0
+    return program, time.perf_counter() - t0
+
+
+COUNT_RANGES = {"tiny": (3, 10), "small": (3, 10), "medium": (2, 5), "large": (1, 3)}  # the reference's draws
+
+
+class _CountingRandom:
+    """The reference's ``random`` module, with its tumor count forced (the same count for both engines)."""
+
+    def __init__(self, size: str, count: int) -> None:
+        import random
+
+        self._random, self._range, self._count = random, COUNT_RANGES[size], count
+
+    def randint(self, a: int, b: int) -> int:
+        return self._count if (a, b) == self._range else self._random.randint(a, b)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._random, name)
+
+
+def versus_reference(
+    reference: Path, volumes: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], repeats: int
+) -> None:
+    """Per tumor, one thread, side by side with SyntheticTumors' own code (imported from a clone at
+    ``reference``, never copied), with the same size class and tumor count per call; each call of both
+    engines includes its organ preparation. The reference's texture start-up is timed apart."""
+    sys.path.insert(0, str(reference))
+    try:
+        from TumorGenerated import utils as st  # the reference: needs cv2 and elasticdeform
+    except ImportError as exc:
+        print(f"\nreference not importable from {reference}: {exc}")
+        return
+    import random
+
+    t0 = time.perf_counter()
+    texture = st.get_predefined_texture((420, 300, 320), 3, 4)  # one of its ten start-up textures
+    startup = time.perf_counter() - t0
+    print(
+        f"\nversus SyntheticTumors ({reference}): its start-up makes 10 textures of 420x300x320 float64 "
+        f"({10 * texture.nbytes / 2**30:.1f} GB); one took {startup:.1f} s here (not counted below)"
+    )
+    print(f"  ms per tumor, median of {repeats} calls; count = tumors per call, the same for both")
+    ratios = []
+    for name, ct, labels, affine in volumes:
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        mask = labels == LIVER.value
+        print(f"  {name}")
+        for size, counts in (("tiny", (1, 5)), ("small", (1, 5)), ("medium", (1, 3)), ("large", (1, 2))):
+            for count in counts:
+                ours, theirs = [], []
+                st.random = _CountingRandom(size, count)
+                for seed in range(repeats):
+                    random.seed(seed)
+                    np.random.seed(seed)
+                    volume, organ = ct.astype(np.float32), mask.astype(np.uint8)
+                    t0 = time.perf_counter()
+                    try:
+                        st.SynthesisTumor(volume, organ, size, texture)
+                    except Exception as exc:  # the reference fails on some inputs: say so
+                        theirs.append(float("nan"))
+                        print(f"    reference failed ({size}, seed {seed}): {type(exc).__name__}: {exc}")
+                        continue
+                    theirs.append((time.perf_counter() - t0) / count)
+                    t0 = time.perf_counter()
+                    synthesize_in_organ(ct, mask, LIVER, spacing=spacing, affine=affine,
+                                        rng=np.random.default_rng(seed), size=size, count=count)  # fmt: skip
+                    ours.append((time.perf_counter() - t0) / count)
+                a, b = np.median(ours) * 1000, np.nanmedian(theirs) * 1000
+                ratios.append(b / a)
+                print(f"    {size:<7} count {count}: freetumor {a:7.1f}   SyntheticTumors {b:7.1f}   {b / a:5.1f}x")
+        st.random = random
+    print(f"  geometric mean speed-up {np.exp(np.mean(np.log(ratios))):.1f}x, lowest {min(ratios):.1f}x")
 
 
 def realism(name: str, ct: Volume, labels: np.ndarray, seeds: int) -> None:
@@ -205,6 +291,10 @@ def realism(name: str, ct: Volume, labels: np.ndarray, seeds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 512x512x300 case")
+    parser.add_argument(
+        "--reference", type=Path, help="a clone of github.com/MrGiovanni/SyntheticTumors to time side by side"
+    )
+    parser.add_argument("--only-reference", action="store_true", help="only the side-by-side timing")
     args = parser.parse_args()
     repeats = 3 if args.quick else 10
     print(
@@ -212,6 +302,16 @@ def main() -> None:
     )
 
     crop = liver_crop_1mm()
+    if args.reference is not None:
+        volumes = [("128³ liver crop, 1 mm", crop.array[0], crop.array[1], crop.affine)]
+        for shape, spacing in (((512, 512, 100), (0.78, 0.78, 2.5)), ((384, 384, 192), (0.9, 0.9, 1.25)),
+                               ((512, 512, 300), (0.78, 0.78, 1.0))):  # fmt: skip
+            phantom = make_phantom(shape, spacing, seed=1)
+            volumes.append(("x".join(map(str, shape)), phantom.ct.array, phantom.labels.array, phantom.ct.affine))
+        versus_reference(args.reference, volumes, 3 if args.quick else 5)
+        del volumes
+        if args.only_reference:
+            return
     time_size_classes("128³ liver crop at 1 mm", crop.array[0], crop.array[1], crop.affine, repeats)
 
     sizes = [((512, 512, 100), (0.78, 0.78, 2.5))]
@@ -230,15 +330,17 @@ def main() -> None:
             walls = sorted(w for w, _ in runs)
             peak = max(p for _, p in runs)
             (Path(tmp) / "floor").mkdir(exist_ok=True)
-            floors = sorted(load_save_floor(image, labels, Path(tmp) / "floor") for _ in range(len(runs)))
+            floors = [load_save_floor(image, labels, Path(tmp) / "floor") for _ in range(len(runs))]
+            program = sorted(f for f, _ in floors)[len(floors) // 2]
+            inside = sorted(f for _, f in floors)[len(floors) // 2]
             print(
                 f"  whole command (read, synthesize 1 medium tumor, write .nii.gz), {len(runs)} run(s): "
                 f"median {walls[len(walls) // 2]:.2f} s (min {walls[0]:.2f}, max {walls[-1]:.2f}), peak {peak:.0f} MB"
             )
-            floor = floors[len(floors) // 2]
+            command = walls[len(walls) // 2]
             print(
-                f"  nibabel load + save of the same files (the floor): median {floor:.2f} s; "
-                f"command / floor {walls[len(walls) // 2] / floor:.2f}"
+                f"  nibabel load + save of the same files (the floor): a program {program:.2f} s, in this process "
+                f"{inside:.2f} s; command / floor {command / program:.2f} ({command / inside:.2f} against the in-process floor)"
             )
 
         phantom = make_phantom((192, 192, 120), (1.5, 1.5, 1.5), seed=2)

@@ -78,7 +78,7 @@ class SynthesisConfig:
     # Placement.
     min_depth_fraction: float = 0.5
     center_slab: tuple[float, float] = (0.3, 0.7)
-    placement_grid_mm: float = 4.0
+    placement_grid_mm: float = 5.0
     min_kept_fraction: float = 0.3
     max_placement_attempts: int = 20
     # At most this share of an organ's voxels becomes tumor in one call: a tumor that would pass it is

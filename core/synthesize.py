@@ -259,27 +259,29 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
         if np.isnan(array).any() or not np.array_equal(array, np.rint(array)):
             raise LabelError(f"labels {labels.name} hold non-integer values", hint="pass an integer label map")
         array = array.astype(np.int64)
-    if array.size and (array.min() < 0 or array.max() > 65535):
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if low < 0 or high > 65535:
         raise LabelError(f"labels {labels.name} hold values outside 0..65535")
-    values = present_values(array)
-    used = detect_label_scheme(values, organ) if scheme == "auto" else scheme
+    # The scheme and the checks need only the value range (two fast passes); the values present are
+    # listed (a full scan) only for a message.
+    used = detect_label_scheme(np.array([low, high]), organ) if scheme == "auto" else scheme
     if used == "freetumor":
         allowed = set(REGIONS[organ.region].labels)
-        bad = sorted(set(int(v) for v in values) - allowed)
-        if bad:
-            raise LabelError(
-                f"labels {labels.name} hold values {bad} outside freetumor's {organ.region} scheme "
-                f"({', '.join(f'{k} {v}' for k, v in REGIONS[organ.region].labels.items())})",
-                hint="pass --label-scheme totalsegmentator or binary if the labels use another scheme",
-            )
-        region = array.astype(np.uint8)
-    else:
-        if used == "binary":
-            bad = sorted(set(int(v) for v in values) - {0, 1})
+        if not set(range(low, high + 1)) <= allowed:
+            bad = sorted(set(int(v) for v in present_values(array)) - allowed)
             if bad:
-                raise LabelError(f"labels {labels.name} are not a binary mask (values {bad[:5]})")
+                raise LabelError(
+                    f"labels {labels.name} hold values {bad} outside freetumor's {organ.region} scheme "
+                    f"({', '.join(f'{k} {v}' for k, v in REGIONS[organ.region].labels.items())})",
+                    hint="pass --label-scheme totalsegmentator or binary if the labels use another scheme",
+                )
+        region = array.astype(np.uint8, copy=False)  # read only from here on: the caller copies to write
+    else:
+        if used == "binary" and high > 1:
+            bad = sorted(set(int(v) for v in present_values(array)) - {0, 1})
+            raise LabelError(f"labels {labels.name} are not a binary mask (values {bad[:5]})")
         mapping = foreign_to_region(used, organ)
-        lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+        lut = np.zeros(high + 1, dtype=np.uint8)
         for source, target in mapping.items():
             if source < len(lut):
                 lut[source] = target
@@ -293,7 +295,7 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
         }[used]
         raise LabelError(
             f"no {organ.name} in labels {labels.name} ({used} scheme, {where}; values present: "
-            f"{', '.join(str(int(v)) for v in values[:12])})",
+            f"{', '.join(str(int(v)) for v in present_values(array)[:12])})",
             hint="check --organ, or pass --label-scheme if the scheme was guessed wrong",
         )
     return region, used

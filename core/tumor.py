@@ -111,8 +111,8 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     plane = np.asarray(mask.any(axis=outer))
     inner = [a for a in range(3) if a != outer]  # the plane's axes, in order
     along: list[np.ndarray] = [np.zeros(0, bool)] * 3
-    along[inner[0]], along[inner[1]] = plane.any(axis=1), plane.any(axis=0)
-    along[outer] = mask.any(axis=tuple(inner)) if plane.any() else np.zeros(mask.shape[outer], bool)
+    along[inner[0]], along[inner[1]] = np.asarray(plane.any(axis=1)), np.asarray(plane.any(axis=0))
+    along[outer] = np.asarray(mask.any(axis=tuple(inner))) if plane.any() else np.zeros(mask.shape[outer], bool)
     slices = []
     for present in along:
         index = np.flatnonzero(present)
@@ -348,11 +348,13 @@ def deformed_ellipsoid(
     for c in range(3):
         out = value if c == 0 else part
         if c < 2:  # contract axes 0 and 1, add x_c / r_c, then contract axis 2
-            inner = np.einsum("ia,jb,abc->ijc", w0, w1, controls[c], optimize=True)
+            # (i, a) @ (a, j·c): the 3×3×3 controls contracted with the small weight matrices directly,
+            # since einsum's path search would cost more than the products.
+            inner = (w0 @ np.matmul(w1, controls[c]).reshape(3, -1)).reshape(n0, n1, 3)
             inner += coords[0][:, None, None] if c == 0 else coords[1][None, :, None]
             np.matmul(inner.reshape(n0 * n1, 3), w2.T, out=out.reshape(n0 * n1, n2))
         else:  # contract axes 1 and 2, add z / r_2, then contract axis 0
-            inner = np.einsum("jb,kc,abc->ajk", w1, w2, controls[c], optimize=True)
+            inner = np.matmul(np.matmul(w1, controls[c]), w2.T)  # (a, j, k)
             inner += coords[2]
             np.matmul(w0, inner.reshape(3, n1 * n2), out=out.reshape(n0, n1 * n2))
         np.square(out, out=out)
@@ -399,17 +401,17 @@ def _band_matrix(
     where ``repeat`` says so for the low or high end, equal to the first or last input sample.
     """
     radius = len(kernel) // 2
-    rows = np.arange(n_out)
-    matrix = np.zeros((n_out, n_in), dtype=np.float64)
-    for tap, weight in enumerate(kernel):
-        position = rows - shift + tap - radius
-        if repeat[0]:
-            position = np.maximum(position, 0)
-        if repeat[1]:
-            position = np.minimum(position, n_in - 1)
-        inside = (position >= 0) & (position < n_in)
-        matrix[rows[inside], position[inside]] += weight  # one column per row and tap: no repeats
-    return matrix.astype(np.float32)
+    rows = np.arange(n_out)[:, None]
+    position = rows - shift + np.arange(len(kernel))[None, :] - radius  # (row, tap) -> input sample
+    if repeat[0]:
+        position = np.maximum(position, 0)
+    if repeat[1]:
+        position = np.minimum(position, n_in - 1)
+    inside = (position >= 0) & (position < n_in)
+    weights = np.broadcast_to(kernel, position.shape)[inside]
+    # Taps clamped onto one edge sample add up: one bincount over (row, column) does it.
+    flat = np.bincount((rows * n_in + position)[inside], weights=weights, minlength=n_out * n_in)
+    return flat.reshape(n_out, n_in).astype(np.float32)
 
 
 _BAND_ROWS = 32  # output rows per matrix product: the band's zeros cost (rows + 2 r) / rows
