@@ -55,6 +55,9 @@ class SynthesisConfig:
     medium: SizeClass = SizeClass(24.0, (4.5, 9.0), (2, 5))
     large: SizeClass = SizeClass(48.0, (7.5, 15.0), (1, 3))
     radius_jitter: tuple[float, float] = (0.75, 1.25)
+    # The classes ``mix`` draws from (empty: every class the organ holds), e.g. (tiny, small) for
+    # training crops too small to hold a larger tumor.
+    mix_sizes: tuple[str, ...] = ()
     # Texture: the recipe's grid is texture_spacing_mm; it is computed texture_bin times coarser
     # (binomial counts of its Bernoulli samples), then resampled to the image's voxels.
     texture_spacing_mm: float = 1.5
@@ -123,6 +126,9 @@ class SynthesisConfig:
                 raise ValueError(f"{key} must be a range low <= high of non-negative values")
         if not 0 <= self.min_depth_fraction <= 1.5:
             raise ValueError("min_depth_fraction must lie in [0, 1.5]")
+        unknown = [n for n in self.mix_sizes if n not in SIZE_CLASSES]
+        if unknown:
+            raise ValueError(f"mix_sizes: unknown size class {unknown[0]!r}; choose among {', '.join(SIZE_CLASSES)}")
         if not 0 < self.max_tumor_share <= 1:
             raise ValueError("max_tumor_share must lie in (0, 1]")
 

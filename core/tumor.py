@@ -188,20 +188,21 @@ def plan_size_classes(
     class's range (with ``mix``, one class is drawn for the call, as SyntheticTumors does).
     """
     allowed = geometry.organ.size_classes
-    fitting = [n for n in allowed if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)]
+    mixed = [n for n in allowed if not config.mix_sizes or n in config.mix_sizes]  # what mix may draw
+    fitting = [n for n in mixed if geometry.fits(config.size_class(n).radius_mm, config.min_depth_fraction)]
     if size != "mix":
         if size not in allowed:
             raise ConfigError(
                 f"{geometry.organ.tumor_name}s come in sizes {', '.join(allowed)}, not {size}",
                 hint="choose one of those sizes, or mix",
             )
-        if size not in fitting:
+        if not geometry.fits(config.size_class(size).radius_mm, config.min_depth_fraction):
             raise too_small_error(geometry, size, config.size_class(size).radius_mm, config, fitting)
         n = count if count is not None else _draw_count(config.size_class(size), rng)
         return [size] * n
     if not fitting:
         raise too_small_error(geometry, "tiny", config.tiny.radius_mm, config, fitting)
-    dropped = [n for n in allowed if n not in fitting]
+    dropped = [n for n in mixed if n not in fitting]
     if dropped:
         geometry.notes.append(
             f"mix: {', '.join(dropped)} tumors do not fit the {geometry.organ.name} "

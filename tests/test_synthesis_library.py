@@ -346,3 +346,18 @@ def test_the_readme_python_and_monai_examples_run(tmp_path: Path, monkeypatch) -
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_mix_draws_only_the_allowed_sizes(small_phantom: Phantom) -> None:
+    ct, liver = small_phantom.ct, _liver(small_phantom)
+    config = replace(SynthesisConfig(), mix_sizes=("tiny",))
+    placement = place_tumors(
+        liver, LIVER, spacing=ct.spacing, affine=ct.affine, rng=np.random.default_rng(2), count=8, config=config
+    )
+    assert {t.record.size_class for t in placement.tumors} == {"tiny"}
+    fixed = place_tumors(  # a fixed size is not restricted by mix_sizes
+        liver, LIVER, spacing=ct.spacing, affine=ct.affine, rng=np.random.default_rng(2), size="small", config=config
+    )
+    assert fixed.tumors[0].record.size_class == "small"
+    with pytest.raises(ValueError, match="mix_sizes"):
+        SynthesisConfig(mix_sizes=("huge",))
