@@ -1,0 +1,495 @@
+"""A fair, paired experiment: what synthetic tumors, quality control and the generator each add.
+
+Per seed, a phantom world of its own (labelled CTs with "real" tumors drawn by the phantom's recipe,
+organ-only CTs, and a held-out test set fixed before any training), then:
+
+1. one baseline (labelled cases only, warm-up, CutMix), trained to a plateau;
+2. one generator (train-synth, the baseline as critic);
+3. arms that all continue from the baseline (``init``) for the same number of steps, seed and learning
+   rate: A labelled only; B + rule-based tumors; C + rule-based tumors with quality control;
+   D + generator tumors with quality control (the method); E + generator tumors without it (optional);
+4. every arm and the baseline scored on the test set (per case, per lesion);
+5. a quality-control audit: the baseline's tumor recall on the labelled cases' real tumors (which
+   calibrates a threshold that passes 90 % of them) and on synthetic tumors of both engines, per size.
+
+The paired statistics (:func:`paired_table`) pool the test cases of all seeds: per comparison, the mean
+per-case Dice difference with a 95 % bootstrap interval (cases resampled within seeds) and a Wilcoxon
+signed-rank p, and lesion detection with an exact McNemar test, overall and for early (<= 10 mm)
+lesions. Each stage is skipped when its result exists, so an interrupted run resumes per arm.
+
+Synthetic tumor sizes are bounded by the crop, not by the test set: a crop of ``roi`` voxels of
+``spacing_mm`` holds a tumor whose diameter is at most half its side, so only size classes whose
+largest radius (base × 1.25) fits that are drawn (:func:`sizes_for_crop`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freetumor_cli.core.io import load_volume, save_volume, write_text_atomic
+from freetumor_cli.core.registry import ORGANS
+from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig
+
+LIVER = ORGANS["liver"]
+ARMS: dict[str, str] = {
+    "A": "labelled only",
+    "B": "+ rule-based tumors, no QC",
+    "C": "+ rule-based tumors, QC",
+    "D": "+ generator tumors, QC (the method)",
+    "E": "+ generator tumors, no QC",
+}
+COMPARISONS: tuple[tuple[str, str], ...] = (("B", "A"), ("C", "B"), ("D", "C"), ("D", "A"), ("E", "D"))
+EARLY_RADIUS_MM = 10.0
+
+
+@dataclass(frozen=True)
+class FairConfig:
+    """The experiment's size. The defaults run in about 70 minutes on 2 CPU cores; :meth:`quick` in a few.
+
+    Attributes:
+        seeds: one phantom world and one set of runs per seed.
+        labelled_cases, organ_only_cases, test_cases: the world (test CTs hold ``test_tumors`` each).
+        shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
+        roi: the crop side in voxels (also what bounds the synthetic sizes).
+        baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
+        lr, arm_lr: learning rates of the baseline and of the arms (which continue from it).
+        arms: which arms run (E is optional).
+        audit_cases: organ-only CTs per engine in the quality-control audit.
+        bootstrap: bootstrap resamples for the intervals.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    labelled_cases: int = 5
+    organ_only_cases: int = 48
+    test_cases: int = 16
+    test_tumors: int = 3
+    shape: tuple[int, int, int] = (104, 104, 64)
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
+    roi: int = 32
+    baseline_steps: int = 500
+    arm_steps: int = 250
+    synth_steps: int = 100
+    generator_channels: int = 8
+    lr: float = 1e-3
+    arm_lr: float = 5e-4
+    arms: tuple[str, ...] = ("A", "B", "C", "D")
+    audit_cases: int = 16
+    bootstrap: int = 2000
+    workers: int = 1
+
+    @classmethod
+    def quick(cls) -> FairConfig:
+        """Every stage, tiny: minutes on 2 CPU cores; its figures mean nothing."""
+        return cls(
+            seeds=(0,), organ_only_cases=4, test_cases=3, baseline_steps=12, arm_steps=6, synth_steps=4,
+            generator_channels=4, audit_cases=2, bootstrap=200,
+        )  # fmt: skip
+
+
+def sizes_for_crop(roi: int, spacing_mm: float, config: SynthesisConfig | None = None) -> tuple[str, ...]:
+    """The size classes a crop of ``roi`` voxels of ``spacing_mm`` holds: largest diameter <= half its side."""
+    config = config or SynthesisConfig()
+    limit = roi * spacing_mm / 4  # the largest radius
+    return tuple(n for n in SIZE_CLASSES if config.size_class(n).radius_mm * config.radius_jitter[1] <= limit)
+
+
+def _liver_only(labels: np.ndarray) -> np.ndarray:
+    keep = np.isin(labels, [LIVER.value, LIVER.tumor_value])
+    return np.where(keep, labels, 0).astype(np.uint8)
+
+
+def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
+    """Write one seed's phantom world: data root, test set and audit CTs. The test set is fixed here,
+    before any training, from seeds of its own; the "real" tumors are the phantom's, never the synthesizer's."""
+    from freetumor_cli.core.phantom import make_phantom
+
+    marker = out / "world.json"
+    paths = {"data": out / "data", "test_images": out / "test" / "imagesTs", "test_labels": out / "test" / "labelsTs"}
+    if marker.is_file():
+        return paths
+    for folder in ("data", "test"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    base = 10_000 * (seed + 1)
+
+    def phantom(index: int, tumors: int) -> Any:
+        return make_phantom(
+            config.shape, config.spacing_mm, seed=base + index, tumors={"liver": tumors},
+            tumor_radius_mm=config.tumor_radius_mm,
+        )  # fmt: skip
+
+    liver = paths["data"] / "Dataset003_Liver"
+    for i in range(config.labelled_cases):
+        p = phantom(i, int(rng.integers(1, 4)))
+        save_volume(p.ct.array, p.ct, liver / "imagesTr" / f"liver_{i:03d}_0000.nii.gz")
+        save_volume(_liver_only(p.labels.array), p.ct, liver / "labelsTr" / f"liver_{i:03d}.nii.gz", label=True)
+    btcv = paths["data"] / "BTCV"
+    for i in range(config.organ_only_cases):
+        p = phantom(1000 + i, 0)
+        save_volume(p.ct.array, p.ct, btcv / "imagesTr" / f"img{i + 1:04d}.nii.gz")
+        save_volume(p.labels.array, p.ct, btcv / "labelsTr" / f"label{i + 1:04d}.nii.gz", label=True)
+    for i in range(config.test_cases):
+        p = phantom(5000 + i, config.test_tumors)
+        save_volume(p.ct.array, p.ct, paths["test_images"] / f"test_{i:03d}_0000.nii.gz")
+        save_volume(_liver_only(p.labels.array), p.ct, paths["test_labels"] / f"test_{i:03d}.nii.gz", label=True)
+    write_text_atomic(marker, json.dumps({"seed": seed, "config": asdict(config)}, indent=1) + "\n")
+    return paths
+
+
+def _train_everything_labelled(prepared: Path) -> None:
+    """The liver data list trains on every labelled case (the test set is separate; validation is unused)."""
+    path = prepared / "datalists" / "liver_fold0.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["training"] = data["training"] + [e for e in data.get("validation", []) if e not in data["training"]]
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def _seg(config: FairConfig, seed: int, *, mode: str, steps: int, lr: float, warmup: float, synth: str = "rules",
+         init: str | None = None, rules: SynthesisConfig | None = None) -> Any:  # fmt: skip
+    from freetumor_cli.core.train_seg import TrainSegConfig
+
+    return TrainSegConfig(
+        task="liver", mode=mode, model="unet", roi=(config.roi,) * 3, spacing_mm=config.spacing_mm,
+        max_steps=steps, epochs=steps, lr=lr, warmup_epochs=warmup, val_every=10**6,
+        save_every_steps=max(25, steps // 4), workers=config.workers, seed=seed, synth=synth, init=init,
+        rules=rules or SynthesisConfig(),
+    )  # fmt: skip
+
+
+def _done(run: Path) -> bool:
+    return (run / "checkpoints" / "last" / "model.json").is_file() and (run / "summary.json").is_file()
+
+
+def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None) -> None:
+    from freetumor_cli.core.train_seg import train_segmentation
+
+    if _done(run):
+        return
+    resume = (run / "checkpoints" / "last").is_dir()
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    summary = train_segmentation(prepared, run, seg_config, baseline=baseline, resume=resume)
+    losses = summary.losses
+    tail = losses[-max(1, len(losses) // 5) :]
+    before = losses[-2 * len(tail) : -len(tail)] or tail
+    record = {
+        "steps": summary.steps,
+        "qc_acceptance": summary.qc_acceptance,
+        "loss_last_fifth": float(np.mean(tail)) if tail else None,
+        "loss_fifth_before": float(np.mean(before)) if before else None,
+    }
+    write_text_atomic(run / "summary.json", json.dumps(record, indent=1) + "\n")
+
+
+def _evaluate(run: Path, world: dict[str, Path], out: Path) -> Path:
+    """Score a run on the test set; returns its per-lesion CSV (the per-case one lies beside it)."""
+    from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
+    from freetumor_cli.core.predict import predict_cases
+
+    if (out / "metrics_per_lesion.csv").is_file():
+        return out / "metrics_per_lesion.csv"
+    images = sorted(world["test_images"].glob("*.nii.gz"))
+    shutil.rmtree(out, ignore_errors=True)
+    predict_cases(run / "checkpoints" / "last", images, out / "predictions", overlap=0.5)
+    cases, scores, _ = evaluate(out / "predictions", world["test_labels"], EvaluateConfig(classes=("liver_tumor",)))
+    write_reports(cases, scores, out)
+    return out / "metrics_per_lesion.csv"
+
+
+def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:
+    """Per tumor, the share of its voxels the baseline predicts as tumor (the quality-control measure)."""
+    values = []
+    for case, mask in truths:
+        predicted = load_volume(prediction_dir / f"{case}.nii.gz", what="prediction").array == 2
+        values.append(float((predicted & mask).sum() / max(1, mask.sum())))
+    return values
+
+
+def _passes(recall: float, threshold: float) -> bool:
+    """A tumor passes the calibrated gate when the baseline finds it at least as well as the threshold, and
+    at all (a threshold of 0, from a baseline that finds no real tumor, passes nothing)."""
+    return recall > 0 and recall >= threshold
+
+
+def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path, config: FairConfig,
+             seed: int, rules: SynthesisConfig) -> dict[str, Any]:  # fmt: skip
+    """The baseline as a gatekeeper: its recall on real and on synthetic tumors, per engine and size."""
+    from scipy import ndimage
+
+    from freetumor_cli.core.predict import predict_cases
+    from freetumor_cli.core.synthesize import synthesize_tumors
+
+    result_file = out / "qc_audit.json"
+    if result_file.is_file():
+        return dict(json.loads(result_file.read_text(encoding="utf-8")))
+    shutil.rmtree(out, ignore_errors=True)
+    liver = world["data"] / "Dataset003_Liver"
+    images = sorted((liver / "imagesTr").glob("*.nii.gz"))
+    predict_cases(baseline, images, out / "real", overlap=0.5)
+    real_truths = []
+    for image in images:
+        case = image.name.replace("_0000.nii.gz", "")
+        components, n = ndimage.label(load_volume(liver / "labelsTr" / f"{case}.nii.gz").array == LIVER.tumor_value)
+        real_truths += [(case, components == k) for k in range(1, n + 1)]
+    real = _recalls(out / "real", real_truths)
+    calibrated = float(np.quantile(real, 0.1)) if real else float("nan")
+    audit: dict[str, Any] = {"real_recall": real, "calibrated_threshold": calibrated, "engines": {}}
+    organ_only = sorted((world["data"] / "BTCV" / "imagesTr").glob("*.nii.gz"))[: config.audit_cases]
+    for engine in ("rules", "generator"):
+        folder = out / engine
+        truths, sizes = [], []
+        for k, image in enumerate(organ_only):
+            ct = load_volume(image)
+            labels = load_volume(world["data"] / "BTCV" / "labelsTr" / image.name.replace("img", "label"))
+            size = rules.mix_sizes[k % len(rules.mix_sizes)] if rules.mix_sizes else "mix"
+            made = synthesize_tumors(
+                ct.array, labels.array, "liver", affine=ct.affine, seed=seed * 1000 + k, size=size, count=1,
+                rules=rules, generator=str(generator) if engine == "generator" else None,
+            )  # fmt: skip
+            name = f"audit_{k:03d}"
+            save_volume(made.image, ct, folder / "images" / f"{name}_0000.nii.gz")
+            truths.append((name, made.label == LIVER.tumor_value))
+            sizes.append(made.tumors[0].size_class)
+        predict_cases(baseline, sorted((folder / "images").glob("*.nii.gz")), folder / "predictions", overlap=0.5)
+        recalls = _recalls(folder / "predictions", truths)
+        per_size = {}
+        for size in dict.fromkeys(sizes):
+            chosen = [r for r, s in zip(recalls, sizes, strict=True) if s == size]
+            per_size[size] = {
+                "n": len(chosen),
+                "pass_0.7": float(np.mean([r > 0.7 for r in chosen])),
+                "pass_calibrated": float(np.mean([_passes(r, calibrated) for r in chosen])),
+            }
+        audit["engines"][engine] = {
+            "recall": recalls,
+            "pass_0.7": float(np.mean([r > 0.7 for r in recalls])),
+            "pass_calibrated": float(np.mean([_passes(r, calibrated) for r in recalls])),
+            "per_size": per_size,
+        }
+        shutil.rmtree(folder / "images", ignore_errors=True)
+    write_text_atomic(result_file, json.dumps(audit, indent=1) + "\n")
+    return audit
+
+
+def run_seed(
+    out: Path, config: FairConfig, seed: int, *, step: Callable[[str], None] = lambda _m: None
+) -> dict[str, Any]:
+    """One seed's world, baseline, generator, arms, test scores and audit (each stage resumable)."""
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+    from freetumor_cli.core.preprocess import PreprocessConfig
+    from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
+
+    out.mkdir(parents=True, exist_ok=True)
+    rules = replace(SynthesisConfig(), mix_sizes=sizes_for_crop(config.roi, config.spacing_mm[0]))
+    step(f"seed {seed}: phantom world")
+    world = make_world(out, config, seed)
+    prepared = out / "prepared"
+    if not (prepared / "datalists" / "liver_fold0.json").is_file():
+        step(f"seed {seed}: prepare")
+        shutil.rmtree(prepared, ignore_errors=True)
+        preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
+        prepare(world["data"], prepared, PrepareConfig(folds=5, seed=seed, preprocessing=preprocessing))
+        _train_everything_labelled(prepared)
+    runs = out / "runs"
+    step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
+    base_config = _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=0.1 * config.baseline_steps / max(1, config.labelled_cases), rules=rules)  # fmt: skip
+    _train(prepared, runs / "baseline", base_config, None)
+    baseline = runs / "baseline" / "checkpoints" / "last"
+    generator = runs / "generator" / "checkpoints" / "best"
+    wants_generator = any(a in config.arms for a in ("D", "E")) or config.audit_cases
+    if wants_generator and not (generator / "generator.json").is_file():
+        step(f"seed {seed}: generator ({config.synth_steps} steps, the baseline as critic)")
+        shutil.rmtree(runs / "generator", ignore_errors=True)
+        synth_config = TrainSynthConfig(
+                region="abdomen", max_steps=config.synth_steps, roi=(config.roi,) * 3, crops_per_volume=2,
+                labelled_repeats=1, base_channels=config.generator_channels, heldout_crops=8, lr=1e-3,
+                save_every_steps=max(25, config.synth_steps // 2), workers=config.workers, seed=seed,
+                spacing_mm=config.spacing_mm, rules=rules,
+            )  # fmt: skip
+        train_generator(prepared, runs / "generator", synth_config, baseline=baseline)
+    arm_specs = {
+        "A": ("onlylabeled", "rules", False),
+        "B": ("freesyn", "rules", False),
+        "C": ("freesyn", "rules", True),
+        "D": ("freesyn", str(generator), True),
+        "E": ("freesyn", str(generator), False),
+    }
+    scores: dict[str, Path] = {}
+    for arm in config.arms:
+        mode, synth, qc = arm_specs[arm]
+        step(f"seed {seed}: arm {arm} ({ARMS[arm]}, {config.arm_steps} steps from the baseline)")
+        seg_config = _seg(config, seed, mode=mode, steps=config.arm_steps, lr=config.arm_lr, warmup=0.0, synth=synth,
+                          init=str(baseline), rules=rules)  # fmt: skip
+        _train(prepared, runs / arm, seg_config, baseline if qc else None)
+        scores[arm] = _evaluate(runs / arm, world, out / "eval" / arm)
+    step(f"seed {seed}: baseline on the test set")
+    scores["baseline"] = _evaluate(runs / "baseline", world, out / "eval" / "baseline")
+    audit = None
+    if config.audit_cases:
+        step(f"seed {seed}: quality-control audit")
+        audit = qc_audit(out / "qc_audit", world, baseline, generator, config, seed, rules)
+    kept = {arm: json.loads((runs / arm / "summary.json").read_text())["qc_acceptance"] for arm in config.arms}
+    return {"seed": seed, "scores": {k: str(v) for k, v in scores.items()}, "qc_acceptance": kept, "audit": audit,
+            "sizes": list(rules.mix_sizes),
+            "baseline_plateau": json.loads((runs / "baseline" / "summary.json").read_text())}  # fmt: skip
+
+
+# ---- paired statistics ------------------------------------------------------------------------------
+
+
+def read_scores(lesion_csv: Path) -> tuple[dict[str, float], dict[tuple[str, int], tuple[bool, float]]]:
+    """(case -> tumor Dice, (case, lesion) -> (detected, radius mm)) from an evaluation's CSVs."""
+    dice = {}
+    with (lesion_csv.parent / "metrics_per_case.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["class"] == "liver_tumor":
+                dice[row["case"]] = float(row["dice"])
+    lesions = {}
+    with lesion_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["class"] == "liver_tumor" and row["source"] == "gt":
+                lesions[(row["case"], int(row["index"]))] = (row["matched"] == "True", float(row["radius_mm"]))
+    return dice, lesions
+
+
+def bootstrap_ci(differences: Sequence[Sequence[float]], *, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the mean difference, resampling cases within each group (seed)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(g, dtype=np.float64) for g in differences if len(g)]
+    if not groups:
+        return float("nan"), float("nan")
+    total = sum(len(g) for g in groups)
+    means = np.zeros(resamples)
+    for g in groups:
+        picks = rng.integers(0, len(g), size=(resamples, len(g)))
+        means += g[picks].sum(axis=1)
+    means /= total
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def wilcoxon_p(differences: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired differences (1 when every difference is 0)."""
+    from scipy import stats
+
+    values = np.asarray(differences, dtype=np.float64)
+    if not np.any(values != 0):
+        return 1.0
+    return float(stats.wilcoxon(values, zero_method="wilcox").pvalue)
+
+
+def mcnemar_p(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int, float]:
+    """Exact McNemar test of paired detections: (found by first only, by second only, two-sided p)."""
+    from scipy import stats
+
+    a = int(sum(f and not s for f, s in zip(first, second, strict=True)))
+    b = int(sum(s and not f for f, s in zip(first, second, strict=True)))
+    return a, b, (float(stats.binomtest(a, a + b, 0.5).pvalue) if a + b else 1.0)
+
+
+def paired_table(seeds: Sequence[dict[str, Any]], arms: Sequence[str], *, resamples: int) -> list[dict[str, Any]]:
+    """Per comparison (X - Y): the paired figures pooled over seeds."""
+    loaded = [{arm: read_scores(Path(s["scores"][arm])) for arm in (*arms, "baseline")} for s in seeds]
+    rows = []
+    for x, y in COMPARISONS:
+        if x not in arms or y not in arms:
+            continue
+        per_seed = [[d[x][0][c] - d[y][0][c] for c in sorted(d[x][0]) if c in d[y][0]] for d in loaded]
+        pooled = [v for g in per_seed for v in g]
+        keys = [[k for k in sorted(d[x][1]) if k in d[y][1]] for d in loaded]
+        found_x = [d[x][1][k][0] for d, ks in zip(loaded, keys, strict=True) for k in ks]
+        found_y = [d[y][1][k][0] for d, ks in zip(loaded, keys, strict=True) for k in ks]
+        early = [d[x][1][k][1] <= EARLY_RADIUS_MM for d, ks in zip(loaded, keys, strict=True) for k in ks]
+        ex = [f for f, e in zip(found_x, early, strict=True) if e]
+        ey = [f for f, e in zip(found_y, early, strict=True) if e]
+        low, high = bootstrap_ci(per_seed, resamples=resamples)
+        only_x, only_y, p_lesion = mcnemar_p(found_x, found_y)
+        early_only_x, early_only_y, p_early = mcnemar_p(ex, ey)
+        rows.append({
+            "comparison": f"{x} - {y}", "cases": len(pooled), "dice_diff": float(np.mean(pooled)) if pooled else math.nan,
+            "ci_low": low, "ci_high": high, "wilcoxon_p": wilcoxon_p(pooled),
+            "lesions": len(found_x), "sens_x": float(np.mean(found_x)) if found_x else math.nan,
+            "sens_y": float(np.mean(found_y)) if found_y else math.nan, "only_x": only_x, "only_y": only_y,
+            "mcnemar_p": p_lesion, "early_lesions": len(ex), "early_sens_x": float(np.mean(ex)) if ex else math.nan,
+            "early_sens_y": float(np.mean(ey)) if ey else math.nan, "early_mcnemar_p": p_early,
+            "early_only_x": early_only_x, "early_only_y": early_only_y,
+        })  # fmt: skip
+    return rows
+
+
+def arm_summary(seeds: Sequence[dict[str, Any]], arms: Sequence[str]) -> list[dict[str, Any]]:
+    """Per arm: mean tumor Dice, lesion sensitivity and early sensitivity, pooled over seeds."""
+    rows = []
+    for arm in (*arms, "baseline"):
+        dice, found, early = [], [], []
+        for s in seeds:
+            d, lesions = read_scores(Path(s["scores"][arm]))
+            dice += list(d.values())
+            found += [f for f, _ in lesions.values()]
+            early += [f for f, r in lesions.values() if r <= EARLY_RADIUS_MM]
+        qc = [s["qc_acceptance"].get(arm) for s in seeds if s["qc_acceptance"].get(arm) is not None]
+        rows.append({
+            "arm": arm, "what": ARMS.get(arm, "the shared baseline"), "dice": float(np.mean(dice)),
+            "sensitivity": float(np.mean(found)) if found else math.nan,
+            "early_sensitivity": float(np.mean(early)) if early else math.nan,
+            "qc_kept": float(np.mean(qc)) if qc else None,
+        })  # fmt: skip
+    return rows
+
+
+def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
+    """The result tables: arms, paired comparisons, the quality-control audit."""
+    arms = [a for a in config.arms]
+    lines = ["| arm | what | tumor Dice | lesion sens. | sens. <= 10 mm | QC kept |", "|---|---|---|---|---|---|"]
+    for r in arm_summary(seeds, arms):
+        qc = "" if r["qc_kept"] is None else f"{r['qc_kept']:.0%}"
+        lines.append(f"| {r['arm']} | {r['what']} | {r['dice']:.3f} | {r['sensitivity']:.3f} | "
+                     f"{r['early_sensitivity']:.3f} | {qc} |")  # fmt: skip
+    lines += ["", "| comparison | cases | Δ Dice [95 % CI] | Wilcoxon p | lesions: sens. X / Y (only X, only Y) | "
+              "McNemar p | early: sens. X / Y | McNemar p |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in paired_table(seeds, arms, resamples=config.bootstrap):
+        lines.append(
+            f"| {r['comparison']} | {r['cases']} | {r['dice_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+            f"{r['wilcoxon_p']:.3g} | {r['sens_x']:.3f} / {r['sens_y']:.3f} ({r['only_x']}, {r['only_y']}) | "
+            f"{r['mcnemar_p']:.3g} | {r['early_sens_x']:.3f} / {r['early_sens_y']:.3f} of {r['early_lesions']} "
+            f"({r['early_only_x']}, {r['early_only_y']}) | "
+            f"{r['early_mcnemar_p']:.3g} |"
+        )
+    audits = [s["audit"] for s in seeds if s.get("audit")]
+    if audits:
+        lines += ["", "Quality-control audit (the baseline's voxel recall as gatekeeper, pooled over seeds):", ""]
+        real = [r for a in audits for r in a["real_recall"]]
+        thresholds = [a["calibrated_threshold"] for a in audits]
+        lines.append(f"- real tumors of the labelled cases: {len(real)}, mean recall {np.mean(real):.2f}; "
+                     f"calibrated threshold (passes 90 % of them) {', '.join(f'{t:.2f}' for t in thresholds)}")  # fmt: skip
+        for engine in ("rules", "generator"):
+            e = [a["engines"][engine] for a in audits]
+            sizes = sorted({s for x in e for s in x["per_size"]}, key=list(SIZE_CLASSES).index)
+            per = "; ".join(
+                f"{s} {np.mean([x['per_size'][s]['pass_0.7'] for x in e if s in x['per_size']]):.0%} / "
+                f"{np.mean([x['per_size'][s]['pass_calibrated'] for x in e if s in x['per_size']]):.0%}"
+                for s in sizes
+            )
+            lines.append(f"- {engine}: pass at 0.7 {np.mean([x['pass_0.7'] for x in e]):.0%}, at the calibrated "
+                         f"threshold {np.mean([x['pass_calibrated'] for x in e]):.0%} (per size, 0.7 / calibrated: {per})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_experiment(out_dir: str | Path, config: FairConfig, *, step: Callable[[str], None] = lambda _m: None) -> str:
+    """Every seed (resumable), then the tables, also written to ``<out>/fair_toy.md`` and ``.json``."""
+    out = Path(out_dir)
+    seeds = [run_seed(out / f"seed_{s}", config, s, step=step) for s in config.seeds]
+    text = markdown(seeds, config)
+    write_text_atomic(out / "fair_toy.md", text + "\n")
+    write_text_atomic(out / "fair_toy.json", json.dumps({"config": asdict(config), "seeds": seeds}, indent=1) + "\n")
+    return text
