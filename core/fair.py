@@ -60,6 +60,7 @@ class FairConfig:
         labelled_cases, organ_only_cases, test_cases: the world (test CTs hold ``test_tumors`` each).
         shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
         roi: the crop side in voxels (also what bounds the synthetic sizes).
+        model: the segmentation network of every run.
         baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
         lr, arm_lr: learning rates of the baseline and of the arms (which continue from it).
         arms: which arms run (E is optional).
@@ -76,6 +77,7 @@ class FairConfig:
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
     roi: int = 32
+    model: str = "unet"
     baseline_steps: int = 500
     arm_steps: int = 250
     synth_steps: int = 100
@@ -159,7 +161,7 @@ def _seg(config: FairConfig, seed: int, *, mode: str, steps: int, lr: float, war
     from freetumor_cli.core.train_seg import TrainSegConfig
 
     return TrainSegConfig(
-        task="liver", mode=mode, model="unet", roi=(config.roi,) * 3, spacing_mm=config.spacing_mm,
+        task="liver", mode=mode, model=config.model, roi=(config.roi,) * 3, spacing_mm=config.spacing_mm,
         max_steps=steps, epochs=steps, lr=lr, warmup_epochs=warmup, val_every=10**6,
         save_every_steps=max(25, steps // 4), workers=config.workers, seed=seed, synth=synth, init=init,
         rules=rules or SynthesisConfig(),
@@ -170,7 +172,10 @@ def _done(run: Path) -> bool:
     return (run / "checkpoints" / "last" / "model.json").is_file() and (run / "summary.json").is_file()
 
 
-def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None) -> None:
+Progress = Callable[[int, int], None]
+
+
+def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None, progress: Progress | None = None) -> None:
     from freetumor_cli.core.train_seg import train_segmentation
 
     if _done(run):
@@ -178,7 +183,10 @@ def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None) ->
     resume = (run / "checkpoints" / "last").is_dir()
     if run.exists() and not resume:
         shutil.rmtree(run)
-    summary = train_segmentation(prepared, run, seg_config, baseline=baseline, resume=resume)
+    summary = train_segmentation(
+        prepared, run, seg_config, baseline=baseline, resume=resume,
+        on_step=None if progress is None else (lambda done, total, _stats: progress(done, total)),
+    )  # fmt: skip
     losses = summary.losses
     tail = losses[-max(1, len(losses) // 5) :]
     before = losses[-2 * len(tail) : -len(tail)] or tail
@@ -282,9 +290,13 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
 
 
 def run_seed(
-    out: Path, config: FairConfig, seed: int, *, step: Callable[[str], None] = lambda _m: None
-) -> dict[str, Any]:
-    """One seed's world, baseline, generator, arms, test scores and audit (each stage resumable)."""
+    out: Path, config: FairConfig, seed: int, *, step: Callable[[str], None] = lambda _m: None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One seed's world, baseline, generator, arms, test scores and audit (each stage resumable).
+
+    ``step`` gets a line as each stage starts, ``progress`` (done, total) during training.
+    """
     from freetumor_cli.core.prepare import PrepareConfig, prepare
     from freetumor_cli.core.preprocess import PreprocessConfig
     from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
@@ -303,7 +315,7 @@ def run_seed(
     runs = out / "runs"
     step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
     base_config = _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=0.1 * config.baseline_steps / max(1, config.labelled_cases), rules=rules)  # fmt: skip
-    _train(prepared, runs / "baseline", base_config, None)
+    _train(prepared, runs / "baseline", base_config, None, progress)
     baseline = runs / "baseline" / "checkpoints" / "last"
     generator = runs / "generator" / "checkpoints" / "best"
     wants_generator = any(a in config.arms for a in ("D", "E")) or config.audit_cases
@@ -316,7 +328,10 @@ def run_seed(
                 save_every_steps=max(25, config.synth_steps // 2), workers=config.workers, seed=seed,
                 spacing_mm=config.spacing_mm, rules=rules,
             )  # fmt: skip
-        train_generator(prepared, runs / "generator", synth_config, baseline=baseline)
+        train_generator(
+            prepared, runs / "generator", synth_config, baseline=baseline,
+            on_step=None if progress is None else (lambda done, total, _stats: progress(done, total)),
+        )  # fmt: skip
     arm_specs = {
         "A": ("onlylabeled", "rules", False),
         "B": ("freesyn", "rules", False),
@@ -330,7 +345,7 @@ def run_seed(
         step(f"seed {seed}: arm {arm} ({ARMS[arm]}, {config.arm_steps} steps from the baseline)")
         seg_config = _seg(config, seed, mode=mode, steps=config.arm_steps, lr=config.arm_lr, warmup=0.0, synth=synth,
                           init=str(baseline), rules=rules)  # fmt: skip
-        _train(prepared, runs / arm, seg_config, baseline if qc else None)
+        _train(prepared, runs / arm, seg_config, baseline if qc else None, progress)
         scores[arm] = _evaluate(runs / arm, world, out / "eval" / arm)
     step(f"seed {seed}: baseline on the test set")
     scores["baseline"] = _evaluate(runs / "baseline", world, out / "eval" / "baseline")

@@ -26,8 +26,10 @@ TINY_WORLD = replace(
     shape=(64, 60, 40),
     spacing_mm=(4.0, 4.0, 4.0),
     model="unet-tiny",
-    seg_steps=2,
+    baseline_steps=2,
+    arm_steps=2,
     synth_steps=2,
+    audit_cases=1,
     workers=0,
 )
 
@@ -37,20 +39,21 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
     result = run_demo(tmp_path / "demo", TINY_WORLD, on_step=steps.append)
     out = result.out_dir
     # Every stage ran, in order, and said where its outputs are.
-    stages = ["phantom world", "prepare", "onlylabeled", "train-synth", "freesyn", "rule-based tumors"]
-    stages += ["synthesize", "synthesize", "evaluate", "evaluate", "evaluate"]
+    stages = ["phantom world", "prepare", "baseline", "generator", "arm A", "arm B", "arm C", "arm D"]
+    stages += ["baseline on the test set", "quality-control audit", "synthesize", "synthesize"]
     assert len(steps) == len(stages)
     for message, stage in zip(steps, stages, strict=True):
         assert stage in message and str(out) in message
     # The data root went through prepare; the test set is not in it.
     assert (out / "prepared" / "datalists" / "liver_fold0.json").is_file()
     assert not list((out / "data").rglob("test_*"))
-    # Checkpoints of the three training runs; the generator was used for freesyn and synthesize.
+    # Checkpoints of the baseline and the four arms; every arm started from the baseline.
     for run in MODELS:
         assert (out / "runs" / run / "checkpoints" / "last" / "model.safetensors").is_file()
     assert (out / "runs" / "generator" / "checkpoints" / "best" / "generator.safetensors").is_file()
-    freesyn_config = (out / "runs" / "freesyn" / "config.yaml").read_text()
-    assert "runs/generator/checkpoints/best" in freesyn_config.replace("\\", "/")
+    for arm in "ABCD":
+        assert "runs/baseline/checkpoints/last" in (out / "runs" / arm / "config.yaml").read_text().replace("\\", "/")
+    assert "runs/generator/checkpoints/best" in (out / "runs" / "D" / "config.yaml").read_text().replace("\\", "/")
     for engine in ("rules", "generator"):
         meta = json.loads((out / "synthetic" / engine / "demo_liver_synthetic.json").read_text())
         assert meta["engine"] == engine
@@ -69,7 +72,10 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
         assert gt_lesions >= TINY_WORLD.test_cases  # phantom-recipe tumors are in every test CT
         assert set(result.comparison[name]) == set(COMPARISON_COLUMNS)
     report = result.report.read_text() if result.report else ""
-    assert all(f"| {name} |" in report for name in MODELS) and "phantom world" in report
+    assert all(f"| {name} |" in report for name in MODELS) and "phantom world" in report.lower()
+    assert all(f"| {c} |" in report for c in ("B - A", "C - B", "D - C", "D - A")) and "95 % CI" in report
+    assert (out / "paired_differences.png").is_file()
+    assert result.qc_acceptance["C"] is not None and result.qc_acceptance["B"] is None
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (out / link).is_file(), link
     saved = json.loads((out / "comparison.json").read_text())
@@ -97,5 +103,5 @@ def test_demo_refuses_a_file_as_out(tmp_path: Path) -> None:
 def test_demo_quick_command_end_to_end(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "baseline" in result.output and "freesyn" in result.output
+    assert "baseline" in result.output and "D - A" in result.output
     assert (tmp_path / "demo" / "report.md").is_file()

@@ -1,0 +1,60 @@
+"""The fair, paired experiment: its statistics, its size bound, and every stage in quick mode."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from freetumor_cli.core.fair import (
+    FairConfig,
+    bootstrap_ci,
+    mcnemar_p,
+    run_experiment,
+    sizes_for_crop,
+    wilcoxon_p,
+)
+
+
+def test_synthetic_sizes_are_bounded_by_the_crop() -> None:
+    # 32 voxels of 3 mm: 96 mm, so a tumor at most 48 mm across (radius 24 with the 1.25 jitter).
+    assert sizes_for_crop(32, 3.0) == ("tiny", "small")
+    assert sizes_for_crop(96, 1.5) == ("tiny", "small", "medium")  # the method's 96³ crop: 144 mm
+    assert sizes_for_crop(192, 1.5) == ("tiny", "small", "medium", "large")
+
+
+def test_paired_statistics() -> None:
+    rng = np.random.default_rng(0)
+    shifted = [list(rng.normal(0.08, 0.05, 16)) for _ in range(3)]
+    low, high = bootstrap_ci(shifted, resamples=2000)
+    assert 0.05 < low < 0.08 < high < 0.11
+    assert wilcoxon_p([v for g in shifted for v in g]) < 1e-6
+    assert wilcoxon_p([0.0, 0.0, 0.0]) == 1.0
+    null = [list(rng.normal(0.0, 0.05, 16)) for _ in range(3)]
+    low, high = bootstrap_ci(null, resamples=2000)
+    assert low < 0 < high
+    # McNemar: 10 lesions found by the first arm only, 1 by the second only.
+    first = [True] * 10 + [False] + [True] * 5
+    second = [False] * 10 + [True] + [True] * 5
+    only_first, only_second, p = mcnemar_p(first, second)
+    assert (only_first, only_second) == (10, 1) and p == pytest.approx(0.01172, abs=1e-4)
+    assert mcnemar_p([True, False], [True, False])[2] == 1.0
+
+
+def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    config = FairConfig.quick()
+    text = run_experiment(tmp_path / "fair", config)
+    assert "| B - A |" in text and "| D - A |" in text and "Quality-control audit" in text
+    saved = json.loads((tmp_path / "fair" / "fair_toy.json").read_text())
+    seed = saved["seeds"][0]
+    assert set(seed["scores"]) == {"A", "B", "C", "D", "baseline"} and seed["sizes"] == ["tiny", "small"]
+    assert seed["qc_acceptance"]["C"] is not None and seed["qc_acceptance"]["B"] is None
+    assert set(seed["audit"]["engines"]) == {"rules", "generator"}
+    # A second run finds every stage done and only recomputes the tables.
+    started = time.perf_counter()
+    assert run_experiment(tmp_path / "fair", config) == text
+    assert time.perf_counter() - started < 30
