@@ -79,8 +79,8 @@ class FairConfig:
     roi: int = 32
     model: str = "unet"
     baseline_steps: int = 500
-    arm_steps: int = 250
-    synth_steps: int = 100
+    arm_steps: int = 200
+    synth_steps: int = 50
     generator_channels: int = 8
     lr: float = 1e-3
     arm_lr: float = 5e-4
