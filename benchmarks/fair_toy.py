@@ -6,7 +6,7 @@ quality-control audit (see ``freetumor_cli.core.fair``). Resumable: a rerun skip
 
     python benchmarks/fair_toy.py [--quick] [--out fair_toy] [--seeds 0 1 2] [--arms A B C D E]
 
-The default runs in about 70 minutes on 2 CPU cores; ``--quick`` runs every stage in a few minutes.
+The default ran in 35.5 minutes on 2 CPU cores; ``--quick`` runs every stage in a few minutes.
 """
 
 from __future__ import annotations

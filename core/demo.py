@@ -61,8 +61,8 @@ class DemoConfig:
     model: str = "unet"
     roi: int = 32
     baseline_steps: int = 500
-    arm_steps: int = 250
-    synth_steps: int = 100
+    arm_steps: int = 200
+    synth_steps: int = 50
     generator_channels: int = 8
     audit_cases: int = 8
     workers: int = 1

@@ -53,7 +53,7 @@ EARLY_RADIUS_MM = 10.0
 
 @dataclass(frozen=True)
 class FairConfig:
-    """The experiment's size. The defaults run in about 70 minutes on 2 CPU cores; :meth:`quick` in a few.
+    """The experiment's size. The defaults ran in 35.5 minutes on 2 CPU cores; :meth:`quick` in a few.
 
     Attributes:
         seeds: one phantom world and one set of runs per seed.
