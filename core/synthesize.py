@@ -10,7 +10,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -484,7 +484,7 @@ def insert_tumors(
     source = image.array
     dtype = disk_dtype(image)
     synth = synthesize_in_organ(
-        source, region_labels == organ.value if geometry is None else geometry.mask, organ,
+        source, region_labels == organ.value if geometry is None else None, organ,
         spacing=image.spacing, affine=image.affine, rng=rng, size=config.size, count=config.count,
         radius_mm=config.radius_mm, config=config.rules, geometry=geometry, intensity=intensity,
     )  # fmt: skip
@@ -619,7 +619,7 @@ def iter_results(
     device: str = "cpu",
     workers: int = 1,
     part: tuple[int, int] | None = None,
-) -> Iterable[tuple[Case, CaseResult | Exception]]:
+) -> Iterator[tuple[Case, CaseResult | Exception]]:
     """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it.
 
     The output folder is locked meanwhile: a second run into it stops at once (with ``part``, each
@@ -641,7 +641,7 @@ def _results(
     on_copy_done: Callable[[], None] | None,
     device: str,
     workers: int,
-) -> Iterable[tuple[Case, CaseResult | Exception]]:
+) -> Iterator[tuple[Case, CaseResult | Exception]]:
     if workers <= 1 or len(cases) <= 1:
         for case in cases:
             try:

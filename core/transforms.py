@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_numpy
 
 from freetumor_cli.core.engines import IntensityModel, RuleIntensity, Scene, apply_intensity, compose_changes
 from freetumor_cli.core.errors import FreetumorError
@@ -192,8 +192,8 @@ class RandTumorSynthd(Randomizable, MapTransform):
         image_key, label_key = self.keys
         image, label = d[image_key], d[label_key]
         self.randomize()
-        img = np.asarray(convert_to_dst_type(image, np.zeros(0, np.float32))[0][0], dtype=np.float32)
-        lab = np.asarray(convert_to_dst_type(label, np.zeros(0, np.float32))[0][0])
+        img = convert_to_numpy(image, dtype=np.float32)[0]
+        lab = convert_to_numpy(label)[0]
         result = None
         if self._do:
             result = synthesize_in_crop(
@@ -208,7 +208,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
     def _write(self, d: dict[Hashable, Any], image: Any, label: Any, result: CropSynthesis) -> None:
         image_key, label_key = self.keys
         if self.orig_key is not None:
-            d[self.orig_key] = convert_to_dst_type(np.asarray(image[0], np.float32)[None].copy(), image)[0]
+            d[self.orig_key] = convert_to_dst_type(convert_to_numpy(image, dtype=np.float32).copy(), image)[0]
         d[image_key] = convert_to_dst_type(result.image[None], image, dtype=image.dtype)[0]
         d[label_key] = convert_to_dst_type(result.label[None], label, dtype=label.dtype)[0]
         d[self.mask_key] = convert_to_dst_type(result.mask[None], image, dtype=bool)[0]

@@ -774,7 +774,7 @@ class Placement:
 
 
 def place_tumors(
-    organ_mask: np.ndarray,
+    organ_mask: np.ndarray | None,
     organ: Organ,
     *,
     spacing: Floats,
@@ -788,11 +788,14 @@ def place_tumors(
 ) -> Placement:
     """Place tumors in one organ: their voxels, edges and textures, whatever the intensity engine.
 
-    Arguments as :func:`synthesize_in_organ`. At most ``config.max_tumor_share`` of the organ becomes
+    Arguments as :func:`synthesize_in_organ` (``organ_mask`` may be None when ``geometry`` is given).
+    At most ``config.max_tumor_share`` of the organ becomes
     tumor: a tumor that would pass it is not placed, nor any after it, and a note says so.
     """
     config = config or SynthesisConfig()
     if geometry is None:
+        if organ_mask is None:
+            raise ValueError("pass the organ's mask or its prepared geometry")
         geometry = prepare_organ(organ_mask, organ, spacing=spacing, affine=affine, config=config)
     else:
         geometry.notes.clear()
@@ -906,7 +909,7 @@ class SynthesisResult:
 
 def synthesize_in_organ(
     image: np.ndarray,
-    organ_mask: np.ndarray,
+    organ_mask: np.ndarray | None,
     organ: Organ,
     *,
     spacing: Floats,
@@ -923,7 +926,7 @@ def synthesize_in_organ(
 
     Args:
         image: the CT in HU, shape ``(I, J, K)`` (not modified).
-        organ_mask: bool mask of the target organ (healthy tissue), same shape.
+        organ_mask: bool mask of the target organ (healthy tissue), same shape (None with ``geometry``).
         organ: the organ's registry entry (decides the sign of the change).
         spacing: voxel size in mm per array axis.
         affine: voxel-to-world matrix.
