@@ -234,23 +234,10 @@ def comparison_markdown(comparison: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def paired_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paired comparisons: Dice difference with its interval, and lesion detection."""
-    lines = [
-        "| comparison | cases | Δ tumor Dice [95 % CI] | Wilcoxon p | lesions found: X / Y | McNemar p | early (<= 10 mm): X / Y |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['comparison']} | {r['cases']} | {r['dice_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
-            f"{r['wilcoxon_p']:.2g} | {_fmt(r['sens_x'], 2)} / {_fmt(r['sens_y'], 2)} of {r['lesions']} | "
-            f"{r['mcnemar_p']:.2g} | {_fmt(r['early_sens_x'], 2)} / {_fmt(r['early_sens_y'], 2)} of {r['early_lesions']} |"
-        )
-    return "\n".join(lines)
-
-
 def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any] | None = None) -> str:
     """The one-page report: what ran, the comparison, the paired table, previews and plots."""
+    from freetumor_cli.core.fair import audit_markdown, paired_markdown
+
     images = [
         ("per-case tumor Dice differences (a dot per test CT, the bar their mean)", "paired_differences.png"),
         ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_liver_synthetic_preview.png"),
@@ -262,20 +249,8 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
     if previews:
         images.append(("generator on held-out crops, last epoch", previews[-1].relative_to(result.out_dir).as_posix()))
     kept = ", ".join(f"{arm} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None) or "n/a"
-    audit = (seed or {}).get("audit") or {}
-    audit_lines = []
-    if audit:
-        audit_lines = [
-            f"Quality-control audit: the baseline finds the labelled cases' real tumors with a mean voxel recall of "
-            f"{_mean(audit['real_recall']):.2f}; a threshold that passes 90 % of them is "
-            f"{audit['calibrated_threshold']:.2f}. Synthetic tumors passing the method's 0.7 rule / that calibrated "
-            "threshold: "
-            + "; ".join(
-                f"{engine} {e['pass_0.7']:.0%} / {e['pass_calibrated']:.0%}" for engine, e in audit["engines"].items()
-            )
-            + ".",
-            "",
-        ]
+    audit = (seed or {}).get("audit")
+    audit_lines = [audit_markdown([audit]), ""] if audit else []
     lines = [
         "# freetumor demo",
         "",
@@ -326,7 +301,3 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         if (result.out_dir / path).is_file():
             lines += [f"### {title}", "", f"![{title}]({path})", ""]
     return "\n".join(lines)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

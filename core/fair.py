@@ -462,6 +462,48 @@ def arm_summary(seeds: Sequence[dict[str, Any]], arms: Sequence[str]) -> list[di
     return rows
 
 
+def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The paired comparisons of :func:`paired_table` as a Markdown table."""
+    lines = [
+        "| comparison | cases | Δ Dice [95 % CI] | Wilcoxon p | lesions: sens. X / Y (only X, only Y) | McNemar p "
+        "| early: sens. X / Y | McNemar p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['comparison']} | {r['cases']} | {r['dice_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+            f"{r['wilcoxon_p']:.3g} | {r['sens_x']:.3f} / {r['sens_y']:.3f} ({r['only_x']}, {r['only_y']}) | "
+            f"{r['mcnemar_p']:.3g} | {r['early_sens_x']:.3f} / {r['early_sens_y']:.3f} of {r['early_lesions']} "
+            f"({r['early_only_x']}, {r['early_only_y']}) | {r['early_mcnemar_p']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
+    """The quality-control audits of :func:`qc_audit`, pooled, as Markdown lines."""
+    real = [r for a in audits for r in a["real_recall"]]
+    thresholds = [a["calibrated_threshold"] for a in audits]
+    lines = [
+        "Quality-control audit (the baseline's voxel recall as gatekeeper, pooled over seeds):",
+        "",
+        f"- real tumors of the labelled cases: {len(real)}, mean recall {np.mean(real):.2f}; "
+        f"calibrated threshold (passes 90 % of them) {', '.join(f'{t:.2f}' for t in thresholds)}",
+    ]
+    for engine in ("rules", "generator"):
+        e = [a["engines"][engine] for a in audits]
+        sizes = sorted({s for x in e for s in x["per_size"]}, key=list(SIZE_CLASSES).index)
+        per = "; ".join(
+            f"{s} {np.mean([x['per_size'][s]['pass_0.7'] for x in e if s in x['per_size']]):.0%} / "
+            f"{np.mean([x['per_size'][s]['pass_calibrated'] for x in e if s in x['per_size']]):.0%}"
+            for s in sizes
+        )
+        lines.append(
+            f"- {engine}: pass at 0.7 {np.mean([x['pass_0.7'] for x in e]):.0%}, at the calibrated threshold "
+            f"{np.mean([x['pass_calibrated'] for x in e]):.0%} (per size, 0.7 / calibrated: {per})"
+        )
+    return "\n".join(lines)
+
+
 def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
     """The result tables: arms, paired comparisons, the quality-control audit."""
     arms = [a for a in config.arms]
@@ -470,33 +512,10 @@ def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
         qc = "" if r["qc_kept"] is None else f"{r['qc_kept']:.0%}"
         lines.append(f"| {r['arm']} | {r['what']} | {r['dice']:.3f} | {r['sensitivity']:.3f} | "
                      f"{r['early_sensitivity']:.3f} | {qc} |")  # fmt: skip
-    lines += ["", "| comparison | cases | Δ Dice [95 % CI] | Wilcoxon p | lesions: sens. X / Y (only X, only Y) | "
-              "McNemar p | early: sens. X / Y | McNemar p |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in paired_table(seeds, arms, resamples=config.bootstrap):
-        lines.append(
-            f"| {r['comparison']} | {r['cases']} | {r['dice_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
-            f"{r['wilcoxon_p']:.3g} | {r['sens_x']:.3f} / {r['sens_y']:.3f} ({r['only_x']}, {r['only_y']}) | "
-            f"{r['mcnemar_p']:.3g} | {r['early_sens_x']:.3f} / {r['early_sens_y']:.3f} of {r['early_lesions']} "
-            f"({r['early_only_x']}, {r['early_only_y']}) | "
-            f"{r['early_mcnemar_p']:.3g} |"
-        )
+    lines += ["", paired_markdown(paired_table(seeds, arms, resamples=config.bootstrap))]
     audits = [s["audit"] for s in seeds if s.get("audit")]
     if audits:
-        lines += ["", "Quality-control audit (the baseline's voxel recall as gatekeeper, pooled over seeds):", ""]
-        real = [r for a in audits for r in a["real_recall"]]
-        thresholds = [a["calibrated_threshold"] for a in audits]
-        lines.append(f"- real tumors of the labelled cases: {len(real)}, mean recall {np.mean(real):.2f}; "
-                     f"calibrated threshold (passes 90 % of them) {', '.join(f'{t:.2f}' for t in thresholds)}")  # fmt: skip
-        for engine in ("rules", "generator"):
-            e = [a["engines"][engine] for a in audits]
-            sizes = sorted({s for x in e for s in x["per_size"]}, key=list(SIZE_CLASSES).index)
-            per = "; ".join(
-                f"{s} {np.mean([x['per_size'][s]['pass_0.7'] for x in e if s in x['per_size']]):.0%} / "
-                f"{np.mean([x['per_size'][s]['pass_calibrated'] for x in e if s in x['per_size']]):.0%}"
-                for s in sizes
-            )
-            lines.append(f"- {engine}: pass at 0.7 {np.mean([x['pass_0.7'] for x in e]):.0%}, at the calibrated "
-                         f"threshold {np.mean([x['pass_calibrated'] for x in e]):.0%} (per size, 0.7 / calibrated: {per})")  # fmt: skip
+        lines += ["", audit_markdown(audits)]
     return "\n".join(lines)
 
 
