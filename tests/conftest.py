@@ -43,6 +43,19 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def prepare_phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A phantom data root prepared at the tests' 4 mm grid (fold 0: two liver cases train, one validates)."""
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+    from freetumor_cli.core.preprocess import PreprocessConfig
+
+    root = write_phantom_root(tmp_path_factory.mktemp("root"))
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(
+        root, out, PrepareConfig(folds=2, seed=1, preprocessing=PreprocessConfig(abdomen_spacing_mm=(4.0, 4.0, 4.0)))
+    )
+    return out
+
+
 def oblique_affine(spacing: tuple[float, float, float] = (0.7, 0.9, 5.0)) -> np.ndarray:
     """A rotated, anisotropic, translated affine (not a permutation of the axes)."""
     a, b = np.deg2rad(20), np.deg2rad(-35)

@@ -21,10 +21,9 @@ from freetumor_cli.app import app
 from freetumor_cli.core.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE
 from freetumor_cli.core.io import TEMP_PREFIX, OutputLock, save_volume
 from freetumor_cli.core.phantom import Phantom
-from freetumor_cli.core.prepare import PrepareConfig, prepare
-from freetumor_cli.core.preprocess import PreprocessConfig
+from freetumor_cli.core.prepare import PrepareConfig
 
-from .conftest import flat, write_phantom_root
+from .conftest import flat, prepare_phantom_root
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -47,12 +46,7 @@ def assert_one_line_error(code: int, output: str, expected_code: int, *words: st
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = write_phantom_root(tmp_path_factory.mktemp("root"))
-    out = tmp_path_factory.mktemp("area") / "prepared"
-    prepare(
-        root, out, PrepareConfig(folds=2, seed=1, preprocessing=PreprocessConfig(abdomen_spacing_mm=(4.0, 4.0, 4.0)))
-    )
-    return out
+    return prepare_phantom_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,8 @@ from typer.testing import CliRunner
 
 from freetumor_cli.app import app
 from freetumor_cli.core.phantom import make_phantom
-from freetumor_cli.core.prepare import PrepareConfig, prepare
-from freetumor_cli.core.preprocess import PreprocessConfig
 
-from .conftest import flat, write_phantom_root
+from .conftest import flat, prepare_phantom_root
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -43,13 +41,7 @@ def tiny_config(**changes: object) -> TrainSegConfig:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = write_phantom_root(tmp_path_factory.mktemp("root"))
-    out = tmp_path_factory.mktemp("prepared")
-    # fold 0: two liver cases train, one validates; the case store at the tests' 4 mm grid
-    prepare(
-        root, out, PrepareConfig(folds=2, seed=1, preprocessing=PreprocessConfig(abdomen_spacing_mm=(4.0, 4.0, 4.0)))
-    )
-    return out
+    return prepare_phantom_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
