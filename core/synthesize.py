@@ -626,6 +626,8 @@ def iter_results(
     part of a job locks its own share, and the parts write side by side). Cases finished by an
     earlier run with the same configuration are skipped. With ``workers`` > 1 the cases run in that
     many processes and results come as they finish; each case's tumors are the same either way.
+    The lock is held until the iterator is exhausted or closed: a caller that stops early closes it
+    (``contextlib.closing``), as the command does.
     """
     cases = list(cases)
     with OutputLock(out_dir, "synthesize", part=part):

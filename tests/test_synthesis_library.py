@@ -152,6 +152,9 @@ def test_rand_tumor_synthd_is_a_randomizable_monai_transform(small_phantom: Phan
     assert isinstance(synth, Randomizable)
     a, b, c = sample(synth, 3), sample(synth, 3), sample(synth, 4)
     assert torch.equal(a["ct"], b["ct"]) and not torch.equal(a["ct"], c["ct"])
+    # A fresh instance (another loader worker or process) seeded alike draws the same tumor.
+    other = RandTumorSynthd(keys=["ct", "seg"], task="liver", spacing_mm=SPACING, window_hu=(-175, 250), size="small")
+    assert torch.equal(sample(other, 3)["ct"], a["ct"])
     mask = a["synth_mask"][0].numpy()
     assert mask.any() and (a["seg"][0].numpy()[mask] == 2).all()
     assert (a["ct"][0].numpy()[mask] < image[mask]).mean() > 0.9  # liver tumors are darker
