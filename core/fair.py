@@ -314,6 +314,7 @@ def run_seed(
         _train_everything_labelled(prepared)
     runs = out / "runs"
     step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
+    # An onlylabeled epoch is one step per labelled case (one volume per step, one process): 10 % warm-up.
     base_config = _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=0.1 * config.baseline_steps / max(1, config.labelled_cases), rules=rules)  # fmt: skip
     _train(prepared, runs / "baseline", base_config, None, progress)
     baseline = runs / "baseline" / "checkpoints" / "last"
