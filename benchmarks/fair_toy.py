@@ -12,11 +12,13 @@ The default ran in 35.5 minutes on 2 CPU cores; ``--quick`` runs every stage in 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from freetumor_cli.core.errors import FreetumorError
 from freetumor_cli.core.fair import FairConfig, run_experiment
 
 
@@ -35,9 +37,13 @@ def main() -> None:
     if args.arms:
         config = replace(config, arms=tuple(args.arms))
     started = time.perf_counter()
-    text = run_experiment(
-        args.out, config, step=lambda m: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {m}", flush=True)
-    )
+    try:
+        text = run_experiment(
+            args.out, config, step=lambda m: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {m}", flush=True)
+        )
+    except FreetumorError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     print()
     print(text)
     print(f"\n{(time.perf_counter() - started) / 60:.1f} minutes; tables in {args.out / 'fair_toy.md'}")

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from freetumor_cli.core.errors import OutputExistsError
 from freetumor_cli.core.io import load_volume, save_volume, write_text_atomic
 from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig
@@ -110,6 +111,19 @@ def _liver_only(labels: np.ndarray) -> np.ndarray:
     return np.where(keep, labels, 0).astype(np.uint8)
 
 
+# Settings that do not change a seed's runs: which seeds and arms run, the tables' resamples, the loaders.
+_NOT_RESULTS = ("seeds", "arms", "bootstrap", "workers")
+
+
+def _result_keys_of(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration's settings that shape the results (as JSON gives them: lists, not tuples)."""
+    return {k: v for k, v in saved.items() if k not in _NOT_RESULTS}
+
+
+def _result_keys(config: FairConfig) -> dict[str, Any]:
+    return _result_keys_of(json.loads(json.dumps(asdict(config))))
+
+
 def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
     """Write one seed's phantom world: data root, test set and audit CTs. The test set is fixed here,
     before any training, from seeds of its own; the "real" tumors are the phantom's, never the synthesizer's."""
@@ -118,6 +132,13 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
     marker = out / "world.json"
     paths = {"data": out / "data", "test_images": out / "test" / "imagesTs", "test_labels": out / "test" / "labelsTs"}
     if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
+        changed = sorted(k for k, v in _result_keys(config).items() if _result_keys_of(saved).get(k) != v)
+        if changed:
+            raise OutputExistsError(
+                f"{out} holds a run of another configuration (differs in {', '.join(changed)})",
+                hint="choose a new --out, or delete the folder to start over; a run resumes only with its own settings",
+            )
         return paths
     for folder in ("data", "test"):
         shutil.rmtree(out / folder, ignore_errors=True)

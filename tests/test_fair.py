@@ -58,3 +58,17 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     started = time.perf_counter()
     assert run_experiment(tmp_path / "fair", config) == text
     assert time.perf_counter() - started < 30
+
+
+def test_a_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from freetumor_cli.core.errors import OutputExistsError
+    from freetumor_cli.core.fair import make_world
+
+    config = replace(FairConfig.quick(), organ_only_cases=1, test_cases=1, labelled_cases=1, shape=(48, 48, 32))
+    make_world(tmp_path, config, 0)
+    # What runs and how the tables are drawn may change between resumes; the world and the runs may not.
+    make_world(tmp_path, replace(config, arms=("A", "E"), seeds=(0, 1), bootstrap=50, workers=0), 0)
+    with pytest.raises(OutputExistsError, match="baseline_steps"):
+        make_world(tmp_path, replace(config, baseline_steps=99), 0)
