@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from freetumor_cli.core import fair
-from freetumor_cli.core.prepare import PrepareConfig, prepare
-from freetumor_cli.core.preprocess import PreprocessConfig
-from freetumor_cli.core.synthesis_config import SynthesisConfig
+from freetumor_cli.core.errors import FreetumorError
+from freetumor_cli.core.io import write_text_atomic
 
 
 def main() -> None:
@@ -38,37 +37,33 @@ def main() -> None:
         warnings.filterwarnings("ignore", category=category)
     # The experiment's world, with only the organ-only cases a baseline does not use trimmed.
     config = replace(fair.FairConfig(), organ_only_cases=2, test_cases=args.test_cases)
-    world = fair.make_world(args.out, config, args.seed)
-    prepared = args.out / "prepared"
-    if not (prepared / "datalists" / "liver_fold0.json").is_file():
-        preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
-        prepare(world["data"], prepared, PrepareConfig(folds=5, seed=args.seed, preprocessing=preprocessing))
-        fair._train_everything_labelled(prepared)
-    rules = replace(SynthesisConfig(), mix_sizes=fair.sizes_for_crop(config.roi, config.spacing_mm[0]))
+    try:
+        world, prepared = fair.prepared_world(args.out, config, args.seed)
+    except FreetumorError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     rows = []
     for lr in args.lr:
         for steps in args.steps:
             name = f"{steps}_{lr:g}"
             run = args.out / "runs" / name
-            started = time.perf_counter()
-            warmup = 0.1 * steps / config.labelled_cases  # as the experiment counts it
-            seg = fair._seg(config, args.seed, mode="onlylabeled", steps=steps, lr=lr, warmup=warmup, rules=rules)
-            fair._train(prepared, run, seg, None)
+            seg = fair.baseline_config(replace(config, baseline_steps=steps, lr=lr), args.seed)
+            fair.train_run(prepared, run, seg, None)
             summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-            dice, lesions = fair.read_scores(fair._evaluate(run, world, args.out / "eval" / name))
+            dice, lesions = fair.read_scores(fair.score_run(run, world, args.out / "eval" / name))
             rows.append({
-                "steps": steps, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
+                "steps": steps, "lr": lr, "train_seconds": summary.get("seconds"),
                 "loss_fifth_before": summary["loss_fifth_before"], "loss_last_fifth": summary["loss_last_fifth"],
                 "dice": float(np.mean(list(dice.values()))),
                 "sensitivity": float(np.mean([found for found, _ in lesions.values()])),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| steps | lr | loss, fifth before → last fifth | dev tumor Dice | dev lesion sens. |")
-    print("|---|---|---|---|---|")
+    print("\n| steps | lr | training s | loss, fifth before → last fifth | dev tumor Dice | dev lesion sens. |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['steps']} | {r['lr']:g} | {r['loss_fifth_before']:.3f} → {r['loss_last_fifth']:.3f} | "
+        print(f"| {r['steps']} | {r['lr']:g} | {r['train_seconds']} | {r['loss_fifth_before']:.3f} → {r['loss_last_fifth']:.3f} | "
               f"{r['dice']:.3f} | {r['sensitivity']:.3f} |")  # fmt: skip
-    (args.out / "plateau.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(args.out / "plateau.json", json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

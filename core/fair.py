@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -115,13 +116,9 @@ def _liver_only(labels: np.ndarray) -> np.ndarray:
 _NOT_RESULTS = ("seeds", "arms", "bootstrap", "workers")
 
 
-def _result_keys_of(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved configuration's settings that shape the results (as JSON gives them: lists, not tuples)."""
-    return {k: v for k, v in saved.items() if k not in _NOT_RESULTS}
-
-
-def _result_keys(config: FairConfig) -> dict[str, Any]:
-    return _result_keys_of(json.loads(json.dumps(asdict(config))))
+def _shaping(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape a seed's results, in their JSON form (lists, not tuples)."""
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in _NOT_RESULTS}
 
 
 def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
@@ -132,8 +129,8 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
     marker = out / "world.json"
     paths = {"data": out / "data", "test_images": out / "test" / "imagesTs", "test_labels": out / "test" / "labelsTs"}
     if marker.is_file():
-        saved = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
-        changed = sorted(k for k, v in _result_keys(config).items() if _result_keys_of(saved).get(k) != v)
+        saved = _shaping(json.loads(marker.read_text(encoding="utf-8")).get("config", {}))
+        changed = sorted(k for k, v in _shaping(asdict(config)).items() if saved.get(k) != v)
         if changed:
             raise OutputExistsError(
                 f"{out} holds a run of another configuration (differs in {', '.join(changed)})",
@@ -189,6 +186,37 @@ def _seg(config: FairConfig, seed: int, *, mode: str, steps: int, lr: float, war
     )  # fmt: skip
 
 
+def crop_rules(config: FairConfig) -> SynthesisConfig:
+    """The synthesis rules of every run: only the size classes the crop holds (:func:`sizes_for_crop`)."""
+    return replace(SynthesisConfig(), mix_sizes=sizes_for_crop(config.roi, config.spacing_mm[0]))
+
+
+def prepared_world(
+    out: Path, config: FairConfig, seed: int, *, step: Callable[[str], None] = lambda _m: None
+) -> tuple[dict[str, Path], Path]:
+    """:func:`make_world`, then ``prepare`` into ``out/prepared`` with every labelled case for training."""
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+    from freetumor_cli.core.preprocess import PreprocessConfig
+
+    world = make_world(out, config, seed)
+    prepared = out / "prepared"
+    if not (prepared / "datalists" / "liver_fold0.json").is_file():
+        step(f"seed {seed}: prepare")
+        shutil.rmtree(prepared, ignore_errors=True)
+        preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
+        prepare(world["data"], prepared, PrepareConfig(folds=5, seed=seed, preprocessing=preprocessing))
+        _train_everything_labelled(prepared)
+    return world, prepared
+
+
+def baseline_config(config: FairConfig, seed: int) -> Any:
+    """The shared baseline's run: labelled cases only, ``baseline_steps`` at ``lr``, 10 % warm-up, CutMix."""
+    # An onlylabeled epoch is one step per labelled case (one volume per step, one process).
+    warmup = 0.1 * config.baseline_steps / max(1, config.labelled_cases)
+    return _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=warmup,
+                rules=crop_rules(config))  # fmt: skip
+
+
 def _done(run: Path) -> bool:
     return (run / "checkpoints" / "last" / "model.json").is_file() and (run / "summary.json").is_file()
 
@@ -196,7 +224,11 @@ def _done(run: Path) -> bool:
 Progress = Callable[[int, int], None]
 
 
-def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None, progress: Progress | None = None) -> None:
+def train_run(
+    prepared: Path, run: Path, seg_config: Any, baseline: Path | None, progress: Progress | None = None
+) -> None:
+    """Train one run (``train-seg`` with ``seg_config``) unless it is done; resume it if it was interrupted.
+    Writes ``summary.json``: steps, seconds, quality-control acceptance, and the loss over its last two fifths."""
     from freetumor_cli.core.train_seg import train_segmentation
 
     if _done(run):
@@ -204,6 +236,7 @@ def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None, pr
     resume = (run / "checkpoints" / "last").is_dir()
     if run.exists() and not resume:
         shutil.rmtree(run)
+    started = time.perf_counter()
     summary = train_segmentation(
         prepared, run, seg_config, baseline=baseline, resume=resume,
         on_step=None if progress is None else (lambda done, total, _stats: progress(done, total)),
@@ -213,6 +246,7 @@ def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None, pr
     before = losses[-2 * len(tail) : -len(tail)] or tail
     record = {
         "steps": summary.steps,
+        "seconds": round(time.perf_counter() - started, 1),  # this invocation's (a resumed run's last part)
         "qc_acceptance": summary.qc_acceptance,
         "loss_last_fifth": float(np.mean(tail)) if tail else None,
         "loss_fifth_before": float(np.mean(before)) if before else None,
@@ -220,7 +254,7 @@ def _train(prepared: Path, run: Path, seg_config: Any, baseline: Path | None, pr
     write_text_atomic(run / "summary.json", json.dumps(record, indent=1) + "\n")
 
 
-def _evaluate(run: Path, world: dict[str, Path], out: Path) -> Path:
+def score_run(run: Path, world: dict[str, Path], out: Path) -> Path:
     """Score a run on the test set; returns its per-lesion CSV (the per-case one lies beside it)."""
     from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
     from freetumor_cli.core.predict import predict_cases
@@ -318,26 +352,15 @@ def run_seed(
 
     ``step`` gets a line as each stage starts, ``progress`` (done, total) during training.
     """
-    from freetumor_cli.core.prepare import PrepareConfig, prepare
-    from freetumor_cli.core.preprocess import PreprocessConfig
     from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
 
     out.mkdir(parents=True, exist_ok=True)
-    rules = replace(SynthesisConfig(), mix_sizes=sizes_for_crop(config.roi, config.spacing_mm[0]))
+    rules = crop_rules(config)
     step(f"seed {seed}: phantom world")
-    world = make_world(out, config, seed)
-    prepared = out / "prepared"
-    if not (prepared / "datalists" / "liver_fold0.json").is_file():
-        step(f"seed {seed}: prepare")
-        shutil.rmtree(prepared, ignore_errors=True)
-        preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
-        prepare(world["data"], prepared, PrepareConfig(folds=5, seed=seed, preprocessing=preprocessing))
-        _train_everything_labelled(prepared)
+    world, prepared = prepared_world(out, config, seed, step=step)
     runs = out / "runs"
     step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
-    # An onlylabeled epoch is one step per labelled case (one volume per step, one process): 10 % warm-up.
-    base_config = _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=0.1 * config.baseline_steps / max(1, config.labelled_cases), rules=rules)  # fmt: skip
-    _train(prepared, runs / "baseline", base_config, None, progress)
+    train_run(prepared, runs / "baseline", baseline_config(config, seed), None, progress)
     baseline = runs / "baseline" / "checkpoints" / "last"
     generator = runs / "generator" / "checkpoints" / "best"
     wants_generator = any(a in config.arms for a in ("D", "E")) or config.audit_cases
@@ -367,10 +390,10 @@ def run_seed(
         step(f"seed {seed}: arm {arm} ({ARMS[arm]}, {config.arm_steps} steps from the baseline)")
         seg_config = _seg(config, seed, mode=mode, steps=config.arm_steps, lr=config.arm_lr, warmup=0.0, synth=synth,
                           init=str(baseline), rules=rules)  # fmt: skip
-        _train(prepared, runs / arm, seg_config, baseline if qc else None, progress)
-        scores[arm] = _evaluate(runs / arm, world, out / "eval" / arm)
+        train_run(prepared, runs / arm, seg_config, baseline if qc else None, progress)
+        scores[arm] = score_run(runs / arm, world, out / "eval" / arm)
     step(f"seed {seed}: baseline on the test set")
-    scores["baseline"] = _evaluate(runs / "baseline", world, out / "eval" / "baseline")
+    scores["baseline"] = score_run(runs / "baseline", world, out / "eval" / "baseline")
     audit = None
     if config.audit_cases:
         step(f"seed {seed}: quality-control audit")
