@@ -1,12 +1,12 @@
 """What synthetic tumors, quality control and the generator each add: the fair, paired experiment.
 
-Per seed a phantom world, one shared baseline, a generator, and arms A-D (E with ``--arms``) that
+Per seed a phantom world, one shared baseline, a generator, and arms A-E (a subset with ``--arms``) that
 continue from the baseline for the same steps; then paired statistics pooled over seeds and a
 quality-control audit (see ``freetumor_cli.core.fair``). Resumable: a rerun skips what is done.
 
     python benchmarks/fair_toy.py [--quick] [--out fair_toy] [--seeds 0 1 2] [--arms A B C D E]
 
-The default ran in 35.5 minutes on 2 CPU cores; ``--quick`` runs every stage in a few minutes.
+The default ran in 48.6 minutes on 2 CPU cores; ``--quick`` runs every stage in a few minutes.
 """
 
 from __future__ import annotations

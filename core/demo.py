@@ -60,7 +60,7 @@ class DemoConfig:
     tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
     model: str = "unet"
     roi: int = 32
-    baseline_steps: int = 500
+    baseline_steps: int = 2000
     arm_steps: int = 200
     synth_steps: int = 50
     generator_channels: int = 8

@@ -55,7 +55,7 @@ EARLY_RADIUS_MM = 10.0
 
 @dataclass(frozen=True)
 class FairConfig:
-    """The experiment's size. The defaults ran in 35.5 minutes on 2 CPU cores; :meth:`quick` in a few.
+    """The experiment's size. The defaults ran in 48.6 minutes on 2 CPU cores; :meth:`quick` in a few.
 
     Attributes:
         seeds: one phantom world and one set of runs per seed.
@@ -80,13 +80,13 @@ class FairConfig:
     tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
     roi: int = 32
     model: str = "unet"
-    baseline_steps: int = 500
+    baseline_steps: int = 2000
     arm_steps: int = 200
     synth_steps: int = 50
     generator_channels: int = 8
     lr: float = 1e-3
     arm_lr: float = 5e-4
-    arms: tuple[str, ...] = ("A", "B", "C", "D")
+    arms: tuple[str, ...] = ("A", "B", "C", "D", "E")
     audit_cases: int = 16
     bootstrap: int = 2000
     workers: int = 1

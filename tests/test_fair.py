@@ -48,10 +48,10 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     config = FairConfig.quick()
     text = run_experiment(tmp_path / "fair", config)
-    assert "| B - A |" in text and "| D - A |" in text and "Quality-control audit" in text
+    assert "| B - A |" in text and "| D - A |" in text and "| E - D |" in text and "Quality-control audit" in text
     saved = json.loads((tmp_path / "fair" / "fair_toy.json").read_text())
     seed = saved["seeds"][0]
-    assert set(seed["scores"]) == {"A", "B", "C", "D", "baseline"} and seed["sizes"] == ["tiny", "small"]
+    assert set(seed["scores"]) == {"A", "B", "C", "D", "E", "baseline"} and seed["sizes"] == ["tiny", "small"]
     assert seed["qc_acceptance"]["C"] is not None and seed["qc_acceptance"]["B"] is None
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
     # A second run finds every stage done and only recomputes the tables.
