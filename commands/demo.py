@@ -25,7 +25,7 @@ def demo(
 ) -> None:
     """Run the whole method on phantom CTs: prepare, a baseline, a generator, four arms, synthesize, evaluate.
 
-    A paired experiment on a held-out test set: every arm continues from one baseline for the same steps (A labelled only, B + rule-based tumors, C + quality control, D + generator tumors with quality control, the method), and OUT/report.md gives each difference with its 95 % interval. The default preset takes about 10 minutes on 2 CPU cores (one seed of benchmarks/fair_toy.py, with more cases, took 11-12); --quick a few.
+    A paired experiment on a held-out test set: every arm continues from one baseline for the same steps (A labelled only, B + rule-based tumors, C + quality control, D + generator tumors with quality control, the method), and OUT/report.md gives each difference with its 95 % interval. The default preset took 14 minutes on 2 CPU cores (its baseline trains 2000 steps, where its Dice plateaus); --quick a few.
 
     Example: freetumor demo --quick --out freetumor_demo
     """
