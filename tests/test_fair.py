@@ -54,6 +54,12 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     assert set(seed["scores"]) == {"A", "B", "C", "D", "E", "baseline"} and seed["sizes"] == ["tiny", "small"]
     assert seed["qc_acceptance"]["C"] is not None and seed["qc_acceptance"]["B"] is None
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
+    # The arms that add synthetic tumors see the same crops in the same order, under the same LR curve.
+    runs = tmp_path / "fair" / "seed_0" / "runs"
+    logs = {arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").open()] for arm in "ABCDE"}
+    order = {arm: [(r["samples"], r["lr"]) for r in rows if "samples" in r] for arm, rows in logs.items()}
+    assert len(order["B"]) == config.arm_steps and all(order[arm] == order["B"] for arm in "CDE")
+    assert [lr for _, lr in order["A"]] == [lr for _, lr in order["B"]]
     # A second run finds every stage done and only recomputes the tables.
     started = time.perf_counter()
     assert run_experiment(tmp_path / "fair", config) == text
