@@ -50,22 +50,23 @@ class DemoConfig:
         workers: data loader processes per run.
     """
 
+    # The world and the stages are the benchmark's (FairConfig's defaults); only the case counts are smaller.
     quick: bool = False
     seed: int = 0
-    labelled_cases: int = 5
+    labelled_cases: int = FairConfig.labelled_cases
     organ_only_cases: int = 16
     test_cases: int = 8
-    shape: tuple[int, int, int] = (104, 104, 64)
-    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
-    model: str = "unet"
-    roi: int = 32
-    baseline_steps: int = 2000
-    arm_steps: int = 200
-    synth_steps: int = 50
-    generator_channels: int = 8
+    shape: tuple[int, int, int] = FairConfig.shape
+    spacing_mm: tuple[float, float, float] = FairConfig.spacing_mm
+    tumor_radius_mm: tuple[float, float] = FairConfig.tumor_radius_mm
+    model: str = FairConfig.model
+    roi: int = FairConfig.roi
+    baseline_steps: int = FairConfig.baseline_steps
+    arm_steps: int = FairConfig.arm_steps
+    synth_steps: int = FairConfig.synth_steps
+    generator_channels: int = FairConfig.generator_channels
     audit_cases: int = 8
-    workers: int = 1
+    workers: int = FairConfig.workers
 
     @classmethod
     def preset(cls, *, quick: bool = False, seed: int = 0) -> DemoConfig:

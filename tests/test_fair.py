@@ -56,7 +56,9 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
     # The arms that add synthetic tumors see the same crops in the same order, under the same LR curve.
     runs = tmp_path / "fair" / "seed_0" / "runs"
-    logs = {arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").open()] for arm in "ABCDE"}
+    logs = {
+        arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").read_text().splitlines()] for arm in "ABCDE"
+    }
     order = {arm: [(r["samples"], r["lr"]) for r in rows if "samples" in r] for arm, rows in logs.items()}
     assert len(order["B"]) == config.arm_steps and all(order[arm] == order["B"] for arm in "CDE")
     assert [lr for _, lr in order["A"]] == [lr for _, lr in order["B"]]
