@@ -22,7 +22,7 @@ import numpy as np
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS
-from freetumor_cli.core.store import CaseSource
+from freetumor_cli.core.store import CaseData, CaseSource
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 
 
@@ -64,8 +64,10 @@ def check_files_exist(source: Path, entries: Sequence[Mapping[str, Any]]) -> Non
         )
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
+    """The seed of sample ``index`` of ``epoch`` (``attempt`` > 0: of its replacements, when it raised)."""
+    key = f"{seed}/{epoch}/{index}" + (f"/{attempt}" if attempt else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -210,18 +212,68 @@ class CropDataset:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        """Sample ``index`` of the epoch; a sample that raises is replaced by another, and the crops say so.
+
+        A long run must not die on one bad sample (an unreadable case, a crop that trips a bug): the
+        sample is drawn again from the next case with a fresh seed, up to :data:`MAX_REPLACEMENTS`
+        times, and every failure travels with the crops (``incidents``) for the run's log and metrics.
+        Only when every replacement fails too does the error stop the run.
+        """
+        import torch
+
+        incidents: list[dict[str, Any]] = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            position = (index + attempt) % len(self.entries)
+            seed = sample_seed(self.seed, self.epoch, index, attempt)
+            try:
+                crops = self._sample(position, seed, incidents)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                incidents.append(
+                    {
+                        "kind": "bad_sample",
+                        "epoch": self.epoch,
+                        "sample": index,
+                        "case": case_name(self.entries[position]),
+                        "seed": seed,
+                        "error": one_line(exc),
+                    }
+                )
+                continue
+            for crop in crops:
+                crop["sample_index"] = torch.tensor([index])
+            crops[0]["incidents"] = incidents
+            return crops
+        first = incidents[0]
+        raise SampleError(
+            f"sample {index} and {MAX_REPLACEMENTS} replacements failed; the first: case {first['case']} "
+            f"(seed {first['seed']}): {first['error']}",
+            hint="check the cases named in run.log, or leave them out with freetumor prepare --datasets",
+        )
+
+    def _sample(self, position: int, seed: int, incidents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The crops of the case at ``position`` drawn with ``seed`` (a damaged store case is read raw)."""
         import torch
         from monai.data import get_track_meta, set_track_meta
 
-        seed = sample_seed(self.seed, self.epoch, index)
-        case = self.source.load(self.entries[index])
+        from freetumor_cli.core.transforms import RandTumorSynthd
+
+        entry = self.entries[position]
+        case = self.source.load(entry)
         p = self.pipeline
         origins = sample_crop_origins(
             case.shape, p.roi, case.locations, case.counts, self.foreground,
             pos=p.pos, neg=p.neg, num=p.crops_per_volume, rng=np.random.default_rng(seed),
         )  # fmt: skip
-        from freetumor_cli.core.transforms import RandTumorSynthd
-
+        try:
+            pairs = read_checked_crops(case, origins, p.roi)
+        except DamagedCrop as exc:
+            incidents.append(
+                {"kind": "store_damaged", "case": case_name(entry), "error": f"{exc}; read from its raw files"}
+            )
+            case = self.source.load_raw(entry)
+            pairs = read_checked_crops(case, origins, p.roi)
         self.transform.set_random_state(seed=seed)
         for t in self.transform.transforms:
             if isinstance(t, RandTumorSynthd):  # RandTumorGeometryd included
@@ -230,16 +282,70 @@ class CropDataset:
         tracking = get_track_meta()
         set_track_meta(False)  # crops carry no geometry: MONAI's metadata tracking would only cost time
         try:
-            for origin in origins:
-                image = read_crop(case.image, origin, p.roi).astype(np.float32)
-                label = self.lut[read_crop(case.label, origin, p.roi)].astype(np.float32)
-                crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])})
-                crop["sample_index"] = torch.tensor([index])
+            for image, label in pairs:
+                mapped = self.lut[label].astype(np.float32)
+                crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(mapped[None])})
                 crop["from_store"] = torch.tensor([case.origin == "store"])
                 crops.append(crop)
         finally:
             set_track_meta(tracking)
         return crops
+
+
+MAX_REPLACEMENTS = 8  # samples tried in place of one that raised, before the run stops
+
+
+class SampleError(InputError):
+    """A training sample and every replacement tried for it raised."""
+
+
+class DamagedCrop(Exception):
+    """A crop read from the case store is damaged: undecodable, or values a stored case cannot hold."""
+
+
+def case_name(entry: Mapping[str, Any]) -> str:
+    """How the logs name a case: ``dataset/case``, or its image's path."""
+    if entry.get("dataset") and entry.get("case"):
+        return f"{entry['dataset']}/{entry['case']}"
+    return str(entry.get("image", "?"))
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's type and first line; through MONAI's "applying transform" wrapper, the error it wraps."""
+    while isinstance(exc, RuntimeError) and str(exc).startswith("applying transform") and exc.__cause__:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def read_checked_crops(
+    case: CaseData, origins: Sequence[np.ndarray], roi: Sequence[int]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The image (float32) and region labels (uint8) of each crop; a store crop is checked as it is read.
+
+    A stored case holds a windowed image in [0, 1] and the label values its index counts. A chunk that
+    does not decode, or decodes to values outside those, raises :class:`DamagedCrop` (the caller reads
+    the case's raw files instead). Raw crops are not checked: they come from the preprocessing itself.
+    """
+    pairs = []
+    for origin in origins:
+        try:
+            image = read_crop(case.image, origin, roi).astype(np.float32)
+            label = read_crop(case.label, origin, roi)
+        except Exception as exc:  # blosc2 raises several kinds for chunks it cannot decode
+            if case.origin != "store":
+                raise
+            raise DamagedCrop(f"undecodable chunk ({type(exc).__name__})") from None
+        if case.origin == "store":
+            low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+            if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
+                raise DamagedCrop(f"image values outside [0, 1] ({low:g} .. {high:g})")
+            present = np.flatnonzero(np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256))
+            unknown = sorted(set(present.tolist()) - set(case.counts) - {0})
+            if unknown:
+                raise DamagedCrop(f"label values {unknown[:5]} the case does not have")
+        pairs.append((image, label))
+    return pairs
 
 
 def case_for_validation(source: CaseSource, entry: dict[str, Any], task: str) -> tuple[np.ndarray, np.ndarray]:

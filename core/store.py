@@ -472,6 +472,10 @@ class CaseSource:
                 return self.store.read(entry)
             except StoreMiss:
                 pass
+        return self.load_raw(entry)
+
+    def load_raw(self, entry: Mapping[str, Any]) -> CaseData:
+        """The case from its raw files (for a stored case found damaged while it was read)."""
         return preprocess_case(entry, self.preprocessing)
 
     def describe(self) -> str:

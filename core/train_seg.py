@@ -57,6 +57,7 @@ from freetumor_cli.core.training import (
     make_loader,
     note,
     out_of_memory_is_an_error,
+    record_incidents,
     run_lock,
     save_training_state,
     start_run,
@@ -223,30 +224,55 @@ def model_config_for(config: TrainSegConfig) -> ModelConfig:
     )
 
 
-def _validation_dice(
-    model: Any, entries: list[dict[str, Any]], source: Any, config: TrainSegConfig, roi: Any, accelerator: Any
+def validation_dice(
+    model: Any,
+    entries: list[dict[str, Any]],
+    source: Any,
+    config: TrainSegConfig,
+    roi: Any,
+    accelerator: Any,
+    out: Path | None = None,
 ) -> float:
-    """Mean tumor Dice over validation cases (sliding window, overlap, Gaussian blending), all processes."""
+    """Mean tumor Dice over validation cases (sliding window, overlap, Gaussian blending), all processes.
+
+    Each process scores its share of the cases with the unwrapped network: a DDP forward would broadcast
+    buffers, a collective that hangs or pairs wrongly when the shares differ in length (fewer cases than
+    processes, or a share that N does not divide). The sums are gathered once, afterwards, by every process.
+    A case that cannot be read is left out, with a line in ``out``'s ``run.log``, instead of stopping the run.
+    """
     import torch
     from monai.inferers import sliding_window_inference
 
     from freetumor_cli.core.metrics import dice
+    from freetumor_cli.core.seg_data import case_name, one_line
 
+    network = accelerator.unwrap_model(model)
     tumors = list(TASKS[config.task].tumor_values)
     total = count = 0.0
-    model.eval()
+    left_out: list[str] = []
+    network.eval()
     with torch.no_grad():
         for entry in entries[accelerator.process_index :: accelerator.num_processes]:
-            image, gt = case_for_validation(source, entry, config.task)
+            try:
+                image, gt = case_for_validation(source, entry, config.task)
+            except (InputError, OSError, ValueError, RuntimeError) as exc:
+                left_out.append(f"validation case {case_name(entry)} left out: {one_line(exc)}")
+                continue
             x = torch.from_numpy(image)[None, None].to(accelerator.device)
             with accelerator.autocast():
-                logits = sliding_window_inference(x, roi, 4, model, overlap=config.overlap, mode="gaussian")
+                logits = sliding_window_inference(x, roi, 4, network, overlap=config.overlap, mode="gaussian")
             pred = torch.as_tensor(logits).argmax(1)[0].cpu().numpy()
             score = dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]
             if not math.isnan(score):
                 total, count = total + score, count + 1
-    model.train()
-    total, count = gathered_sum(accelerator, total, count)
+    network.train()
+    total, count, failed = gathered_sum(accelerator, total, count, len(left_out))
+    if failed:
+        from accelerate.utils import gather_object
+
+        for line in gather_object(left_out) if accelerator.num_processes > 1 else left_out:
+            if out is not None:
+                note(accelerator, out, line)
     return total / count if count else float("nan")
 
 
@@ -373,7 +399,7 @@ def _train_segmentation(
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_seg",
         files={"config.yaml": version_header("train-seg") + to_yaml(config), "labels.json": json.dumps(labels_json, indent=2) + "\n"},
-        initial={"epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0},
+        initial={"epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0, "bad_samples": 0},
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
     if baseline_model is not None:
@@ -402,6 +428,7 @@ def _train_segmentation(
                     break
                 batch = SegBatch.of(raw)
                 stats: dict[str, Any] = {}
+                record_incidents(accelerator, out, raw["incidents"], progress)
                 if generator is not None:
                     batch = learned_intensity(batch, generator.module, config.task, channels)
                 if baseline_model is not None and batch.synth_mask is not None:
@@ -445,6 +472,7 @@ def _train_segmentation(
                 )
                 if progress["qc_seen"]:
                     stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
+                stats["bad_samples"] = progress["bad_samples"]
                 stats["crops_per_s"] = (
                     images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
                 )
@@ -461,7 +489,7 @@ def _train_segmentation(
                 and ((epoch + 1) % config.val_every == 0 or step >= plan.total_steps)
                 and lists["validation"]
             ):
-                val = _validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator)
+                val = validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator, out)
                 log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
                 if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
                     progress["best_dice"] = val

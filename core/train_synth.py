@@ -59,6 +59,7 @@ from freetumor_cli.core.training import (
     make_loader,
     note,
     out_of_memory_is_an_error,
+    record_incidents,
     run_lock,
     save_training_state,
     start_run,
@@ -195,6 +196,24 @@ def heldout_scores(images: Any, gan_batch: Any, critic: Any, threshold: float, w
     }
 
 
+def score_heldout(
+    generator: Any, batch: Any, critic: Any, config: TrainSynthConfig, window_width: float
+) -> tuple[Any, dict[str, float]]:
+    """The generator's tumors in the held-out crops and their scores (:func:`heldout_scores`).
+
+    Pass the unwrapped generator: every process scores the same crops on its own, with no collective
+    inside the forward (a DDP forward broadcasts buffers), so any number of processes computes alike.
+    """
+    import torch
+
+    from freetumor_cli.core.gan import synthesize_batch
+
+    generator.eval()
+    with torch.no_grad():
+        images = synthesize_batch(generator, batch, config.region)
+    return images, heldout_scores(images, batch, critic, config.qc_threshold, window_width)
+
+
 def train_generator(
     prepared: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -233,7 +252,6 @@ def _train_generator(
         generator_step,
         make_discriminator,
         make_generator,
-        synthesize_batch,
     )
     from freetumor_cli.core.models import load_checkpoint
     from freetumor_cli.core.preprocess import Preprocessing
@@ -319,7 +337,7 @@ def _train_generator(
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_synth",
         files={"config.yaml": version_header("train-synth") + to_yaml(config)},
-        initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0]},
+        initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0], "bad_samples": 0},
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
     note(
@@ -353,6 +371,7 @@ def _train_generator(
             for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 if step >= plan.total_steps:
                     break
+                record_incidents(accelerator, out, raw["incidents"], progress)
                 gan_batch = _gan_batch(raw, critic_config.task, task, channels)
                 with accelerator.autocast():
                     loss_g, fake = generator_step(
@@ -367,6 +386,7 @@ def _train_generator(
                     "loss_g": sum_g / accelerator.num_processes,
                     "loss_d": sum_d / accelerator.num_processes,
                     "synthetic_crops": crops,
+                    "bad_samples": progress["bad_samples"],
                     "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
                     "epoch": epoch,
                     "step": step,
@@ -377,10 +397,9 @@ def _train_generator(
                 if on_step:
                     on_step(step, plan.total_steps, stats)
             if fixed is not None:
-                generator.eval()
-                with torch.no_grad():
-                    images = synthesize_batch(accelerator.unwrap_model(generator), fixed_batch, config.region)
-                scores = heldout_scores(images, fixed_batch, critic, config.qc_threshold, window_width)
+                images, scores = score_heldout(
+                    accelerator.unwrap_model(generator), fixed_batch, critic, config, window_width
+                )
                 generator_qc.append(scores.get("qc_pass_rate", float("nan")))
                 log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
                 key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
@@ -424,7 +443,8 @@ def _heldout_batch(
         crops.extend(heldout[index])
     if not crops:
         return None
-    return {k: v.to(device) for k, v in collate_crops(crops[: config.heldout_crops]).items()}
+    batch = collate_crops(crops[: config.heldout_crops])
+    return {k: v.to(device) for k, v in batch.items() if k != "incidents"}
 
 
 def check_matches_critic(config: TrainSynthConfig, critic: Any) -> None:

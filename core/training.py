@@ -45,7 +45,10 @@ def collate_crops(samples: list[Any]) -> dict[str, Any]:
         for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_index", "sample_index", "from_store")
         if k in crops[0]
     ]
-    return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
+    batch: dict[str, Any] = {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
+    # What went wrong while the samples were drawn (replaced samples, damaged store cases), for the run's log.
+    batch["incidents"] = [i for c in crops for i in c.get("incidents", ())]
+    return batch
 
 
 def seed_worker(_worker_id: int) -> None:
@@ -269,6 +272,28 @@ def gathered_sum(accelerator: Accelerator, *values: float) -> list[float]:
 
     tensor = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
     return [float(v) for v in accelerator.reduce(tensor, reduction="sum")[0].tolist()]
+
+
+def record_incidents(
+    accelerator: Accelerator, out: Path, incidents: list[dict[str, Any]], progress: dict[str, Any]
+) -> None:
+    """Write what went wrong while this step's samples were drawn, on any process, to ``run.log``, and count
+    the samples replaced in ``progress["bad_samples"]`` (every process calls this at every step)."""
+    from accelerate.utils import gather_object
+
+    bad, reported = gathered_sum(accelerator, sum(i["kind"] == "bad_sample" for i in incidents), len(incidents))
+    progress["bad_samples"] = int(progress.get("bad_samples", 0)) + int(bad)
+    if not reported:
+        return
+    for incident in gather_object(incidents) if accelerator.num_processes > 1 else incidents:
+        if incident["kind"] == "bad_sample":
+            note(
+                accelerator, out,
+                f"sample {incident['sample']} of epoch {incident['epoch']}: case {incident['case']} "
+                f"(seed {incident['seed']}) raised {incident['error']}; drawn again from the next case",
+            )  # fmt: skip
+        else:
+            note(accelerator, out, f"case store: {incident['case']}: {incident['error']}")
 
 
 def gathered_list(accelerator: Accelerator, values: Any) -> list[Any]:

@@ -154,6 +154,11 @@ def prepare_organ(
     mask = organ_mask[bbox].copy(order="K")  # keeps the memory order: a Fortran-ordered box is not transposed
     step = np.maximum(1, np.floor(config.placement_grid_mm / spacing_arr)).astype(int)
     coarse = mask[:: step[0], :: step[1], :: step[2]]
+    if not coarse.any():
+        # A sliver thinner than the grid's step (an organ's surface cut obliquely by a crop's face) can
+        # fall between its samples: then every voxel is a cell, so the grid always holds the organ.
+        step = np.ones(3, dtype=int)
+        coarse = mask
     # Pad so the bounding box's faces count as surface (the organ may be cut by the field of view).
     padded = np.pad(coarse, 1)
     depth = ndimage.distance_transform_edt(padded, sampling=spacing_arr * step)[1:-1, 1:-1, 1:-1]
