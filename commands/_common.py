@@ -135,6 +135,20 @@ def one_line(exc: FreetumorError) -> str:
     return text
 
 
+def stop_on_termination() -> None:
+    """Make SIGTERM (``kill``, a batch scheduler's preemption, torchrun stopping its workers) stop a command
+    as Ctrl-C does: the write in progress is removed, finished outputs and the last saved state are kept,
+    locks are released, and the exit code is 130. Only the main thread can install it."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Give a command ``-q/--quiet`` and ``-v/--verbose``, and turn a :class:`FreetumorError` into a
     one-line message and its exit code (no traceback)."""
@@ -142,6 +156,7 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
         try:
+            stop_on_termination()
             set_verbosity(quiet=quiet, verbose=verbose)
             return func(*args, **kwargs)
         except FreetumorError as exc:

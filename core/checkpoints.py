@@ -55,6 +55,22 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
         ) from exc
 
 
+def read_safetensors(path: str | os.PathLike[str], what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (on the CPU); a damaged or truncated file is a one-line error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"the {what} {path} is damaged or truncated ({detail})",
+            hint="copy it again, or use another checkpoint (checkpoints/last, a saved best)",
+        ) from None
+
+
 def state_dict_of(raw: Any, path: Any) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint (inside a ``state_dict``/``network_weights``/``net`` wrapper or flat),
     with ``module.``/``backbone.`` prefixes dropped and ``swin_vit`` renamed ``swinViT``."""
@@ -241,8 +257,6 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
 
     Nothing is unpickled: folders hold safetensors, and ``.pt`` files are read with ``weights_only``.
     """
-    from safetensors.torch import load_file
-
     from freetumor_cli.core.gan import GanConfig, make_generator
 
     path = Path(path)
@@ -259,9 +273,9 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{path / 'generator.json'} is damaged ({type(exc).__name__}: {exc})") from None
     generator = make_generator(gan)
-    load_strict(generator, load_file(str(path / "generator.safetensors"), device="cpu"), path, "the generator")
+    load_strict(generator, read_safetensors(path / "generator.safetensors", "generator"), path, "the generator")
     disc = path / "discriminator.safetensors"
-    disc_state = load_file(str(disc), device="cpu") if disc.is_file() else None
+    disc_state = read_safetensors(disc, "discriminator") if disc.is_file() else None
     critic = None
     if (path / "critic" / "model.json").is_file():
         from freetumor_cli.core.models import load_checkpoint
@@ -374,16 +388,12 @@ def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
 
     path = Path(path)
     if path.is_dir() or path.name in ("model.safetensors", "model.json"):
-        from safetensors.torch import load_file
-
         folder = path if path.is_dir() else path.parent
         if not (folder / "model.safetensors").is_file():
             raise InputError(f"not a freetumor checkpoint: {folder}", hint="expected model.safetensors and model.json")
-        state: dict[str, torch.Tensor] = load_file(str(folder / "model.safetensors"), device="cpu")
+        state: dict[str, torch.Tensor] = read_safetensors(folder / "model.safetensors", "--init checkpoint")
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
+        state = read_safetensors(path, "--init checkpoint")
     else:
         state = state_dict_of(read_torch_file(path), path)
     own = model.state_dict()

@@ -74,3 +74,7 @@ class OutputExistsError(FreetumorError):
 
 class OutputBusyError(FreetumorError):
     """Another run is writing into the same output folder."""
+
+
+class OutputError(FreetumorError):
+    """An output cannot be written: the disk is full, the place read-only, a name too long."""

@@ -8,6 +8,7 @@ written for an input carries that input's affine, shape and orientation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from freetumor_cli.core.errors import GeometryError, InputError, OutputBusyError
+from freetumor_cli.core.errors import GeometryError, InputError, OutputBusyError, OutputError
 
 try:  # ISA-L deflates about 4 times and inflates about 1.4 times as fast as zlib, in the same format
     from isal.igzip import compress as gzip_compress
@@ -516,22 +517,85 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The file gets the permissions the user's umask gives new files (``mkstemp`` alone makes them private).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~process_umask())
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{temp_prefix(path.name)}", suffix=f".tmp{suffix}", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~process_umask())
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRORS:
+            raise output_error(path, exc) from None
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            raise output_error(path, exc) from None
         raise
 
 
 TEMP_PREFIX = ".ft-"  # temporary files of atomic writes; remove_stale_temporaries knows them by it
 STALE_SECONDS = 3600
+
+
+def owner_tag() -> str:
+    """``<host>.<pid>`` of this process, for temporary names: a later run can then tell the leftovers of a
+    killed process (gone) from a write in progress (alive)."""
+    return f"{_host()}.{os.getpid()}"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace(".", "_")[:32] or "host"
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary name for ``name`` (:data:`TEMP_PREFIX`, the name, the owner)."""
+    return f"{TEMP_PREFIX}{name}.{owner_tag()}."
+
+
+def owner_is_gone(name: str) -> bool:
+    """Whether a temporary name made by :func:`temp_prefix` (or the store's) belongs to a process of this host
+    that no longer runs. Names of other hosts, or without an owner, are not judged (False)."""
+    host = _host()
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == host and parts[i + 1].isdigit():
+            pid = int(parts[i + 1])
+            if pid == os.getpid():
+                return False
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except OSError:  # alive, owned by someone else
+                return False
+            return False
+    return False
+
+
+# The errors of writing a file that are the place's fault, not the program's: each is one line (exit 4).
+WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another --out, then rerun"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space or choose another --out, then rerun"),
+    errno.EFBIG: ("the file is too large for the file system", "choose another --out"),
+    errno.EROFS: ("the file system is read-only", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+    errno.ENAMETOOLONG: ("the file name is too long", "use shorter case names or a shorter --out path"),
+    errno.EIO: ("an input/output error of the device", "check the disk, then rerun"),
+}
+
+
+def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
+    """The one-line error for an :class:`OSError` met while writing ``path``: the real cause, and what to do."""
+    reason, hint = WRITE_ERRORS.get(exc.errno or 0, (exc.strerror or type(exc).__name__, "check the output folder"))
+    return OutputError(f"cannot write {path}: {reason}", hint=f"{hint}; finished outputs are kept")
 
 
 def process_umask() -> int:
@@ -550,7 +614,8 @@ def process_umask() -> int:
 def remove_stale_temporaries(folder: str | os.PathLike[str], *, older_than: float = STALE_SECONDS) -> int:
     """Remove temporary files of atomic writes that a killed run left in ``folder`` (and below).
 
-    Only files older than ``older_than`` seconds go: a write in progress is never touched.
+    A file goes when the process that wrote it is gone (it names its host and process), or when it is
+    older than ``older_than`` seconds: a write in progress is never touched.
     """
     import time
 
@@ -561,7 +626,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], *, older_than: floa
     removed = 0
     for path in root.rglob(f"{TEMP_PREFIX}*"):
         try:
-            if path.is_file() and ".tmp" in path.name and path.stat().st_mtime < cutoff:
+            if path.is_file() and ".tmp" in path.name and (path.stat().st_mtime < cutoff or owner_is_gone(path.name)):
                 path.unlink()
                 removed += 1
         except OSError:

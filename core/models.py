@@ -104,9 +104,7 @@ def save_checkpoint(
 def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
     """Rebuild the network of a checkpoint: a freetumor folder (safetensors), or one of the authors'
     released SwinUNETR ``.pt`` baselines (read with ``weights_only``). No pickled code ever runs."""
-    from safetensors.torch import load_file
-
-    from freetumor_cli.core.checkpoints import import_segmentor, load_strict
+    from freetumor_cli.core.checkpoints import import_segmentor, load_strict, read_safetensors
 
     path = Path(folder)
     if path.is_file() and path.suffix in (".pt", ".pth"):
@@ -136,9 +134,5 @@ def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> t
             hint="use a checkpoint folder written by train-seg",
         ) from None
     model = build_model(config)
-    try:
-        state = load_file(str(path / "model.safetensors"), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise InputError(f"{path / 'model.safetensors'} is damaged ({type(exc).__name__})") from None
-    load_strict(model, state, path, "the checkpoint")
+    load_strict(model, read_safetensors(path / "model.safetensors"), path, "the checkpoint")
     return model.to(device), config, meta

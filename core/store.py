@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
-from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.errors import InputError, OutputError
+from freetumor_cli.core.io import WRITE_ERRORS, output_error, owner_is_gone, owner_tag, write_text_atomic
 from freetumor_cli.core.parallel import select_part
 from freetumor_cli.core.preprocess import Preprocessing
 
@@ -275,15 +275,16 @@ class CaseStore:
 
         final = self.case_folder(entry)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".tmp-{final.name}.{owner_tag()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             chunks = tuple(min(CHUNK, n) for n in data.shape)
             cparams = {"codec": blosc2.Codec.LZ4, "clevel": 5, "nthreads": 1}
-            image = np.ascontiguousarray(data.image, dtype=np.float16)
-            blosc2.asarray(image, chunks=chunks, urlpath=str(tmp / "image.b2nd"), mode="w", cparams=cparams)
-            label = np.ascontiguousarray(data.label, dtype=np.uint8)
-            blosc2.asarray(label, chunks=chunks, urlpath=str(tmp / "label.b2nd"), mode="w", cparams=cparams)
+            for name, array, dtype in (("image.b2nd", data.image, np.float16), ("label.b2nd", data.label, np.uint8)):
+                # Compressed in memory, written by Python: a full disk is then an OSError that says so
+                # (blosc2 writing its own file reports only "Error while creating the NDArray").
+                frame = blosc2.asarray(np.ascontiguousarray(array, dtype=dtype), chunks=chunks, cparams=cparams)
+                (tmp / name).write_bytes(frame.to_cframe())
             with (tmp / "locations.npz").open("wb") as handle:
                 np.savez(handle, **{f"v{k}": v for k, v in data.locations.items()})  # type: ignore[arg-type]
             index = {
@@ -302,14 +303,16 @@ class CaseStore:
             }
             (tmp / "case.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
             if final.exists():  # a stale or damaged case: move it aside, then replace it
-                old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+                old = final.parent / f".old-{final.name}.{owner_tag()}.{uuid.uuid4().hex[:8]}"
                 os.rename(final, old)
                 os.rename(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+                raise output_error(final, exc) from None
             raise
         return final
 
@@ -323,7 +326,10 @@ class CaseStore:
             write_text_atomic(path, json.dumps({"format": STORE_FORMAT, **asdict(self.preprocessing)}, indent=2) + "\n")
 
     def remove_stale_temporaries(self) -> int:
-        """Remove unfinished case folders left by killed builds (older than an hour); returns how many."""
+        """Remove unfinished case folders left by killed builds; returns how many.
+
+        A folder goes when the process that wrote it is gone (its name says which process of which host),
+        or when it is older than an hour (a build on another machine that shares the store)."""
         removed = 0
         if not self.folder.is_dir():
             return 0
@@ -332,7 +338,9 @@ class CaseStore:
             if not dataset.is_dir():
                 continue
             for item in dataset.iterdir():
-                if item.name.startswith((".tmp-", ".old-")) and item.stat().st_mtime < cutoff:
+                if item.name.startswith((".tmp-", ".old-")) and (
+                    item.stat().st_mtime < cutoff or owner_is_gone(item.name)
+                ):
                     shutil.rmtree(item, ignore_errors=True)
                     removed += 1
         return removed
@@ -362,6 +370,8 @@ def _build_job(args: tuple[str, dict[str, Any], Preprocessing]) -> tuple[str, st
     try:
         data = preprocess_case(entry, preprocessing)
         folder = store.write(entry, data)
+    except OutputError:  # the store's disk, not the case: nothing else can be stored either
+        raise
     except Exception as exc:  # a case that cannot be read is reported, the others go on
         return name, "failed", 0, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return name, "built" if missing else "rebuilt", _folder_bytes(folder), None

@@ -363,7 +363,8 @@ def synthesize_case(
         )
         for c in copies
     ]
-    if not config.overwrite and all(_finished(paths, case, config) for paths in all_paths):
+    states = ["todo"] * len(copies) if config.overwrite else [_copy_state(paths, case, config) for paths in all_paths]
+    if all(state == "done" for state in states):
         result.skipped = True  # a rerun after an interruption: this case is done
         result.notes.append(f"{case.name}: already done (same configuration), skipped")
         return result
@@ -390,22 +391,31 @@ def synthesize_case(
         from freetumor_cli.core.learned import GeneratorIntensity
 
         intensity = GeneratorIntensity(str(config.generator), organ, device=device)
-    for copy_index, paths in zip(copies, all_paths, strict=True):
+    checked = False
+    for copy_index, paths, state in zip(copies, all_paths, states, strict=True):
+        if state == "done":  # finished by an interrupted run with this configuration: its own stream, kept
+            result.outputs.extend(paths.values())
+            result.notes.append(f"{paths['json'].name}: done before (same configuration), kept")
+            if on_copy_done is not None:
+                on_copy_done()
+            continue
         stream = case_stream(config.seed, case.name, copy_index)
         synth, new_image, new_labels = insert_tumors(
             image, region_labels, organ, rng=np.random.default_rng(stream), config=config,
             geometry=geometry, intensity=intensity,
         )  # fmt: skip
         result.notes.extend(n for n in synth.notes if n not in result.notes)
-        if copy_index in (None, 1) and not config.overwrite:
+        if not checked and "foreign" in states:
             # Checked after the first synthesis so that input problems are reported first, and
-            # before the first write so that nothing is written when any output exists.
-            existing = [p for paths in all_paths for p in paths.values() if p.exists()]
-            if existing:
-                raise OutputExistsError(
-                    f"output exists from another configuration or an unfinished write: {existing[0]}",
-                    hint="pass --overwrite to replace it, or choose another --out",
-                )
+            # before the first write so that nothing is written when another run's outputs are there.
+            foreign = all_paths[states.index("foreign")]["json"]
+            raise OutputExistsError(
+                f"output exists from another configuration or input: {foreign}",
+                hint="pass --overwrite to replace it, or choose another --out",
+            )
+        checked = True
+        if state == "unfinished":
+            result.notes.append(f"{paths['image'].name}: finishing the write an interrupted run left")
         for folder in {p.parent for p in paths.values()}:
             folder.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -415,6 +425,21 @@ def synthesize_case(
             ]
             for job in jobs:
                 job.result()
+        written = [paths["image"], paths["label"]]
+        if config.preview:
+            from freetumor_cli.core.preview import save_tumor_preview
+
+            save_tumor_preview(
+                before=image,
+                after=image.like(new_image),
+                tumor_mask=new_labels == organ.tumor_value,
+                centers=[t.center_voxel for t in synth.tumors],
+                region=organ.region,
+                path=paths["preview"],
+                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {config.seed}",
+            )
+            written.append(paths["preview"])
+        # The record goes last: it marks the copy as finished (a rerun keeps what it finds with one).
         sidecar = {
             "tool": "freetumor",
             "version": __version__,
@@ -434,20 +459,7 @@ def synthesize_case(
             "config": to_dict(config),
         }
         write_text_atomic(paths["json"], json.dumps(sidecar, indent=2) + "\n")
-        written = [paths["image"], paths["label"], paths["json"]]
-        if config.preview:
-            from freetumor_cli.core.preview import save_tumor_preview
-
-            save_tumor_preview(
-                before=image,
-                after=image.like(new_image),
-                tumor_mask=new_labels == organ.tumor_value,
-                centers=[t.center_voxel for t in synth.tumors],
-                region=organ.region,
-                path=paths["preview"],
-                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {config.seed}",
-            )
-            written.append(paths["preview"])
+        written.append(paths["json"])
         result.outputs.extend(written)
         result.tumors.append(synth.tumors)
         if on_copy_done is not None:
@@ -590,17 +602,23 @@ def synthesize_tumors(
     )
 
 
-def _finished(paths: dict[str, Path], case: Case, config: SynthesizeConfig) -> bool:
-    """Whether one copy's outputs are all there, written for this input with this configuration."""
-    if not all(p.is_file() for p in paths.values()):
-        return False
+def _copy_state(paths: dict[str, Path], case: Case, config: SynthesizeConfig) -> str:
+    """What a rerun finds of one copy's outputs: ``done``, ``todo`` (nothing), ``unfinished`` (files of an
+    interrupted write, without the record that a copy's write ends with) or ``foreign`` (another
+    configuration's or input's finished copy, which is never replaced without ``--overwrite``)."""
     try:
         sidecar = json.loads(paths["json"].read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "unfinished" if any(p.exists() for p in paths.values()) else "todo"
     except (OSError, ValueError):
-        return False
+        return "unfinished"  # a record cut short is no record
+    if not isinstance(sidecar, dict):
+        return "unfinished"
     ours = {k: v for k, v in to_dict(config).items() if k != "overwrite"}
     theirs = {k: v for k, v in (sidecar.get("config") or {}).items() if k != "overwrite"}
-    return ours == theirs and sidecar.get("input") == str(case.image)
+    if ours != theirs or sidecar.get("input") != str(case.image):
+        return "foreign"
+    return "done" if all(p.is_file() for p in paths.values()) else "unfinished"
 
 
 def _run_case(case: Case, config: SynthesizeConfig, out_dir: str, device: str) -> CaseResult | FreetumorError:

@@ -57,6 +57,7 @@ from freetumor_cli.core.training import (
     make_loader,
     note,
     out_of_memory_is_an_error,
+    read_metrics,
     record_incidents,
     run_lock,
     save_training_state,
@@ -528,9 +529,7 @@ def _plot_curves(out: Path) -> None:
 
     from freetumor_cli.core.io import atomic_path
 
-    rows = [
-        json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    rows = read_metrics(out / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_tumor_dice"]) for r in rows if "val_tumor_dice" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, write_text_atomic
+from freetumor_cli.core.io import OutputLock, output_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
@@ -88,11 +88,23 @@ def run_lock(out: Path, command: str) -> Iterator[None]:
         yield
 
 
+STATE, STATE_NEXT, STATE_OLD = "state", "state.next", "state.old"
+
+
+def saved_state(out: Path) -> Path | None:
+    """The run's last complete saved state: ``state/``, or ``state.old/`` when a run was killed between the
+    two renames that put a new state in place; None when there is none."""
+    for name in (STATE, STATE_OLD):
+        if (out / name / "progress.json").is_file():
+            return out / name
+    return None
+
+
 def check_run_folder(out: Path, resume: bool) -> None:
     """A new run never replaces an old one; a resume needs a saved state."""
-    if (out / "state").exists() and not resume:
+    if any((out / name).exists() for name in (STATE, STATE_OLD)) and not resume:
         raise InputError(f"{out} already holds a run", hint="pass --resume to continue it, or choose another --out")
-    if resume and not (out / "state" / "progress.json").is_file():
+    if resume and saved_state(out) is None:
         raise InputError(f"nothing to resume in {out} (no saved state)", hint="start the run without --resume")
 
 
@@ -194,26 +206,44 @@ def start_run(
 def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any]) -> dict[str, Any]:
     """Load the saved state of ``out`` into the prepared objects; a state this run cannot take is an error."""
     hint = "resume with the settings the run started with (its config.yaml), or start a new run in another --out"
+    folder = saved_state(out) or out / STATE
     try:
-        progress = json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))
+        progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
         if not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in ("step", "epoch")):
             raise ValueError("no step and epoch")
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot resume from {out / 'state'}: progress.json is damaged ({exc})", hint=hint) from None
+        raise InputError(f"cannot resume from {folder}: progress.json is damaged ({exc})", hint=hint) from None
     try:
-        accelerator.load_state(str(out / "state"))
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        accelerator.load_state(str(folder))
+    except Exception as exc:  # torch, safetensors and pickle raise many kinds for damaged or unsafe files
+        # Saved tensors are read with weights_only: a file holding code is refused here, not run.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot resume from {out / 'state'}: {first[:300]}", hint=hint) from None
+        raise InputError(
+            f"cannot resume from {folder}: a damaged or unsafe file ({type(exc).__name__}: {first[:200]})", hint=hint
+        ) from None
     return {**initial, **progress}
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``; a line a killed run left half-written (or any line that is not a JSON
+    object) is skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to ``step`` (none when ``step`` < 0); a torn last line goes too."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if step >= 0 and json.loads(line).get("step", 0) <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    kept = [row for row in read_metrics(path) if step >= 0 and row.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def note(accelerator: Accelerator, out: Path, message: str) -> None:
@@ -235,10 +265,33 @@ def log_metrics(accelerator: Accelerator, out: Path, stats: Mapping[str, Any], s
 
 
 def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
+    """Save what ``--resume`` needs, so that a run killed at any moment leaves one complete state.
+
+    The state is written into ``state.next/`` (``progress.json`` last), then renamed into place:
+    ``state/`` becomes ``state.old/``, ``state.next/`` becomes ``state/``, and ``state.old/`` goes. A run
+    killed before the renames resumes from the previous state; between them, from ``state.old/``.
+    """
+    import shutil
+
+    final, staging, old = out / STATE, out / STATE_NEXT, out / STATE_OLD
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(out / "state"))
     if accelerator.is_main_process:
-        write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            write_text_atomic(staging / "progress.json", json.dumps(progress) + "\n")
+    except OSError as exc:
+        raise output_error(staging, exc) from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -259,8 +312,9 @@ def out_of_memory_is_an_error(out: Path, device: Any, current_step: Callable[[],
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
+        folder = saved_state(out)
         try:
-            saved = int(json.loads((out / "state" / "progress.json").read_text(encoding="utf-8"))["step"])
+            saved = int(json.loads((folder / "progress.json").read_text(encoding="utf-8"))["step"]) if folder else None
         except (OSError, ValueError, KeyError):
             saved = None
         raise out_of_memory(current_step(), saved, str(device)) from None

@@ -126,7 +126,7 @@ def test_a_prepared_folder_works_from_another_folder(
     assert json.loads(Path("ev/summary.json").read_text())["cases"] >= 1
 
 
-def test_an_unreadable_case_met_in_a_loader_worker_is_one_line(prepared: Path, tmp_path: Path) -> None:
+def test_an_unreadable_case_met_in_a_loader_worker_is_logged_and_replaced(prepared: Path, tmp_path: Path) -> None:
     root = prepared.parent.parent / "root0"
     shutil.copytree(root, tmp_path / "root0")
     shutil.copytree(prepared, tmp_path / "area0" / "prepared")
@@ -134,9 +134,14 @@ def test_an_unreadable_case_met_in_a_loader_worker_is_one_line(prepared: Path, t
     damaged.write_bytes(damaged.read_bytes()[:2000])  # truncated: the store's copy is stale now
     moved = tmp_path / "area0" / "prepared"
     args = ["--out", tmp_path / "run", "--max-steps", "3", *TINY[:2], *TINY[4:]]
-    code, output = invoke("train-seg", "--data", moved, "--workers", "1", *args)
-    assert_one_line_error(code, output, EXIT_INPUT, "cannot read case Dataset003_Liver/")
+    code, output = invoke("train-seg", "--data", moved, "--workers", "1", "--set", "labelled_repeats=3", *args)
+    assert code == 0, output  # a multi-day run does not die on one case
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "cannot read case Dataset003_Liver/" in log and "drawn again from the next case" in log
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "loss" in r][-1]["bad_samples"] >= 1
     (tmp_path / "root0" / "BTCV" / "imagesTr" / "img0000.nii.gz").unlink()
+    args[1] = tmp_path / "run2"
     code, output = invoke("train-seg", "--data", moved, "--workers", "0", *args)
     assert_one_line_error(code, output, EXIT_INPUT, "files in", "are missing", "move it together with the data root")
 
@@ -449,3 +454,86 @@ def test_quiet_verbose_and_device(phantom_files: tuple[Path, Path], tmp_path: Pa
         assert_one_line_error(code, output, EXIT_USAGE, "cuda:3 is not available")
     code, output = invoke("synthesize", "--in", image, "--organ", "liver", "--device", "gpu", "-o", tmp_path / "d")
     assert_one_line_error(code, output, EXIT_USAGE, "unknown device 'gpu'")
+
+
+# 5. Files damaged after the fact: checkpoints, saved states, metrics.
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_checkpoint_is_one_line_wherever_it_is_read(
+    prepared: Path, tiny_run: Path, tmp_path: Path, totalseg_case: Path
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run / "checkpoints" / "last", damaged)
+    truncate(damaged / "model.safetensors")
+    run = tmp_path / "run"
+    code, output = invoke("train-seg", "--data", prepared, "--out", run, "--init", damaged, "--max-steps", "1", *TINY)
+    assert_one_line_error(code, output, EXIT_INPUT, "damaged or truncated", "model.safetensors")
+    code, output = invoke("evaluate", "--checkpoint", damaged, "--data", prepared / "datalists" / "liver_fold0.json",
+                          "--out", tmp_path / "ev")  # fmt: skip
+    assert_one_line_error(code, output, EXIT_INPUT, "damaged or truncated")
+    code, output = invoke("train-seg", "--data", prepared, "--out", tmp_path / "fs", "--task", "freesyn",
+                          "--baseline", damaged, "--max-steps", "1", *TINY)  # fmt: skip
+    assert_one_line_error(code, output, EXIT_INPUT, "damaged or truncated")
+
+
+def test_a_truncated_generator_is_one_line(tmp_path: Path, totalseg_case: Path) -> None:
+    from freetumor_cli.core.checkpoints import save_generator
+    from freetumor_cli.core.gan import GanConfig, make_generator
+
+    gan = GanConfig(region="abdomen", base_channels=4)
+    folder = save_generator(
+        make_generator(gan), gan, tmp_path / "g", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(32, 32, 32),
+        organ_channels={"liver": 0},
+    )  # fmt: skip
+    truncate(folder / "generator.safetensors", 0.3)
+    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz",
+                          "--organ", "liver", "--size", "small", "--generator", folder, "--out", tmp_path / "out")  # fmt: skip
+    assert_one_line_error(code, output, EXIT_INPUT, "generator", "damaged or truncated")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "pickle payload in the optimizer", "torn metrics line"])
+def test_a_damaged_saved_state(prepared: Path, tmp_path: Path, damage: str) -> None:
+    run = tmp_path / "run"
+    base = [
+        "train-seg",
+        "--data",
+        prepared,
+        "--out",
+        run,
+        "--set",
+        "save_every_steps=1",
+        "--set",
+        "val_every=100",
+        *TINY,
+    ]
+    code, output = invoke(*base, "--max-steps", "2")
+    assert code == 0, output
+    ran = tmp_path / "payload-ran"
+    if damage == "truncated model":
+        truncate(run / "state" / "model.safetensors")
+    elif damage == "pickle payload in the optimizer":
+
+        class Payload:
+            def __reduce__(self) -> tuple[object, ...]:
+                return (os.system, (f"touch {ran}",))
+
+        import pickle
+
+        (run / "state" / "optimizer.bin").write_bytes(pickle.dumps(Payload()))
+    else:
+        with (run / "metrics.jsonl").open("a") as handle:
+            handle.write('{"loss": 0.5, "lr": 0.0003, "ep')  # the run was killed writing its last row
+    code, output = invoke(*base, "--max-steps", "3", "--resume")
+    if damage == "torn metrics line":
+        assert code == 0, output
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    else:
+        assert_one_line_error(code, output, EXIT_INPUT, "cannot resume from", "damaged or unsafe")
+        assert not ran.exists(), "code in a saved state ran"

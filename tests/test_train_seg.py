@@ -148,6 +148,48 @@ def test_resume_reproduces_the_uninterrupted_losses(prepared: Path, tmp_path: Pa
     assert "case store" in resumed.data
 
 
+@pytest.mark.parametrize("moment", ["after_state_files", "between_renames"])
+def test_a_run_killed_while_its_state_is_rewritten_resumes_with_the_same_losses(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """Killed at the second save (step 4 of 6): after the new state's files are written but before its
+    progress (the resume must not pair the new weights with the old step), or between the renames."""
+    import accelerate
+
+    from freetumor_cli.core import training
+
+    config = tiny_config(max_steps=6, save_every_steps=2, val_every=100)
+    full = train_segmentation(prepared, tmp_path / "full", config)
+
+    class Killed(BaseException):
+        pass
+
+    saves = {"n": 0}
+    real_save, real_rename = accelerate.Accelerator.save_state, os.rename
+
+    def save_state(self: object, *args: object, **kwargs: object) -> object:
+        saves["n"] += 1
+        result = real_save(self, *args, **kwargs)
+        if saves["n"] == 2 and moment == "after_state_files":
+            raise Killed
+        return result
+
+    def rename(src: object, dst: object) -> None:
+        real_rename(src, dst)
+        if saves["n"] == 2 and str(dst).endswith("state.old") and moment == "between_renames":
+            raise Killed
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    monkeypatch.setattr(training.os, "rename", rename)
+    with pytest.raises(Killed):
+        train_segmentation(prepared, tmp_path / "cut", config)
+    monkeypatch.undo()
+    resumed = train_segmentation(prepared, tmp_path / "cut", config, resume=True)
+    assert resumed.steps == 6
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
+    assert not (tmp_path / "cut" / "state.next").exists() and not (tmp_path / "cut" / "state.old").exists()
+
+
 def test_bad_inputs(prepared: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["train-seg", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
