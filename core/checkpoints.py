@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.io import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
 
 if TYPE_CHECKING:
@@ -189,16 +189,13 @@ def save_generator(
     ``organ_channels`` names the organs whose channel was trained, and the channel each uses: using any
     other organ with this generator is an error.
     """
-    from safetensors.torch import save_file
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, module in (("generator", generator), ("discriminator", discriminator)):
         if module is None:
             continue
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        with atomic_path(out / f"{name}.safetensors") as tmp:
-            save_file(state, str(tmp))
+        write_safetensors(state, out / f"{name}.safetensors")
     meta = {
         "generator": asdict(gan),
         "spacing_mm": list(spacing_mm),

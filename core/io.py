@@ -12,8 +12,9 @@ import errno
 import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from freetumor_cli.core.errors import GeometryError, InputError, OutputBusyError, OutputError
+from freetumor_cli.core.errors import FreetumorError, GeometryError, InputError, OutputBusyError, OutputError
 
 try:  # ISA-L deflates about 4 times and inflates about 1.4 times as fast as zlib, in the same format
     from isal.igzip import compress as gzip_compress
@@ -47,12 +48,18 @@ class Volume:
         affine: voxel-to-world matrix, shape ``(4, 4)``, millimetres.
         header: the NIfTI header the volume was read with (None for volumes made in memory).
         path: where it was read from, if anywhere.
+        scale: the (slope, intercept) the file applies to its stored values (``scl_slope``/``scl_inter``;
+            ``array`` holds the scaled values), or None when it applies none.
+        stored: with ``scale``, the values as stored in the file (its dtype): an output for this input
+            keeps them wherever it does not change the image.
     """
 
     array: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
     path: Path | None = field(default=None)
+    scale: tuple[float, float] | None = None
+    stored: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -193,11 +200,36 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     path = _nifti_path(path, what)
     try:
         image: Any = _load_gzipped_nifti(path) if path.name.endswith(".gz") else nib.load(str(path))
-        array = np.asanyarray(image.dataobj)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise InputError(f"{what} file is not a NIfTI image: {path}")
+        check_data_size(image, path, what)
+        array, scale, stored = _scaled_and_stored(image)
+    except FreetumorError:
+        raise
     except Exception as exc:  # nibabel raises many kinds; all mean "cannot read"
         raise InputError(f"cannot read {what} {path}: {exc}".rstrip()) from exc
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(f"{what} file is not a NIfTI image: {path}")
+    array, stored = _squeezed(array, path, what), None if stored is None else _squeezed(stored, path, what)
+    header = image.header.copy()
+    return Volume(array, _checked_affine(image.affine, path, what, header), header, path, scale, stored)
+
+
+def check_declared_size(path: str | os.PathLike[str], *, what: str = "image") -> None:
+    """Refuse a NIfTI file too short for the voxels its header declares (reads only its header).
+
+    For readers that allocate the declared array before they read it (MONAI's, nibabel's).
+
+    Raises:
+        InputError: the file is truncated or its header is wrong.
+    """
+    try:
+        image: Any = nib.load(str(path))
+    except Exception:  # unreadable headers are the reader's to report, in its words
+        return
+    check_data_size(image, Path(path), what)
+
+
+def _squeezed(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """A 3D array: trailing axes of length 1 dropped; anything else that is not 3D is refused."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -205,8 +237,50 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
             f"{what} {path} is not a 3D volume (shape {tuple(array.shape)})",
             hint="pass a single 3D CT volume",
         )
-    header = image.header.copy()
-    return Volume(np.asarray(array), _checked_affine(image.affine, path, what, header), header, path)
+    return np.asarray(array)
+
+
+def _scaled_and_stored(image: Any) -> tuple[np.ndarray, tuple[float, float] | None, np.ndarray | None]:
+    """The image's values, its (slope, intercept) when it scales them, and then its stored values.
+
+    nibabel moves a loaded file's ``scl_slope``/``scl_inter`` from the header into the array proxy.
+    """
+    proxy = image.dataobj
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if not hasattr(proxy, "get_unscaled") or (slope, inter) == (1.0, 0.0):
+        return np.asanyarray(proxy), None, None
+    stored = np.asanyarray(proxy.get_unscaled())
+    return np.asanyarray(proxy), (slope, inter), stored
+
+
+DEFLATE_MAX_RATIO = 1032  # deflate never expands data more than this: a bound on a .gz file's content
+
+
+def check_data_size(image: Any, path: Path, what: str) -> None:
+    """Refuse a file too short for the voxels its header declares, before any array is allocated for them
+    (a 91-byte file whose header claims 2 GB of voxels would otherwise cost that much memory first).
+
+    The image's own bytes are counted when they are in memory or in a plain file; for a ``.gz`` file on
+    disk, its size times deflate's largest expansion bounds what it can hold.
+    """
+    header = image.header
+    holder = image.file_map.get("image")
+    fileobj = getattr(holder, "fileobj", None) if holder is not None else None
+    if isinstance(fileobj, io.BytesIO):
+        available = fileobj.getbuffer().nbytes
+    elif holder is not None and holder.filename:
+        size = os.path.getsize(holder.filename)
+        available = size * DEFLATE_MAX_RATIO + 1024 if str(holder.filename).endswith(".gz") else size
+    else:
+        return
+    shape = tuple(int(n) for n in header.get_data_shape())
+    needed = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    if available < needed:
+        raise InputError(
+            f"{what} {path} is truncated or its header is wrong: the header declares {shape} voxels "
+            f"({needed / 1e6:.1f} MB), the file holds {available / 1e6:.1f} MB",
+            hint="copy the file again, or fix its header",
+        )
 
 
 def is_dicom_series(path: str | os.PathLike[str]) -> bool:
@@ -253,7 +327,8 @@ def load_dicom_series(folder: str | os.PathLike[str], *, what: str = "image") ->
             raise InputError(f"cannot read the DICOM series {folder}: {exc}".rstrip()) from exc
         volume = load_volume(target, what=what)
         array = np.array(volume.array)  # detach from the temporary file before it goes
-    return Volume(array, volume.affine, volume.header, folder)
+        stored = None if volume.stored is None else np.array(volume.stored)
+    return Volume(array, volume.affine, volume.header, folder, volume.scale, stored)
 
 
 def load_image(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
@@ -268,9 +343,9 @@ def volume_from(image: Any, affine: Any = None, *, what: str = "image") -> Volum
         InputError: neither a nibabel image nor an array with an affine.
         GeometryError: not 3D, or an affine without a real voxel size.
     """
-    header = None
+    header, scale, stored = None, None, None
     if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        array = np.asanyarray(image.dataobj)
+        array, scale, stored = _scaled_and_stored(image)
         affine = image.affine if affine is None else affine
         header = image.header.copy()
     elif isinstance(image, np.ndarray):
@@ -279,11 +354,9 @@ def volume_from(image: Any, affine: Any = None, *, what: str = "image") -> Volum
         array = image
     else:
         raise InputError(f"the {what} must be a nibabel image or a numpy array, not {type(image).__name__}")
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise GeometryError(f"the {what} is not a 3D volume (shape {tuple(array.shape)})")
-    return Volume(np.asarray(array), _checked_affine(affine, Path(f"(in-memory {what})"), what), header, None)
+    where = Path(f"(in-memory {what})")
+    array, stored = _squeezed(array, where, what), None if stored is None else _squeezed(stored, where, what)
+    return Volume(array, _checked_affine(affine, where, what), header, None, scale, stored)
 
 
 def _stored_zooms_are_zero(path: Path, header: Any) -> bool:
@@ -396,11 +469,40 @@ def _nifti_image(array: np.ndarray, reference: Volume, *, label: bool) -> nib.Ni
         # of other tools, for instance) would describe the wrong values.
         header.extensions.clear()
         header["descrip"] = b"freetumor labels"
+    slope, inter = 1.0, 0.0
+    if not label and reference.scale is not None:
+        # The input scales its stored values (a uint16 CT with intercept -1024, say): the output keeps its
+        # dtype and scaling, and its stored values wherever the image is unchanged.
+        array, (slope, inter) = stored_like(array, reference), reference.scale
     header.set_data_dtype(array.dtype)
     image = nib.Nifti1Image(array, reference.affine, header=header)
-    # Arrays arrive already in their stored dtype: no scaling, so values are written exactly.
-    image.header.set_slope_inter(1.0, 0.0)
+    # Arrays arrive already in their stored dtype, so values are written exactly.
+    image.header.set_slope_inter(slope, inter)
     return image
+
+
+def working_copy(volume: Volume) -> np.ndarray:
+    """A copy of the volume's values to change, in its memory order: in its stored dtype when the file does
+    not scale them, else the scaled values (:func:`stored_like` stores them back)."""
+    dtype = disk_dtype(volume)
+    if volume.scale is None and volume.array.dtype != dtype:
+        return volume.array.astype(dtype, order="K")
+    return volume.array.copy(order="K")
+
+
+def stored_like(values: np.ndarray, reference: Volume) -> np.ndarray:
+    """``values`` (scaled, like ``reference.array``) as ``reference`` stores them: ``(value - inter) / slope``
+    in its stored dtype, rounded and clipped for integers; voxels equal to the reference's keep its stored
+    values exactly."""
+    assert reference.scale is not None
+    slope, inter = reference.scale
+    dtype = disk_dtype(reference)
+    if reference.stored is None or reference.stored.shape != values.shape:
+        return cast_like((np.asarray(values, dtype=np.float64) - inter) / slope, dtype)
+    out = reference.stored.astype(dtype, copy=True, order="K")
+    changed = values != reference.array
+    out[changed] = cast_like((values[changed].astype(np.float64) - inter) / slope, dtype)
+    return out
 
 
 def label_dtype(max_value: int) -> np.dtype:
@@ -555,8 +657,9 @@ def _host() -> str:
 
 
 def temp_prefix(name: str) -> str:
-    """The start of a temporary name for ``name`` (:data:`TEMP_PREFIX`, the name, the owner)."""
-    return f"{TEMP_PREFIX}{name}.{owner_tag()}."
+    """The start of a temporary name for ``name`` (:data:`TEMP_PREFIX`, the name, the owner); the name is cut
+    to 100 characters, so a temporary name is never longer than the file system allows where ``name`` fits."""
+    return f"{TEMP_PREFIX}{name[:100]}.{owner_tag()}."
 
 
 def owner_is_gone(name: str) -> bool:
@@ -598,6 +701,63 @@ def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {reason}", hint=f"{hint}; finished outputs are kept")
 
 
+def check_name_lengths(paths: Sequence[Path]) -> None:
+    """Refuse output names longer than their file system allows, before anything is written.
+
+    Raises:
+        OutputError: naming the first such path.
+    """
+    for path in paths:
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+        try:
+            limit = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        if len(path.name.encode()) > limit:
+            raise output_error(path, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
+
+
+def _device_is_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing parent) has less than 1 MiB free."""
+    import shutil
+
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        return folder is not None and shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def write_error(path: str | os.PathLike[str], exc: BaseException) -> OutputError | None:
+    """The one-line error of a failed write, when the place is at fault (a full disk, a read-only folder):
+    from an :class:`OSError`, or from a library that reports the system's error in its message only
+    (safetensors: "... (os error 28)"). None when ``exc`` is not such an error."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code is None and _device_is_full(Path(path)):  # torch.save says only "unexpected pos"
+        code = errno.ENOSPC
+    if code not in WRITE_ERRORS:
+        return None
+    return output_error(path, exc if isinstance(exc, OSError) else OSError(code, os.strerror(code)))
+
+
+def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write tensors as a ``.safetensors`` file atomically, with the umask's permissions.
+
+    Serialized in memory and written by Python: safetensors' own writer makes its files private (0600)
+    and reports a full disk as its own error type.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    data = save(dict(tensors))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def process_umask() -> int:
     """This process's umask (read without changing it where the system tells it)."""
     try:
@@ -635,20 +795,20 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], *, older_than: floa
 
 
 def writable_folder(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
-    """``path`` as an output folder: created if needed; an existing file or an unwritable place is an error."""
+    """``path`` as an output folder: created if needed; an existing file is a usage error, a place that
+    cannot be written (read-only, full, no permission) an environment error that names the cause."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{what} {folder} is a file, not a folder", hint="choose a folder for the outputs")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # Writing is the only test that tells a read-only mount, a full disk or a missing permission apart
+        # (and root passes permission checks that the file system still refuses).
+        with tempfile.NamedTemporaryFile(prefix=temp_prefix("probe"), suffix=".tmp", dir=folder):
+            pass
     except OSError as exc:
-        raise InputError(
-            f"cannot create {what} {folder}: {exc.strerror}", hint="choose a folder you can write to"
-        ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(
-            f"cannot write to {what} {folder} (permission denied)", hint="choose a folder you can write to"
-        )
+        reason, hint = WRITE_ERRORS.get(exc.errno or 0, (exc.strerror or type(exc).__name__, "choose another folder"))
+        raise OutputError(f"cannot write to {what} {folder}: {reason}", hint=hint) from None
     return folder
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import atomic_path, write_text_atomic
+from freetumor_cli.core.io import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import REGIONS, RegionName, TaskName, check_choices
 
 if TYPE_CHECKING:
@@ -89,13 +89,10 @@ def save_checkpoint(
     model: Any, config: ModelConfig, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``folder`` (each atomically)."""
-    from safetensors.torch import save_file
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    write_safetensors(state, out / "model.safetensors")
     meta = {"model": asdict(config), **(extra or {})}
     write_text_atomic(out / "model.json", json.dumps(meta, indent=2) + "\n")
     return out

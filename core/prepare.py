@@ -209,10 +209,16 @@ def fold_of(dataset: str, case: str, *, seed: int, folds: int) -> int:
 def _load_header(path: Path, what: str) -> Any:
     import nibabel as nib
 
+    from freetumor_cli.core.io import check_data_size
+
     try:
         image: Any = nib.load(str(path))
     except Exception as exc:
         raise CaseSkipped(f"unreadable {what}: {type(exc).__name__}") from exc
+    try:
+        check_data_size(image, path, what)
+    except InputError as exc:
+        raise CaseSkipped(exc.message) from None
     shape = tuple(s for s in image.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

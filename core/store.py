@@ -39,7 +39,14 @@ import numpy as np
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError, OutputError
-from freetumor_cli.core.io import WRITE_ERRORS, output_error, owner_is_gone, owner_tag, write_text_atomic
+from freetumor_cli.core.io import (
+    WRITE_ERRORS,
+    output_error,
+    owner_is_gone,
+    owner_tag,
+    writable_folder,
+    write_text_atomic,
+)
 from freetumor_cli.core.parallel import select_part
 from freetumor_cli.core.preprocess import Preprocessing
 
@@ -141,10 +148,13 @@ def preprocess_case(entry: Mapping[str, Any], preprocessing: Preprocessing) -> C
     """Read a case (``image``, optional ``label``) from its files through the preprocessing chain: the raw path."""
     from monai.transforms import Compose
 
+    from freetumor_cli.core.io import check_declared_size
+
     keys = ("image", "label") if entry.get("label") else ("image",)
     for key in keys:
         if not Path(str(entry[key])).is_file():
             raise InputError(f"{key} file not found: {entry[key]}", hint=MOVED_HINT)
+        check_declared_size(entry[key], what=f"{key} of case {case_key(entry)}")
     try:
         data = Compose(preprocessing.transforms(keys))({key: str(entry[key]) for key in keys})
     except RuntimeError as exc:  # MONAI wraps what a reader raised
@@ -318,7 +328,7 @@ class CaseStore:
 
     def describe(self) -> None:
         """Write ``preprocessing.json`` (what the digest means) unless it is there."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.folder, what="the case store")
         path = self.folder / "preprocessing.json"
         if not path.is_file():
             from dataclasses import asdict

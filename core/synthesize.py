@@ -6,6 +6,7 @@ data-list JSON into cases, finding organ labels beside images by the nnU-Net con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,14 +26,15 @@ from freetumor_cli.core.io import (
     OutputLock,
     Volume,
     case_name,
+    check_name_lengths,
     check_same_grid,
-    disk_dtype,
     is_dicom_series,
     is_nifti,
     load_image,
     load_volume,
     read_datalist,
     save_volume,
+    working_copy,
     write_text_atomic,
 )
 from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
@@ -363,6 +365,7 @@ def synthesize_case(
         )
         for c in copies
     ]
+    check_name_lengths([p for paths in all_paths for p in paths.values()])
     states = ["todo"] * len(copies) if config.overwrite else [_copy_state(paths, case, config) for paths in all_paths]
     if all(state == "done" for state in states):
         result.skipped = True  # a rerun after an interruption: this case is done
@@ -416,55 +419,67 @@ def synthesize_case(
         checked = True
         if state == "unfinished":
             result.notes.append(f"{paths['image'].name}: finishing the write an interrupted run left")
-        for folder in {p.parent for p in paths.values()}:
-            folder.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            jobs = [
-                pool.submit(save_volume, new_image, image, paths["image"]),
-                pool.submit(save_volume, new_labels, image, paths["label"], label=True),
-            ]
-            for job in jobs:
-                job.result()
-        written = [paths["image"], paths["label"]]
-        if config.preview:
-            from freetumor_cli.core.preview import save_tumor_preview
+        try:
+            written = _write_copy(paths, image, new_image, new_labels)
+            if config.preview:
+                from freetumor_cli.core.preview import save_tumor_preview
 
-            save_tumor_preview(
-                before=image,
-                after=image.like(new_image),
-                tumor_mask=new_labels == organ.tumor_value,
-                centers=[t.center_voxel for t in synth.tumors],
-                region=organ.region,
-                path=paths["preview"],
-                title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {config.seed}",
-            )
-            written.append(paths["preview"])
-        # The record goes last: it marks the copy as finished (a rerun keeps what it finds with one).
-        sidecar = {
-            "tool": "freetumor",
-            "version": __version__,
-            "engine": config.engine,
-            "seed": config.seed,
-            "stream": list(stream),
-            "input": str(case.image),
-            "labels": str(case.labels),
-            "label_scheme": scheme,
-            "organ": organ.name,
-            "region": organ.region,
-            "label_values": {"organ": organ.value, "tumor": organ.tumor_value},
-            "spacing_mm": [round(float(s), 4) for s in image.spacing],
-            "shape": list(image.shape),
-            "tumors": [asdict(t) for t in synth.tumors],
-            "notes": synth.notes,
-            "config": to_dict(config),
-        }
-        write_text_atomic(paths["json"], json.dumps(sidecar, indent=2) + "\n")
-        written.append(paths["json"])
+                save_tumor_preview(
+                    before=image,
+                    after=image.like(new_image),
+                    tumor_mask=new_labels == organ.tumor_value,
+                    centers=[t.center_voxel for t in synth.tumors],
+                    region=organ.region,
+                    path=paths["preview"],
+                    title=f"{case.name}: {len(synth.tumors)} synthetic {organ.tumor_name}(s), seed {config.seed}",
+                )
+                written.append(paths["preview"])
+            # The record goes last: it marks the copy as finished (a rerun keeps what it finds with one).
+            sidecar = {
+                "tool": "freetumor",
+                "version": __version__,
+                "engine": config.engine,
+                "seed": config.seed,
+                "stream": list(stream),
+                "input": str(case.image),
+                "labels": str(case.labels),
+                "label_scheme": scheme,
+                "organ": organ.name,
+                "region": organ.region,
+                "label_values": {"organ": organ.value, "tumor": organ.tumor_value},
+                "spacing_mm": [round(float(s), 4) for s in image.spacing],
+                "shape": list(image.shape),
+                "tumors": [asdict(t) for t in synth.tumors],
+                "notes": synth.notes,
+                "config": to_dict(config),
+            }
+            write_text_atomic(paths["json"], json.dumps(sidecar, indent=2) + "\n")
+            written.append(paths["json"])
+        except BaseException:
+            # A copy is whole or absent: what it wrote before failing goes (finished copies stay).
+            for path in paths.values():
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            raise
         result.outputs.extend(written)
         result.tumors.append(synth.tumors)
         if on_copy_done is not None:
             on_copy_done()
     return result
+
+
+def _write_copy(paths: dict[str, Path], image: Volume, new_image: np.ndarray, new_labels: np.ndarray) -> list[Path]:
+    """Write one copy's CT and labels (side by side: gzip releases the GIL)."""
+    for folder in {p.parent for p in paths.values()}:
+        folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [
+            pool.submit(save_volume, new_image, image, paths["image"]),
+            pool.submit(save_volume, new_labels, image, paths["label"], label=True),
+        ]
+        for job in jobs:
+            job.result()
+    return [paths["image"], paths["label"]]
 
 
 def case_stream(seed: int, case: str, copy_index: int | None = None) -> tuple[int, int, int]:
@@ -494,13 +509,12 @@ def insert_tumors(
     from freetumor_cli.core.tumor import synthesize_in_organ
 
     source = image.array
-    dtype = disk_dtype(image)
     synth = synthesize_in_organ(
         source, region_labels == organ.value if geometry is None else None, organ,
         spacing=image.spacing, affine=image.affine, rng=rng, size=config.size, count=config.count,
         radius_mm=config.radius_mm, config=config.rules, geometry=geometry, intensity=intensity,
     )  # fmt: skip
-    new_image = synth.apply(source.copy(order="K") if source.dtype == dtype else source.astype(dtype))
+    new_image = synth.apply(working_copy(image))
     new_labels = region_labels.astype(np.uint8, copy=True, order="K")
     label_box = new_labels[synth.bbox]
     label_box[synth.tumor_mask & (label_box == organ.value)] = organ.tumor_value

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, output_error, write_text_atomic
+from freetumor_cli.core.io import OutputLock, write_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
@@ -283,8 +283,13 @@ def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str,
         accelerator.save_state(str(staging))
         if accelerator.is_main_process:
             write_text_atomic(staging / "progress.json", json.dumps(progress) + "\n")
-    except OSError as exc:
-        raise output_error(staging, exc) from None
+    except BaseException as exc:
+        error = write_error(staging, exc)  # before the cleanup frees the space it would look for
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # half a state is no state
+        if error is None:
+            raise
+        raise error from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.is_dir():
