@@ -102,7 +102,10 @@ def predict_stored(
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-    x = torch.from_numpy(np.asarray(case.image[...], dtype=np.float32))[None, None].to(device)
+    from freetumor_cli.core.store import stored_values
+
+    image, _ = stored_values(case, ...)  # a damaged stored case raises StoreMiss: the caller reads it raw
+    x = torch.from_numpy(image)[None, None].to(device)
     pred = _probabilities(model, config, x, overlap=overlap, tta=tta).argmax(1).cpu().float()
     back = SpatialResample(mode="nearest", padding_mode="zeros")(
         MetaTensor(pred, affine=torch.as_tensor(case.affine)),

@@ -22,7 +22,7 @@ import numpy as np
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS
-from freetumor_cli.core.store import CaseData, CaseSource
+from freetumor_cli.core.store import CaseData, CaseSource, StoreMiss, stored_values
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 
 
@@ -268,7 +268,7 @@ class CropDataset:
         )  # fmt: skip
         try:
             pairs = read_checked_crops(case, origins, p.roi)
-        except DamagedCrop as exc:
+        except StoreMiss as exc:
             incidents.append(
                 {"kind": "store_damaged", "case": case_name(entry), "error": f"{exc}; read from its raw files"}
             )
@@ -299,10 +299,6 @@ class SampleError(InputError):
     """A training sample and every replacement tried for it raised."""
 
 
-class DamagedCrop(Exception):
-    """A crop read from the case store is damaged: undecodable, or values a stored case cannot hold."""
-
-
 def case_name(entry: Mapping[str, Any]) -> str:
     """How the logs name a case: ``dataset/case``, or its image's path."""
     if entry.get("dataset") and entry.get("case"):
@@ -321,37 +317,16 @@ def one_line(exc: BaseException) -> str:
 def read_checked_crops(
     case: CaseData, origins: Sequence[np.ndarray], roi: Sequence[int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The image (float32) and region labels (uint8) of each crop; a store crop is checked as it is read.
-
-    A stored case holds a windowed image in [0, 1] and the label values its index counts. A chunk that
-    does not decode, or decodes to values outside those, raises :class:`DamagedCrop` (the caller reads
-    the case's raw files instead). Raw crops are not checked: they come from the preprocessing itself.
-    """
-    pairs = []
-    for origin in origins:
-        try:
-            image = read_crop(case.image, origin, roi).astype(np.float32)
-            label = read_crop(case.label, origin, roi)
-        except Exception as exc:  # blosc2 raises several kinds for chunks it cannot decode
-            if case.origin != "store":
-                raise
-            raise DamagedCrop(f"undecodable chunk ({type(exc).__name__})") from None
-        if case.origin == "store":
-            low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
-            if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
-                raise DamagedCrop(f"image values outside [0, 1] ({low:g} .. {high:g})")
-            present = np.flatnonzero(np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256))
-            unknown = sorted(set(present.tolist()) - set(case.counts) - {0})
-            if unknown:
-                raise DamagedCrop(f"label values {unknown[:5]} the case does not have")
-        pairs.append((image, label))
-    return pairs
+    """The image (float32) and region labels (uint8) of each crop; a stored crop is checked as it is read
+    (:func:`~freetumor_cli.core.store.stored_values`: a damaged one raises ``StoreMiss``)."""
+    return [stored_values(case, origin, read=lambda array, at: read_crop(array, at, roi)) for origin in origins]
 
 
 def case_for_validation(source: CaseSource, entry: dict[str, Any], task: str) -> tuple[np.ndarray, np.ndarray]:
-    """A validation case's whole image (float32) and task labels on the preprocessed grid."""
-    case = source.load(entry)
-    return np.asarray(case.image[...], dtype=np.float32), task_lut(task)[np.asarray(case.label[...])]
+    """A validation case's whole image (float32) and task labels on the preprocessed grid (a damaged stored
+    case is read from its raw files)."""
+    _, image, label = source.whole(entry)
+    return image, task_lut(task)[label]
 
 
 def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alpha: float = 0.2) -> tuple[Any, Any]:

@@ -472,6 +472,35 @@ def open_store(prepared: str | os.PathLike[str], preprocessing: Preprocessing) -
     return store if store.exists() else None
 
 
+def stored_values(
+    case: CaseData, index: Any, *, read: Callable[[Any, Any], np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``case``'s image (float32) and labels (uint8) at ``index`` (a tuple of slices, or ``...``).
+
+    A stored case is checked as it is read: a chunk that does not decode, or that decodes to values a
+    stored case cannot hold (an image outside [0, 1], a label value its index does not count), raises
+    :class:`StoreMiss` (the caller reads the raw files instead). ``read(array, index)`` replaces plain
+    slicing (to pad a crop that leaves the case, say).
+    """
+    read = read or (lambda array, where: np.asarray(array[where]))
+    try:
+        image = np.asarray(read(case.image, index), dtype=np.float32)
+        label = np.asarray(read(case.label, index))
+    except Exception as exc:  # blosc2 raises several kinds for chunks it cannot decode
+        if case.origin != "store":
+            raise
+        raise StoreMiss(f"undecodable chunk ({type(exc).__name__})") from None
+    if case.origin == "store":
+        low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
+            raise StoreMiss(f"image values outside [0, 1] ({low:g} .. {high:g})")
+        present = np.flatnonzero(np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256))
+        unknown = sorted(set(present.tolist()) - set(case.counts) - {0})
+        if unknown:
+            raise StoreMiss(f"label values {unknown[:5]} the case does not have")
+    return image, label
+
+
 class CaseSource:
     """Where a training or evaluation loop gets its cases: the store when it has them, else the raw files.
 
@@ -497,6 +526,15 @@ class CaseSource:
     def load_raw(self, entry: Mapping[str, Any]) -> CaseData:
         """The case from its raw files (for a stored case found damaged while it was read)."""
         return preprocess_case(entry, self.preprocessing)
+
+    def whole(self, entry: Mapping[str, Any]) -> tuple[CaseData, np.ndarray, np.ndarray]:
+        """The case, its whole image (float32) and its labels; a stored case found damaged is read raw."""
+        case = self.load(entry)
+        try:
+            return case, *stored_values(case, ...)
+        except StoreMiss:
+            case = self.load_raw(entry)
+            return case, *stored_values(case, ...)
 
     def describe(self) -> str:
         """One line for the run's log: which path the data comes from."""

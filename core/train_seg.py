@@ -372,11 +372,13 @@ def _train_segmentation(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = Schedule.of(len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
     warmup = int(config.warmup_epochs * plan.steps_per_epoch)
-    # Stepped by the loop once per optimizer step (a prepared scheduler steps once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=plan.total_steps)
-    )
-    accelerator.register_for_checkpointing(scheduler)
+
+    # The learning rate is a pure function of the optimizer step, set by the loop before each step: the
+    # same on any number of processes (a prepared scheduler steps once per process), and nothing to save
+    # (Accelerate would pickle a scheduler's state and load it back without weights_only).
+    def learning_rate(at: int) -> float:
+        return config.lr * lr_factor(at, warmup_steps=warmup, total_steps=plan.total_steps)
+
     generator, channels, baseline_model, qc_channels = None, {}, None, {}
     if pipeline.geometry_only:
         generator = load_generator(config.synth, device=str(accelerator.device))
@@ -454,6 +456,9 @@ def _train_segmentation(
                         np.random.default_rng(sample_seed(config.seed, epoch, step)),
                         alpha=config.cutmix_alpha,
                     )
+                lr = learning_rate(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = loss_fn(model(images), labels)
@@ -462,11 +467,10 @@ def _train_segmentation(
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
-                scheduler.step()
                 step += 1
                 mean_loss = gathered_sum(accelerator, float(loss.detach()))[0] / accelerator.num_processes
                 losses.append(mean_loss)
-                stats.update({"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": epoch, "step": step})
+                stats.update({"loss": mean_loss, "lr": lr, "epoch": epoch, "step": step})  # the step's own rate
                 stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume])
                 stats["store_share"] = (
                     gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes

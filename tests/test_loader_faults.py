@@ -199,3 +199,33 @@ def test_a_training_run_survives_a_case_it_cannot_read(stored: Path, tmp_path: P
     log = (tmp_path / "run" / "run.log").read_text()
     assert log.count(f"case {bad['dataset']}/{bad['case']} (seed ") == counts[-1]
     assert "drawn again from the next case" in log
+
+
+def test_every_read_of_a_damaged_store_case_falls_back_to_the_raw_files(stored: Path, tmp_path: Path) -> None:
+    """Validation and prediction read whole stored cases: a garbled one is read raw, with the same result."""
+    import nibabel as nib
+
+    from freetumor_cli.core.models import ModelConfig, build_model, save_checkpoint
+    from freetumor_cli.core.predict import predict_cases
+    from freetumor_cli.core.seg_data import case_for_validation
+
+    pp = Preprocessing.for_region("abdomen", spacing_mm=(4.0, 4.0, 4.0))
+    store = open_store(stored, pp)
+    assert store is not None
+    records = read_manifest(stored)
+    raw = [case_for_validation(CaseSource(pp, None), r, "liver") for r in records]
+    torch.manual_seed(0)
+    config = ModelConfig(name="unet-tiny", out_channels=3, roi=(32, 32, 32), region="abdomen", task="liver",
+                         spacing_mm=(4.0, 4.0, 4.0), window_hu=(-175.0, 250.0))  # fmt: skip
+    checkpoint = save_checkpoint(build_model(config), config, tmp_path / "ckpt")
+    expected, _, _ = predict_cases(checkpoint, records, tmp_path / "raw", device="cpu")
+    for k, record in enumerate(records):
+        garble(store.case_folder(record) / "image.b2nd", seed=10 + k)
+    for record, (image, label) in zip(records, raw, strict=True):
+        got_image, got_label = case_for_validation(CaseSource(pp, store), record, "liver")
+        np.testing.assert_array_equal(got_label, label)
+        np.testing.assert_allclose(got_image, image, atol=1e-6)
+    written, _, source = predict_cases(checkpoint, records, tmp_path / "stored", device="cpu", prepared=stored)
+    assert source.startswith("0 of")  # none came from the damaged store
+    for a, b in zip(written, expected, strict=True):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
