@@ -800,16 +800,24 @@ def writable_folder(path: str | os.PathLike[str], *, what: str = "--out") -> Pat
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{what} {folder} is a file, not a folder", hint="choose a folder for the outputs")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # Writing is the only test that tells a read-only mount, a full disk or a missing permission apart
-        # (and root passes permission checks that the file system still refuses).
-        with tempfile.NamedTemporaryFile(prefix=temp_prefix("probe"), suffix=".tmp", dir=folder):
-            pass
-    except OSError as exc:
-        reason, hint = WRITE_ERRORS.get(exc.errno or 0, (exc.strerror or type(exc).__name__, "choose another folder"))
-        raise OutputError(f"cannot write to {what} {folder}: {reason}", hint=hint) from None
+    for action, attempt in (("create", _make_folder), ("write to", _probe_write)):
+        try:
+            attempt(folder)
+        except OSError as exc:
+            reason, hint = WRITE_ERRORS.get(exc.errno or 0, (exc.strerror or type(exc).__name__, "choose a folder"))
+            raise OutputError(f"cannot {action} {what} {folder}: {reason}", hint=hint) from None
     return folder
+
+
+def _make_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _probe_write(folder: Path) -> None:
+    """Write and remove a file: the only test that tells a read-only mount, a full disk or a missing
+    permission apart (root passes permission checks that the file system still refuses)."""
+    with tempfile.NamedTemporaryFile(prefix=temp_prefix("probe"), suffix=".tmp", dir=folder):
+        pass
 
 
 class OutputLock:
@@ -872,6 +880,19 @@ class OutputLock:
             if self._created:
                 with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
                     self.folder.rmdir()
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append one line to a log (its folder made if needed); a full disk is a one-line :class:`OutputError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        if exc.errno in WRITE_ERRORS:
+            raise output_error(path, exc) from None
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, write_error, write_text_atomic
+from freetumor_cli.core.io import OutputLock, append_line, write_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
@@ -249,9 +249,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 def note(accelerator: Accelerator, out: Path, message: str) -> None:
     """A line of the run's log: ``run.log`` in the run folder and the ``freetumor`` logger (main process)."""
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "run.log").open("a", encoding="utf-8") as handle:
-            handle.write(message + "\n")
+        append_line(out / "run.log", message)
         log.info(message)
 
 
@@ -260,8 +258,7 @@ def log_metrics(accelerator: Accelerator, out: Path, stats: Mapping[str, Any], s
         scalars = {k: v for k, v in stats.items() if k not in ("epoch", "step") and isinstance(v, int | float)}
         accelerator.log(scalars, step=step)
     if accelerator.is_main_process:
-        with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(dict(stats)) + "\n")
+        append_line(out / "metrics.jsonl", json.dumps(dict(stats)))
 
 
 def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:

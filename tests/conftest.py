@@ -56,6 +56,16 @@ def prepare_phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def phantom_root_of(prepared: Path) -> Path:
+    """The data root a prepared folder was prepared from (its first case's image lies at
+    ``<root>/<dataset>/imagesTr/<file>``)."""
+    import json
+
+    first = json.loads((prepared / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    image = Path(first["image"])
+    return (image if image.is_absolute() else (prepared / image)).resolve().parents[2]
+
+
 def oblique_affine(spacing: tuple[float, float, float] = (0.7, 0.9, 5.0)) -> np.ndarray:
     """A rotated, anisotropic, translated affine (not a permutation of the axes)."""
     a, b = np.deg2rad(20), np.deg2rad(-35)

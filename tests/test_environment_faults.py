@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from freetumor_cli.app import app
 from freetumor_cli.core.errors import EXIT_ENVIRONMENT
 
-from .conftest import flat, prepare_phantom_root
+from .conftest import phantom_root_of, prepare_phantom_root
 from .test_interruptions import leftovers
+from .test_reliability import assert_one_line_error, invoke
 
 pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -48,16 +47,8 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def invoke(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, flat(result.output)
-
-
 def one_line(code: int, output: str, *words: str) -> None:
-    assert code == EXIT_ENVIRONMENT, (code, output)
-    assert "Traceback" not in output and output.count("error:") == 1, output
-    for word in words:
-        assert word in output, (word, output)
+    assert_one_line_error(code, output, EXIT_ENVIRONMENT, *words)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +86,7 @@ def test_read_only_outputs(read_only: Path, prepared: Path, totalseg_case: Path,
     one_line(code, output, "read-only")
     code, output = invoke("train-seg", "--data", prepared, "--out", read_only / "out" / "run", "--model", "unet-tiny")
     one_line(code, output, "read-only")
-    root = prepared.parent.parent / "root0"
+    root = phantom_root_of(prepared)
     code, output = invoke("prepare", "--data-root", root, "--out", tmp_path / "p", "--store-dir", read_only / "out")
     one_line(code, output, "case store", "read-only")
 

@@ -23,7 +23,7 @@ from freetumor_cli.core.io import TEMP_PREFIX, OutputLock, save_volume
 from freetumor_cli.core.phantom import Phantom
 from freetumor_cli.core.prepare import PrepareConfig
 
-from .conftest import flat, prepare_phantom_root
+from .conftest import flat, phantom_root_of, prepare_phantom_root
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -127,10 +127,11 @@ def test_a_prepared_folder_works_from_another_folder(
 
 
 def test_an_unreadable_case_met_in_a_loader_worker_is_logged_and_replaced(prepared: Path, tmp_path: Path) -> None:
-    root = prepared.parent.parent / "root0"
-    shutil.copytree(root, tmp_path / "root0")
+    root = phantom_root_of(prepared)
+    copy = tmp_path / root.name  # the prepared folder's paths are relative: the copies keep their places
+    shutil.copytree(root, copy)
     shutil.copytree(prepared, tmp_path / "area0" / "prepared")
-    damaged = next((tmp_path / "root0" / "Dataset003_Liver" / "imagesTr").iterdir())
+    damaged = next((copy / "Dataset003_Liver" / "imagesTr").iterdir())
     damaged.write_bytes(damaged.read_bytes()[:2000])  # truncated: the store's copy is stale now
     moved = tmp_path / "area0" / "prepared"
     args = ["--out", tmp_path / "run", "--max-steps", "3", *TINY[:2], *TINY[4:]]
@@ -140,7 +141,7 @@ def test_an_unreadable_case_met_in_a_loader_worker_is_logged_and_replaced(prepar
     assert "cannot read case Dataset003_Liver/" in log and "drawn again from the next case" in log
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if "loss" in r][-1]["bad_samples"] >= 1
-    (tmp_path / "root0" / "BTCV" / "imagesTr" / "img0000.nii.gz").unlink()
+    (copy / "BTCV" / "imagesTr" / "img0000.nii.gz").unlink()
     args[1] = tmp_path / "run2"
     code, output = invoke("train-seg", "--data", moved, "--workers", "0", *args)
     assert_one_line_error(code, output, EXIT_INPUT, "files in", "are missing", "move it together with the data root")
@@ -246,7 +247,7 @@ def test_out_that_is_a_file_or_cannot_be_created_for_every_command(
     commands = {
         "synthesize": ["synthesize", "--in", image, "--labels", labels, "--organ", "liver"],
         "evaluate": ["evaluate", "--checkpoint", tiny_run / "checkpoints" / "last", "--data", image],
-        "prepare": ["prepare", "--data-root", prepared.parent.parent / "root0"],
+        "prepare": ["prepare", "--data-root", phantom_root_of(prepared)],
         "train-seg": ["train-seg", "--data", prepared, *TINY],
         "train-synth": ["train-synth", "--data", prepared, "--baseline", tiny_run / "checkpoints" / "last"],
     }
@@ -266,7 +267,7 @@ def test_out_under_a_read_only_folder(phantom_files: tuple[Path, Path], tmp_path
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     code, output = invoke("synthesize", "--in", image, "--labels", labels, "--organ", "liver", "-o", locked / "o")
-    assert_one_line_error(code, output, EXIT_INPUT, "cannot create")
+    assert_one_line_error(code, output, EXIT_ENVIRONMENT, "cannot create", "permission denied")
 
 
 def test_damaged_checkpoint_generator_data_list_and_resume_state(
