@@ -280,9 +280,11 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
     manifest = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        manifest[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": digest}
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        manifest[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
     return manifest
 
 
