@@ -374,7 +374,7 @@ def test_a_signal_stops_a_transfer_at_once_and_the_rerun_resumes_it(
             took = time.monotonic() - sent
         finally:
             job.kill()
-        assert took < 2.5, f"{took:.1f} s to stop"
+        assert took < 4, f"{took:.1f} s to stop"
         assert not (dest / BIG).exists(), "nothing half-written under a final name"
         if signal_number != signal.SIGKILL:
             assert job.returncode == 130, (job.returncode, out, err)

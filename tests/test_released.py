@@ -322,7 +322,7 @@ def test_fetch_weights_stops_at_once_on_sigterm_and_the_rerun_resumes(
             took = time.monotonic() - sent
         finally:
             job.kill()
-        assert job.returncode == 130 and took < 2.5 and "interrupted" in err, (job.returncode, took, err)
+        assert job.returncode == 130 and took < 4 and "interrupted" in err, (job.returncode, took, err)
         assert not download.exists()
         pace.clear()
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
