@@ -72,6 +72,15 @@ ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run i
 SeedOption = Annotated[
     int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default="0")
 ]
+HubTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds to wait for the hub on each network call (connecting, each read) before giving up.",
+        show_default="$FREETUMOR_HUB_TIMEOUT, else 30",
+        min=0.001,
+    ),
+]
 
 
 def progress_bar(label: str | None = None) -> Any:

@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import console, note, progress_bar, report_errors, warn
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+from freetumor_cli.commands._common import HubTimeoutOption, console, note, progress_bar, report_errors, warn
 
 
 @report_errors
@@ -43,38 +35,40 @@ def fetch_labels(
     keep_archives: Annotated[
         bool, typer.Option("--keep-archives", help="Keep downloaded archives after extracting them.")
     ] = False,
+    timeout: HubTimeoutOption = None,
 ) -> None:
     """Download organ labels from the Hugging Face dataset Luffy503/FreeTumor into a data root.
 
     Datasets published as archives (BTCV.zip, BTCV.tar.gz, or parts Flare23.zip.001 ...) are downloaded,
     checked and extracted safely into DEST/<dataset>/. The hub endpoint comes from HF_ENDPOINT; with
-    HF_HUB_OFFLINE=1 a complete local copy is used.
+    HF_HUB_OFFLINE=1 a complete local copy is used. Interrupted (Ctrl-C, SIGTERM, a kill) or cut off by
+    a fault of the hub, a rerun resumes each file where it stopped.
 
     Example: freetumor fetch-labels --dest data --datasets BTCV --datasets Flare22
     """
     from rich.table import Table
 
     from freetumor_cli.core.hub import fetch_labels as run_fetch
-    from freetumor_cli.core.hub import list_remote
+    from freetumor_cli.core.hub import format_size, list_remote
 
     if list_only:
-        listing = list_remote(repo, revision=revision, token=token)
+        listing = list_remote(repo, revision=revision, token=token, timeout=timeout)
         table = Table(title=f"{repo} @ {listing.commit[:12]}")
         for column in ("dataset", "files", "size", "archives"):
             table.add_column(column)
         archives = listing.archives()
         for dataset, files in sorted(listing.by_dataset().items(), key=lambda kv: (kv[0] is None, kv[0] or "")):
             packed = [
-                f"{name} ({len(parts)} parts, {_size(sum(p.size for p in parts))})"
+                f"{name} ({len(parts)} parts, {format_size(sum(p.size for p in parts))})"
                 if len(parts) > 1
-                else f"{name} ({_size(parts[0].size)})"
+                else f"{name} ({format_size(parts[0].size)})"
                 for name, parts in archives.items()
                 if parts[0].dataset == dataset
             ]
             table.add_row(
                 dataset or "[not understood]",
                 str(len(files)),
-                _size(sum(f.size for f in files)),
+                format_size(sum(f.size for f in files)),
                 ", ".join(packed) or "-",
             )
         console.print(table)
@@ -93,7 +87,7 @@ def fetch_labels(
     with progress:
         result = run_fetch(
             dest, repo=repo, datasets=datasets, revision=revision, token=token, workers=workers,
-            keep_archives=keep_archives, on_listing=on_listing, on_file_done=lambda f, _new: progress.advance(state["task"]),
+            keep_archives=keep_archives, timeout=timeout, on_listing=on_listing, on_file_done=lambda f, _new: progress.advance(state["task"]),
         )  # fmt: skip
     for message in result.notes:
         note(message)
@@ -110,7 +104,7 @@ def fetch_labels(
         groups.setdefault(f.dataset or "?", [0, 0, 0])[1] += 1
         groups[f.dataset or "?"][2] += f.size
     for dataset, (new, old, size) in sorted(groups.items()):
-        table.add_row(dataset, str(new), str(old), _size(size))
+        table.add_row(dataset, str(new), str(old), format_size(size))
     console.print(table)
     if result.unknown:
         warn(

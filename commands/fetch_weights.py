@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import console, one_of, progress_bar, report_errors
+from freetumor_cli.commands._common import HubTimeoutOption, console, one_of, progress_bar, report_errors
 from freetumor_cli.core.registry import TASKS
 
 
@@ -43,6 +43,7 @@ def fetch_weights(
     out: Annotated[
         Path | None, typer.Option("--out", help="With --convert: the checkpoint folder to write.", show_default=False)
     ] = None,
+    timeout: HubTimeoutOption = None,
 ) -> None:
     """Download the authors' released weights (model repository Luffy503/FreeTumor) and convert them once
     into checkpoint folders every command takes.
@@ -77,7 +78,12 @@ def fetch_weights(
     with progress_bar("fetch-weights") as progress:
         bar = progress.add_task("", total=len(names or RELEASED))
         result = run_fetch(
-            names, home=home, revision=revision, token=token, on_file_done=lambda _n, _w: progress.advance(bar)
+            names,
+            home=home,
+            revision=revision,
+            token=token,
+            timeout=timeout,
+            on_file_done=lambda _n, _w: progress.advance(bar),
         )
     for name, path in result.paths.items():
         state = "downloaded" if name in result.downloaded else "converted" if name in result.converted else "up to date"

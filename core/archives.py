@@ -10,6 +10,7 @@ an interrupted or corrupt extraction leaves nothing under a final name.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -25,6 +26,8 @@ from pathlib import Path, PurePosixPath
 from freetumor_cli.core.errors import InputError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+# Errors of writing the extracted files that a full, read-only or forbidden destination causes.
+DESTINATION_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 PART = re.compile(r"^(?P<archive>.+\.(zip|tar\.gz|tgz|tar))\.(?P<number>\d{1,4})$")
 
 
@@ -151,6 +154,7 @@ def extract_archive(
 
     Raises:
         ArchiveError: unsafe member names, links, a corrupt or truncated archive.
+        OSError: the destination cannot be written (full, read-only); nothing of the archive stays in it.
     """
     name = name or parts[0].name
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +179,8 @@ def extract_archive(
     except ArchiveError:
         raise
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno in DESTINATION_ERRORS:
+            raise  # the destination's fault, not the archive's: the caller names the folder
         raise ArchiveError(
             f"the archive {name} is corrupt or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})",
             hint="delete it and download it again (fetch-labels checks sizes and hashes)",

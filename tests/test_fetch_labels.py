@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +22,7 @@ from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
 
 from .conftest import flat
-from .hub_server import serve_hub
+from .hub_server import fail_writes_under, serve_hub, silent_hub
 
 REPO = "Luffy503/FreeTumor"
 
@@ -314,3 +320,249 @@ def test_a_missing_part_and_a_damaged_download_are_errors(
         result = fetch("--dest", tmp_path / "b", "--datasets", "BTCV")
     assert result.exit_code != 0 and "BTCV.zip: its sha256 differs from the hub's" in flat(result.output)
     assert not (tmp_path / "b" / "BTCV").exists()
+
+
+# Faults: an interrupted, killed or faulted download resumes; a silent hub or an unwritable --dest ends in one line.
+
+BIG = "BTCV/labelsTr/label0000.nii.gz"
+
+
+@pytest.fixture
+def big_repo(repo_files: dict[str, bytes]) -> dict[str, bytes]:
+    """The repository with one label file large enough that a transfer can be caught half-way."""
+    files = dict(repo_files)
+    files[BIG] = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    return files
+
+
+def leftovers(dest: Path, repo: dict[str, bytes]) -> list[str]:
+    """Files under ``dest`` that are neither a repository file at its final name nor the fetch record."""
+    final = {str(dest / p) for p in repo} | {str(dest / ".freetumor_fetch.json")}
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and str(p) not in final)
+
+
+def launch(dest: Path, endpoint: str, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "COLUMNS": "200"}
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-m", "freetumor_cli", "fetch-labels", "--dest", str(dest), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_partial(job: subprocess.Popen[str], dest: Path, repo: dict[str, bytes], past: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert job.poll() is None, job.communicate()
+        if any((dest / p).stat().st_size > past for p in leftovers(dest, repo) if (dest / p).is_file()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("no partial file grew")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_stops_a_transfer_at_once_and_the_rerun_resumes_it(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_number: int
+) -> None:
+    dest = tmp_path / "data"
+    pace = {BIG: 0.05}  # 3 MB in 16 KB chunks: about 10 s
+    with serve_hub({REPO: big_repo}, pace=pace) as (endpoint, log):
+        job = launch(dest, endpoint, tmp_path, "--datasets", "BTCV")
+        try:
+            wait_for_partial(job, dest, big_repo, 200_000)
+            sent = time.monotonic()
+            job.send_signal(signal_number)
+            out, err = job.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            job.kill()
+        assert took < 4, f"{took:.1f} s to stop"
+        assert not (dest / BIG).exists(), "nothing half-written under a final name"
+        if signal_number != signal.SIGKILL:
+            assert job.returncode == 130, (job.returncode, out, err)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+        pace.clear()
+        log.clear()
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", dest, "--datasets", "BTCV")
+        assert result.exit_code == 0, result.output
+        starts = [start for path, start in log.ranges if path == BIG]
+        assert starts and starts[0] > 200_000, f"the rerun did not resume: {log.ranges}"
+    assert (dest / BIG).read_bytes() == big_repo[BIG]
+    assert not leftovers(dest, {p: b for p, b in big_repo.items() if p.startswith("BTCV/")})
+
+
+def test_a_hub_that_never_answers_ends_in_one_line_within_the_timeout(tmp_path: Path) -> None:
+    with silent_hub() as endpoint:
+        started = time.monotonic()
+        job = launch(tmp_path / "d", endpoint, tmp_path, "--timeout", "1")
+        try:
+            out, err = job.communicate(timeout=30)
+        finally:
+            job.kill()
+        took = time.monotonic() - started
+    assert job.returncode == 4, (out, err)
+    assert took < 15, f"{took:.1f} s"
+    text = flat(err)
+    assert "did not answer within 1 s" in text and endpoint in text and "--timeout" in text, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
+
+
+def test_a_hub_that_stops_sending_mid_file_is_named_with_the_file(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "data"
+    monkeypatch.setenv("FREETUMOR_HUB_TIMEOUT", "1")
+    with serve_hub({REPO: big_repo}, pace={BIG: 30.0}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        started = time.monotonic()
+        result = fetch("--dest", dest, "--datasets", "BTCV")
+        took = time.monotonic() - started
+    assert result.exit_code == 4 and took < 15, (took, result.output)
+    text = flat(result.output)
+    assert "did not answer within 1 s" in text and BIG in text and "Traceback" not in result.output, text
+    assert not (dest / BIG).exists()
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncate", "500"])
+def test_a_hub_fault_mid_transfer_is_one_line_naming_the_file_and_the_rerun_resumes(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    dest = tmp_path / "data"
+    faults = {BIG: fault}
+    with serve_hub({REPO: big_repo}, faults=faults) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        started = time.monotonic()
+        result = fetch("--dest", dest, "--datasets", "BTCV")
+        assert result.exit_code == 4 and time.monotonic() - started < 10, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and BIG in flat(result.output) and "Traceback" not in result.output, result.output
+        assert not (dest / BIG).exists()
+        faults.clear()
+        log.clear()
+        again = fetch("--dest", dest, "--datasets", "BTCV")
+        assert again.exit_code == 0, again.output
+        if fault != "500":  # half the file came in: the rerun asks for the rest only
+            starts = [start for path, start in log.ranges if path == BIG]
+            assert starts and starts[0] > 0, log.ranges
+    assert (dest / BIG).read_bytes() == big_repo[BIG]
+    assert not leftovers(dest, {p: b for p, b in big_repo.items() if p.startswith("BTCV/")})
+
+
+@pytest.mark.parametrize("fault", ["reset", "500"])
+def test_a_hub_fault_mid_listing_is_one_line(
+    repo_files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    faults = {"tree": fault}
+    with serve_hub({REPO: repo_files}, faults=faults, page_size=2) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        started = time.monotonic()
+        result = fetch("--dest", tmp_path / "d")
+        assert result.exit_code == 4 and time.monotonic() - started < 10, result.output
+        text = flat(result.output)
+        assert "listing" in text and endpoint in text and "Traceback" not in result.output, text
+        assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+        faults.clear()
+        result = fetch("--dest", tmp_path / "d")
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "d" / "Flare22" / "FLARE22_1.nii.gz").read_bytes() == repo_files["Flare22/FLARE22_1.nii.gz"]
+
+
+def test_dest_under_a_file_is_named_not_blamed_on_the_hub(
+    repo_files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with serve_hub({REPO: repo_files}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", a_file / "data")
+    assert result.exit_code == 4, result.output
+    text = flat(result.output)
+    assert f"cannot write in {a_file / 'data'}" in text and "not a directory" in text.lower(), text
+    assert "hub" not in text and "Traceback" not in result.output
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
+def test_a_full_or_read_only_dest_is_named_and_nothing_half_written_remains(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: str
+) -> None:
+    dest = tmp_path / "data"
+    dest.mkdir()
+    fail_writes_under(monkeypatch, dest, code, after=100_000 if code == errno.ENOSPC else 0)
+    with serve_hub({REPO: big_repo}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", dest, "--datasets", "BTCV", "--workers", "1")
+    assert result.exit_code == 4, result.output
+    text = flat(result.output)
+    assert f"cannot write in {dest}" in text and words in text.lower() and "hub" not in text, text
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+    assert not [p for p in dest.rglob("*") if p.is_file()], "nothing half-written remains"
+
+
+def test_a_full_dest_while_extracting_is_named_and_the_rerun_extracts_without_downloading(
+    archived_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from freetumor_cli.core import archives
+
+    dest = tmp_path / "data"
+    copy_member = archives._copy_member
+    written: list[Path] = []
+
+    def full_disk(source: object, target: Path) -> int:
+        if written:  # the second member finds the disk full
+            target.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        written.append(target)
+        return copy_member(source, target)  # type: ignore[arg-type]
+
+    with serve_hub({REPO: archived_repo}) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with monkeypatch.context() as patch:
+            patch.setattr(archives, "_copy_member", full_disk)
+            result = fetch("--dest", dest, "--datasets", "BTCV")
+        assert result.exit_code == 4, result.output
+        text = flat(result.output)
+        assert f"cannot write in {dest / 'BTCV'}: no space left on the device" in text and "corrupt" not in text, text
+        assert not (dest / "BTCV").exists() and not list(dest.glob(".extract-*")), "nothing half-extracted"
+        log.clear()
+        again = fetch("--dest", dest, "--datasets", "BTCV")
+        assert again.exit_code == 0 and "extracted BTCV.zip: 2 file(s)" in again.output, again.output
+        assert not [r for r in log if "/resolve/" in r[1]], "the verified archive is extracted, not fetched again"
+
+
+def test_a_second_run_does_not_write_a_file_the_first_is_downloading(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from freetumor_cli.core.hub import list_remote, partial_path
+
+    dest = tmp_path / "data"
+    with serve_hub({REPO: big_repo}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        remote = next(f for f in list_remote(REPO).files if f.path == BIG)
+        part = partial_path(dest / BIG, remote)
+        part.parent.mkdir(parents=True)
+        with part.open("ab") as first:  # as the first run holds it while it downloads
+            fcntl.flock(first, fcntl.LOCK_EX)
+            first.write(big_repo[BIG][:1000])
+            first.flush()
+            result = fetch("--dest", dest, "--datasets", "BTCV")
+            assert result.exit_code == 4 and "is being downloaded by another run" in flat(result.output), result.output
+            assert part.read_bytes() == big_repo[BIG][:1000] and not (dest / BIG).exists()
+
+
+def test_a_hub_that_ignores_ranges_sends_the_whole_file_and_the_result_is_right(
+    big_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "data"
+    with serve_hub({REPO: big_repo}, faults={BIG: "truncate"}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert fetch("--dest", dest, "--datasets", "BTCV").exit_code == 4  # half the file in a partial file
+    with serve_hub({REPO: big_repo}, honour_ranges=False) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = fetch("--dest", dest, "--datasets", "BTCV")
+        assert result.exit_code == 0, result.output
+        assert [path for path, start in log.ranges if start > 0] == [BIG], "it asked for the rest"
+    assert (dest / BIG).read_bytes() == big_repo[BIG]
+    assert not leftovers(dest, {p: b for p, b in big_repo.items() if p.startswith("BTCV/")})

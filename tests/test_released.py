@@ -6,6 +6,8 @@ and the Models-Genesis UNet3D; no released weights are shipped.
 
 from __future__ import annotations
 
+import errno
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator
 from freetumor_cli.core.models import load_checkpoint  # noqa: E402
 
 from .conftest import flat  # noqa: E402
-from .hub_server import serve_hub  # noqa: E402
+from .hub_server import fail_writes_under, serve_hub, silent_hub  # noqa: E402
 
 
 def swinunetr(out_channels: int) -> torch.nn.Module:
@@ -223,6 +225,125 @@ def test_fetch_weights_downloads_converts_resumes_and_works_offline(
     assert empty.exit_code != 0 and "lacks baseline" in flat(empty.output) and "Traceback" not in empty.output
     _, config, _ = load_checkpoint(home / "checkpoints" / "baseline")
     assert config.task == "all" and config.feature_size == 12
+
+
+def released_files(released: dict[str, Path]) -> dict[str, bytes]:
+    return {
+        "baseline/model_baseline_segmentor.pt": released["baseline"].read_bytes(),
+        "baseline/model_covid_voco160k.pt": released["covid"].read_bytes(),
+        "baseline/TGAN.pt": released["tgan"].read_bytes(),
+        "pretrained/VoCo_B_SSL_head.pt": released["voco"].read_bytes(),
+    }
+
+
+def test_fetch_weights_fetches_or_converts_a_damaged_cache_again(
+    released: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_hub_home: None
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("FREETUMOR_HOME", str(home))
+    run = CliRunner()
+    converted = home / "checkpoints" / "baseline" / "model.safetensors"
+    download = home / "downloads" / "Luffy503/FreeTumor" / "baseline" / "model_baseline_segmentor.pt"
+    with serve_hub({}, models={"Luffy503/FreeTumor": released_files(released)}) as (endpoint, log):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert run.invoke(app, ["fetch-weights", "baseline"]).exit_code == 0
+        intact = converted.read_bytes()
+        converted.write_bytes(intact[: len(intact) // 2])  # a converted file cut short
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        offline = run.invoke(app, ["fetch-weights", "baseline"])
+        assert offline.exit_code == 4 and "baseline is damaged" in flat(offline.output), offline.output
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        log.clear()
+        again = run.invoke(app, ["fetch-weights", "baseline"])
+        assert again.exit_code == 0 and "(converted)" in again.output, again.output
+        assert not [r for r in log if "/resolve/" in r[1]], "the intact download is converted again, not fetched"
+        assert converted.read_bytes() == intact
+        data = download.read_bytes()
+        download.write_bytes(data[:-1000] + bytes(1000))  # a download damaged in place: same size, other bytes
+        again = run.invoke(app, ["fetch-weights", "baseline"])
+        assert again.exit_code == 0 and "(downloaded)" in again.output, again.output
+        assert download.read_bytes() == data
+    assert not list(home.rglob("*.part")) and not list(home.rglob("*.converting"))
+    _, config, _ = load_checkpoint(home / "checkpoints" / "baseline")
+    assert config.task == "all"
+
+
+def test_fetch_weights_into_an_unwritable_home_names_the_folder_not_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_hub_home: None
+) -> None:
+    files = {"baseline/model_baseline_segmentor.pt": b"x" * 300_000}
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    home = tmp_path / "home"
+    home.mkdir()
+    with serve_hub({}, models={"Luffy503/FreeTumor": files}) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        result = CliRunner().invoke(app, ["fetch-weights", "baseline", "--home", str(a_file / "home")])
+        assert result.exit_code == 4, result.output
+        text = flat(result.output)
+        assert f"cannot write in {a_file / 'home'}" in text and "FREETUMOR_HOME" in text and "hub" not in text, text
+        for code, words in ((errno.EROFS, "read-only"), (errno.ENOSPC, "no space left")):
+            with monkeypatch.context() as patch:
+                fail_writes_under(patch, home, code, after=100_000 if code == errno.ENOSPC else 0)
+                result = CliRunner().invoke(app, ["fetch-weights", "baseline", "--home", str(home)])
+            assert result.exit_code == 4, result.output
+            text = flat(result.output)
+            assert f"cannot write in {home}" in text and words in text.lower() and "hub" not in text, text
+            assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+            assert not [p for p in home.rglob("*") if p.is_file()], "nothing half-written remains"
+    assert a_file.read_text() == "not a folder"
+
+
+def test_fetch_weights_stops_at_once_on_sigterm_and_the_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_hub_home: None
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    name = "baseline/model_baseline_segmentor.pt"
+    data = bytes(range(256)) * (3 << 12)  # 3 MB: not a checkpoint, only the transfer is looked at here
+    home = tmp_path / "home"
+    download = home / "downloads" / "Luffy503/FreeTumor" / name
+    pace = {name: 0.05}
+    with serve_hub({}, models={"Luffy503/FreeTumor": {name: data}}, pace=pace) as (endpoint, log):
+        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home")}
+        cmd = [sys.executable, "-m", "freetumor_cli", "fetch-weights", "baseline", "--home", str(home)]
+        job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.stat().st_size > 200_000 for p in download.parent.glob("*.part")):
+                assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+                time.sleep(0.02)
+            sent = time.monotonic()
+            job.send_signal(signal.SIGTERM)
+            _, err = job.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            job.kill()
+        assert job.returncode == 130 and took < 4 and "interrupted" in err, (job.returncode, took, err)
+        assert not download.exists()
+        pace.clear()
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        CliRunner().invoke(app, ["fetch-weights", "baseline", "--home", str(home)])  # converting it then fails
+        starts = [start for path, start in log.ranges if path == name]
+        assert starts and starts[0] > 200_000, log.ranges
+    assert download.read_bytes() == data and not list(download.parent.glob("*.part"))
+
+
+def test_fetch_weights_from_a_silent_hub_ends_within_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_hub_home: None
+) -> None:
+    monkeypatch.setenv("FREETUMOR_HUB_TIMEOUT", "1")
+    with silent_hub() as endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["fetch-weights", "baseline", "--home", str(tmp_path / "home")])
+        took = time.monotonic() - started
+    assert result.exit_code == 4 and took < 10, (took, result.output)
+    text = flat(result.output)
+    assert "did not answer within 1 s" in text and endpoint in text and "Traceback" not in result.output, text
 
 
 @pytest.mark.slow

@@ -415,13 +415,16 @@ def test_previews_are_radiological() -> None:
 
 
 def test_offline_hint_does_not_ask_for_what_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from freetumor_cli.core.hub import _hub_failure
+    from freetumor_cli.core.hub import HubClient
+
+    def failure(exc: Exception) -> str:
+        return str(HubClient("https://hub", None, 30).failure(exc, doing="", url="", repo="Luffy503/FreeTumor"))
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    error = _hub_failure(OSError("offline mode is enabled"), "https://hub", "Luffy503/FreeTumor")
-    assert "HF_HUB_OFFLINE is set" in str(error) and "unset HF_HUB_OFFLINE" in str(error)
+    error = failure(OSError("offline mode is enabled"))
+    assert "HF_HUB_OFFLINE is set" in error and "unset HF_HUB_OFFLINE" in error
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert "set HF_HUB_OFFLINE=1" in str(_hub_failure(OSError("down"), "https://hub", "Luffy503/FreeTumor"))
+    assert "set HF_HUB_OFFLINE=1" in failure(OSError("down"))
 
 
 # Also: quiet, verbose, devices.
