@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import console, err_console, one_of, progress_bar, report_errors, warn
+from freetumor_cli.commands._common import console, one_of, progress_bar, report_errors, warn
 from freetumor_cli.core.registry import TASKS
 
 nnunet_app = typer.Typer(
@@ -30,17 +30,12 @@ def trainer_path() -> None:
     Example: export nnUNet_extTrainer="$(freetumor nnunet trainer-path)"
              nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerFreeTumor
     """
-    import importlib.util
+    from freetumor_cli.core.nnunet_ext import FOLDER, trainer_search_problem
 
-    from freetumor_cli.core import nnunet_ext
-
-    if importlib.util.find_spec("nnunetv2") is None:
-        err_console.print(
-            '[yellow]warning:[/] nnunetv2 is not installed: pip install torch==2.13.0 -e ".[nnunet]" '
-            "(on a GPU machine, with your CUDA build of torch)",
-            soft_wrap=True,
-        )
-    typer.echo(str(Path(nnunet_ext.__file__).resolve().parent))
+    problem = trainer_search_problem()
+    if problem:
+        warn(problem)
+    typer.echo(str(FOLDER))
 
 
 @nnunet_app.command("dataset")

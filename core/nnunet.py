@@ -319,7 +319,12 @@ def organ_labels(dataset_labels: Mapping[str, Any], config: NnunetSynthesisConfi
 
 
 def synthesize_in_patch(
-    image: np.ndarray, segmentation: np.ndarray, setup: PatchSynthesis, rng: np.random.Generator
+    image: np.ndarray,
+    segmentation: np.ndarray,
+    setup: PatchSynthesis,
+    rng: np.random.Generator,
+    *,
+    in_place: bool = False,
 ) -> CropSynthesis | None:
     """Insert one tumor into an organ of an nnU-Net training patch that holds an organ and no real tumor.
 
@@ -328,16 +333,16 @@ def synthesize_in_patch(
         segmentation: its labels, shape ``(X, Y, Z)``; ``-1`` (padding) is neither organ nor tumor.
         setup: the dataset's facts (:func:`patch_synthesis`).
         rng: the only source of randomness.
+        in_place: write the tumor into ``image`` (float32) and ``segmentation`` (integers) themselves.
 
     Returns:
         The CT channel with its tumor (``image``), the labels with it, the tumor's voxels; None when no
-        tumor was drawn (no organ, a real tumor, an organ part too small). The inputs are not modified.
+        tumor was drawn (no organ, a real tumor, an organ part too small).
     """
-    rules = setup.config.rules
     return synthesize_in_labelled_crop(
         image[setup.channel], segmentation, setup.labels, rng=rng, spacing_mm=setup.spacing_mm,
         intensity=setup.rule, value_range=setup.intensity.value_range, body_axis=setup.body_axis,
-        size=setup.config.size, config=rules,
+        size=setup.config.size, config=setup.config.rules, in_place=in_place,
     )  # fmt: skip
 
 
@@ -348,7 +353,9 @@ def trainer_folder() -> Path:
     trainer itself lives in :mod:`freetumor_cli.core.nnunet_trainer`, importable (and picklable) from
     nnU-Net's worker processes.
     """
-    return Path(__file__).resolve().parent / "nnunet_ext"
+    from freetumor_cli.core.nnunet_ext import FOLDER
+
+    return FOLDER
 
 
 # ---------------------------------------------------------------------------------------------------

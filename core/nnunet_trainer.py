@@ -19,7 +19,6 @@ import sys
 from typing import Any
 
 import numpy as np
-import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
@@ -79,12 +78,9 @@ class TumorSynthesisTransform(BasicTransform):
         prob = self.setup.config.prob
         if prob < 1.0 and not rng.random() < prob:
             return data_dict
-        result = synthesize_in_patch(image.numpy(), segmentation[0].numpy(), self.setup, rng)
-        if result is None:
-            return data_dict
-        image[self.setup.channel] = torch.from_numpy(result.image)
-        segmentation[0] = torch.from_numpy(result.label)
-        self.synthesized += 1
+        # numpy views of the tensors: the tumor is written into the sample itself, no copy of the patch
+        result = synthesize_in_patch(image.numpy(), segmentation[0].numpy(), self.setup, rng, in_place=True)
+        self.synthesized += result is not None
         return data_dict
 
 

@@ -152,6 +152,7 @@ def synthesize_in_labelled_crop(
     body_axis: int = 2,
     size: str = "mix",
     config: SynthesisConfig | None = None,
+    in_place: bool = False,
 ) -> CropSynthesis | None:
     """:func:`synthesize_in_crop` for any label map: insert one tumor into an organ of a crop.
 
@@ -167,21 +168,26 @@ def synthesize_in_labelled_crop(
         body_axis: the crop's axis along the body (the engine prefers centers in the organ's middle along it).
         size: a size class or ``"mix"``.
         config: the rule engine's constants.
+        in_place: change ``image`` (float32) and ``label`` (integers) themselves rather than copies, as a
+            training pipeline's transforms may: no copy of a large crop.
 
     Returns:
         The crop with its tumor, or None when no tumor was drawn (see :func:`synthesize_in_crop`).
     """
-    lab = np.asarray(label).astype(np.int64, copy=False)
-    present = [o for o in labels.organs if np.count_nonzero(lab == o.value) >= MIN_ORGAN_VOXELS]
+    lab = np.asarray(label)
+    if not np.issubdtype(lab.dtype, np.integer):  # MONAI's float labels
+        lab = lab.astype(np.int64)
+    organs = [(o, lab == o.value) for o in labels.organs]
+    present = [(o, voxels) for o, voxels in organs if np.count_nonzero(voxels) >= MIN_ORGAN_VOXELS]
     beside = REGIONS[labels.region].synthesize_beside_real_tumors  # the chest: wherever lung is
     if not present or (not beside and any((lab == o.tumor_value).any() for o in labels.organs)):
         return None
-    target = present[int(rng.integers(len(present)))]
+    target, organ_mask = present[int(rng.integers(len(present)))]
     organ = ORGANS[target.name]
     affine = _crop_affine(spacing_mm, body_axis)
     try:
         placement = place_tumors(
-            lab == target.value, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=config
+            organ_mask, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=config
         )
     except FreetumorError:
         return None
@@ -193,11 +199,11 @@ def synthesize_in_labelled_crop(
     out_image = img
     if intensity is not None:
         patches = apply_intensity(placement.tumors, intensity, Scene(img, affine, placement.bbox, organ), rng)
-        out_image = img.copy()
+        out_image = img if in_place else img.copy()
         changed = out_image[placement.bbox] + compose_changes(patches, placement.tumor_mask.shape)
         out_image[placement.bbox] = np.clip(changed, *value_range) if value_range is not None else changed
-    out_label = lab.copy()
-    out_label[mask] = target.tumor_value
+    out_label = lab if in_place else lab.copy()
+    out_label[placement.bbox][placement.tumor_mask] = target.tumor_value
     return CropSynthesis(out_image, out_label, mask, profile, labels.organs.index(target))
 
 

@@ -270,6 +270,13 @@ def test_the_commands_print_the_trainer_folder_and_write_a_dataset(
     assert folder == trainer_folder() and (folder / "freetumor_trainers.py").is_file()
     # nnU-Net imports each module of that folder by its bare name: only the trainer's may be there
     assert sorted(p.name for p in folder.glob("*.py")) == ["__init__.py", "freetumor_trainers.py"]
+    # where nnU-Net's search for external trainers would fail, it says so (on stderr) and why
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # an import that fails
+    warned = runner.invoke(app, ["nnunet", "trainer-path"])
+    assert warned.exit_code == 0 and warned.stdout.strip().splitlines()[-1] == str(folder)
+    assert "nnUNetv2_train cannot search for external trainers" in warned.stderr or "nnunetv2 is not installed" in (
+        warned.stderr
+    )
 
     monkeypatch.delenv("nnUNet_raw", raising=False)
     refused = runner.invoke(app, ["nnunet", "dataset", "--data", str(prepared)])
@@ -455,6 +462,25 @@ def test_patches_without_an_organ_with_a_real_tumor_or_only_padding_are_unchange
     assert (out_labels == 2).any() and transform.synthesized == 1
     never = TumorSynthesisTransform(replace(setup, config=NnunetSynthesisConfig(prob=0.0)))
     np.testing.assert_array_equal(_apply(never, image, organ[None])[1][0], organ)
+
+
+def test_the_patch_function_changes_its_inputs_only_when_asked(
+    cases: list[tuple[np.ndarray, np.ndarray]], setup: PatchSynthesis
+) -> None:
+    from freetumor_cli.core.nnunet import synthesize_in_patch
+
+    image, labels, _ = next(p for p in _patches(cases, setup, 40, seed=3) if _eligible(p[1][0]))
+    kept_image, kept_labels = image.copy(), labels.copy()
+    copied = synthesize_in_patch(image, labels[0], setup, np.random.default_rng(5))
+    assert copied is not None and copied.mask.any()
+    np.testing.assert_array_equal(image, kept_image)
+    np.testing.assert_array_equal(labels, kept_labels)
+    written = synthesize_in_patch(image, labels[0], setup, np.random.default_rng(5), in_place=True)
+    assert written is not None
+    assert np.shares_memory(written.image, image) and np.shares_memory(written.label, labels)
+    np.testing.assert_array_equal(image[0], copied.image)  # the same tumor, written into the patch itself
+    np.testing.assert_array_equal(labels[0], copied.label)
+    assert labels.dtype == np.int16  # nnU-Net's label dtype is kept
 
 
 def _tumors(transform: Any, patches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
