@@ -315,7 +315,7 @@ def organ_labels(dataset_labels: Mapping[str, Any], config: NnunetSynthesisConfi
     try:
         return CropLabels(tuple(found))
     except ValueError as exc:
-        raise ConfigError(f"organs {', '.join(chosen)}: {exc}", hint="choose organs of one region") from None
+        raise ConfigError(f"organs {', '.join(chosen)}: {exc}", hint="check the organs and labels settings") from None
 
 
 def synthesize_in_patch(

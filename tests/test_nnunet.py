@@ -94,7 +94,7 @@ def test_organs_and_their_tumors_come_from_dataset_json_names() -> None:
         (
             {**ABDOMEN, "lung": 7, "lung_lesion": 8},
             NnunetSynthesisConfig(organs=("liver", "lung")),
-            "organs of one region",
+            "must lie in one region",
         ),
     ],
 )
@@ -225,6 +225,12 @@ def test_a_raw_dataset_holds_every_case_with_labels_on_its_image_grid(prepared: 
     next(iter((folder / "labelsTr").glob("BTCV_*.nii.gz"))).unlink()
     again = write_nnunet_dataset(prepared, tmp_path / "raw", "Dataset901_Phantom")
     assert (again.written, again.reused) == (1, 3)
+
+
+def test_a_raw_dataset_passes_nnunets_own_integrity_check(prepared: Path, tmp_path: Path) -> None:
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    result = write_nnunet_dataset(prepared, tmp_path, "Dataset908_Phantom")
+    verify.verify_dataset_integrity(str(result.folder), 1)  # raises on any defect: geometry, labels, names
 
 
 def test_an_organ_task_writes_its_own_labels_and_copies_when_asked(prepared: Path, tmp_path: Path) -> None:
