@@ -187,8 +187,9 @@ def test_settings_come_from_the_trainer_then_a_file_then_the_set_variable(tmp_pa
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from freetumor_cli.core.prepare import PrepareConfig, prepare
 
-    root = write_phantom_root(tmp_path_factory.mktemp("root"), labelled=2, organ_only=2)
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    # names of its own: other modules' fixtures find theirs as root0 and prepared0
+    root = write_phantom_root(tmp_path_factory.mktemp("nnunet_root"), labelled=2, organ_only=2)
+    out = tmp_path_factory.mktemp("nnunet_prepared") / "prepared"
     prepare(root, out, PrepareConfig(folds=2, seed=1, store=False))
     return out
 
