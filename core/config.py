@@ -28,6 +28,7 @@ def build_config(
     file: str | Path | None = None,
     overrides: Sequence[str] = (),
     flags: Mapping[str, Any] | None = None,
+    defaults: T | None = None,
 ) -> T:
     """Build a ``cls`` instance from its defaults, a YAML file, ``key=value`` overrides and flags.
 
@@ -36,11 +37,12 @@ def build_config(
         file: optional YAML file holding a mapping with some of ``cls``'s keys.
         overrides: ``"a.b=value"`` strings; values are parsed as YAML scalars or lists.
         flags: dotted key -> value from explicit command-line flags; ``None`` values are ignored.
+        defaults: the values the layers start from (``cls()`` when None).
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or an unreadable file.
     """
-    values: dict[str, Any] = to_dict(cls())
+    values: dict[str, Any] = to_dict(defaults if defaults is not None else cls())
     if file is not None:
         _merge(values, _read_yaml(Path(file)), cls, source=str(file))
     for item in overrides:

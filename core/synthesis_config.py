@@ -26,6 +26,7 @@ SIZE_CHOICES: tuple[str, ...] = (*SIZE_CLASSES, "mix")
 MAX_TUMORS = 100  # per output: beyond, an organ is more tumor than organ
 MAX_COPIES = 1000
 LAYOUTS: tuple[str, ...] = ("flat", "nnunet", "monai")  # where synthesize's outputs go (SynthesizeConfig.layout)
+NNUNET_DATASET_NAME = re.compile(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_-]*")  # nnU-Net's DatasetNNN_Name
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class SynthesizeConfig:
             raise ValueError("seed must be non-negative")
         if self.engine == "generator" and not self.generator:
             raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")
-        if self.layout == "nnunet" and not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_-]*", self.dataset):
+        if self.layout == "nnunet" and not NNUNET_DATASET_NAME.fullmatch(self.dataset):
             raise ValueError(
                 f"dataset must read DatasetNNN_Name (nnU-Net's naming, e.g. Dataset501_LiverSynth), got {self.dataset!r}"
             )

@@ -1,9 +1,9 @@
 """MONAI dictionary transforms that insert synthetic tumors into training crops.
 
-Built as MONAI's are: the work is in a plain array function (:func:`synthesize_in_crop`), and the
-dictionary wrappers are :class:`~monai.transforms.Randomizable` :class:`~monai.transforms.MapTransform`
-classes with ``keys``, each owning its random state (a ``numpy.random.Generator``, set by
-``set_random_state``). ``train-seg`` uses these same transforms. Example::
+Built as MONAI's are: the work is in a plain array function (:func:`synthesize_in_crop`; for any label
+map :func:`synthesize_in_labelled_crop`, which nnU-Net's transform uses too), and the dictionary
+wrappers are :class:`~monai.transforms.Randomizable` :class:`~monai.transforms.MapTransform` classes
+with ``keys``, each owning its random state (a ``numpy.random.Generator``, set by ``set_random_state``). ``train-seg`` uses these same transforms. Example::
 
     from monai.transforms import Compose, LoadImaged, EnsureChannelFirstd, ScaleIntensityRanged
     from freetumor_cli.core.transforms import RandTumorSynthd
@@ -43,7 +43,7 @@ class CropSynthesis:
 
     Attributes:
         image: the crop with the tumor (the input itself when there is no intensity model).
-        label: task labels, the tumor's voxels set to its tumor value.
+        label: the crop's labels, the tumor's voxels set to its tumor value.
         mask: the synthetic tumor's voxels (bool).
         profile: ``blur(mask) · texture`` inside the organ (float32), for a learned intensity.
         organ_index: the tumor's organ, as an index into the task's organs.
@@ -54,6 +54,54 @@ class CropSynthesis:
     mask: np.ndarray
     profile: np.ndarray
     organ_index: int
+
+
+@dataclass(frozen=True)
+class LabelledOrgan:
+    """An organ as a crop's labels hold it.
+
+    Attributes:
+        name: the organ's registry name (its region, tumor sign and size classes).
+        value: its label value in the crop.
+        tumor_value: the label value of its tumors in the crop.
+    """
+
+    name: str
+    value: int
+    tumor_value: int
+
+
+@dataclass(frozen=True)
+class CropLabels:
+    """Which label values of a crop are organs that may get a tumor, and the values of their tumors.
+
+    A task's labels (:meth:`of_task`), or any other label map (an nnU-Net dataset's). All organs lie in one
+    region, whose rule says whether a crop that holds a real tumor gets a synthetic one too.
+    """
+
+    organs: tuple[LabelledOrgan, ...]
+
+    def __post_init__(self) -> None:
+        if not self.organs:
+            raise ValueError("at least one organ is needed")
+        unknown = [o.name for o in self.organs if o.name not in ORGANS]
+        if unknown:
+            raise ValueError(f"unknown organ {unknown[0]!r}; choose among {', '.join(ORGANS)}")
+        if len({ORGANS[o.name].region for o in self.organs}) > 1:
+            raise ValueError("the organs of one crop must lie in one region")
+        values = [v for o in self.organs for v in (o.value, o.tumor_value)]
+        if len(set(values)) != len(values) or min(values) < 1:
+            raise ValueError(f"organ and tumor label values must be distinct and positive, got {values}")
+
+    @classmethod
+    def of_task(cls, task: str) -> CropLabels:
+        """The labels of a task's space: its organs' values, each tumor one above its organ."""
+        spec = TASKS[task]
+        return cls(tuple(LabelledOrgan(name, value, value + 1) for value, name in spec.organ_values.items()))
+
+    @property
+    def region(self) -> str:
+        return ORGANS[self.organs[0].name].region
 
 
 def synthesize_in_crop(
@@ -86,19 +134,60 @@ def synthesize_in_crop(
         The crop with its tumor, or None when no tumor was drawn (no organ, a real tumor present where
         the region does not synthesize beside real tumors, or an organ part too small).
     """
-    spec = TASKS[task]
-    lab = np.asarray(label).astype(np.int64, copy=False)
-    organs = spec.organ_values
-    present = [v for v in organs if np.count_nonzero(lab == v) >= MIN_ORGAN_VOXELS]
-    beside = REGIONS[spec.region].synthesize_beside_real_tumors  # the chest: wherever lung is
-    if not present or (not beside and any((lab == v + 1).any() for v in organs)):
+    return synthesize_in_labelled_crop(
+        image, label, CropLabels.of_task(task), rng=rng, spacing_mm=spacing_mm, intensity=intensity,
+        value_range=(0.0, 1.0) if window_hu is not None else None, size=size, config=config,
+    )  # fmt: skip
+
+
+def synthesize_in_labelled_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    labels: CropLabels,
+    *,
+    rng: np.random.Generator,
+    spacing_mm: Sequence[float],
+    intensity: IntensityModel | None,
+    value_range: tuple[float, float] | None = None,
+    body_axis: int = 2,
+    size: str = "mix",
+    config: SynthesisConfig | None = None,
+    in_place: bool = False,
+) -> CropSynthesis | None:
+    """:func:`synthesize_in_crop` for any label map: insert one tumor into an organ of a crop.
+
+    Args:
+        image: the crop, shape ``(X, Y, Z)``, in the units ``intensity`` changes it in.
+        label: its labels, same shape; values that are none of ``labels``' (a padding value, other
+            classes) are neither organ nor tumor and are left as they are.
+        labels: which values are organs, and their tumors' values.
+        rng: the only source of randomness.
+        spacing_mm: voxel size of the crop.
+        intensity: the intensity model, or None for the geometry only (the image is not changed).
+        value_range: the range the image's values were clipped to: the result is clipped to it too.
+        body_axis: the crop's axis along the body (the engine prefers centers in the organ's middle along it).
+        size: a size class or ``"mix"``.
+        config: the rule engine's constants.
+        in_place: change ``image`` (float32) and ``label`` (integers) themselves rather than copies, as a
+            training pipeline's transforms may: no copy of a large crop.
+
+    Returns:
+        The crop with its tumor, or None when no tumor was drawn (see :func:`synthesize_in_crop`).
+    """
+    lab = np.asarray(label)
+    if not np.issubdtype(lab.dtype, np.integer):  # MONAI's float labels
+        lab = lab.astype(np.int64)
+    organs = [(o, lab == o.value) for o in labels.organs]
+    present = [(o, voxels) for o, voxels in organs if np.count_nonzero(voxels) >= MIN_ORGAN_VOXELS]
+    beside = REGIONS[labels.region].synthesize_beside_real_tumors  # the chest: wherever lung is
+    if not present or (not beside and any((lab == o.tumor_value).any() for o in labels.organs)):
         return None
-    value = present[int(rng.integers(len(present)))]
-    organ = ORGANS[organs[value]]
-    affine = np.diag([*(float(s) for s in spacing_mm), 1.0])
+    target, organ_mask = present[int(rng.integers(len(present)))]
+    organ = ORGANS[target.name]
+    affine = _crop_affine(spacing_mm, body_axis)
     try:
         placement = place_tumors(
-            lab == value, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=config
+            organ_mask, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=config
         )
     except FreetumorError:
         return None
@@ -110,12 +199,21 @@ def synthesize_in_crop(
     out_image = img
     if intensity is not None:
         patches = apply_intensity(placement.tumors, intensity, Scene(img, affine, placement.bbox, organ), rng)
-        out_image = img.copy()
+        out_image = img if in_place else img.copy()
         changed = out_image[placement.bbox] + compose_changes(patches, placement.tumor_mask.shape)
-        out_image[placement.bbox] = np.clip(changed, 0.0, 1.0) if window_hu is not None else changed
-    out_label = lab.copy()
-    out_label[mask] = value + 1
-    return CropSynthesis(out_image, out_label, mask, profile, spec.organs.index(organs[value]))
+        out_image[placement.bbox] = np.clip(changed, *value_range) if value_range is not None else changed
+    out_label = lab if in_place else lab.copy()
+    out_label[placement.bbox][placement.tumor_mask] = target.tumor_value
+    return CropSynthesis(out_image, out_label, mask, profile, labels.organs.index(target))
+
+
+def _crop_affine(spacing_mm: Sequence[float], body_axis: int) -> np.ndarray:
+    """A voxel-to-world matrix of a crop with ``spacing_mm``, whose ``body_axis`` runs along the world's z."""
+    affine = np.eye(4)
+    order = [a for a in range(3) if a != body_axis] + [body_axis]
+    for row, axis in enumerate(order):
+        affine[row, axis] = float(spacing_mm[axis])
+    return affine
 
 
 class RandTumorSynthd(Randomizable, MapTransform):

@@ -16,6 +16,7 @@ from freetumor_cli.commands.demo import demo
 from freetumor_cli.commands.evaluate import evaluate
 from freetumor_cli.commands.fetch_labels import fetch_labels
 from freetumor_cli.commands.fetch_weights import fetch_weights
+from freetumor_cli.commands.nnunet import nnunet_app
 from freetumor_cli.commands.prepare import prepare
 from freetumor_cli.commands.synthesize import synthesize
 from freetumor_cli.commands.train_seg import train_seg
@@ -67,6 +68,7 @@ app.command("train-seg")(train_seg)
 app.command("train-synth")(train_synth)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
+app.add_typer(nnunet_app, name="nnunet")
 
 
 def main() -> None:

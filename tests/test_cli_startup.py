@@ -31,6 +31,8 @@ print("HEAVY:" + ",".join(heavy))
         ["fetch-labels", "--help"],
         ["prepare", "--help"],
         ["demo", "--help"],
+        ["nnunet", "--help"],
+        ["nnunet", "dataset", "--help"],
     ],
 )
 def test_help_and_version_do_not_import_heavy_modules(args: list[str]) -> None:
