@@ -513,7 +513,8 @@ class ParallelGzipWriter(io.RawIOBase):
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
 
-    The file gets the permissions the user's umask gives new files (``mkstemp`` alone makes them private).
+    The file gets the permissions the user's umask gives new files (``mkstemp`` makes them private, and so
+    do writers that create their own file, such as safetensors).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +525,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # After the writer: one that replaces the file (safetensors does) leaves a private one behind.
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

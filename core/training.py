@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, write_text_atomic
+from freetumor_cli.core.io import OutputLock, process_umask, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
@@ -235,8 +235,15 @@ def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str,
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out / "state"))
     if accelerator.is_main_process:
+        _follow_umask((out / "state").glob("*.safetensors"))  # safetensors makes its files private
         write_text_atomic(out / "state" / "progress.json", json.dumps(progress) + "\n")
     accelerator.wait_for_everyone()
+
+
+def _follow_umask(paths: Iterable[Path]) -> None:
+    mode = 0o666 & ~process_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def check_step_fits(accelerator: Accelerator, need_for: Callable[[str], MemoryEstimate], *, suggestion: str) -> None:

@@ -229,6 +229,34 @@ def test_outputs_follow_the_umask(phantom_files: tuple[Path, Path], tmp_path: Pa
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_and_training_state_follow_the_umask(prepared: Path, tmp_path: Path, umask: int) -> None:
+    """safetensors creates its files private: checkpoints, generators and the saved state must still be as
+    readable as every other output (a colleague's --baseline on a shared cluster)."""
+    from freetumor_cli.core.checkpoints import save_generator
+    from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator
+
+    old = os.umask(umask)
+    try:
+        code, output = invoke("train-seg", "--data", prepared, "--out", tmp_path / "run", "--max-steps", "1", *TINY)
+        gan = GanConfig(base_channels=4)
+        save_generator(
+            make_generator(gan), gan, tmp_path / "gen", spacing_mm=(4, 4, 4), window_hu=(-175, 250), roi=(32, 32, 32),
+            organ_channels={"liver": 0}, discriminator=make_discriminator(gan),
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0, output
+    files = [p for folder in ("run", "gen") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.relative_to(tmp_path).as_posix() for p in weights} >= {
+        "run/checkpoints/best/model.safetensors", "run/checkpoints/last/model.safetensors",
+        "run/state/model.safetensors", "gen/generator.safetensors", "gen/discriminator.safetensors",
+    }  # fmt: skip
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (str(path.relative_to(tmp_path)), oct(path.stat().st_mode))
+
+
 # 5. Ordinary mistakes give one line, not a traceback.
 
 
