@@ -565,7 +565,12 @@ def predict_for_scoring(
         checkpoint, entries, predictions, overlap=overlap, tta=tta, prepared=prepared, on_case_done=on_case_done,
         device=device,
     )  # fmt: skip
-    labelled = [{"image": str(e["image"]), "label": str(e["label"])} for e in entries if e.get("label")]
+    # Absolute: the list is read from --out, and these may be relative to the working folder.
+    labelled = [
+        {"image": str(Path(e["image"]).absolute()), "label": str(Path(e["label"]).absolute())}
+        for e in entries
+        if e.get("label")
+    ]
     if not labelled:
         return predictions, None, config, source
     ground_truth = write_text_atomic(

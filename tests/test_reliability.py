@@ -126,6 +126,19 @@ def test_a_prepared_folder_works_from_another_folder(
     assert json.loads(Path("ev/summary.json").read_text())["cases"] >= 1
 
 
+@pytest.mark.parametrize("data", ["data/imagesTr", "data/imagesTr/case_0000.nii.gz"])
+def test_evaluate_a_checkpoint_on_relative_paths_of_an_nnunet_layout(
+    tiny_run: Path, phantom_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
+) -> None:
+    """Labels found beside relative CT paths are scored from any --out (ground_truth.json holds absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    code, output = invoke("evaluate", "--checkpoint", tiny_run / "checkpoints" / "last", "--data", data, "--out", "ev")
+    assert code == 0, output
+    assert json.loads(Path("ev/summary.json").read_text())["cases"] == 1
+    for entry in json.loads(Path("ev/ground_truth.json").read_text())["testing"]:
+        assert Path(entry["image"]).is_absolute() and Path(entry["label"]).is_file()
+
+
 def test_an_unreadable_case_met_in_a_loader_worker_is_one_line(prepared: Path, tmp_path: Path) -> None:
     root = prepared.parent.parent / "root0"
     shutil.copytree(root, tmp_path / "root0")
