@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from freetumor_cli.app import app
 from freetumor_cli.core.engines import RuleIntensity, Scene, TumorGeometry, compose_changes, engine_of
-from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import save_volume
+from freetumor_cli.core.errors import InputError, OrganTooSmallError
+from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.phantom import Phantom, make_phantom
 from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SynthesisConfig
@@ -99,6 +99,58 @@ def test_the_tumor_share_of_an_organ_is_bounded(small_phantom: Phantom) -> None:
     assert any("max_tumor_share" in n for n in result.notes)
     with pytest.raises(ValueError, match="max_tumor_share"):
         SynthesisConfig(max_tumor_share=0.0)
+
+
+def test_the_tumor_share_holds_for_the_first_tumor_too(totalseg_case: Path) -> None:
+    """Large tumors in a real 3 mm liver (1043 ml), one per call, 60 draws: none passes 30 % of the liver
+    (without the cap on the first tumor, about one in four did, up to 47 %)."""
+    from freetumor_cli.core.tumor import prepare_organ
+
+    organs = load_volume(totalseg_case / "organs.nii.gz")
+    liver = organs.array == 1
+    config = SynthesisConfig()
+    geometry = prepare_organ(liver, LIVER, spacing=organs.spacing, affine=organs.affine, config=config)
+    shares = []
+    for seed in range(60):
+        placement = place_tumors(
+            None, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(seed),
+            size="large", count=1, config=config, geometry=geometry,
+        )  # fmt: skip
+        assert len(placement.tumors) == 1 and placement.tumors[0].record.size_class == "large"
+        shares.append(placement.tumor_mask.sum() / liver.sum())
+    assert max(shares) <= 0.3 and min(shares) > 0.1, (min(shares), max(shares))
+    # A cap no large tumor fits: the first one is refused with what happened; mix draws smaller ones, saying so.
+    tight = replace(config, max_tumor_share=0.05)
+    with pytest.raises(OrganTooSmallError, match=r"large tumor takes more than 5% of the liver \(1043.\d ml\)"):
+        place_tumors(
+            liver, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(0), size="large",
+            config=tight,
+        )  # fmt: skip
+    notes = []
+    for seed in range(10):
+        mixed = place_tumors(
+            liver, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(seed), size="mix",
+            count=3, config=tight,
+        )  # fmt: skip
+        assert mixed.tumor_mask.sum() <= 0.05 * liver.sum() and len(mixed.tumors) == 3
+        assert "large" not in {t.record.size_class for t in mixed.tumors}
+        notes += mixed.notes
+    assert any(n.startswith("mix: 1 large tumor(s) would make more than 5% of the liver") for n in notes), notes
+
+
+def test_synthesize_refuses_a_tumor_larger_than_the_share_and_says_why(
+    totalseg_case: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "synthesize", "--in", str(totalseg_case / "ct.nii.gz"), "--labels", str(totalseg_case / "organs.nii.gz"),
+            "--organ", "liver", "--size", "large", "--set", "rules.max_tumor_share=0.1", "-o", str(tmp_path / "o"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "more than 10% of the liver" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))
 
 
 def test_the_in_memory_api_keeps_geometry_and_dtype_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
