@@ -84,10 +84,10 @@ class SynthesisConfig:
     placement_grid_mm: float = 5.0
     min_kept_fraction: float = 0.3
     max_placement_attempts: int = 20
-    # At most this share of an organ's voxels becomes tumor in one call, the first tumor included: a
-    # tumor that would pass it is drawn again (max_placement_attempts times; mix then tries the smaller
-    # classes); if none fits, the first tumor is an error, and a later one is not placed, nor any after
-    # it (a note says so), so no size or --count can turn an organ into tumor.
+    # At most this share of an organ's voxels becomes tumor in one call, so no size or --count turns an
+    # organ into tumor: a first tumor that would pass it is drawn again (max_placement_attempts times;
+    # mix then tries the smaller classes) and is an error if none fits; a later one is not placed, nor
+    # any after it (a note says so).
     max_tumor_share: float = 0.3
 
     def hu_change(self, region: str) -> tuple[float, float]:
