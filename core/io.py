@@ -388,13 +388,16 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+LABELS_DESCRIP = b"freetumor labels"  # the header of every label map freetumor writes says so
+
+
 def _nifti_image(array: np.ndarray, reference: Volume, *, label: bool) -> nib.Nifti1Image:
     header = reference.header.copy() if reference.header is not None else nib.Nifti1Header()
     if label:
         # A label map needs no intensity scaling, and header extensions from the image (label tables
         # of other tools, for instance) would describe the wrong values.
         header.extensions.clear()
-        header["descrip"] = b"freetumor labels"
+        header["descrip"] = LABELS_DESCRIP
     header.set_data_dtype(array.dtype)
     image = nib.Nifti1Image(array, reference.affine, header=header)
     # Arrays arrive already in their stored dtype: no scaling, so values are written exactly.

@@ -28,8 +28,13 @@ from freetumor_cli.core.errors import ConfigError
 # freetumor_cli.core.synthesis_config.SynthesisConfig).
 SIZE_CLASSES: tuple[str, ...] = ("tiny", "small", "medium", "large")
 
-# How organ label maps given to ``synthesize`` are encoded.
+# The segmentation networks (``core.models`` builds them): the method's SwinUNETR v2, a MONAI UNet for CPUs
+# and a tiny one for tests.
+MODELS: tuple[str, ...] = ("swinunetr", "unet", "unet-tiny")
+
+# How organ label maps given to ``synthesize`` are encoded (``prepare`` takes all but binary).
 LABEL_SCHEMES: tuple[str, ...] = ("auto", "freetumor", "totalsegmentator", "binary")
+PREPARE_LABEL_SCHEMES: tuple[str, ...] = LABEL_SCHEMES[:3]
 
 
 @dataclass(frozen=True)
@@ -353,8 +358,14 @@ def foreign_to_region(scheme: str, target: Organ) -> dict[int, int]:
     if scheme == "binary":
         return {1: target.value}
     if scheme == "totalsegmentator":
-        return {i: other.value for other in region_organs(target.region) for i in other.totalseg_ids}
+        return totalsegmentator_to_region(target.region)
     raise ValueError(f"no value map for scheme {scheme!r}")
+
+
+def totalsegmentator_to_region(region_name: str) -> dict[int, int]:
+    """TotalSegmentator v2 "total" class id -> the region value of each of the region's organs (both
+    kidneys are one kidney, the five lung lobes one lung); other classes are background."""
+    return {i: organ.value for organ in region_organs(region_name) for i in organ.totalseg_ids}
 
 
 def choices_help(table: Mapping[str, Task] | Mapping[str, Organ]) -> str:
