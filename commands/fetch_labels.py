@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import console, note, progress_bar, report_errors, warn
+from freetumor_cli.commands._common import console, note, print_table, progress_bar, report_errors, warn
 
 
 def _size(n: float) -> str:
@@ -27,6 +27,7 @@ def fetch_labels(
         list[str] | None,
         typer.Option(
             "--datasets",
+            metavar="<NAME>",
             help="Datasets to download (repeatable; names or aliases). Default: all the repository holds.",
             show_default=False,
         ),
@@ -72,12 +73,12 @@ def fetch_labels(
                 if parts[0].dataset == dataset
             ]
             table.add_row(
-                dataset or "[not understood]",
+                dataset or "(not understood)",
                 str(len(files)),
                 _size(sum(f.size for f in files)),
                 ", ".join(packed) or "-",
             )
-        console.print(table)
+        print_table(table)
         for f in [f for f in listing.files if f.dataset is None][:20]:
             note(f"not understood: {f.path}")
         for path in listing.unsafe:
@@ -111,7 +112,7 @@ def fetch_labels(
         groups[f.dataset or "?"][2] += f.size
     for dataset, (new, old, size) in sorted(groups.items()):
         table.add_row(dataset, str(new), str(old), _size(size))
-    console.print(table)
+    print_table(table)
     if result.unknown:
         warn(
             f"{len(result.unknown)} file(s) in the repository are not under a known dataset folder and were not downloaded, e.g. {', '.join(f.path for f in result.unknown[:5])}"

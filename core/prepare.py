@@ -543,7 +543,7 @@ def _prepare(
     return result
 
 
-def fold_warnings(records: Sequence[Mapping[str, Any]], folds: int, seed: int) -> list[str]:
+def fold_warnings(records: Sequence[dict[str, Any]], folds: int, seed: int) -> list[str]:
     """Per task with tumor-labelled cases: the folds whose validation cannot measure tumor Dice (no
     validation case, or none with a tumor), and a number of folds that gives every fold a tumor case."""
 

@@ -287,8 +287,8 @@ TOTALSEG_V2: Mapping[int, str] = {
     14: "lung_lower_lobe_right",
 }
 
-# Label schemes of label files that ``evaluate`` scores: a region's space, or a specialist task's.
-EVAL_SCHEMES: Mapping[str, Mapping[int, str]] = {
+# The label spaces of the files ``evaluate`` scores (``--label-space``): a region's, or a specialist task's.
+EVAL_SPACES: Mapping[str, Mapping[int, str]] = {
     **{name: r.labels for name, r in REGIONS.items()},
     "task": {0: "background", 1: "organ", 2: "tumor"},
 }
@@ -299,7 +299,7 @@ OrganName = Annotated[str, OneOf(tuple(ORGANS))]
 TaskName = Annotated[str, OneOf(tuple(TASKS))]
 SizeName = Annotated[str, OneOf((*SIZE_CLASSES, "mix"))]
 LabelSchemeName = Annotated[str, OneOf(LABEL_SCHEMES)]
-EvalSchemeName = Annotated[str, OneOf(tuple(EVAL_SCHEMES))]
+EvalSpaceName = Annotated[str, OneOf(tuple(EVAL_SPACES))]
 
 
 def _lookup(table: Mapping[str, object], kind: str, name: str) -> object:

@@ -135,13 +135,17 @@ class SynthesisConfig:
             raise ValueError("max_tumor_share must lie in (0, 1]")
 
 
+DEFAULT_NNUNET_DATASET = "Dataset501_Synthetic"
+
+
 @dataclass(frozen=True)
 class SynthesizeConfig:
     """Everything that decides what ``synthesize`` produces (written into each JSON sidecar).
 
     Attributes:
         organ: target organ.
-        size: size class, or ``mix`` (a class per tumor among those that fit).
+        size: size class, or ``mix``: with a ``count``, a class per tumor among those that fit; with
+            ``count`` None, one class per output, then its count from that class's range.
         count: tumors per output; None draws it from the size class's range.
         radius_mm: exact base radius in mm; overrides ``size``.
         seed: the run's seed; each case and copy draws from its own stream of (seed, case id, copy).
@@ -169,7 +173,7 @@ class SynthesizeConfig:
     preview: bool = False
     overwrite: bool = False
     layout: Annotated[str, OneOf(LAYOUTS)] = "flat"
-    dataset: str = "Dataset501_Synthetic"
+    dataset: str = DEFAULT_NNUNET_DATASET
     rules: SynthesisConfig = SynthesisConfig()
 
     def __post_init__(self) -> None:
@@ -184,6 +188,11 @@ class SynthesizeConfig:
             raise ValueError("seed must be non-negative")
         if self.engine == "generator" and not self.generator:
             raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")
+        if self.layout != "nnunet" and self.dataset != DEFAULT_NNUNET_DATASET:
+            raise ValueError(
+                f"dataset {self.dataset!r} names the folder of layout nnunet (--dataset with --layout nnunet); "
+                f"layout {self.layout} has none"
+            )
         if self.layout == "nnunet" and not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_-]*", self.dataset):
             raise ValueError(
                 f"dataset must read DatasetNNN_Name (nnU-Net's naming, e.g. Dataset501_LiverSynth), got {self.dataset!r}"

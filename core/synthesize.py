@@ -252,10 +252,11 @@ def organ_labels_in_region(
         raise LabelError(f"labels {labels.name} hold values outside 0..65535")
     used = scheme
     if scheme == "auto":
-        choice = choose_scheme(
-            present_values(array), organ.region, binary=True, freetumor_file=written_by_freetumor(labels.header),
-            flag=flag,
-        )  # fmt: skip
+        freetumor_file = written_by_freetumor(labels.header)
+        # The value range decides most maps (two fast passes); the values present (a full scan) the rest.
+        decided = freetumor_file or high <= 1 or high > max(REGIONS[organ.region].labels)
+        values = np.array([low, high]) if decided else present_values(array)
+        choice = choose_scheme(values, organ.region, binary=True, freetumor_file=freetumor_file, flag=flag)
         if choice.scheme is None:
             raise LabelError(f"labels {labels.name} are ambiguous: {choice.reason}")
         used = choice.scheme

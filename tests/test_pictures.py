@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -77,5 +79,52 @@ def test_preview_outlines_lie_on_the_darkened_tumor(axes_codes: np.ndarray) -> N
     try:
         fig.canvas.draw()
         assert assert_outlines_enclose_the_darkened_pixels(fig, top_left=True) == 3
+    finally:
+        plt.close(fig)
+
+
+def _label_file(folder: Path, name: str, array: np.ndarray) -> Path:
+    from freetumor_cli.core.io import save_volume
+
+    return save_volume(
+        array.astype(np.uint8), Volume(np.zeros(array.shape, np.int16), np.eye(4)), folder / name, label=True
+    )
+
+
+def _bar_pixels(png: Path) -> int:
+    """Pixels of the plots' bars (matplotlib's first colour, blue, drawn at 60 % opacity or full)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return int(((rgb[..., 2] > 0.55) & (rgb[..., 0] < 0.6) & (rgb[..., 2] - rgb[..., 0] > 0.2)).sum())
+
+
+def test_evaluation_plots_show_what_they_say(tmp_path: Path) -> None:
+    """Many false positives in one case (3,375 one-voxel lesions) still give visible bars, and size bins
+    without lesions are marked as such rather than drawn as a sensitivity of 0."""
+    import matplotlib.pyplot as plt
+
+    from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, sensitivity_figure, write_reports
+
+    gt, pred = np.zeros((40, 40, 40), np.uint8), np.zeros((40, 40, 40), np.uint8)
+    gt[2:38, 2:38, 2:38] = 1
+    gt[5:9, 5:9, 5:9] = 2  # one lesion of 4 mm equivalent radius: the "<=5mm" bin
+    noisy = pred.copy()
+    noisy[gt == 1] = 1
+    noisy[5:9, 5:9, 5:9] = 2
+    noisy[10:40:2, 10:40:2, 10:40:2] = 2  # isolated voxels: 3,375 false-positive lesions
+    for folder, array in (("gt", gt), ("pred", noisy)):
+        _label_file(tmp_path / folder, "a.nii.gz", array)
+        _label_file(tmp_path / folder, "b.nii.gz", gt)  # a case without false positives
+    cases, summary, _ = evaluate(tmp_path / "pred", tmp_path / "gt", EvaluateConfig(classes=("liver_tumor",)))
+    assert max(r["fp_lesions"] for c in cases for r in c.rows) == 3375
+    write_reports(cases, summary, tmp_path / "ev")
+    assert _bar_pixels(tmp_path / "ev" / "false_positives_per_case.png") > 2000  # one bin per count: 486
+    fig = sensitivity_figure(summary)
+    try:
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        assert texts.count("no lesions") == 3 and "2/2" in texts, texts
+        heights = [p.get_height() for p in fig.axes[0].patches]
+        assert sum(np.isfinite(heights)) == 1 and np.nanmax(heights) == 1.0, heights
     finally:
         plt.close(fig)

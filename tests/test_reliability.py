@@ -267,7 +267,10 @@ def test_checkpoints_and_training_state_follow_the_umask(prepared: Path, tmp_pat
         "run/state/model.safetensors", "gen/generator.safetensors", "gen/discriminator.safetensors",
     }  # fmt: skip
     for path in files:
-        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (str(path.relative_to(tmp_path)), oct(path.stat().st_mode))
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (
+            str(path.relative_to(tmp_path)),
+            oct(path.stat().st_mode),
+        )
 
 
 # 5. Ordinary mistakes give one line, not a traceback.
