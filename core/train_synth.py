@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from freetumor_cli.core.config import to_yaml
-from freetumor_cli.core.engines import RuleIntensity
+from freetumor_cli.core.engines import RuleIntensity, wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.memory import (
@@ -48,6 +48,7 @@ from freetumor_cli.core.registry import (
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import (
     Schedule,
+    StoreFallback,
     case_source,
     check_run_folder,
     check_step_fits,
@@ -153,6 +154,7 @@ class SynthSummary:
     generator_qc: list[float]
     rules_qc: float
     is_main_process: bool = True
+    warnings: list[str] = field(default_factory=list)
 
 
 def _gan_batch(batch: dict[str, Any], critic_task: str, task: str, channels: Mapping[str, int]) -> Any:
@@ -316,9 +318,14 @@ def _train_generator(
         )  # fmt: skip
 
     plan = Schedule.of(len(loader), grad_accum=1, epochs=config.epochs, max_steps=config.max_steps)
+    # config.yaml holds the values in effect: the critic's crop and voxel size, the network's width and λ.
+    resolved = replace(
+        config, roi=tuple(pipeline.roi), spacing_mm=tuple(preprocessing.spacing_mm),
+        base_channels=gan.base_channels, adversarial_weight=gan.adversarial_weight,
+    )  # fmt: skip
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_synth",
-        files={"config.yaml": version_header("train-synth") + to_yaml(config)},
+        files={"config.yaml": version_header("train-synth") + to_yaml(resolved)},
         initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0]},
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
@@ -342,7 +349,9 @@ def _train_generator(
         if not resume:
             log_metrics(accelerator, out, {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": 0}, 0)
     step = int(progress["step"])
+    store_fallback = StoreFallback(source, entries)
     generator_qc: list[float] = []
+    contrast_said, best_contrast = False, None
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
         for epoch in range(int(progress["epoch"]), plan.epochs):
             dataset.set_epoch(epoch)
@@ -363,14 +372,17 @@ def _train_generator(
                 sum_g, sum_d, crops = gathered_sum(
                     accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
                 )
+                store_share = gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0]
                 stats = {
                     "loss_g": sum_g / accelerator.num_processes,
                     "loss_d": sum_d / accelerator.num_processes,
                     "synthetic_crops": crops,
                     "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
+                    "store_share": store_share / accelerator.num_processes,
                     "epoch": epoch,
                     "step": step,
                 }
+                store_fallback.check(accelerator, out, stats["store_share"], raw, step)
                 log_metrics(accelerator, out, stats, step)
                 if step % config.save_every_steps == 0:
                     save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
@@ -382,12 +394,17 @@ def _train_generator(
                     images = synthesize_batch(accelerator.unwrap_model(generator), fixed_batch, config.region)
                 scores = heldout_scores(images, fixed_batch, critic, config.qc_threshold, window_width)
                 generator_qc.append(scores.get("qc_pass_rate", float("nan")))
+                contrast = wrong_contrast(config.region, scores.get("hu_contrast", 0.0), "the generator's tumors")
+                if contrast and not contrast_said:
+                    contrast_said = True
+                    note(accelerator, out, f"epoch {epoch + 1}, held-out crops: {contrast}")
                 log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
                 key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
                 if accelerator.is_main_process:
                     _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
                 if key > progress["best"]:  # every process decides alike: the held-out batch is the same
                     progress["best"] = key
+                    best_contrast = contrast
                     if accelerator.is_main_process:
                         best = accelerator.unwrap_model(generator)
                         save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
@@ -401,7 +418,8 @@ def _train_generator(
             save(final, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
-    return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
+    warnings = [f"the best checkpoint: {best_contrast}"] if best_contrast else []
+    return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process, warnings)
 
 
 def _heldout_batch(

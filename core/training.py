@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,10 +183,27 @@ def start_run(
                 write_text_atomic(out / name, text)
             (out / "run.log").unlink(missing_ok=True)
         _trim_metrics(out / "metrics.jsonl", int(progress["step"]) if resume else -1)
+    what = f"resumed at step {progress['step']}" if resume else "started"
+    note(
+        accelerator,
+        out,
+        f"{what} by: {command_line()} (freetumor {__version__}, {accelerator.num_processes} process(es))",
+    )
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.init_trackers(tracker)
     return progress
+
+
+def command_line() -> str:
+    """How this process was started, as a shell would read it (a launcher's arguments are not in it)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv)
+    if args and Path(args[0]).name in ("__main__.py", "freetumor"):
+        args[0] = "freetumor"
+    return shlex.join(args)
 
 
 def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,21 +232,53 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def note(accelerator: Accelerator, out: Path, message: str) -> None:
-    """A line of the run's log: ``run.log`` in the run folder and the ``freetumor`` logger (main process)."""
+    """A line of the run's log: ``run.log`` in the run folder (with the local time) and the ``freetumor``
+    logger (main process)."""
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         with (out / "run.log").open("a", encoding="utf-8") as handle:
-            handle.write(message + "\n")
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
         log.info(message)
 
 
 def log_metrics(accelerator: Accelerator, out: Path, stats: Mapping[str, Any], step: int) -> None:
+    """One row of ``metrics.jsonl`` (and TensorBoard): a value that could not be measured (NaN) is null."""
     if accelerator.log_with:
         scalars = {k: v for k, v in stats.items() if k not in ("epoch", "step") and isinstance(v, int | float)}
         accelerator.log(scalars, step=step)
     if accelerator.is_main_process:
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
         with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(dict(stats)) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+class StoreFallback:
+    """Says once in a run's log when its crops stop coming from the case store (a case gone stale or
+    damaged there is read from its raw files, several times slower), naming a case where it can."""
+
+    def __init__(self, source: CaseSource, entries: list[dict[str, Any]]) -> None:
+        self.watching = source.store is not None
+        self.entries = entries
+
+    def check(self, accelerator: Accelerator, out: Path, store_share: float, raw: Mapping[str, Any], step: int) -> None:
+        """``store_share``: this step's share of crops from the store, over all processes."""
+        if not self.watching or store_share >= 1.0:
+            return
+        self.watching = False
+        local = [
+            int(i) for i, s in zip(raw["sample_index"].flatten(), raw["from_store"].flatten(), strict=True) if not s
+        ]
+        named = ""
+        if local:
+            entry = self.entries[local[0]]
+            named = f" ({entry.get('dataset', '')}/{entry.get('case', '')} among them)"
+        note(
+            accelerator,
+            out,
+            f"step {step}: {1 - store_share:.0%} of the crops came from raw files, not the case store{named}: "
+            "a case missing, stale or damaged there is decoded and resampled each time (slower); the next "
+            "freetumor prepare rebuilds it",
+        )
 
 
 def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
