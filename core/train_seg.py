@@ -593,19 +593,23 @@ def _plot_curves(out: Path) -> None:
     rows = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_tumor_dice"]) for r in rows if "val_tumor_dice" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_tumor_dice"]) for r in rows if r.get("val_tumor_dice") is not None]  # null: no tumor
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="training loss (DiceCE)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    handles = ax.get_legend_handles_labels()
     if val:
         twin = ax.twinx()
         twin.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation tumor Dice")
         twin.set_ylabel("tumor Dice")
-        twin.set_ylim(0, 1)
-    fig.legend(loc="upper right")
+        twin.set_ylim(-0.03, 1.03)  # a Dice of 0 or 1 shows whole
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    if handles[0]:
+        ax.legend(*handles, loc="upper right", fontsize=8)  # one legend inside the axes, for both curves
     fig.tight_layout()
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")

@@ -465,18 +465,19 @@ def _preview(batch: Any, images: Any, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from freetumor_cli.core.preview import displayed_slice
+
     rows = [b for b in range(images.shape[0]) if bool(batch.synth_mask[b].any())][:4]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
     for r, b in enumerate(rows):
         mask = batch.synth_mask[b, 0].cpu().numpy()
-        z = int(np.argmax(mask.sum(axis=(0, 1))))
+        z = int(np.argmax(mask.sum(axis=(0, 1))))  # crops are RAS: axial slices, shown as synthesize's previews
         for c, (title, volume) in enumerate((("rule geometry, before", batch.image), ("generator", images))):
-            axes[r, c].imshow(
-                volume[b, 0, :, :, z].detach().cpu().float().numpy().T, cmap="gray", vmin=0, vmax=1, origin="lower"
-            )
-            axes[r, c].contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
+            crop = volume[b, 0].detach().cpu().float().numpy()
+            axes[r, c].imshow(displayed_slice(crop, z, axis=2), cmap="gray", vmin=0, vmax=1, origin="upper")
+            axes[r, c].contour(displayed_slice(mask, z, axis=2), levels=[0.5], colors="red", linewidths=0.6)
             axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
     fig.tight_layout()
