@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from freetumor_cli.core.errors import EXIT_INTERRUPTED, FreetumorError
 
@@ -61,7 +63,8 @@ MaxStepsOption = Annotated[
     int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
 ]
 MixedPrecisionOption = Annotated[
-    str | None, typer.Option("--mixed-precision", help="no | fp16 | bf16.", show_default="no")
+    Literal["no", "fp16", "bf16"] | None,
+    typer.Option("--mixed-precision", help="Mixed precision (Accelerate's): no, fp16 or bf16.", show_default="no"),
 ]
 NumPartsOption = Annotated[
     int, typer.Option("--num-parts", help="Split the work into this many parts (a cluster's array jobs).", min=1)
@@ -88,7 +91,7 @@ def progress_bar(label: str | None = None) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns: list[Any] = [
-        TextColumn(f"[bold]{label}" if label else "[bold]{task.description}"),
+        TextColumn(f"[bold]{label}[/] {{task.description}}" if label else "[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
     ]
@@ -104,7 +107,11 @@ VerboseOption = Annotated[
 ]
 DeviceOption = Annotated[
     str,
-    typer.Option("--device", help="Where the model runs: auto (a GPU if there is one), cpu, cuda or cuda:N."),
+    typer.Option(
+        "--device",
+        metavar="<auto|cpu|cuda|cuda:N>",
+        help="Where the model runs: auto (a GPU if there is one), cpu, cuda or cuda:N.",
+    ),
 ]
 
 _quiet = False
@@ -185,6 +192,34 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper  # type: ignore[return-value]
 
 
+class OneLineUsageErrors(TyperGroup):
+    """The app's group: usage errors (an unknown option, a value out of range, a missing one) as one line
+    naming the option, with exit code 2, like every other error, instead of a framed multi-line box."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _usage_error_in_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_error_in_one_line():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_error_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        # Click's usage errors (typer vendors its own click) format a message; Exit and Abort do not.
+        if not hasattr(exc, "format_message") or type(exc).__name__ == "NoArgsIsHelpError":
+            raise  # not a usage error, or "freetumor" alone: its help follows
+        ctx = getattr(exc, "ctx", None)
+        listed = "commands" if hasattr(getattr(ctx, "command", None), "commands") else "options"
+        where = f" ({ctx.command_path} --help lists the {listed})" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(where)}", soft_wrap=True)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
 class _LogToConsole(logging.Handler):
     """The library's ``freetumor`` log lines, printed above the progress bar."""
 
@@ -199,6 +234,19 @@ def show_library_log() -> None:
         logger.addHandler(_LogToConsole())
     if logger.level == logging.NOTSET:  # -q / -v set it
         logger.setLevel(logging.INFO)
+
+
+def print_table(table: Any) -> None:
+    """Print a rich ``Table`` whole: on a terminal, long cells wrap (folded, never cut with an ellipsis);
+    into a pipe or file, the table is as wide as its longest row, so no class name or path is shortened."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal or console.quiet:
+        console.print(table)
+        return
+    width = console.measure(table, options=console.options.update_width(10**5)).maximum
+    wide = Console(file=console.file, width=max(width, console.width), highlight=False, soft_wrap=True)
+    wide.print(table)
 
 
 def warn(message: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import SeedOption, console, progress_bar, report_errors
+from freetumor_cli.commands._common import SeedOption, console, print_table, progress_bar, report_errors
 
 
 @report_errors
@@ -51,7 +51,7 @@ def demo(
         table.add_column(column, justify="right")
     for name, row in result.comparison.items():
         table.add_row(name, *("n/a" if row[c] is None else f"{row[c]:.3f}" for c in COMPARISON_COLUMNS))
-    console.print(table)
+    print_table(table)
     for name, what in MODELS.items():
         console.print(f"  {name}: {what}")
     paired = Table(title="paired: arm X minus arm Y on the same test CTs")
@@ -62,7 +62,7 @@ def demo(
             r["comparison"], f"{r['dice_diff']:+.3f}", f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
             f"{r['wilcoxon_p']:.2g}", f"{r['sens_x']:.2f} / {r['sens_y']:.2f}", f"{r['mcnemar_p']:.2g}",
         )  # fmt: skip
-    console.print(paired)
+    print_table(paired)
     kept = ", ".join(f"{arm} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None)
     if kept:
         console.print(f"quality control kept: {kept} of the synthetic tumors")

@@ -14,13 +14,14 @@ from freetumor_cli.commands._common import (
     console,
     note,
     one_of,
+    print_table,
     progress_bar,
     report_errors,
     set_option,
     warn,
 )
 from freetumor_cli.core.errors import ConfigError
-from freetumor_cli.core.registry import EVAL_SCHEMES
+from freetumor_cli.core.registry import EVAL_SPACES
 
 
 @report_errors
@@ -65,17 +66,18 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--classes",
+            metavar="<CLASS>",
             help="Class names or values to score (repeatable). Default: the scheme's tumor classes.",
             show_default=False,
         ),
     ] = None,
-    label_scheme: Annotated[
-        one_of(EVAL_SCHEMES) | None,
+    label_space: Annotated[
+        one_of(EVAL_SPACES) | None,
         typer.Option(
-            "--label-scheme",
-            help="The label space of both folders: "
-            + "; ".join(f"{n} ({', '.join(v for k, v in s.items() if k)})" for n, s in EVAL_SCHEMES.items())
-            + ".",
+            "--label-space",
+            help="The label space both folders are in: "
+            + "; ".join(f"{n} ({', '.join(v for k, v in s.items() if k)})" for n, s in EVAL_SPACES.items())
+            + ". TotalSegmentator masks are none: prepare --label-scheme totalsegmentator maps them into abdomen.",
             show_default="abdomen",
         ),
     ] = None,
@@ -119,7 +121,7 @@ def evaluate(
     from freetumor_cli.core.io import OutputLock
 
     flags = {
-        "label_scheme": label_scheme,
+        "label_space": label_space,
         "classes": list(classes) if classes else None,
         "tolerance_mm": tolerance_mm,
         "min_lesion_voxels": min_lesion_voxels,
@@ -176,7 +178,7 @@ def evaluate(
                 name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
                 fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
             )  # fmt: skip
-        console.print(table)
+        print_table(table)
         console.print(
             f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
         )

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import HubTimeoutOption, console, note, progress_bar, report_errors, warn
+from freetumor_cli.commands._common import (
+    HubTimeoutOption,
+    console,
+    note,
+    print_table,
+    progress_bar,
+    report_errors,
+    warn,
+)
 
 
 @report_errors
@@ -19,6 +27,7 @@ def fetch_labels(
         list[str] | None,
         typer.Option(
             "--datasets",
+            metavar="<NAME>",
             help="Datasets to download (repeatable; names or aliases). Default: all the repository holds.",
             show_default=False,
         ),
@@ -66,12 +75,12 @@ def fetch_labels(
                 if parts[0].dataset == dataset
             ]
             table.add_row(
-                dataset or "[not understood]",
+                dataset or "(not understood)",
                 str(len(files)),
                 format_size(sum(f.size for f in files)),
                 ", ".join(packed) or "-",
             )
-        console.print(table)
+        print_table(table)
         for f in [f for f in listing.files if f.dataset is None][:20]:
             note(f"not understood: {f.path}")
         for path in listing.unsafe:
@@ -105,7 +114,7 @@ def fetch_labels(
         groups[f.dataset or "?"][2] += f.size
     for dataset, (new, old, size) in sorted(groups.items()):
         table.add_row(dataset, str(new), str(old), format_size(size))
-    console.print(table)
+    print_table(table)
     if result.unknown:
         warn(
             f"{len(result.unknown)} file(s) in the repository are not under a known dataset folder and were not downloaded, e.g. {', '.join(f.path for f in result.unknown[:5])}"

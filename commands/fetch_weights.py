@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import HubTimeoutOption, console, one_of, progress_bar, report_errors
+from freetumor_cli.commands._common import HubTimeoutOption, console, one_of, print_table, progress_bar, report_errors
 from freetumor_cli.core.registry import TASKS
 
 
@@ -15,7 +15,9 @@ from freetumor_cli.core.registry import TASKS
 def fetch_weights(
     names: Annotated[
         list[str] | None,
-        typer.Argument(help="Which: baseline, covid-baseline, tgan, voco (default: all).", show_default=False),
+        typer.Argument(
+            metavar="NAME", help="Which: baseline, covid-baseline, tgan or voco (default: all).", show_default=False
+        ),
     ] = None,
     home: Annotated[
         Path | None,
@@ -73,7 +75,7 @@ def fetch_weights(
             table.add_column(column)
         for w in RELEASED.values():
             table.add_row(w.name, f"{w.repo}/{w.path}", w.use, str(usable_path(root, w)))
-        console.print(table)
+        print_table(table)
         return
     with progress_bar("fetch-weights") as progress:
         bar = progress.add_task("", total=len(names or RELEASED))

@@ -14,11 +14,13 @@ from freetumor_cli.commands._common import (
     PartIdOption,
     SeedOption,
     console,
+    one_of,
     progress_bar,
     report_errors,
     set_option,
     warn,
 )
+from freetumor_cli.core.registry import PREPARE_LABEL_SCHEMES
 
 if TYPE_CHECKING:
     from freetumor_cli.core.store import BuildResult
@@ -33,7 +35,10 @@ def prepare(
     datasets: Annotated[
         list[str] | None,
         typer.Option(
-            "--datasets", help="Datasets to use (repeatable). Default: every known folder found.", show_default=False
+            "--datasets",
+            metavar="<NAME>",
+            help="Datasets to use (repeatable; names or aliases). Default: every known folder found.",
+            show_default=False,
         ),
     ] = None,
     folds: Annotated[int | None, typer.Option("--folds", help="Cross-validation folds.", show_default="5")] = None,
@@ -74,6 +79,17 @@ def prepare(
             show_default=False,
         ),
     ] = None,
+    label_scheme: Annotated[
+        one_of(PREPARE_LABEL_SCHEMES) | None,
+        typer.Option(
+            "--label-scheme",
+            help="How organ labels are encoded (organ-only and --pairs datasets; tumor datasets keep their own): "
+            "freetumor (its label space), totalsegmentator (TotalSegmentator's multilabel output), or auto: a "
+            "known dataset's in freetumor's space, others detected as synthesize does (a map whose values mean "
+            "organs in both schemes is skipped, saying so).",
+            show_default="auto",
+        ),
+    ] = None,
     verify_images: Annotated[
         bool,
         typer.Option(
@@ -106,6 +122,7 @@ def prepare(
         "verify_images": True if verify_images else None,
         "organ_masks": str(organ_masks) if organ_masks else None,
         "strict": True if strict else None,
+        "label_scheme": label_scheme,
     }
     cfg = build_config(PrepareConfig, file=config, overrides=set_ or [], flags=flags)
     if num_parts > 1:  # one share of the store of an already prepared folder
@@ -127,6 +144,8 @@ def prepare(
         console.print(line)
     if result.unknown_folders:
         warn(f"folders that are not known datasets were ignored: {', '.join(result.unknown_folders)}")
+    for message in result.warnings:
+        warn(message)
     console.print(
         f"{result.valid} usable case(s), {result.skipped} skipped; wrote manifest.jsonl, {len(result.datalists)} data lists, dataset.json, labels.json, prepare_report.md to {out}"
     )

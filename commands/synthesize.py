@@ -25,7 +25,7 @@ from freetumor_cli.commands._common import (
     warn,
 )
 from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError, InputError
-from freetumor_cli.core.registry import LABEL_SCHEMES, ORGANS, choices_help
+from freetumor_cli.core.registry import ENGINES, LABEL_SCHEMES, ORGANS, choices_help
 from freetumor_cli.core.synthesis_config import LAYOUTS, SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
 
 DEFAULTS = SynthesizeConfig()
@@ -39,9 +39,11 @@ def _parse_count(value: str | None) -> int | str | None:
     try:
         count = int(value)
     except ValueError:
-        raise typer.BadParameter(f"expected a positive integer or 'auto', got {value!r}") from None
+        raise typer.BadParameter(
+            f"expected a positive integer or 'auto', got {value!r}", param_hint="'--count'"
+        ) from None
     if count < 1:
-        raise typer.BadParameter("must be at least 1")
+        raise typer.BadParameter("must be at least 1", param_hint="'--count'")
     return count
 
 
@@ -52,7 +54,7 @@ def synthesize(
         typer.Option(
             "--in",
             "-i",
-            help="CT in NIfTI (any orientation and spacing), a folder of CTs, a DICOM series folder (with --labels; needs freetumor[dicom]), or a MONAI data-list JSON.",
+            help="CT in NIfTI (any orientation and spacing), a folder of CTs, a DICOM series folder (with --labels; needs freetumor\\[dicom]), or a MONAI data-list JSON.",
             show_default=False,
         ),
     ],
@@ -79,7 +81,8 @@ def synthesize(
             "--size",
             help="Tumor size class by base radius: "
             + ", ".join(f"{n} {SynthesisConfig().size_class(n).radius_mm:g} mm" for n in SIZE_CHOICES[:-1])
-            + "; mix draws a class per tumor among those the organ holds.",
+            + ". mix: with --count N, a class per tumor among those the organ holds; with --count auto, one class "
+            "per output, then a count from that class's range.",
             show_default=DEFAULTS.size,
         ),
     ] = None,
@@ -88,6 +91,7 @@ def synthesize(
         typer.Option(
             "--count",
             "-n",
+            metavar="<N|auto>",
             help="Tumors per output, or 'auto' for the method's range (tiny/small 3-10, medium 2-5, large 1-3).",
             show_default=str(DEFAULTS.count),
         ),
@@ -106,7 +110,7 @@ def synthesize(
         ),
     ] = None,
     engine: Annotated[
-        str | None,
+        one_of(ENGINES) | None,
         typer.Option(
             "--engine",
             help="Synthesis engine: rules (no training needed) or generator (implied by --generator).",
@@ -137,7 +141,8 @@ def synthesize(
         str | None,
         typer.Option(
             "--dataset",
-            help="With --layout nnunet: the dataset folder, DatasetNNN_Name.",
+            metavar="<DatasetNNN_Name>",
+            help="The dataset folder of --layout nnunet (needs it).",
             show_default=DEFAULTS.dataset,
         ),
     ] = None,
@@ -162,7 +167,7 @@ def synthesize(
     """
 
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.synthesize import collect_cases, iter_results
+    from freetumor_cli.core.synthesize import collect_cases, copy_name, iter_results
 
     parsed_count = _parse_count(count)
     flags = {
@@ -225,8 +230,9 @@ def synthesize(
                     warn(message)
                 for message in result.notes:
                     note(message)
-                for tumors in result.tumors:
-                    console.print(f"{case.name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {_describe(tumors)}")
+                for index, tumors in enumerate(result.tumors, start=1):
+                    name = copy_name(case.name, [index if cfg.copies > 1 else None])
+                    console.print(f"{name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {_describe(tumors)}")
     written = total - (len(failures) + done_before) * cfg.copies
     already = f" ({done_before} case(s) done before, skipped)" if done_before else ""
     console.print(f"wrote {written} output set(s) to {out}{already}", highlight=False)

@@ -23,7 +23,7 @@ from freetumor_cli.commands._common import (
     set_option,
     show_library_log,
 )
-from freetumor_cli.core.registry import TASKS, choices_help
+from freetumor_cli.core.registry import MODELS, TASKS, choices_help
 
 MODES = ("onlylabeled", "freesyn")
 
@@ -52,15 +52,18 @@ def train_seg(
         int | None, typer.Option("--fold", help="Validation fold of the prepared data lists.", show_default="0")
     ] = None,
     model: Annotated[
-        str | None,
+        one_of(MODELS) | None,
         typer.Option(
-            "--model", help="swinunetr (the method's) | unet (CPU-friendly) | unet-tiny.", show_default="swinunetr"
+            "--model",
+            help="swinunetr (the method's), unet (CPU-friendly) or unet-tiny (tests).",
+            show_default="swinunetr",
         ),
     ] = None,
     synth: Annotated[
         str | None,
         typer.Option(
             "--synth",
+            metavar="<rules|PATH>",
             help="Tumors for freesyn: rules (no training needed), a generator from train-synth, or the authors' "
             "TGAN.pt (its own baseline then does quality control unless --baseline is given).",
             show_default="rules",
@@ -112,11 +115,19 @@ def train_seg(
     with progress_bar("train-seg") as progress:
         bar = progress.add_task("", total=None)
 
+        validation = progress.add_task("validation", total=None, visible=False)
+
         def on_step(step: int, total: int, stats: dict[str, float]) -> None:
             speed = f", {stats['crops_per_s']:.1f} crops/s" if "crops_per_s" in stats else ""
             progress.update(bar, completed=step, total=total, description=f"loss {stats['loss']:.3f}{speed}")
 
-        summary = train_segmentation(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step, device=device)
+        def on_validation(done: int, total: int) -> None:
+            progress.update(validation, completed=done, total=total, visible=done < total, description="validation")
+
+        summary = train_segmentation(
+            data, out, cfg, baseline=baseline, resume=resume, on_step=on_step, on_validation=on_validation,
+            device=device,
+        )  # fmt: skip
     if not summary.is_main_process:
         return
     qc = (
@@ -124,9 +135,8 @@ def train_seg(
         if summary.qc_acceptance is not None
         else ""
     )
-    best = f"{summary.best_dice:.3f}" if summary.best_dice >= 0 else "n/a"
     console.print(
-        f"{summary.steps} steps, last loss {summary.losses[-1] if summary.losses else float('nan'):.4f}, best validation tumor Dice {best}{qc}"
+        f"{summary.steps} steps, last loss {summary.losses[-1] if summary.losses else float('nan'):.4f}, {summary.validation}{qc}"
     )
     console.print(
         f"checkpoints: {out / 'checkpoints' / 'best'}, {out / 'checkpoints' / 'last'}; metrics: {out / 'metrics.jsonl'}"

@@ -22,6 +22,7 @@ from freetumor_cli.commands._common import (
     report_errors,
     set_option,
     show_library_log,
+    warn,
 )
 from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
 
@@ -99,6 +100,8 @@ def train_synth(
         summary = train_generator(data, out, cfg, baseline=baseline, resume=resume, on_step=on_step, device=device)
     if not summary.is_main_process:
         return
+    for message in summary.warnings:
+        warn(message)
     last = f"{summary.generator_qc[-1]:.0%}" if summary.generator_qc else "n/a"
     console.print(
         f"{summary.steps} steps; held-out QC pass rate: generator {last}, rule-based engine {summary.rules_qc:.0%}"

@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from freetumor_cli.core.synthesis_config import SynthesisConfig
     from freetumor_cli.core.tumor import TumorRecord
 
-__all__ = ["ENGINES", "IntensityModel", "RuleIntensity", "Scene", "TumorGeometry", "compose_changes", "engine_of"]
+__all__ = [
+    "ENGINES",
+    "IntensityModel",
+    "RuleIntensity",
+    "Scene",
+    "TumorGeometry",
+    "compose_changes",
+    "engine_of",
+    "wrong_contrast",
+]
 
 Box = tuple[slice, slice, slice]
 
@@ -41,6 +50,25 @@ def engine_of(synth: str | None) -> EngineName:
     both mean one of :data:`ENGINES`.
     """
     return "rules" if synth in (None, "", "rules") else "generator"
+
+
+def wrong_contrast(region: str, hu_change: float, what: str) -> str | None:
+    """A warning when tumors' measured mean intensity change (HU) has the wrong sign for their region
+    (abdominal tumors are darker than their organ, lung lesions brighter), else None.
+
+    Args:
+        region: the tumors' region.
+        hu_change: their mean change in HU (changes under 1 HU count as no contrast, not a wrong one).
+        what: what made them, for the message ("the generator's tumors", ...).
+    """
+    sign = REGIONS[region].tumor_sign
+    if abs(hu_change) < 1.0 or hu_change * sign > 0:
+        return None
+    came, should = ("brighter", "darker") if hu_change > 0 else ("darker", "brighter")
+    return (
+        f"{what} come out {abs(hu_change):.0f} HU {came} than their organ, where {region} tumors are {should}: "
+        "train the generator longer or choose another checkpoint, or use the rule-based engine"
+    )
 
 
 @dataclass

@@ -34,7 +34,7 @@ from freetumor_cli.core.io import (
 )
 from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
 from freetumor_cli.core.parallel import process_pool
-from freetumor_cli.core.registry import EVAL_SCHEMES, EvalSchemeName, check_choices
+from freetumor_cli.core.registry import EVAL_SPACES, EvalSpaceName, check_choices
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class EvaluateConfig:
     """How predictions are scored.
 
     Attributes:
-        label_scheme: the label space of both folders.
+        label_space: the label space of both folders: a region's (``abdomen``, ``chest``) or a
+            specialist task's (``task``: 0 background, 1 organ, 2 tumor).
         classes: class names or values to score; empty means the tumor classes of the scheme.
         tolerance_mm: normalized surface Dice tolerance.
         min_lesion_voxels: connected components smaller than this are ignored.
@@ -51,7 +52,7 @@ class EvaluateConfig:
         resample_pred: resample predictions on another grid onto the ground truth's (nearest neighbour).
     """
 
-    label_scheme: EvalSchemeName = "abdomen"
+    label_space: EvalSpaceName = "abdomen"
     classes: tuple[str, ...] = ()
     tolerance_mm: float = 2.0
     min_lesion_voxels: int = 1
@@ -71,7 +72,7 @@ class EvaluateConfig:
 
 def resolve_classes(config: EvaluateConfig) -> dict[int, str]:
     """Class value -> name to score."""
-    scheme = EVAL_SCHEMES[config.label_scheme]
+    scheme = EVAL_SPACES[config.label_space]
     if not config.classes:
         return {v: n for v, n in scheme.items() if n.endswith(("tumor", "lesion"))}
     chosen: dict[int, str] = {}
@@ -84,7 +85,7 @@ def resolve_classes(config: EvaluateConfig) -> dict[int, str]:
         else:
             names = ", ".join(f"{v} {n}" for v, n in scheme.items() if v)
             raise ConfigError(
-                f"unknown class {item!r} in the {config.label_scheme} scheme", hint=f"choose among {names}"
+                f"unknown class {item!r} in the {config.label_space} label space", hint=f"choose among {names}"
             )
     return dict(sorted(chosen.items()))
 
@@ -164,7 +165,7 @@ def _check_values(volume: Volume, scheme: dict[int, str], what: str, case: str) 
         raise LabelError(
             f"case {case}: {what} {volume.path} holds values {values[:8]} outside the scheme "
             f"({', '.join(f'{v} {n}' for v, n in scheme.items())})",
-            hint="pass --label-scheme to match the files",
+            hint="pass --label-space to match the files (abdomen, chest or task)",
         )
     return array
 
@@ -180,7 +181,7 @@ def _resample_nearest(pred: Volume, target: Volume) -> np.ndarray:
 
 def evaluate_case(pair: CasePair, config: EvaluateConfig) -> CaseScores:
     """Score one case (every selected class, surface metrics and lesions)."""
-    scheme = EVAL_SCHEMES[config.label_scheme]
+    scheme = EVAL_SPACES[config.label_space]
     classes = resolve_classes(config)
     scores = CaseScores(pair.case)
     gt = load_volume(pair.gt, what="ground truth")
@@ -454,29 +455,61 @@ def write_plots(cases: Sequence[CaseScores], summary: dict[str, Any], out: Path)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Dice per class")
     written.append(_save(fig, out / "dice_per_class.png", atomic_path, plt))
+    written.append(_save(sensitivity_figure(summary), out / "sensitivity_by_size.png", atomic_path, plt))
+    fig = false_positives_figure(
+        {n: [r["fp_lesions"] for c in cases for r in c.rows if r["class"] == n] for n in names}
+    )
+    written.append(_save(fig, out / "false_positives_per_case.png", atomic_path, plt))
+    return written
+
+
+def sensitivity_figure(summary: dict[str, Any]) -> Any:
+    """Lesion sensitivity per size bin and class, as ``detected/lesions`` over each bar; a bin without
+    ground-truth lesions has no bar (its sensitivity is undefined, not 0) and says so."""
+    import matplotlib.pyplot as plt
+
+    names = list(summary["classes"])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(names), 1)
     for k, n in enumerate(names):
         by = summary["classes"][n]["lesions"]["by_size"]
-        values = [by[b]["sensitivity"] if by[b]["sensitivity"] is not None else 0.0 for b, _, _ in SIZE_BINS]
-        ax.bar(np.arange(len(SIZE_BINS)) + k * width, values, width, label=n)
+        x = np.arange(len(SIZE_BINS)) + k * width
+        values = [np.nan if by[b]["sensitivity"] is None else by[b]["sensitivity"] for b, _, _ in SIZE_BINS]
+        ax.bar(x, values, width, label=n)
+        for xi, (b, _, _) in zip(x, SIZE_BINS, strict=True):
+            found, total = by[b]["detected"], by[b]["gt_lesions"]
+            text, y = (f"{found}/{total}", by[b]["sensitivity"] + 0.01) if total else ("no lesions", 0.01)
+            upright = not total and len(names) > 2  # narrow bars
+            ax.text(xi, y, text, ha="center", va="bottom", fontsize=7, rotation=90 if upright else 0)
     ax.set_xticks(np.arange(len(SIZE_BINS)) + width * (len(names) - 1) / 2, [b for b, _, _ in SIZE_BINS])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("lesion sensitivity")
+    ax.set_ylim(0, 1.3)  # room above the bars for their counts and the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("lesion sensitivity (detected/lesions)")
     ax.set_xlabel("equivalent-sphere radius")
-    ax.legend()
+    ax.legend(loc="upper right", ncol=min(len(names), 3), fontsize=8)
     ax.set_title("Sensitivity by lesion size")
-    written.append(_save(fig, out / "sensitivity_by_size.png", atomic_path, plt))
+    return fig
+
+
+FP_PLOT_BINS = 30  # at most: one bin per count up to 30, wider integer bins beyond
+
+
+def false_positives_figure(per_class: dict[str, list[int]]) -> Any:
+    """A histogram of false-positive lesions per case per class, in at most :data:`FP_PLOT_BINS` bins of
+    whole counts (one per count when the largest is small), so every bar is wide enough to see."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
-        fps = [r["fp_lesions"] for c in cases for r in c.rows if r["class"] == n]
-        ax.hist(fps, bins=list(np.arange(0, max([*fps, 1]) + 2) - 0.5), alpha=0.6, label=n)
-    ax.set_xlabel("false-positive lesions per case")
+    largest = max([1, *(v for values in per_class.values() for v in values)])
+    edges = np.unique(np.round(np.linspace(0, largest + 1, min(largest + 1, FP_PLOT_BINS) + 1))) - 0.5
+    for n, values in per_class.items():
+        ax.hist(values, bins=edges.tolist(), alpha=0.6, label=n)
+    wide = edges[1] - edges[0] > 1.5
+    ax.set_xlabel("false-positive lesions per case" + (f" (bins of about {edges[1] - edges[0]:.0f})" if wide else ""))
     ax.set_ylabel("cases")
     ax.legend()
     ax.set_title("False positives per case")
-    written.append(_save(fig, out / "false_positives_per_case.png", atomic_path, plt))
-    return written
+    return fig
 
 
 def _save(fig: Any, path: Path, atomic_path: Any, plt: Any) -> Path:
@@ -565,11 +598,16 @@ def predict_for_scoring(
         checkpoint, entries, predictions, overlap=overlap, tta=tta, prepared=prepared, on_case_done=on_case_done,
         device=device,
     )  # fmt: skip
-    labelled = [{"image": str(e["image"]), "label": str(e["label"])} for e in entries if e.get("label")]
+    # Absolute: the list is read from --out, and these may be relative to the working folder.
+    labelled = [
+        {"image": str(Path(e["image"]).absolute()), "label": str(Path(e["label"]).absolute())}
+        for e in entries
+        if e.get("label")
+    ]
     if not labelled:
         return predictions, None, config, source
     ground_truth = write_text_atomic(
         Path(out_dir) / "ground_truth.json", json.dumps({"testing": labelled}, indent=1) + "\n"
     )
     classes = config.classes or TASKS[model_config.task].region_class_names
-    return predictions, ground_truth, replace(config, label_scheme=model_config.region, classes=tuple(classes)), source
+    return predictions, ground_truth, replace(config, label_space=model_config.region, classes=tuple(classes)), source

@@ -317,7 +317,7 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
             size = rules.mix_sizes[k % len(rules.mix_sizes)] if rules.mix_sizes else "mix"
             made = synthesize_tumors(
                 ct.array, labels.array, "liver", affine=ct.affine, seed=seed * 1000 + k, size=size, count=1,
-                rules=rules, generator=str(generator) if engine == "generator" else None,
+                rules=rules, generator=str(generator) if engine == "generator" else None, label_scheme="freetumor",
             )  # fmt: skip
             name = f"audit_{k:03d}"
             save_volume(made.image, ct, folder / "images" / f"{name}_0000.nii.gz")

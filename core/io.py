@@ -462,13 +462,16 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+LABELS_DESCRIP = b"freetumor labels"  # the header of every label map freetumor writes says so
+
+
 def _nifti_image(array: np.ndarray, reference: Volume, *, label: bool) -> nib.Nifti1Image:
     header = reference.header.copy() if reference.header is not None else nib.Nifti1Header()
     if label:
         # A label map needs no intensity scaling, and header extensions from the image (label tables
         # of other tools, for instance) would describe the wrong values.
         header.extensions.clear()
-        header["descrip"] = b"freetumor labels"
+        header["descrip"] = LABELS_DESCRIP
     slope, inter = 1.0, 0.0
     if not label and reference.scale is not None:
         # The input scales its stored values (a uint16 CT with intercept -1024, say): the output keeps its
@@ -616,7 +619,8 @@ class ParallelGzipWriter(io.RawIOBase):
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
 
-    The file gets the permissions the user's umask gives new files (``mkstemp`` alone makes them private).
+    The file gets the permissions the user's umask gives new files (``mkstemp`` makes them private, and so
+    do writers that create their own file, such as safetensors).
     """
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
@@ -632,6 +636,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # After the writer: one that replaces the file (safetensors does) leaves a private one behind.
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

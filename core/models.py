@@ -10,16 +10,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import write_safetensors, write_text_atomic
-from freetumor_cli.core.registry import REGIONS, RegionName, TaskName, check_choices
+from freetumor_cli.core.registry import MODELS, REGIONS, RegionName, TaskName, check_choices
 
 if TYPE_CHECKING:
     from freetumor_cli.core.preprocess import Preprocessing
 
 ModelName = Literal["swinunetr", "unet", "unet-tiny"]
+assert get_args(ModelName) == MODELS, "the registry's MODELS are the command line's choices"
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ Optional "real" tumors are drawn by a recipe of their own (lobulated unions of s
 hypodense core, enhancing rim, sharp edge), unlike the synthesizer's textured, elastically deformed
 ellipsoids, so a model trained on synthetic tumors is tested on something it has not seen.
 
-World coordinates are RAS millimetres (x to the patient's left, y anterior, z superior) with the
-volume's centre at the origin.
+World coordinates are RAS millimetres (x to the patient's right, y anterior, z superior) with the
+volume's centre at the origin: the liver, the inferior vena cava and the pancreas head lie at x > 0, the
+spleen, the stomach, the aorta and the pancreas tail at x < 0, as in a real CT (its liver centroid at
+about +66 mm), and the right kidney a little lower than the left.
 """
 
 from __future__ import annotations
@@ -45,12 +47,30 @@ class Phantom:
         labels: uint8 in the abdomen space (liver, pancreas, kidney and their tumors).
         lung: uint8 in the chest space (1 lung, 2 lesion).
         tumors: the "real" tumors drawn into it.
+        totalseg: uint8, its organs as TotalSegmentator v2's "total" task labels them
+            (:data:`TOTALSEG_IDS`; tumors are part of their organ there).
     """
 
     ct: Volume
     labels: Volume
     lung: Volume
     tumors: list[RealTumor] = field(default_factory=list)
+    totalseg: Volume | None = None
+
+
+# The TotalSegmentator v2 "total" class ids of the phantom's organs.
+TOTALSEG_IDS: Mapping[str, int] = {
+    "spleen": 1,
+    "kidney_right": 2,
+    "kidney_left": 3,
+    "liver": 5,
+    "stomach": 6,
+    "pancreas": 7,
+    "lung_lower_lobe_left": 11,
+    "lung_lower_lobe_right": 14,
+    "aorta": 52,
+    "inferior_vena_cava": 63,
+}
 
 
 class _Canvas:
@@ -63,6 +83,7 @@ class _Canvas:
         self.hu = np.full(self.shape, -1000.0, dtype=np.float32)
         self.labels = np.zeros(self.shape, dtype=np.uint8)
         self.lung = np.zeros(self.shape, dtype=np.uint8)
+        self.totalseg = np.zeros(self.shape, dtype=np.uint8)
 
     def box(
         self, center: Sequence[float] | np.ndarray, half: Sequence[float] | np.ndarray
@@ -133,6 +154,7 @@ def _paint(
     label: int | None = None,
     *,
     lung: int | None = None,
+    totalseg: str | None = None,
 ) -> np.ndarray | None:
     if found is None:
         return None
@@ -142,6 +164,8 @@ def _paint(
         canvas.labels[slices][mask] = label
     if lung is not None:
         canvas.lung[slices][mask] = lung
+    if totalseg is not None:
+        canvas.totalseg[slices][mask] = TOTALSEG_IDS[totalseg]
     full = np.zeros(canvas.shape, dtype=bool)
     full[slices] = mask
     return full
@@ -186,6 +210,7 @@ def _body(canvas: _Canvas, rng: np.random.Generator) -> None:
 
 def _organs(canvas: _Canvas, rng: np.random.Generator) -> dict[str, np.ndarray]:
     jitter = lambda s: rng.uniform(-s, s)  # noqa: E731
+    # RAS: x > 0 is the patient's right (liver, vena cava), x < 0 the left (spleen, stomach, aorta).
     # Lung bases first: the liver dome and spleen push up into them.
     for side in (-1, 1):
         _paint(
@@ -195,27 +220,40 @@ def _organs(canvas: _Canvas, rng: np.random.Generator) -> dict[str, np.ndarray]:
             ),
             -860.0,
             lung=1,
+            totalseg="lung_lower_lobe_right" if side > 0 else "lung_lower_lobe_left",
         )
     organs: dict[str, np.ndarray] = {}
     liver = _ellipsoid(
         canvas,
-        (-70 + jitter(8), 5 + jitter(6), 40 + jitter(8)),
+        (70 + jitter(8), 5 + jitter(6), 40 + jitter(8)),
         (85 * rng.uniform(0.9, 1.1), 78, 72),
         rng,
         lobulation=0.2,
     )
-    organs["liver"] = _paint(canvas, liver, 110.0 + jitter(10), ORGANS["liver"].value, lung=0)  # type: ignore[assignment]
+    organs["liver"] = _paint(canvas, liver, 110.0 + jitter(10), ORGANS["liver"].value, lung=0, totalseg="liver")  # type: ignore[assignment]
     _paint(
-        canvas, _ellipsoid(canvas, (88 + jitter(5), -35, 45 + jitter(8)), (38, 45, 55), rng), 120.0, 0, lung=0
-    )  # spleen
+        canvas,
+        _ellipsoid(canvas, (-88 + jitter(5), -35, 45 + jitter(8)), (38, 45, 55), rng),
+        120.0,
+        0,
+        lung=0,
+        totalseg="spleen",
+    )
     _paint(
-        canvas, _ellipsoid(canvas, (40, 45, 55 + jitter(8)), (45, 30, 35), rng, lobulation=0.25), 25.0, 0, lung=0
-    )  # stomach
+        canvas,
+        _ellipsoid(canvas, (-40, 45, 55 + jitter(8)), (45, 30, 35), rng, lobulation=0.25),
+        25.0,
+        0,
+        lung=0,
+        totalseg="stomach",
+    )
     kidneys = []
     for side in (-1, 1):
-        center = (side * (72 + jitter(5)), -48 + jitter(4), -25 + jitter(10))
+        # The right kidney sits a little lower than the left (the liver above it).
+        center = (side * (72 + jitter(5)), -48 + jitter(4), -25 - 5 * side + jitter(10))
         kidney = _ellipsoid(canvas, center, (30, 26, 55 * rng.uniform(0.9, 1.1)), rng, lobulation=0.1)
-        full = _paint(canvas, kidney, 170.0 + jitter(10), ORGANS["kidney"].value)
+        name = "kidney_right" if side > 0 else "kidney_left"
+        full = _paint(canvas, kidney, 170.0 + jitter(10), ORGANS["kidney"].value, totalseg=name)
         if full is not None:
             kidneys.append(full)
             sinus = _ellipsoid(canvas, (center[0] - side * 14, center[1] + 6, center[2]), (8, 9, 22), rng, lobulation=0)
@@ -224,23 +262,27 @@ def _organs(canvas: _Canvas, rng: np.random.Generator) -> dict[str, np.ndarray]:
                 m &= full[sl]
                 canvas.hu[sl][m] = -40.0
                 canvas.labels[sl][m] = 0
+                canvas.totalseg[sl][m] = 0
     if kidneys:
         organs["kidney"] = np.logical_or.reduce(kidneys)
     t = np.linspace(0, 1, 24)[:, None]
-    head, body, tail = np.array([-35, -5, 0.0]), np.array([20, 5, 10.0]), np.array([78, -25, 22.0])
+    # Head on the right by the duodenum, tail on the left at the spleen's hilum.
+    head, body, tail = np.array([28, -5, 0.0]), np.array([-28, 5, 10.0]), np.array([-80, -25, 22.0])
     head += rng.uniform(-6, 6, 3)
     tail += rng.uniform(-6, 6, 3)
     path = (1 - t) ** 2 * head + 2 * (1 - t) * t * body + t**2 * tail
     radii = np.linspace(17, 9, len(path)) * rng.uniform(0.85, 1.1)
     pancreas = _capsule_chain(canvas, path, radii)
-    organs["pancreas"] = _paint(canvas, pancreas, 95.0 + jitter(8), ORGANS["pancreas"].value)  # type: ignore[assignment]
-    # Great vessels (constant along z) and hepatic vessels.
-    _paint(canvas, _ellipsoid(canvas, (15, -38, 0), (11, 11, 10_000), rng, lobulation=0), 175.0, 0, lung=0)
-    _paint(canvas, _ellipsoid(canvas, (-22, -32, 0), (12, 10, 10_000), rng, lobulation=0), 140.0, 0, lung=0)
+    organs["pancreas"] = _paint(canvas, pancreas, 95.0 + jitter(8), ORGANS["pancreas"].value, totalseg="pancreas")  # type: ignore[assignment]
+    # Great vessels (constant along z): the aorta left of the midline, the vena cava right; hepatic vessels.
+    aorta = _ellipsoid(canvas, (-15, -38, 0), (11, 11, 10_000), rng, lobulation=0)
+    _paint(canvas, aorta, 175.0, 0, lung=0, totalseg="aorta")
+    vena_cava = _ellipsoid(canvas, (22, -32, 0), (12, 10, 10_000), rng, lobulation=0)
+    _paint(canvas, vena_cava, 140.0, 0, lung=0, totalseg="inferior_vena_cava")
     if organs.get("liver") is not None:
         for _ in range(4):
-            start = np.array([-25.0, -20.0, 20.0]) + rng.uniform(-5, 5, 3)
-            end = np.array([-70 - rng.uniform(20, 50), rng.uniform(-40, 50), rng.uniform(20, 90)])
+            start = np.array([25.0, -20.0, 20.0]) + rng.uniform(-5, 5, 3)
+            end = np.array([70 + rng.uniform(20, 50), rng.uniform(-40, 50), rng.uniform(20, 90)])
             steps = np.linspace(0, 1, 20)[:, None]
             vessel = _capsule_chain(canvas, start + steps * (end - start), np.linspace(5, 2, 20))
             if vessel is not None:
@@ -354,4 +396,6 @@ def make_phantom(
     affine = np.diag([*canvas.spacing, 1.0])
     affine[:3, 3] = [canvas.axes[a][0] for a in range(3)]
     ct_volume = Volume(ct, affine)
-    return Phantom(ct_volume, ct_volume.like(canvas.labels), ct_volume.like(canvas.lung), real)
+    return Phantom(
+        ct_volume, ct_volume.like(canvas.labels), ct_volume.like(canvas.lung), real, ct_volume.like(canvas.totalseg)
+    )

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -40,9 +40,19 @@ from freetumor_cli.core.io import (
     save_volume,
     write_text_atomic,
 )
+from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
-from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, region_organs
+from freetumor_cli.core.registry import (
+    ORGANS,
+    PREPARE_LABEL_SCHEMES,
+    REGIONS,
+    TASKS,
+    OneOf,
+    check_choices,
+    region_organs,
+    totalsegmentator_to_region,
+)
 from freetumor_cli.core.store import STORE_POINTER, BuildResult, build_store
 
 
@@ -59,6 +69,11 @@ class PrepareConfig:
         organ_masks: a folder of organ masks (by case id) merged into tumor labels that lack their organ.
         store: write the case store (each case preprocessed, read a crop at a time by training).
         preprocessing: the preprocessing constants.
+        label_scheme: how the organ labels of organ-only and ``--pairs`` datasets are encoded:
+            ``freetumor`` (the region's label space), ``totalsegmentator`` (TotalSegmentator v2 "total"
+            ids: liver, pancreas, both kidneys, lung lobes) or ``auto``: a known dataset's in the region's
+            space (as the Hugging Face dataset's are), others read as ``synthesize`` reads them (an
+            ambiguous map is skipped with the reason). Tumor datasets keep their own conventions.
     """
 
     datasets: tuple[str, ...] = ()
@@ -69,8 +84,10 @@ class PrepareConfig:
     organ_masks: str | None = None
     store: bool = True
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    label_scheme: Annotated[str, OneOf(PREPARE_LABEL_SCHEMES)] = "auto"
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.folds < 2:
             raise ValueError("folds must be at least 2")
 
@@ -238,7 +255,7 @@ def _read_array(image: Any, what: str) -> np.ndarray:
 
 
 def validate_case(
-    candidate: Candidate, out_dir: str, verify_images: bool, organ_masks: str | None = None
+    candidate: Candidate, out_dir: str, verify_images: bool, organ_masks: str | None = None, label_scheme: str = "auto"
 ) -> dict[str, Any]:
     """Check one case and map its labels; returns its manifest record.
 
@@ -262,11 +279,17 @@ def validate_case(
         _read_array(image, "image")
     labels = _integer_labels(_read_array(label, "label"))
     space = REGIONS[spec.region].labels
-    allowed = set(remap) | {0} if remap is not None else set(space)
     values = _present_values(labels)
+    scheme = None
+    if spec.role == "organ":
+        scheme = _organ_label_scheme(spec, values, label.header, label_scheme)
+        remap = totalsegmentator_to_region(spec.region) if scheme == "totalsegmentator" else remap
+    # TotalSegmentator's other classes (spleen, bones, ...) are background; other maps must fit their scheme.
+    allowed = set(values) if scheme == "totalsegmentator" else set(remap) | {0} if remap is not None else set(space)
     bad = [v for v in values if v not in allowed]
     if bad:
-        raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)})")
+        hint = "; TotalSegmentator masks? pass --label-scheme totalsegmentator" if spec.role == "organ" else ""
+        raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)}{hint})")
     changed = remap is not None and any(remap.get(v, 0) != v for v in values)
     region_labels = _apply_remap(labels, remap, values) if changed else labels
     organ_values = {o.value for o in region_organs(spec.region)}
@@ -306,7 +329,20 @@ def validate_case(
         "tumors": {k: v for k, v in present.items() if k.endswith(("tumor", "lesion"))},
         "spacing": zooms,
         "shape": [int(s) for s in image.shape[:3]],
+        **({"label_scheme": scheme} if scheme else {}),
     }
+
+
+def _organ_label_scheme(spec: DatasetSpec, values: Sequence[int], header: Any, declared: str) -> str:
+    """How an organ-only case's labels are encoded (``PrepareConfig.label_scheme``)."""
+    if declared != "auto":
+        return declared
+    if spec.name in DATASETS:  # a known dataset's organ labels are in the region's space
+        return "freetumor"
+    choice = choose_scheme(values, spec.region, freetumor_file=written_by_freetumor(header))
+    if choice.scheme is None:
+        raise CaseSkipped(f"ambiguous labels: {choice.reason}")
+    return choice.scheme
 
 
 def _check_grid(image: Any, other: Any, what: str) -> None:
@@ -355,11 +391,11 @@ def _merge_organ_mask(labels: np.ndarray, image: Any, folder: Path, case: str, o
 
 
 def _validate_job(
-    args: tuple[Candidate, str, bool, str | None],
+    args: tuple[Candidate, str, bool, str | None, str],
 ) -> tuple[Candidate, dict[str, Any] | None, str | None]:
-    candidate, out_dir, verify, masks = args
+    candidate, out_dir, verify, masks, label_scheme = args
     try:
-        return candidate, validate_case(candidate, out_dir, verify, masks), None
+        return candidate, validate_case(candidate, out_dir, verify, masks, label_scheme), None
     except CaseSkipped as exc:
         return candidate, None, str(exc)
 
@@ -374,6 +410,7 @@ class PrepareResult:
     datalists: list[Path]
     store_dir: Path | None = None
     store: BuildResult | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _task_entries(records: Iterable[dict[str, Any]], task_name: str) -> list[dict[str, Any]]:
@@ -457,7 +494,7 @@ def _prepare(
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, DatasetReport] = defaultdict(DatasetReport)
     records: list[dict[str, Any]] = []
-    jobs = [(c, str(out), config.verify_images, config.organ_masks) for c in candidates]
+    jobs = [(c, str(out), config.verify_images, config.organ_masks, config.label_scheme) for c in candidates]
     with atomic_path(out / "manifest.jsonl") as tmp, tmp.open("w", encoding="utf-8") as manifest:
         results: Iterable[tuple[Candidate, dict[str, Any] | None, str | None]]
         pool = process_pool(workers) if workers > 1 else None
@@ -489,11 +526,20 @@ def _prepare(
         result = PrepareResult(out, len(records), skipped, dict(reports), unknown, [])
         write_text_atomic(out / "prepare_report.md", report_markdown(result, config))
         if not records:  # raised inside the manifest's write: no empty manifest is left
+            reasons = Counter[str]()
+            for report in reports.values():
+                reasons.update(report.skipped)
+            hint = "check the data root layout (imagesTr/ with labelsTr/) or pass --pairs"
+            common = reasons.most_common(1)[0][0] if reasons else ""
+            if "label" in common:  # the labels are the matter, not the layout
+                hint = "e.g. " + next(r.examples[common] for r in reports.values() if common in r.examples)
             raise InputError(
                 f"no usable case found in {pairs or root} ({skipped} skipped; see {out / 'prepare_report.md'})",
-                hint="check the data root layout (imagesTr/ with labelsTr/) or pass --pairs",
+                hint=hint,
             )
     _write_metadata(out, records, config, result)
+    if result.warnings:
+        write_text_atomic(out / "prepare_report.md", report_markdown(result, config))
     if config.strict and skipped:
         raise InputError(f"{skipped} case(s) skipped and --strict is set (reasons in {out / 'prepare_report.md'})")
     if config.store:
@@ -503,7 +549,47 @@ def _prepare(
     return result
 
 
+def fold_warnings(records: Sequence[dict[str, Any]], folds: int, seed: int) -> list[str]:
+    """Per task with tumor-labelled cases: the folds whose validation cannot measure tumor Dice (no
+    validation case, or none with a tumor), and a number of folds that gives every fold a tumor case."""
+
+    def tumor_folds(task: Any, k: int) -> tuple[list[int], list[int]]:
+        space = REGIONS[task.region].labels
+        names = {space[ORGANS[o].tumor_value] for o in task.organs}
+        cases = _task_entries(records, task.name)
+        with_tumor = {
+            fold_of(r["dataset"], r["case"], seed=seed, folds=k)
+            for r in records
+            if r["region"] == task.region and names & set(r["tumors"])
+        }
+        used = {fold_of(r["dataset"], r["case"], seed=seed, folds=k) for r in cases}
+        return sorted(set(range(k)) - used), sorted(used - with_tumor)
+
+    warnings = []
+    for task in TASKS.values():
+        space = REGIONS[task.region].labels
+        names = {space[ORGANS[o].tumor_value] for o in task.organs}
+        if not any(r["region"] == task.region and names & set(r["tumors"]) for r in records):
+            continue  # no tumor-labelled case: nothing to validate tumors on in any fold
+        empty, tumor_free = tumor_folds(task, folds)
+        if not empty and not tumor_free:
+            continue
+        parts = []
+        if empty:
+            parts.append(f"fold(s) {', '.join(map(str, empty))} have no validation case")
+        if tumor_free:
+            parts.append(f"fold(s) {', '.join(map(str, tumor_free))} validate on tumor-free cases only")
+        fits = next((k for k in range(folds - 1, 1, -1) if tumor_folds(task, k) == ([], [])), None)
+        advice = f"--folds {fits} gives every fold a tumor case" if fits else "more tumor-labelled cases are needed"
+        warnings.append(
+            f"{task.name}: with {folds} folds, {' and '.join(parts)}: training on them cannot measure tumor "
+            f"Dice ({advice})"
+        )
+    return warnings
+
+
 def _write_metadata(out: Path, records: list[dict[str, Any]], config: PrepareConfig, result: PrepareResult) -> None:
+    result.warnings.extend(fold_warnings(records, config.folds, config.seed))
     for task in TASKS.values():
         entries = [_relative(e, out / "datalists") for e in _task_entries(records, task.name)]
         if not entries:
@@ -552,6 +638,7 @@ def report_markdown(result: PrepareResult, config: PrepareConfig) -> str:
     if result.unknown_folders:
         lines += ["", f"Folders that are not known datasets (ignored): {', '.join(result.unknown_folders)}"]
     lines += ["", f"Folds: {config.folds}, seed {config.seed}."]
+    lines += [f"- warning: {w}" for w in result.warnings]
     return "\n".join(lines) + "\n"
 
 

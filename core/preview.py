@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,20 +45,20 @@ def displayed_slice(ras: np.ndarray, index: int, axis: int) -> np.ndarray:
     return np.take(ras, index, axis=axis).T[::-1, ::-1]
 
 
-def save_tumor_preview(
+def draw_tumor_preview(
     *,
     before: Volume,
     after: Volume,
     tumor_mask: np.ndarray,
     centers: Sequence[Sequence[int]],
     region: str,
-    path: str | Path,
     title: str = "",
-) -> Path:
-    """Write a PNG with one row per tumor: axial, coronal, sagittal, before and after, tumor outlined.
+) -> Any:
+    """The figure of :func:`save_tumor_preview` (a matplotlib ``Figure``; the caller closes it).
 
-    Slices are shown in radiological convention (:func:`displayed_slice`): the patient's right on the
-    image's left.
+    Each row holds one tumor's axial, coronal and sagittal slices, before and after; the tumor is
+    outlined on the "after" panels. The outline is drawn in the image's own pixel coordinates (row 0 at
+    the top, as the image is shown), so it lies on the voxels it outlines.
     """
     import matplotlib
 
@@ -82,14 +83,41 @@ def save_tumor_preview(
                 aspect = spacing[shown[1]] / spacing[shown[0]]
                 ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="upper", aspect=aspect)
                 if k == 1 and mask.any():
-                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8, origin="upper")
+                    # No origin here: contour's origin="upper" would put row 0 at the bottom of these axes.
+                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
                 ax.set_title(f"tumor {row + 1} {name} {label}", fontsize=8)
                 ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def save_tumor_preview(
+    *,
+    before: Volume,
+    after: Volume,
+    tumor_mask: np.ndarray,
+    centers: Sequence[Sequence[int]],
+    region: str,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Write a PNG with one row per tumor: axial, coronal, sagittal, before and after, tumor outlined.
+
+    Slices are shown in radiological convention (:func:`displayed_slice`): the patient's right on the
+    image's left.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = draw_tumor_preview(
+        before=before, after=after, tumor_mask=tumor_mask, centers=centers, region=region, title=title
+    )
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=PREVIEW_DPI, format="png")
     plt.close(fig)
     return path
+
+
+PREVIEW_DPI = 90

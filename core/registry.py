@@ -28,8 +28,13 @@ from freetumor_cli.core.errors import ConfigError
 # freetumor_cli.core.synthesis_config.SynthesisConfig).
 SIZE_CLASSES: tuple[str, ...] = ("tiny", "small", "medium", "large")
 
-# How organ label maps given to ``synthesize`` are encoded.
+# The segmentation networks (``core.models`` builds them): the method's SwinUNETR v2, a MONAI UNet for CPUs
+# and a tiny one for tests.
+MODELS: tuple[str, ...] = ("swinunetr", "unet", "unet-tiny")
+
+# How organ label maps given to ``synthesize`` are encoded (``prepare`` takes all but binary).
 LABEL_SCHEMES: tuple[str, ...] = ("auto", "freetumor", "totalsegmentator", "binary")
+PREPARE_LABEL_SCHEMES: tuple[str, ...] = LABEL_SCHEMES[:3]
 
 
 @dataclass(frozen=True)
@@ -282,8 +287,8 @@ TOTALSEG_V2: Mapping[int, str] = {
     14: "lung_lower_lobe_right",
 }
 
-# Label schemes of label files that ``evaluate`` scores: a region's space, or a specialist task's.
-EVAL_SCHEMES: Mapping[str, Mapping[int, str]] = {
+# The label spaces of the files ``evaluate`` scores (``--label-space``): a region's, or a specialist task's.
+EVAL_SPACES: Mapping[str, Mapping[int, str]] = {
     **{name: r.labels for name, r in REGIONS.items()},
     "task": {0: "background", 1: "organ", 2: "tumor"},
 }
@@ -294,7 +299,7 @@ OrganName = Annotated[str, OneOf(tuple(ORGANS))]
 TaskName = Annotated[str, OneOf(tuple(TASKS))]
 SizeName = Annotated[str, OneOf((*SIZE_CLASSES, "mix"))]
 LabelSchemeName = Annotated[str, OneOf(LABEL_SCHEMES)]
-EvalSchemeName = Annotated[str, OneOf(tuple(EVAL_SCHEMES))]
+EvalSpaceName = Annotated[str, OneOf(tuple(EVAL_SPACES))]
 
 
 def _lookup(table: Mapping[str, object], kind: str, name: str) -> object:
@@ -353,8 +358,14 @@ def foreign_to_region(scheme: str, target: Organ) -> dict[int, int]:
     if scheme == "binary":
         return {1: target.value}
     if scheme == "totalsegmentator":
-        return {i: other.value for other in region_organs(target.region) for i in other.totalseg_ids}
+        return totalsegmentator_to_region(target.region)
     raise ValueError(f"no value map for scheme {scheme!r}")
+
+
+def totalsegmentator_to_region(region_name: str) -> dict[int, int]:
+    """TotalSegmentator v2 "total" class id -> the region value of each of the region's organs (both
+    kidneys are one kidney, the five lung lobes one lung); other classes are background."""
+    return {i: organ.value for organ in region_organs(region_name) for i in organ.totalseg_ids}
 
 
 def choices_help(table: Mapping[str, Task] | Mapping[str, Organ]) -> str:

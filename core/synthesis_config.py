@@ -85,8 +85,10 @@ class SynthesisConfig:
     placement_grid_mm: float = 5.0
     min_kept_fraction: float = 0.3
     max_placement_attempts: int = 20
-    # At most this share of an organ's voxels becomes tumor in one call: a tumor that would pass it is
-    # not placed, nor any after it (with a note), so a large --count cannot turn an organ into tumor.
+    # At most this share of an organ's voxels becomes tumor in one call, so no size or --count turns an
+    # organ into tumor: a first tumor that would pass it is drawn again (max_placement_attempts times;
+    # mix then tries the smaller classes) and is an error if none fits; a later one is not placed, nor
+    # any after it (a note says so).
     max_tumor_share: float = 0.3
 
     def hu_change(self, region: str) -> tuple[float, float]:
@@ -134,13 +136,17 @@ class SynthesisConfig:
             raise ValueError("max_tumor_share must lie in (0, 1]")
 
 
+DEFAULT_NNUNET_DATASET = "Dataset501_Synthetic"
+
+
 @dataclass(frozen=True)
 class SynthesizeConfig:
     """Everything that decides what ``synthesize`` produces (written into each JSON sidecar).
 
     Attributes:
         organ: target organ.
-        size: size class, or ``mix`` (a class per tumor among those that fit).
+        size: size class, or ``mix``: with a ``count``, a class per tumor among those that fit; with
+            ``count`` None, one class per output, then its count from that class's range.
         count: tumors per output; None draws it from the size class's range.
         radius_mm: exact base radius in mm; overrides ``size``.
         seed: the run's seed; each case and copy draws from its own stream of (seed, case id, copy).
@@ -168,7 +174,7 @@ class SynthesizeConfig:
     preview: bool = False
     overwrite: bool = False
     layout: Annotated[str, OneOf(LAYOUTS)] = "flat"
-    dataset: str = "Dataset501_Synthetic"
+    dataset: str = DEFAULT_NNUNET_DATASET
     rules: SynthesisConfig = SynthesisConfig()
 
     def __post_init__(self) -> None:
@@ -183,6 +189,11 @@ class SynthesizeConfig:
             raise ValueError("seed must be non-negative")
         if self.engine == "generator" and not self.generator:
             raise ValueError("engine generator needs a generator checkpoint (--generator PATH)")
+        if self.layout != "nnunet" and self.dataset != DEFAULT_NNUNET_DATASET:
+            raise ValueError(
+                f"dataset {self.dataset!r} names the folder of layout nnunet (--dataset with --layout nnunet); "
+                f"layout {self.layout} has none"
+            )
         if self.layout == "nnunet" and not NNUNET_DATASET_NAME.fullmatch(self.dataset):
             raise ValueError(
                 f"dataset must read DatasetNNN_Name (nnU-Net's naming, e.g. Dataset501_LiverSynth), got {self.dataset!r}"

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 
 from freetumor_cli import __version__
 from freetumor_cli.core.config import to_dict
+from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
 from freetumor_cli.core.io import (
     OutputLock,
@@ -37,6 +38,7 @@ from freetumor_cli.core.io import (
     working_copy,
     write_text_atomic,
 )
+from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
 from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
 from freetumor_cli.core.synthesis_config import SynthesisConfig, SynthesizeConfig
 
@@ -231,23 +233,9 @@ def write_layout_index(out_dir: str | os.PathLike[str], config: SynthesizeConfig
     return None
 
 
-def detect_label_scheme(values: np.ndarray, organ: Organ) -> str:
-    """Guess how a label map is encoded from its values.
-
-    Binary when only 0 and 1 occur; TotalSegmentator when a value exceeds freetumor's space for the
-    organ's region; freetumor otherwise. (A TotalSegmentator crop holding only classes that are also
-    freetumor values is read as freetumor: pass the scheme explicitly then.)
-    """
-    top = max(REGIONS[organ.region].labels)
-    present = set(int(v) for v in values)
-    if present <= {0, 1}:
-        return "binary"
-    if max(present) > top:
-        return "totalsegmentator"
-    return "freetumor"
-
-
-def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[np.ndarray, str]:
+def organ_labels_in_region(
+    labels: Volume, organ: Organ, scheme: str, *, flag: str = "--label-scheme "
+) -> tuple[np.ndarray, str]:
     """Map a label volume into the organ's region space (abdomen 7-class or chest).
 
     Returns:
@@ -264,9 +252,16 @@ def organ_labels_in_region(labels: Volume, organ: Organ, scheme: str) -> tuple[n
     low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
     if low < 0 or high > 65535:
         raise LabelError(f"labels {labels.name} hold values outside 0..65535")
-    # The scheme and the checks need only the value range (two fast passes); the values present are
-    # listed (a full scan) only for a message.
-    used = detect_label_scheme(np.array([low, high]), organ) if scheme == "auto" else scheme
+    used = scheme
+    if scheme == "auto":
+        freetumor_file = written_by_freetumor(labels.header)
+        # The value range decides most maps (two fast passes); the values present (a full scan) the rest.
+        decided = freetumor_file or high <= 1 or high > max(REGIONS[organ.region].labels)
+        values = np.array([low, high]) if decided else present_values(array)
+        choice = choose_scheme(values, organ.region, binary=True, freetumor_file=freetumor_file, flag=flag)
+        if choice.scheme is None:
+            raise LabelError(f"labels {labels.name} are ambiguous: {choice.reason}")
+        used = choice.scheme
     if used == "freetumor":
         allowed = set(REGIONS[organ.region].labels)
         if not set(range(low, high + 1)) <= allowed:
@@ -395,10 +390,11 @@ def synthesize_case(
 
         intensity = GeneratorIntensity(str(config.generator), organ, device=device)
     checked = False
+    copy_notes: dict[str, list[int | None]] = {}  # what the engine decided -> the copies it concerns
     for copy_index, paths, state in zip(copies, all_paths, states, strict=True):
         if state == "done":  # finished by an interrupted run with this configuration: its own stream, kept
             result.outputs.extend(paths.values())
-            result.notes.append(f"{paths['json'].name}: done before (same configuration), kept")
+            result.notes.append(f"{copy_name(case.name, [copy_index])}: done before (same configuration), kept")
             if on_copy_done is not None:
                 on_copy_done()
             continue
@@ -407,7 +403,13 @@ def synthesize_case(
             image, region_labels, organ, rng=np.random.default_rng(stream), config=config,
             geometry=geometry, intensity=intensity,
         )  # fmt: skip
-        result.notes.extend(n for n in synth.notes if n not in result.notes)
+        for message in synth.notes:
+            copy_notes.setdefault(message, []).append(copy_index)
+        if config.engine == "generator" and synth.tumors:
+            mean_change = float(np.mean([t.mean_hu_change for t in synth.tumors]))
+            warning = wrong_contrast(organ.region, mean_change, "the generator's tumors")
+            if warning:
+                result.warnings.append(f"{copy_name(case.name, [copy_index])}: {warning}")
         if not checked and "foreign" in states:
             # Checked after the first synthesis so that input problems are reported first, and
             # before the first write so that nothing is written when another run's outputs are there.
@@ -418,7 +420,7 @@ def synthesize_case(
             )
         checked = True
         if state == "unfinished":
-            result.notes.append(f"{paths['image'].name}: finishing the write an interrupted run left")
+            result.notes.append(f"{copy_name(case.name, [copy_index])}: finishing the write an interrupted run left")
         try:
             written = _write_copy(paths, image, new_image, new_labels)
             if config.preview:
@@ -465,6 +467,7 @@ def synthesize_case(
         result.tumors.append(synth.tumors)
         if on_copy_done is not None:
             on_copy_done()
+    result.notes.extend(f"{copy_name(case.name, which)}: {message}" for message, which in copy_notes.items())
     return result
 
 
@@ -480,6 +483,14 @@ def _write_copy(paths: dict[str, Path], image: Volume, new_image: np.ndarray, ne
         for job in jobs:
             job.result()
     return [paths["image"], paths["label"]]
+
+
+def copy_name(case: str, copies: Sequence[int | None]) -> str:
+    """How messages name a case's output(s): ``case``, ``case copy 2`` or ``case copies 1, 3``."""
+    numbers = [c for c in copies if c is not None]
+    if not numbers:
+        return case
+    return f"{case} cop{'y' if len(numbers) == 1 else 'ies'} {', '.join(map(str, numbers))}"
 
 
 def case_stream(seed: int, case: str, copy_index: int | None = None) -> tuple[int, int, int]:
@@ -597,7 +608,7 @@ def synthesize_tumors(
     check_same_grid(ct, label_volume)
     warnings = check_ct_values(ct)
     target = ORGANS[organ]
-    region_labels, scheme = organ_labels_in_region(label_volume, target, config.label_scheme)
+    region_labels, scheme = organ_labels_in_region(label_volume, target, config.label_scheme, flag="label_scheme=")
     intensity = None
     if generator:
         from freetumor_cli.core.learned import GeneratorIntensity

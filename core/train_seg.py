@@ -26,6 +26,7 @@ import numpy as np
 
 from freetumor_cli.core.checkpoints import initialize_from, load_generator
 from freetumor_cli.core.config import to_yaml
+from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.memory import activation_bytes, estimate, parameter_count
@@ -47,6 +48,7 @@ from freetumor_cli.core.seg_data import (
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import (
     Schedule,
+    StoreFallback,
     case_source,
     check_run_folder,
     check_step_fits,
@@ -129,6 +131,7 @@ class TrainSegConfig:
     cutmix: bool = True
     cutmix_alpha: float = 0.2
     val_every: int = 1
+    val_min_steps: int = 10
     overlap: float = 0.75
     save_every_steps: int = 100
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -171,7 +174,7 @@ class TrainSegConfig:
         check_choices(self)
         check_at_least(
             self, fold=0, epochs=1, max_steps=1, lr=1e-12, weight_decay=0, warmup_epochs=0, crops_per_volume=1,
-            volumes_per_batch=1, pos=0, neg=0, labelled_repeats=1, cutmix_alpha=1e-6, val_every=1, overlap=0,
+            volumes_per_batch=1, pos=0, neg=0, labelled_repeats=1, cutmix_alpha=1e-6, val_every=1, val_min_steps=1, overlap=0,
             save_every_steps=1, grad_accum=1, workers=0, seed=0,
         )  # fmt: skip
         if not 0 <= self.qc_threshold <= 1:
@@ -233,6 +236,7 @@ def validation_dice(
     roi: Any,
     accelerator: Any,
     out: Path | None = None,
+    on_case: Callable[[], None] | None = None,
 ) -> float:
     """Mean tumor Dice over validation cases (sliding window, overlap, Gaussian blending), all processes.
 
@@ -266,6 +270,8 @@ def validation_dice(
             score = dice(np.isin(pred, tumors), np.isin(gt, tumors))[0]
             if not math.isnan(score):
                 total, count = total + score, count + 1
+            if on_case:
+                on_case()
     network.train()
     total, count, failed = gathered_sum(accelerator, total, count, len(left_out))
     if failed:
@@ -275,6 +281,65 @@ def validation_dice(
             if out is not None:
                 note(accelerator, out, line)
     return total / count if count else float("nan")
+
+
+def _validate(
+    model: Any,
+    entries: list[dict[str, Any]],
+    source: Any,
+    config: TrainSegConfig,
+    pipeline: Pipeline,
+    accelerator: Any,
+    out: Path,
+    step: int,
+    on_validation: Callable[[int, int], None] | None,
+) -> float:
+    """One validation, with its progress and its result in the run's log."""
+    mine = len(entries[accelerator.process_index :: accelerator.num_processes])
+    done = [0]
+
+    def on_case() -> None:
+        done[0] += 1
+        if on_validation:
+            on_validation(done[0], mine)
+
+    started = time.perf_counter()
+    if on_validation:
+        on_validation(0, mine)
+    val = validation_dice(model, entries, source, config, pipeline.roi, accelerator, out, on_case)
+    result = f"tumor Dice {val:.4f}" if not math.isnan(val) else "tumor Dice n/a (no validation case holds a tumor)"
+    note(
+        accelerator,
+        out,
+        f"step {step}: validation {result} on {len(entries)} case(s), {time.perf_counter() - started:.0f} s",
+    )
+    return val
+
+
+def validation_outcome(
+    progress: dict[str, Any], entries: list[dict[str, Any]], config: TrainSegConfig, step: int, steps_per_epoch: int
+) -> str:
+    """How a run's validation went, in one sentence: its best Dice, or why it has none."""
+    if progress["best_dice"] >= 0:
+        return f"best validation tumor Dice {progress['best_dice']:.4f} ({progress['validations']} validation(s))"
+    if not entries:
+        return (
+            f"no validation: fold {config.fold} of {config.task} has no validation case (prepare_report.md; "
+            "fewer --folds put cases in every fold)"
+        )
+    if progress["validations"]:
+        return (
+            f"validation tumor Dice n/a: none of the {len(entries)} validation case(s) of fold {config.fold} holds "
+            "a tumor (prepare_report.md; another --fold, or fewer --folds)"
+        )
+    if step < steps_per_epoch:
+        return f"validation skipped: the run stopped at step {step}, before its first epoch ended"
+    if step < config.val_min_steps:
+        return (
+            f"validation skipped: the run's {step} steps are fewer than val_min_steps ({config.val_min_steps}; "
+            "--set val_min_steps=1 validates short runs)"
+        )
+    return f"validation skipped: the run stopped mid-epoch at step {step}, before an epoch end where one was due"
 
 
 @dataclass
@@ -287,6 +352,7 @@ class TrainSummary:
     qc_acceptance: float | None
     is_main_process: bool = True
     data: str = ""
+    validation: str = ""  # how validation went, in a sentence (also the last line about it in run.log)
 
 
 def train_segmentation(
@@ -297,16 +363,19 @@ def train_segmentation(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_validation: Callable[[int, int], None] | None = None,
     device: str = "auto",
 ) -> TrainSummary:
     """Train a segmentation network from a prepared data folder (see the module doc).
 
     ``device`` is ``auto`` (the GPU the launcher gives each process, else the CPU), ``cpu`` or ``cuda:N``.
+    ``on_validation(done, total)`` follows the validation cases of this process.
     """
     with run_lock(Path(out_dir), "train-seg"):
         return _train_segmentation(
-            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step, device=device
-        )
+            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step,
+            on_validation=on_validation, device=device,
+        )  # fmt: skip
 
 
 def _train_segmentation(
@@ -317,6 +386,7 @@ def _train_segmentation(
     baseline: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_validation: Callable[[int, int], None] | None = None,
     device: str = "auto",
 ) -> TrainSummary:
     import torch
@@ -379,13 +449,17 @@ def _train_segmentation(
     def learning_rate(at: int) -> float:
         return config.lr * lr_factor(at, warmup_steps=warmup, total_steps=plan.total_steps)
 
-    generator, channels, baseline_model, qc_channels = None, {}, None, {}
+    generator, channels, baseline_model, qc_channels, generator_contrast = None, {}, None, {}, None
     if pipeline.geometry_only:
         generator = load_generator(config.synth, device=str(accelerator.device))
         if generator.region != task.region:
             raise InputError(f"the generator {config.synth} is for the {generator.region}; task {task.name} is not")
         generator.module.requires_grad_(False)
         channels = {o: generator.channel(o) for o in task.organs}
+        measured = generator.meta.get("hu_contrast")  # on train-synth's held-out crops, when it was chosen
+        generator_contrast = wrong_contrast(
+            task.region, float(measured or 0.0), f"the generator {config.synth}'s tumors"
+        )
     if baseline is None and generator is not None and generator.critic is not None:
         baseline = f"{config.synth} (netSeg)"  # the original's quality control uses TGAN.pt's own baseline
         baseline_model, baseline_config = generator.critic
@@ -402,11 +476,16 @@ def _train_segmentation(
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_seg",
         files={"config.yaml": version_header("train-seg") + to_yaml(config), "labels.json": json.dumps(labels_json, indent=2) + "\n"},
-        initial={"epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0, "bad_samples": 0},
+        initial={
+            "epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0, "validations": 0, "validated_at": 0,
+            "bad_samples": 0,
+        },
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
     if baseline_model is not None:
         note(accelerator, out, f"quality control: {baseline} (threshold {config.qc_threshold})")
+    if generator_contrast:
+        note(accelerator, out, f"warning: {generator_contrast}")
     if init_report is not None:
         note(accelerator, out, init_report.summary())
         if accelerator.is_main_process:
@@ -418,6 +497,7 @@ def _train_segmentation(
     )
 
     losses: list[float] = []
+    store_fallback = StoreFallback(source, train_entries)
     step = int(progress["step"])
     model.train()
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
@@ -475,6 +555,7 @@ def _train_segmentation(
                 stats["store_share"] = (
                     gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
                 )
+                store_fallback.check(accelerator, out, stats["store_share"], raw, step)
                 if progress["qc_seen"]:
                     stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
                 stats["bad_samples"] = progress["bad_samples"]
@@ -487,14 +568,20 @@ def _train_segmentation(
                     save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
                 if on_step:
                     on_step(step, plan.total_steps, stats)
-            # Validation closes whole epochs: a run that --max-steps stops mid-epoch (a smoke test) skips it.
+            # Validation closes whole epochs (a run that --max-steps stops mid-epoch skips it): every
+            # val_every epochs and at the end, at least val_min_steps steps after the last one or the start.
             finished_epoch = step >= (epoch + 1) * plan.steps_per_epoch
+            due = (epoch + 1) % config.val_every == 0 or step >= plan.total_steps
             if (
                 finished_epoch
-                and ((epoch + 1) % config.val_every == 0 or step >= plan.total_steps)
+                and due
                 and lists["validation"]
+                and step - progress["validated_at"] >= config.val_min_steps
             ):
-                val = validation_dice(model, lists["validation"], source, config, pipeline.roi, accelerator, out)
+                val = _validate(
+                    model, lists["validation"], source, config, pipeline, accelerator, out, step, on_validation
+                )
+                progress.update({"validations": progress["validations"] + 1, "validated_at": step})
                 log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
                 if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
                     progress["best_dice"] = val
@@ -505,15 +592,13 @@ def _train_segmentation(
             progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
-    if lists["validation"] and step < plan.steps_per_epoch:
-        note(accelerator, out, f"validation skipped: the run stopped at step {step}, before its first epoch ended")
+    validation = validation_outcome(progress, lists["validation"], config, step, plan.steps_per_epoch)
+    note(accelerator, out, validation)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         save_checkpoint(final, model_config, out / "checkpoints" / "last", extra={"step": step})
         if not (out / "checkpoints" / "best").exists():
-            save_checkpoint(
-                final, model_config, out / "checkpoints" / "best", extra={"step": step, "note": "no validation run"}
-            )
+            save_checkpoint(final, model_config, out / "checkpoints" / "best", extra={"step": step, "note": validation})
     save_training_state(accelerator, out, progress)
     if accelerator.is_main_process:
         _plot_curves(out)
@@ -521,7 +606,7 @@ def _train_segmentation(
     qc_rate = progress["qc_kept"] / progress["qc_seen"] if progress["qc_seen"] else None
     return TrainSummary(
         out, step, int(progress["epoch"]), float(progress["best_dice"]), losses, qc_rate,
-        accelerator.is_main_process, source.describe(),
+        accelerator.is_main_process, source.describe(), validation,
     )  # fmt: skip
 
 
@@ -534,19 +619,23 @@ def _plot_curves(out: Path) -> None:
     from freetumor_cli.core.io import atomic_path
 
     rows = read_metrics(out / "metrics.jsonl")
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_tumor_dice"]) for r in rows if "val_tumor_dice" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_tumor_dice"]) for r in rows if r.get("val_tumor_dice") is not None]  # null: no tumor
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="training loss (DiceCE)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    handles = ax.get_legend_handles_labels()
     if val:
         twin = ax.twinx()
         twin.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation tumor Dice")
         twin.set_ylabel("tumor Dice")
-        twin.set_ylim(0, 1)
-    fig.legend(loc="upper right")
+        twin.set_ylim(-0.03, 1.03)  # a Dice of 0 or 1 shows whole
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    if handles[0]:
+        ax.legend(*handles, loc="upper right", fontsize=8)  # one legend inside the axes, for both curves
     fig.tight_layout()
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")

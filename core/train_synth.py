@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from freetumor_cli.core.config import to_yaml
-from freetumor_cli.core.engines import RuleIntensity
+from freetumor_cli.core.engines import RuleIntensity, wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.memory import (
@@ -48,6 +48,7 @@ from freetumor_cli.core.registry import (
 from freetumor_cli.core.synthesis_config import SynthesisConfig
 from freetumor_cli.core.training import (
     Schedule,
+    StoreFallback,
     case_source,
     check_run_folder,
     check_step_fits,
@@ -154,6 +155,7 @@ class SynthSummary:
     generator_qc: list[float]
     rules_qc: float
     is_main_process: bool = True
+    warnings: list[str] = field(default_factory=list)
 
 
 def _gan_batch(batch: dict[str, Any], critic_task: str, task: str, channels: Mapping[str, int]) -> Any:
@@ -334,9 +336,14 @@ def _train_generator(
         )  # fmt: skip
 
     plan = Schedule.of(len(loader), grad_accum=1, epochs=config.epochs, max_steps=config.max_steps)
+    # config.yaml holds the values in effect: the critic's crop and voxel size, the network's width and λ.
+    resolved = replace(
+        config, roi=tuple(pipeline.roi), spacing_mm=tuple(preprocessing.spacing_mm),
+        base_channels=gan.base_channels, adversarial_weight=gan.adversarial_weight,
+    )  # fmt: skip
     progress = start_run(
         accelerator, out, resume=resume, tracker="train_synth",
-        files={"config.yaml": version_header("train-synth") + to_yaml(config)},
+        files={"config.yaml": version_header("train-synth") + to_yaml(resolved)},
         initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0], "bad_samples": 0},
     )  # fmt: skip
     note(accelerator, out, f"data: {source.describe()}")
@@ -360,7 +367,9 @@ def _train_generator(
         if not resume:
             log_metrics(accelerator, out, {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": 0}, 0)
     step = int(progress["step"])
+    store_fallback = StoreFallback(source, entries)
     generator_qc: list[float] = []
+    contrast_said, best_contrast = False, None
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
         for epoch in range(int(progress["epoch"]), plan.epochs):
             dataset.set_epoch(epoch)
@@ -382,15 +391,18 @@ def _train_generator(
                 sum_g, sum_d, crops = gathered_sum(
                     accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
                 )
+                store_share = gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0]
                 stats = {
                     "loss_g": sum_g / accelerator.num_processes,
                     "loss_d": sum_d / accelerator.num_processes,
                     "synthetic_crops": crops,
                     "bad_samples": progress["bad_samples"],
                     "samples": gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume]),
+                    "store_share": store_share / accelerator.num_processes,
                     "epoch": epoch,
                     "step": step,
                 }
+                store_fallback.check(accelerator, out, stats["store_share"], raw, step)
                 log_metrics(accelerator, out, stats, step)
                 if step % config.save_every_steps == 0:
                     save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
@@ -401,12 +413,17 @@ def _train_generator(
                     accelerator.unwrap_model(generator), fixed_batch, critic, config, window_width
                 )
                 generator_qc.append(scores.get("qc_pass_rate", float("nan")))
+                contrast = wrong_contrast(config.region, scores.get("hu_contrast", 0.0), "the generator's tumors")
+                if contrast and not contrast_said:
+                    contrast_said = True
+                    note(accelerator, out, f"epoch {epoch + 1}, held-out crops: {contrast}")
                 log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
                 key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
                 if accelerator.is_main_process:
                     _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
                 if key > progress["best"]:  # every process decides alike: the held-out batch is the same
                     progress["best"] = key
+                    best_contrast = contrast
                     if accelerator.is_main_process:
                         best = accelerator.unwrap_model(generator)
                         save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
@@ -420,7 +437,8 @@ def _train_generator(
             save(final, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
-    return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process)
+    warnings = [f"the best checkpoint: {best_contrast}"] if best_contrast else []
+    return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process, warnings)
 
 
 def _heldout_batch(
@@ -467,18 +485,19 @@ def _preview(batch: Any, images: Any, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from freetumor_cli.core.preview import displayed_slice
+
     rows = [b for b in range(images.shape[0]) if bool(batch.synth_mask[b].any())][:4]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
     for r, b in enumerate(rows):
         mask = batch.synth_mask[b, 0].cpu().numpy()
-        z = int(np.argmax(mask.sum(axis=(0, 1))))
+        z = int(np.argmax(mask.sum(axis=(0, 1))))  # crops are RAS: axial slices, shown as synthesize's previews
         for c, (title, volume) in enumerate((("rule geometry, before", batch.image), ("generator", images))):
-            axes[r, c].imshow(
-                volume[b, 0, :, :, z].detach().cpu().float().numpy().T, cmap="gray", vmin=0, vmax=1, origin="lower"
-            )
-            axes[r, c].contour(mask[:, :, z].T, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
+            crop = volume[b, 0].detach().cpu().float().numpy()
+            axes[r, c].imshow(displayed_slice(crop, z, axis=2), cmap="gray", vmin=0, vmax=1, origin="upper")
+            axes[r, c].contour(displayed_slice(mask, z, axis=2), levels=[0.5], colors="red", linewidths=0.6)
             axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
     fig.tight_layout()

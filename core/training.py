@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, append_line, write_error, write_text_atomic
+from freetumor_cli.core.io import OutputLock, append_line, process_umask, write_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
@@ -197,10 +198,27 @@ def start_run(
                 write_text_atomic(out / name, text)
             (out / "run.log").unlink(missing_ok=True)
         _trim_metrics(out / "metrics.jsonl", int(progress["step"]) if resume else -1)
+    what = f"resumed at step {progress['step']}" if resume else "started"
+    note(
+        accelerator,
+        out,
+        f"{what} by: {command_line()} (freetumor {__version__}, {accelerator.num_processes} process(es))",
+    )
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.init_trackers(tracker)
     return progress
+
+
+def command_line() -> str:
+    """How this process was started, as a shell would read it (a launcher's arguments are not in it)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv)
+    if args and Path(args[0]).name in ("__main__.py", "freetumor"):
+        args[0] = "freetumor"
+    return shlex.join(args)
 
 
 def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,18 +265,50 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def note(accelerator: Accelerator, out: Path, message: str) -> None:
-    """A line of the run's log: ``run.log`` in the run folder and the ``freetumor`` logger (main process)."""
+    """A line of the run's log: ``run.log`` in the run folder (with the local time) and the ``freetumor``
+    logger (main process)."""
     if accelerator.is_main_process:
-        append_line(out / "run.log", message)
+        append_line(out / "run.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}")
         log.info(message)
 
 
 def log_metrics(accelerator: Accelerator, out: Path, stats: Mapping[str, Any], step: int) -> None:
+    """One row of ``metrics.jsonl`` (and TensorBoard): a value that could not be measured (NaN) is null."""
     if accelerator.log_with:
         scalars = {k: v for k, v in stats.items() if k not in ("epoch", "step") and isinstance(v, int | float)}
         accelerator.log(scalars, step=step)
     if accelerator.is_main_process:
-        append_line(out / "metrics.jsonl", json.dumps(dict(stats)))
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
+        append_line(out / "metrics.jsonl", json.dumps(row, allow_nan=False))
+
+
+class StoreFallback:
+    """Says once in a run's log when its crops stop coming from the case store (a case gone stale or
+    damaged there is read from its raw files, several times slower), naming a case where it can."""
+
+    def __init__(self, source: CaseSource, entries: list[dict[str, Any]]) -> None:
+        self.watching = source.store is not None
+        self.entries = entries
+
+    def check(self, accelerator: Accelerator, out: Path, store_share: float, raw: Mapping[str, Any], step: int) -> None:
+        """``store_share``: this step's share of crops from the store, over all processes."""
+        if not self.watching or store_share >= 1.0:
+            return
+        self.watching = False
+        local = [
+            int(i) for i, s in zip(raw["sample_index"].flatten(), raw["from_store"].flatten(), strict=True) if not s
+        ]
+        named = ""
+        if local:
+            entry = self.entries[local[0]]
+            named = f" ({entry.get('dataset', '')}/{entry.get('case', '')} among them)"
+        note(
+            accelerator,
+            out,
+            f"step {step}: {1 - store_share:.0%} of the crops came from raw files, not the case store{named}: "
+            "a case missing, stale or damaged there is decoded and resampled each time (slower); the next "
+            "freetumor prepare rebuilds it",
+        )
 
 
 def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
@@ -279,6 +329,7 @@ def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str,
     try:
         accelerator.save_state(str(staging))
         if accelerator.is_main_process:
+            _follow_umask(staging.glob("*.safetensors"))  # safetensors makes its files private
             write_text_atomic(staging / "progress.json", json.dumps(progress) + "\n")
     except BaseException as exc:
         error = write_error(staging, exc)  # before the cleanup frees the space it would look for
@@ -295,6 +346,12 @@ def save_training_state(accelerator: Accelerator, out: Path, progress: dict[str,
         os.rename(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _follow_umask(paths: Iterable[Path]) -> None:
+    mode = 0o666 & ~process_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def check_step_fits(accelerator: Accelerator, need_for: Callable[[str], MemoryEstimate], *, suggestion: str) -> None:

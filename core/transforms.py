@@ -20,7 +20,7 @@ Labels are in the task's label space (``liver``: 1 liver, 2 tumor; ``all``: the 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -186,8 +186,11 @@ def synthesize_in_labelled_crop(
     organ = ORGANS[target.name]
     affine = _crop_affine(spacing_mm, body_axis)
     try:
+        # A crop shows a part of its organ, and rules.max_tumor_share is a share of a whole organ: one
+        # tumor may fill the part of it in the crop, as in the method (the cap applies to synthesize).
+        whole_organ = replace(config or SynthesisConfig(), max_tumor_share=1.0)
         placement = place_tumors(
-            organ_mask, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=config
+            organ_mask, organ, spacing=spacing_mm, affine=affine, rng=rng, size=size, count=1, config=whole_organ
         )
     except FreetumorError:
         return None

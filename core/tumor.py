@@ -794,8 +794,11 @@ def place_tumors(
     """Place tumors in one organ: their voxels, edges and textures, whatever the intensity engine.
 
     Arguments as :func:`synthesize_in_organ` (``organ_mask`` may be None when ``geometry`` is given).
-    At most ``config.max_tumor_share`` of the organ becomes
-    tumor: a tumor that would pass it is not placed, nor any after it, and a note says so.
+    At most ``config.max_tumor_share`` of the organ becomes tumor, the first tumor included: a first
+    tumor that would pass it is drawn again, up to ``config.max_placement_attempts`` times, and with
+    ``size="mix"`` then from the smaller classes (a note says so); if none fits, it is an
+    :class:`OrganTooSmallError`. A later tumor that would pass it is not placed, nor any after it (a
+    note says so).
     """
     config = config or SynthesisConfig()
     if geometry is None:
@@ -822,7 +825,68 @@ def place_tumors(
     budget = config.max_tumor_share * geometry.organ_voxels
     covered = 0
     tumors: list[TumorGeometry] = []
-    for n, size_class in enumerate(classes):
+    for n, planned in enumerate(classes):
+        if n == 0:  # the first tumor is drawn again until it fits the budget; mix then tries smaller classes
+            options = [planned]
+            if size == "mix" and radius_mm is None:
+                options += list(reversed(organ.size_classes[: organ.size_classes.index(planned)]))
+            for size_class in options:
+                tumor, added = _draw_within_budget(
+                    tumor_mask, geometry, size_class, radius_mm, budget, rng=rng, config=config,
+                    attempts=config.max_placement_attempts,
+                )  # fmt: skip
+                if tumor is not None:
+                    break
+            if tumor is None:
+                raise OrganTooSmallError(
+                    f"a {options[-1]} tumor takes more than {config.max_tumor_share:.0%} of the {organ.name} "
+                    f"({geometry.volume_ml:.1f} ml) in each of {config.max_placement_attempts} draws "
+                    f"(the last: {added / geometry.organ_voxels:.0%}; rules.max_tumor_share)",
+                    hint="use a smaller --size or --radius-mm, or raise rules.max_tumor_share",
+                )
+            if size_class != planned:
+                geometry.notes.append(
+                    f"mix: a {planned} tumor would make more than {config.max_tumor_share:.0%} of the "
+                    f"{organ.name} tumor; drew a {size_class} one (rules.max_tumor_share)"
+                )
+        else:
+            tumor, added = _draw_within_budget(
+                tumor_mask, geometry, planned, radius_mm, budget - covered, rng=rng, config=config, attempts=1
+            )
+            if tumor is None:
+                geometry.notes.append(
+                    f"placed {n} of {len(classes)} tumors: the next would make more than "
+                    f"{config.max_tumor_share:.0%} of the {organ.name} tumor (rules.max_tumor_share)"
+                )
+                break
+        covered += added
+        tumor_mask[tumor.box] |= tumor.mask
+        record = tumor.record
+        center = np.array(record.center_voxel) + offset
+        record.center_voxel = tuple(int(v) for v in center)
+        record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])
+        tumors.append(tumor)
+    return Placement(tumors, tumor_mask, geometry.bbox, list(geometry.notes))
+
+
+def _draw_within_budget(
+    tumor_mask: np.ndarray,
+    geometry: OrganGeometry,
+    size_class: str,
+    radius_mm: float | None,
+    budget: float,
+    *,
+    rng: np.random.Generator,
+    config: SynthesisConfig,
+    attempts: int,
+) -> tuple[TumorGeometry | None, int]:
+    """Draw a tumor that adds at most ``budget`` tumor voxels, up to ``attempts`` times.
+
+    Returns:
+        (the tumor, the voxels it adds), or (None, the voxels the last draw would have added).
+    """
+    added = 0
+    for _ in range(attempts):
         tumor = place_tumor(
             tumor_mask,
             geometry,
@@ -833,20 +897,9 @@ def place_tumors(
             config=config,
         )
         added = int(np.count_nonzero(tumor.mask & ~tumor_mask[tumor.box]))
-        if covered + added > budget and tumors:
-            geometry.notes.append(
-                f"placed {n} of {len(classes)} tumors: the next would make more than "
-                f"{config.max_tumor_share:.0%} of the {organ.name} tumor (rules.max_tumor_share)"
-            )
-            break
-        covered += added
-        tumor_mask[tumor.box] |= tumor.mask
-        record = tumor.record
-        center = np.array(record.center_voxel) + offset
-        record.center_voxel = tuple(int(v) for v in center)
-        record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])
-        tumors.append(tumor)
-    return Placement(tumors, tumor_mask, geometry.bbox, list(geometry.notes))
+        if added <= budget:
+            return tumor, added
+    return None, added
 
 
 def elastic_range(size_class: str, radius_mm: float | None, config: SynthesisConfig) -> tuple[float, float]:

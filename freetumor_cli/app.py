@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperOption
 
 from freetumor_cli import __version__
+from freetumor_cli.commands._common import OneLineUsageErrors
 from freetumor_cli.commands.demo import demo
 from freetumor_cli.commands.evaluate import evaluate
 from freetumor_cli.commands.fetch_labels import fetch_labels
@@ -37,6 +38,7 @@ TyperOption.display_type_rich = _flag_takes_no_value(TyperOption.display_type_ri
 
 app = typer.Typer(
     name="freetumor",
+    cls=OneLineUsageErrors,
     help="Synthesize realistic tumors into CT scans and train tumor segmentation on real plus synthetic tumors.",
     no_args_is_help=True,
     add_completion=False,

@@ -80,7 +80,7 @@ def test_organ_classes_by_value_and_task_scheme(folders: tuple[Path, Path], tmp_
     result = run("--pred", pred, "--gt", gt, "--out", tmp_path / "o", "--classes", "1", "--classes", "liver_tumor")
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "o" / "summary.json").read_text())["classes"]) == {"liver", "liver_tumor"}
-    result = run("--pred", pred, "--gt", gt, "--out", tmp_path / "t", "--label-scheme", "task")
+    result = run("--pred", pred, "--gt", gt, "--out", tmp_path / "t", "--label-space", "task")
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "t" / "summary.json").read_text())["classes"]) == {"tumor"}
 

@@ -177,6 +177,12 @@ class TestTrainSynth:
         loaded = load_generator(out / "checkpoints" / "best")
         assert loaded.meta["generator"]["base_channels"] == 4 and not loaded.module.training
         assert loaded.meta["organ_channels"] == {"liver": 0, "pancreas": 1, "kidney": 2}  # a 7-class critic
+        import yaml
+
+        # config.yaml holds the values in effect: the critic's crop and voxel size, the region's λ.
+        written = yaml.safe_load((out / "config.yaml").read_text())
+        assert written["spacing_mm"] == [4.0, 4.0, 4.0] and written["roi"] == [32, 32, 32]
+        assert written["adversarial_weight"] == 0.1 and None not in (written["roi"], written["spacing_mm"])
 
     def test_resume_continues_exactly(self, gan_setup: tuple[object, object], tmp_path: object) -> None:
         from pathlib import Path
@@ -270,6 +276,8 @@ class TestTrainSynth:
             str(root / "ct.nii.gz"),
             "--labels",
             str(root / "lab.nii.gz"),
+            "--label-scheme",
+            "freetumor",
             "--organ",
             "liver",
             "--size",
@@ -345,6 +353,44 @@ def test_train_synth_two_processes_through_a_real_launcher(gan_setup: tuple[obje
     }
     two = {r["step"]: r["samples"] for r in rows if "loss_g" in r}
     assert two == {k: one[2 * k - 1] + one[2 * k] for k in (1, 2)}
+
+
+def test_a_generator_whose_tumors_are_brighter_than_the_liver_is_named(tmp_path: object) -> None:
+    """Abdominal tumors are darker than their organ: a generator that makes them brighter (here one whose
+    output is tanh(-5) everywhere) gets a warning for each output, naming the case and the HU."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from freetumor_cli.app import app
+    from freetumor_cli.core.checkpoints import save_generator
+    from freetumor_cli.core.gan import GanConfig, make_generator
+    from freetumor_cli.core.io import save_volume
+    from freetumor_cli.core.phantom import make_phantom
+
+    root = Path(str(tmp_path))
+    gan = GanConfig(base_channels=4)
+    generator = make_generator(gan)
+    with torch.no_grad():
+        generator.out_tr.weight.zero_()
+        generator.out_tr.bias.fill_(-5.0)
+    save_generator(
+        generator, gan, root / "gen", spacing_mm=(4.0, 4.0, 4.0), window_hu=(-175.0, 250.0), roi=(32, 32, 32),
+        organ_channels={"liver": 0},
+    )  # fmt: skip
+    p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=7)
+    save_volume(p.ct.array, p.ct, root / "ct.nii.gz")
+    save_volume(p.labels.array, p.ct, root / "lab.nii.gz", label=True)
+    result = CliRunner().invoke(
+        app,
+        [
+            "synthesize", "--in", str(root / "ct.nii.gz"), "--labels", str(root / "lab.nii.gz"), "--organ", "liver",
+            "--size", "medium", "--generator", str(root / "gen"), "--out", str(root / "o"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "warning: ct: the generator's tumors come out" in output and "HU brighter than their organ" in output
 
 
 def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: object) -> None:

@@ -8,7 +8,8 @@ import pytest
 from freetumor_cli.core import registry
 from freetumor_cli.core.errors import LabelError
 from freetumor_cli.core.io import load_volume
-from freetumor_cli.core.synthesize import detect_label_scheme, organ_labels_in_region
+from freetumor_cli.core.label_schemes import choose_scheme
+from freetumor_cli.core.synthesize import organ_labels_in_region
 
 from .conftest import volume
 
@@ -45,14 +46,50 @@ def test_registry_module_is_pure_data() -> None:
     ("values", "organ", "scheme"),
     [
         ([0, 1], "pancreas", "binary"),
-        ([0, 1, 3, 5], "liver", "freetumor"),
-        ([0, 1, 2, 5, 7, 12], "kidney", "totalsegmentator"),
-        ([0, 1, 2], "lung", "freetumor"),
+        ([0, 1], "liver", "binary"),
+        ([0, 1, 2, 5, 7, 12], "kidney", "totalsegmentator"),  # beyond freetumor's values
+        ([0, 1, 2], "lung", "freetumor"),  # TotalSegmentator's reading (spleen, right kidney) shows no lung
         ([0, 1, 3, 5], "lung", "totalsegmentator"),
     ],
 )
-def test_detect_label_scheme(values: list[int], organ: str, scheme: str) -> None:
-    assert detect_label_scheme(np.array(values), registry.ORGANS[organ]) == scheme
+def test_auto_reads_a_map_the_only_way_it_can_be_read(values: list[int], organ: str, scheme: str) -> None:
+    target = registry.ORGANS[organ]
+    assert choose_scheme(values, target.region, binary=True).scheme == scheme
+
+
+@pytest.mark.parametrize(
+    ("values", "organ"),
+    [
+        ([0, 1, 2, 3, 4, 5], "liver"),  # TotalSegmentator --roi_subset: spleen, kidneys, gallbladder, liver
+        ([0, 1, 3, 5], "liver"),  # freetumor: liver, pancreas, kidney; TotalSegmentator: spleen, left kidney, liver
+        ([0, 1, 3, 5], "pancreas"),
+        ([0, 1, 3], "kidney"),  # freetumor: liver and pancreas, no kidney; TotalSegmentator: a left kidney
+        ([0, 1, 2], "liver"),
+    ],
+)
+def test_auto_refuses_a_map_that_reads_two_ways(values: list[int], organ: str) -> None:
+    """A map whose values mean organs in both schemes is refused, naming the flag that settles it (read as
+    freetumor's scheme, a --roi_subset map put liver tumors into the spleen), unless freetumor wrote it."""
+    target = registry.ORGANS[organ]
+    choice = choose_scheme(values, target.region, binary=True)
+    assert choice.scheme is None
+    assert "--label-scheme freetumor or --label-scheme totalsegmentator" in choice.reason, choice.reason
+    assert choose_scheme(values, target.region, binary=True, freetumor_file=True).scheme == "freetumor"
+    arr = np.zeros((6, 6, 6), np.uint8)
+    arr.flat[: len(values)] = values
+    with pytest.raises(LabelError, match="mean different organs in freetumor's scheme and in TotalSegmentator's"):
+        organ_labels_in_region(volume(arr), target, "auto")
+
+
+def test_a_label_map_freetumor_wrote_is_read_in_its_scheme(tmp_path: Path) -> None:
+    from freetumor_cli.core.io import save_volume
+
+    arr = np.zeros((6, 6, 6), np.uint8)
+    arr.flat[:4] = [0, 1, 3, 5]
+    path = save_volume(arr, volume(arr), tmp_path / "labels.nii.gz", label=True)
+    region, scheme = organ_labels_in_region(load_volume(path), registry.ORGANS["liver"], "auto")
+    assert scheme == "freetumor"
+    np.testing.assert_array_equal(region, arr)
 
 
 def test_totalsegmentator_labels_map_onto_the_shared_organ_file(totalseg_case: Path) -> None:
@@ -62,8 +99,7 @@ def test_totalsegmentator_labels_map_onto_the_shared_organ_file(totalseg_case: P
         region, scheme = organ_labels_in_region(ts, registry.ORGANS[name], "auto")
         assert scheme == "totalsegmentator"
         np.testing.assert_array_equal(region, organs.array)
-        same, scheme = organ_labels_in_region(organs, registry.ORGANS[name], "auto")
-        assert scheme == "freetumor"
+        same, scheme = organ_labels_in_region(organs, registry.ORGANS[name], "freetumor")
         np.testing.assert_array_equal(same, organs.array)
     lung, scheme = organ_labels_in_region(ts, registry.ORGANS["lung"], "auto")
     np.testing.assert_array_equal(lung, load_volume(totalseg_case / "lung.nii.gz").array)
@@ -74,7 +110,7 @@ def test_values_outside_scheme_and_absent_organ_are_label_errors() -> None:
     arr[0, 0, 0] = 1
     arr[1, 1, 1] = 3
     with pytest.raises(LabelError, match="no kidney"):
-        organ_labels_in_region(volume(arr), registry.ORGANS["kidney"], "auto")
+        organ_labels_in_region(volume(arr), registry.ORGANS["kidney"], "freetumor")
     arr[2, 2, 2] = 9
     with pytest.raises(LabelError, match="outside freetumor"):
         organ_labels_in_region(volume(arr), registry.ORGANS["liver"], "freetumor")

@@ -303,3 +303,68 @@ def test_lesion_only_labels_need_organ_masks(data_root: tuple[Path, dict[str, in
         "--organ-masks", str(tmp_path / "nowhere"), "--no-store",
     ])  # fmt: skip
     assert result.exit_code == 0 and "no organ mask for this case" in (tmp_path / "q" / "prepare_report.md").read_text()
+
+
+def _prepare_cli(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["prepare", "--no-store", *(str(a) for a in args)])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_totalsegmentator_masks_of_a_real_ct_are_prepared(totalseg_case: Path, tmp_path: Path) -> None:
+    """A team with CTs and TotalSegmentator masks: --pairs finds them (values beyond freetumor's space are
+    TotalSegmentator's), and the organs prepared are the shared case's freetumor-space organs, voxel for voxel."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,label,case\n{totalseg_case / 'ct.nii.gz'},{totalseg_case / 'totalseg_labels.nii.gz'},ts\n")
+    code, output = _prepare_cli("--pairs", pairs, "--out", tmp_path / "p")
+    assert code == 0, output
+    record = json.loads((tmp_path / "p" / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["organs"] == {"liver": 38634, "pancreas": 644, "kidney": 7623}
+    assert record["label_scheme"] == "totalsegmentator" and record["role"] == "organ-only"
+    prepared = load_volume(tmp_path / "p" / record["label"])
+    np.testing.assert_array_equal(prepared.array, load_volume(totalseg_case / "organs.nii.gz").array)
+
+
+def test_an_ambiguous_map_is_refused_with_the_fix_not_guessed(totalseg_case: Path, tmp_path: Path) -> None:
+    """TotalSegmentator --roi_subset output holds only classes 1-5: freetumor's scheme would read liver,
+    pancreas and kidney into spleen, kidneys and gallbladder. prepare skips it naming the flag; synthesize
+    refuses it; with --label-scheme totalsegmentator both use the liver and kidneys."""
+    ts = load_volume(totalseg_case / "totalseg_labels.nii.gz")
+    subset = np.where(ts.array <= 5, ts.array, 0).astype(np.uint8)
+    path = tmp_path / "roi_subset.nii.gz"
+    nib.save(nib.Nifti1Image(subset, ts.affine), path)  # as TotalSegmentator writes it: no freetumor header
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,label,case\n{totalseg_case / 'ct.nii.gz'},{path},ts\n")
+    code, output = _prepare_cli("--pairs", pairs, "--out", tmp_path / "a")
+    assert code == 3, output
+    assert "no usable case" in output and "--label-scheme freetumor or --label-scheme totalsegmentator" in output
+    code, output = _prepare_cli("--pairs", pairs, "--out", tmp_path / "b", "--label-scheme", "totalsegmentator")
+    assert code == 0, output
+    record = json.loads((tmp_path / "b" / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["organs"] == {"liver": 38634, "kidney": 7623}
+    synth = CliRunner().invoke(
+        app, ["synthesize", "--in", str(totalseg_case / "ct.nii.gz"), "--labels", str(path), "--organ", "liver",
+              "-o", str(tmp_path / "s")],
+    )  # fmt: skip
+    assert synth.exit_code == 3, synth.output
+    assert "--label-scheme totalsegmentator" in " ".join(synth.output.split())
+    assert not list((tmp_path / "s").glob("*.nii.gz")) if (tmp_path / "s").exists() else True
+
+
+def test_a_known_organ_dataset_with_totalsegmentator_masks(tmp_path: Path) -> None:
+    """Phantom CTs in a known organ-only dataset's folder with TotalSegmentator masks: skipped with the hint
+    by default (its labels are expected in freetumor's space), prepared with --label-scheme totalsegmentator."""
+    root = tmp_path / "root"
+    phantoms = [make_phantom((48, 44, 32), (6.0, 6.0, 6.0), seed=s) for s in range(2)]
+    for i, p in enumerate(phantoms):
+        assert p.totalseg is not None
+        save_volume(p.ct.array, p.ct, root / "Flare22" / "imagesTr" / f"c{i}_0000.nii.gz")
+        (root / "Flare22" / "labelsTr").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(p.totalseg.array, p.ct.affine), root / "Flare22" / "labelsTr" / f"c{i}.nii.gz")
+    code, output = _prepare_cli("--data-root", root, "--out", tmp_path / "a")
+    assert code == 3 and "pass --label-scheme totalsegmentator" in output, output
+    code, output = _prepare_cli("--data-root", root, "--out", tmp_path / "b", "--label-scheme", "totalsegmentator")
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
+    for record, p in zip(sorted(records, key=lambda r: r["case"]), phantoms, strict=True):
+        organs = np.where(np.isin(p.labels.array, (1, 3, 5)), p.labels.array, 0)
+        np.testing.assert_array_equal(load_volume(tmp_path / "b" / record["label"]).array, organs)

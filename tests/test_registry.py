@@ -115,7 +115,7 @@ def test_config_fields_take_registry_names_only() -> None:
         (["synthesize", "--in", "x.nii.gz", "--organ", "liver"], "--size", (*registry.SIZE_CLASSES, "mix")),
         (["synthesize", "--in", "x.nii.gz", "--organ", "liver"], "--label-scheme", registry.LABEL_SCHEMES),
         (["train-synth", "--baseline", "b"], "--region", tuple(REGIONS)),
-        (["evaluate"], "--label-scheme", tuple(registry.EVAL_SCHEMES)),
+        (["evaluate"], "--label-space", tuple(registry.EVAL_SPACES)),
     ],
 )
 def test_command_choices_come_from_the_registry(command: list[str], option: str, choices: tuple[str, ...]) -> None:

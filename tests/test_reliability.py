@@ -126,6 +126,19 @@ def test_a_prepared_folder_works_from_another_folder(
     assert json.loads(Path("ev/summary.json").read_text())["cases"] >= 1
 
 
+@pytest.mark.parametrize("data", ["data/imagesTr", "data/imagesTr/case_0000.nii.gz"])
+def test_evaluate_a_checkpoint_on_relative_paths_of_an_nnunet_layout(
+    tiny_run: Path, phantom_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
+) -> None:
+    """Labels found beside relative CT paths are scored from any --out (ground_truth.json holds absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    code, output = invoke("evaluate", "--checkpoint", tiny_run / "checkpoints" / "last", "--data", data, "--out", "ev")
+    assert code == 0, output
+    assert json.loads(Path("ev/summary.json").read_text())["cases"] == 1
+    for entry in json.loads(Path("ev/ground_truth.json").read_text())["testing"]:
+        assert Path(entry["image"]).is_absolute() and Path(entry["label"]).is_file()
+
+
 def test_an_unreadable_case_met_in_a_loader_worker_is_logged_and_replaced(prepared: Path, tmp_path: Path) -> None:
     root = phantom_root_of(prepared)
     copy = tmp_path / root.name  # the prepared folder's paths are relative: the copies keep their places
@@ -233,6 +246,37 @@ def test_outputs_follow_the_umask(phantom_files: tuple[Path, Path], tmp_path: Pa
     assert len(files) == 4
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_and_training_state_follow_the_umask(prepared: Path, tmp_path: Path, umask: int) -> None:
+    """safetensors creates its files private: checkpoints, generators and the saved state must still be as
+    readable as every other output (a colleague's --baseline on a shared cluster)."""
+    from freetumor_cli.core.checkpoints import save_generator
+    from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator
+
+    old = os.umask(umask)
+    try:
+        code, output = invoke("train-seg", "--data", prepared, "--out", tmp_path / "run", "--max-steps", "1", *TINY)
+        gan = GanConfig(base_channels=4)
+        save_generator(
+            make_generator(gan), gan, tmp_path / "gen", spacing_mm=(4, 4, 4), window_hu=(-175, 250), roi=(32, 32, 32),
+            organ_channels={"liver": 0}, discriminator=make_discriminator(gan),
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0, output
+    files = [p for folder in ("run", "gen") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.relative_to(tmp_path).as_posix() for p in weights} >= {
+        "run/checkpoints/best/model.safetensors", "run/checkpoints/last/model.safetensors",
+        "run/state/model.safetensors", "gen/generator.safetensors", "gen/discriminator.safetensors",
+    }  # fmt: skip
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (
+            str(path.relative_to(tmp_path)),
+            oct(path.stat().st_mode),
+        )
 
 
 # 5. Ordinary mistakes give one line, not a traceback.

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from freetumor_cli.app import app
 from freetumor_cli.core.engines import RuleIntensity, Scene, TumorGeometry, compose_changes, engine_of
-from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import save_volume
+from freetumor_cli.core.errors import InputError, LabelError, OrganTooSmallError
+from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.phantom import Phantom, make_phantom
 from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SynthesisConfig
@@ -89,16 +89,67 @@ def test_overlapping_tumors_are_no_darker_than_the_darkest_one(small_phantom: Ph
 
 def test_the_tumor_share_of_an_organ_is_bounded(small_phantom: Phantom) -> None:
     ct, liver = small_phantom.ct, _liver(small_phantom)
-    config = replace(SynthesisConfig(), max_tumor_share=0.05)
+    config = replace(SynthesisConfig(), max_tumor_share=0.02)
     result = synthesize_in_organ(
         ct.array, liver, LIVER, spacing=ct.spacing, affine=ct.affine, rng=np.random.default_rng(1),
         size="tiny", count=100, config=config,
     )  # fmt: skip
     share = result.tumor_mask.sum() / liver.sum()
-    assert share <= 0.05 and len(result.tumors) < 100
+    assert share <= 0.02 and len(result.tumors) < 100
     assert any("max_tumor_share" in n for n in result.notes)
     with pytest.raises(ValueError, match="max_tumor_share"):
         SynthesisConfig(max_tumor_share=0.0)
+
+
+def test_the_tumor_share_holds_for_the_first_tumor_too(totalseg_case: Path) -> None:
+    """Large tumors in a real 3 mm liver (1043 ml), one per call, 60 draws: none passes 30 % of the liver
+    (without the cap on the first tumor, about one in four did, up to 47 %)."""
+    from freetumor_cli.core.tumor import prepare_organ
+
+    organs = load_volume(totalseg_case / "organs.nii.gz")
+    liver = organs.array == 1
+    config = SynthesisConfig()
+    geometry = prepare_organ(liver, LIVER, spacing=organs.spacing, affine=organs.affine, config=config)
+    shares = []
+    for seed in range(60):
+        placement = place_tumors(
+            None, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(seed),
+            size="large", count=1, config=config, geometry=geometry,
+        )  # fmt: skip
+        assert len(placement.tumors) == 1 and placement.tumors[0].record.size_class == "large"
+        shares.append(placement.tumor_mask.sum() / liver.sum())
+    assert max(shares) <= 0.3 and min(shares) > 0.1, (min(shares), max(shares))
+    # A cap no large tumor fits: the first one is refused with what happened; mix draws smaller ones, saying so.
+    tight = replace(config, max_tumor_share=0.05)
+    with pytest.raises(OrganTooSmallError, match=r"large tumor takes more than 5% of the liver \(1043.\d ml\)"):
+        place_tumors(
+            liver, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(0), size="large",
+            config=tight,
+        )  # fmt: skip
+    notes = []
+    for seed in range(10):
+        mixed = place_tumors(
+            liver, LIVER, spacing=organs.spacing, affine=organs.affine, rng=np.random.default_rng(seed), size="mix",
+            count=3, config=tight,
+        )  # fmt: skip
+        assert mixed.tumor_mask.sum() <= 0.05 * liver.sum() and mixed.tumors
+        assert "large" not in {t.record.size_class for t in mixed.tumors}
+        notes += mixed.notes
+    assert any(n.startswith("mix: a large tumor would make more than 5% of the liver") for n in notes), notes
+
+
+def test_synthesize_refuses_a_tumor_larger_than_the_share_and_says_why(totalseg_case: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "synthesize", "--in", str(totalseg_case / "ct.nii.gz"), "--labels", str(totalseg_case / "organs.nii.gz"),
+            "--label-scheme", "freetumor",
+            "--organ", "liver", "--size", "large", "--set", "rules.max_tumor_share=0.1", "-o", str(tmp_path / "o"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "more than 10% of the liver" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))
 
 
 def test_the_in_memory_api_keeps_geometry_and_dtype_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -108,7 +159,9 @@ def test_the_in_memory_api_keeps_geometry_and_dtype_and_writes_nothing(tmp_path:
     ct = nib.Nifti1Image(phantom.ct.array.astype(np.int16), affine)
     seg = nib.Nifti1Image(phantom.labels.array.astype(np.uint8), affine)
     before = np.asarray(ct.dataobj).copy()
-    out = synthesize_tumors(ct, seg, "liver", seed=7, size="small", count=2)
+    with pytest.raises(LabelError, match='label_scheme="freetumor" or label_scheme="totalsegmentator"'):
+        synthesize_tumors(ct, seg, "liver", seed=7)  # 1, 3, 5 mean organs in both schemes
+    out = synthesize_tumors(ct, seg, "liver", seed=7, size="small", count=2, label_scheme="freetumor")
     assert isinstance(out.image, nib.Nifti1Image) and out.image.shape == ct.shape
     np.testing.assert_allclose(out.image.affine, affine)
     assert np.asarray(out.image.dataobj).dtype == np.int16 and np.asarray(out.label.dataobj).dtype == np.uint8
