@@ -57,7 +57,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_synthesize_on_a_full_disk(small_disk: Path, totalseg_case: Path) -> None:
-    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz",
+    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz", "--label-scheme", "freetumor",
                           "--organ", "liver", "--out", small_disk / "out")  # fmt: skip
     one_line(code, output, "no space left on the device")
     assert not any(small_disk.rglob("*.nii.gz")) and not leftovers(small_disk)  # no copy, whole or half
@@ -81,7 +81,7 @@ def test_train_seg_on_a_full_disk(small_disk: Path, prepared: Path) -> None:
 
 
 def test_read_only_outputs(read_only: Path, prepared: Path, totalseg_case: Path, tmp_path: Path) -> None:
-    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz",
+    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz", "--label-scheme", "freetumor",
                           "--organ", "liver", "--out", read_only / "out")  # fmt: skip
     one_line(code, output, "read-only")
     code, output = invoke("train-seg", "--data", prepared, "--out", read_only / "out" / "run", "--model", "unet-tiny")
@@ -94,7 +94,7 @@ def test_read_only_outputs(read_only: Path, prepared: Path, totalseg_case: Path,
 def test_a_name_too_long_for_the_file_system(totalseg_case: Path, tmp_path: Path) -> None:
     image = tmp_path / ("c" * 235 + ".nii.gz")
     image.write_bytes((totalseg_case / "ct.nii.gz").read_bytes())
-    code, output = invoke("synthesize", "--in", image, "--labels", totalseg_case / "organs.nii.gz", "--organ", "liver",
+    code, output = invoke("synthesize", "--in", image, "--labels", totalseg_case / "organs.nii.gz", "--label-scheme", "freetumor", "--organ", "liver",
                           "--out", tmp_path / "out")  # fmt: skip
     one_line(code, output, "file name is too long", "shorter")
     assert not (tmp_path / "out").exists()

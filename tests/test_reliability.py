@@ -539,7 +539,7 @@ def test_a_truncated_generator_is_one_line(tmp_path: Path, totalseg_case: Path) 
         organ_channels={"liver": 0},
     )  # fmt: skip
     truncate(folder / "generator.safetensors", 0.3)
-    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz",
+    code, output = invoke("synthesize", "--in", totalseg_case / "ct.nii.gz", "--labels", totalseg_case / "organs.nii.gz", "--label-scheme", "freetumor",
                           "--organ", "liver", "--size", "small", "--generator", folder, "--out", tmp_path / "out")  # fmt: skip
     assert_one_line_error(code, output, EXIT_INPUT, "generator", "damaged or truncated")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))

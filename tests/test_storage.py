@@ -42,7 +42,7 @@ def test_synthesize_keeps_the_inputs_storage_and_changes_only_the_tumors(
     nib.save(image, tmp_path / "ct.nii.gz")
     result = CliRunner().invoke(
         app,
-        ["synthesize", "--in", str(tmp_path / "ct.nii.gz"), "--labels", str(totalseg_case / "organs.nii.gz"),
+        ["synthesize", "--in", str(tmp_path / "ct.nii.gz"), "--labels", str(totalseg_case / "organs.nii.gz"), "--label-scheme", "freetumor",
          "--organ", "liver", "--size", "small", "--count", "3", "--seed", "2", "--out", str(tmp_path / "out")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -69,7 +69,9 @@ def test_the_in_memory_api_keeps_a_scaled_images_storage(totalseg_case: Path) ->
     image = nib.Nifti1Image((hu + 1024).clip(0).astype(np.uint16), source.affine)
     image.header.set_slope_inter(1.0, -1024.0)
     image = nib.Nifti1Image.from_bytes(image.to_bytes())  # as loaded from a file
-    out = synthesize_tumors(image, nib.load(totalseg_case / "organs.nii.gz"), "liver", seed=1, size="small")
+    out = synthesize_tumors(
+        image, nib.load(totalseg_case / "organs.nii.gz"), "liver", seed=1, size="small", label_scheme="freetumor"
+    )
     reloaded = nib.Nifti1Image.from_bytes(out.image.to_bytes())
     assert reloaded.get_data_dtype() == np.uint16
     delta = np.asanyarray(reloaded.dataobj, np.float64) - np.asanyarray(image.dataobj, np.float64)
