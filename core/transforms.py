@@ -109,7 +109,9 @@ def synthesize_in_crop(
     profile[placement.bbox] = placement.profile()
     out_image = img
     if intensity is not None:
-        patches = apply_intensity(placement.tumors, intensity, Scene(img, affine, placement.bbox, organ), rng)
+        patches = apply_intensity(
+            placement.tumors, intensity, Scene(img, affine, placement.bbox, organ, placement.organ_mask), rng
+        )
         out_image = img.copy()
         changed = out_image[placement.bbox] + compose_changes(patches, placement.tumor_mask.shape)
         out_image[placement.bbox] = np.clip(changed, 0.0, 1.0) if window_hu is not None else changed
