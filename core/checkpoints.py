@@ -277,7 +277,7 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
         )
     try:
         meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
-        gan = GanConfig(**meta["generator"])
+        gan = GanConfig(**{"batch_stats": False, **meta["generator"]})  # written before it was recorded: BatchNorm3d
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{path / 'generator.json'} is damaged ({type(exc).__name__}: {exc})") from None
     generator = make_generator(gan)

@@ -4,13 +4,14 @@ The rule-based engine still decides each tumor's shape, position, edge and textu
 ``blur(mask) · texture`` inside the organ); :class:`GeneratorIntensity` gives the change
 ``sign · profile · map`` with the generator's per-voxel map in place of the rule's scalar ``d``.
 
-The generator sees what it saw in training: a crop of its own size (``roi`` of ``generator.json``)
-centred on the tumor, on its grid (reoriented, resampled to its spacing, windowed: the same MONAI chain,
-:class:`~freetumor_cli.core.preprocess.Preprocessing`), zeros where the crop leaves the CT as where a
-training crop leaves its case; its map is kept to the organ and blurred as in training
-(:func:`~freetumor_cli.core.gan.intensity_map`) and inverted through the chain onto the CT's grid. The
-result is clamped to the window as training clamps the windowed crop, so a saturated map takes the organ
-to the window's edge and no further.
+The generator sees what it saw in training: the crop training would cut around the tumor, of its own
+size (``roi`` of ``generator.json``), on the grid its preprocessing
+(:class:`~freetumor_cli.core.preprocess.Preprocessing`: reoriented, resampled to its spacing) puts the
+CT on, resampled as that chain resamples, windowed, zeros where the crop leaves the CT as where a
+training crop leaves its case. Its map is kept to the organ and blurred as in training
+(:func:`~freetumor_cli.core.gan.intensity_map`) and resampled back onto the CT's grid. The result is
+clamped to the window as training clamps the windowed crop, so a saturated map takes the organ to the
+window's edge and no further.
 """
 
 from __future__ import annotations

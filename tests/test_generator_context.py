@@ -262,3 +262,21 @@ def test_organ_voxels_are_the_organ_before_synthesis() -> None:
     synth = torch.tensor([0, 0, 1, 0, 0, 0]).reshape(1, 1, 6, 1, 1).bool()
     got = organ_voxels(labels, synth, [1])[0, 0, :, 0, 0].tolist()
     assert got == [False, True, True, False, False, True]  # the real tumor (2, not synthetic) is not organ
+
+
+def test_a_generator_written_before_keeps_its_batch_norm(tmp_path: Path) -> None:
+    """A generator.json without ``batch_stats`` (written by an earlier version) keeps BatchNorm3d."""
+    import json
+
+    from freetumor_cli.core.checkpoints import load_generator, save_generator
+
+    gan = GanConfig(base_channels=2, batch_stats=False)
+    folder = save_generator(
+        make_generator(gan), gan, tmp_path / "old", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
+        organ_channels={"liver": 0},
+    )  # fmt: skip
+    meta = json.loads((folder / "generator.json").read_text())
+    del meta["generator"]["batch_stats"]
+    (folder / "generator.json").write_text(json.dumps(meta))
+    loaded = load_generator(folder).module
+    assert type(loaded.down_tr64.ops[0].bn1) is torch.nn.BatchNorm3d
