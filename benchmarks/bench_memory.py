@@ -60,7 +60,8 @@ else:
     g, d, critic = make_generator(gan), make_discriminator(gan), freeze_critic(net)
     og, od = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
     image, mask = torch.rand(batch, 1, *roi), torch.rand(batch, 1, *roi) > 0.9
-    b = GanBatch(image, torch.randint(0, 3, (batch, 1, *roi)), mask, mask.float() * 0.5, [0] * batch, [2], [2] * batch)
+    b = GanBatch(image, torch.randint(0, 3, (batch, 1, *roi)), mask, mask.float() * 0.5, [0] * batch, [2], [2] * batch,
+                 torch.ones_like(mask))
     for _ in range(2):
         _, fake = generator_step(g, d, critic, og, b, gan)
         discriminator_step(d, od, fake, b)

@@ -30,7 +30,7 @@ from freetumor_cli.core.gan import (
 )
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.phantom import make_phantom
-from freetumor_cli.core.seg_data import TumorGeometryd
+from freetumor_cli.core.transforms import RandTumorGeometryd
 
 
 def geometry_time(roi: int, repeats: int) -> float:
@@ -41,7 +41,7 @@ def geometry_time(roi: int, repeats: int) -> float:
     lo = np.clip(center - roi // 2, 0, np.array(labels.shape) - roi)
     box = tuple(slice(int(a), int(a) + roi) for a in lo)
     image = np.clip((p.ct.array[box].astype(np.float32) + 175) / 425, 0, 1)
-    transform = TumorGeometryd("all", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0))
+    transform = RandTumorGeometryd(["image", "label"], "all", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0))
     times = []
     for k in range(repeats):
         transform.set_random_state(k)
@@ -64,7 +64,9 @@ def step_time(base: int, roi: int, crops: int, critic_name: str, repeats: int) -
     synth[:, :, roi // 3 : roi // 2, roi // 3 : roi // 2, roi // 3 : roi // 2] = True
     labels = torch.ones(shape)
     labels[synth] = 2
-    batch = GanBatch(torch.rand(shape), labels, synth, synth.float() * 0.5, [0] * crops, [2, 4, 6], [2] * crops)
+    batch = GanBatch(
+        torch.rand(shape), labels, synth, synth.float() * 0.5, [0] * crops, [2, 4, 6], [2] * crops, labels > 0
+    )
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()

@@ -144,6 +144,7 @@ def check_train_synth(device: str, roi: tuple[int, int, int], base: int, critic_
     batch = GanBatch(
         image=torch.rand(shape, device=device), labels=synth.float() * 2, synth_mask=synth,
         profile=synth.float() * 0.5, organ_channels=[0, 1, 2, 0], tumor_values=[2, 4, 6], seg_tumor_channels=[2, 4, 6, 2],
+        organ_mask=synth,
     )  # fmt: skip
 
     def step() -> None:

@@ -7,12 +7,14 @@ a downloaded file ever runs. Their keys are mapped strictly: ``module.`` and ``b
 dropped and ``swin_vit`` is renamed ``swinViT``; a key that still does not fit is an error naming it.
 
 - ``baseline/model_baseline_segmentor.pt`` and ``baseline/model_covid_voco160k.pt``:
-  ``{"epoch", "best_acc", "state_dict"}`` of a SwinUNETR v2 (feature 48), 7 classes (abdomen) or the
-  chest's (:func:`import_segmentor`).
+  ``{"epoch", "best_acc", "state_dict"}`` of a SwinUNETR v2 (feature 48), 7 classes (abdomen) or 2
+  (chest: background and lesion; the lung is background to it) (:func:`import_segmentor`).
 - ``baseline/TGAN.pt``: ``{"epoch", "state_dict"}`` with ``netG.*`` and ``netD.*`` (the Models-Genesis
   UNet3D, ``out_tr.final_conv``) and ``netSeg.*``, a full 7-class baseline (:func:`import_tgan`). Only
-  the generator's output channel 0 was ever trained, so every organ uses it; its batch norm always
-  uses batch statistics.
+  the generator's output channel 0 was ever trained, so every organ uses it; its batch norm normalises
+  with the statistics of what it is given, and the original gives it one crop at a time, so each crop is
+  normalised on its own statistics. FreeTumor-Chest's file has a 1-output generator and a 2-output
+  ``netSeg`` (background, lesion).
 - ``pretrained/VoCo_B_SSL_head.pt``: a flat state dict of the SwinUNETR encoder, no decoder
   (:func:`initialize_from`: shape-matching keys are copied).
 """
@@ -117,15 +119,12 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
 
 def _segmentor_task(out_channels: int, path: Path, task: str | None) -> str:
     if task is not None:
-        if TASKS[task].out_channels != out_channels:
-            raise InputError(
-                f"{path} predicts {out_channels} classes; a {task} network predicts {TASKS[task].out_channels}"
-            )
         return task
-    generalists = [t for t in TASKS.values() if t.remap is None and t.out_channels == out_channels]
     if "covid" in path.name.lower() and "covid" in TASKS:
         return "covid"
-    abdomen = [t for t in generalists if t.region == "abdomen"]
+    abdomen = [
+        t for t in TASKS.values() if t.region == "abdomen" and t.remap is None and t.out_channels == out_channels
+    ]
     if abdomen:
         return abdomen[0].name
     raise InputError(
@@ -134,11 +133,31 @@ def _segmentor_task(out_channels: int, path: Path, task: str | None) -> str:
     )
 
 
+def released_labels(task_name: str, out_channels: int, source: Any) -> dict[int, str]:
+    """What each output channel of a released segmentor of ``task_name`` predicts: all the task's classes,
+    or, with one channel per organ besides background, only its tumors (the authors' COVID-19 baseline,
+    ``model_covid_voco160k.pt``: 0 background, 1 lesion).
+
+    Raises:
+        InputError: ``out_channels`` fits neither.
+    """
+    task = TASKS[task_name]
+    for labels in (task.labels, task.tumor_labels):
+        if len(labels) == out_channels:
+            return labels
+    raise InputError(
+        f"{source} predicts {out_channels} classes; a {task_name} network predicts {task.out_channels} "
+        f"({', '.join(task.labels.values())}) or {len(task.tumor_labels)} ({', '.join(task.tumor_labels.values())})",
+        hint="pass the task the network was trained for (--task)",
+    )
+
+
 def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -> tuple[Any, ModelConfig]:
     """A SwinUNETR v2 baseline of the authors (``{"state_dict": ...}``) as a freetumor network.
 
     The class count comes from ``out.conv.conv.weight``: 7 is the abdomen generalist (``all``); a file
-    named like ``*covid*`` is the chest's (``covid``); otherwise pass ``task``.
+    named like ``*covid*`` is the chest's (``covid``; the released one predicts background and lesion);
+    otherwise pass ``task``.
     """
     from freetumor_cli.core.models import build_model
 
@@ -150,21 +169,24 @@ def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -
             f"{path} holds no SwinUNETR output layer (out.conv.conv.weight)",
             hint="is it a VoCo backbone? use it with --init",
         )
-    config = swinunetr_config(state, _segmentor_task(int(weight.shape[0]), path, task))
+    task_name = _segmentor_task(int(weight.shape[0]), path, task)
+    config = swinunetr_config(state, task_name, released_labels(task_name, int(weight.shape[0]), path))
     model = build_model(config)
     load_strict(model, state, path, "the segmentor")
     return model, config
 
 
-def swinunetr_config(state: Mapping[str, Any], task: str) -> ModelConfig:
-    """The configuration of a SwinUNETR v2 of ``task`` with the width of ``state``, at the region's preprocessing."""
+def swinunetr_config(state: Mapping[str, Any], task: str, labels: Mapping[int, str] | None = None) -> ModelConfig:
+    """The configuration of a SwinUNETR v2 of ``task`` with the width of ``state``, at the region's
+    preprocessing; ``labels`` (channel -> class) are the task's unless given."""
     from freetumor_cli.core.models import ModelConfig
 
     t, region = TASKS[task], REGIONS[TASKS[task].region]
+    classes = dict(labels) if labels is not None else t.labels
     embed = state.get("swinViT.patch_embed.proj.weight")
     return ModelConfig(
-        name="swinunetr", out_channels=t.out_channels, roi=region.roi, region=t.region, task=task,
-        spacing_mm=region.spacing_mm, window_hu=region.window_hu, labels={str(k): v for k, v in t.labels.items()},
+        name="swinunetr", out_channels=len(classes), roi=region.roi, region=t.region, task=task,
+        spacing_mm=region.spacing_mm, window_hu=region.window_hu, labels={str(k): v for k, v in classes.items()},
         feature_size=int(embed.shape[0]) if embed is not None else 48,
     )  # fmt: skip
 
@@ -266,7 +288,7 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
         )
     try:
         meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
-        gan = GanConfig(**meta["generator"])
+        gan = GanConfig(**{"batch_stats": False, **meta["generator"]})  # written before it was recorded: BatchNorm3d
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{path / 'generator.json'} is damaged ({type(exc).__name__}: {exc})") from None
     generator = make_generator(gan)
@@ -284,10 +306,11 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
 
 def import_tgan(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
     """The authors' ``TGAN.pt``: the generator (``netG.*``), the discriminator (``netD.*``) and, when the
-    file holds it, the 7-class baseline (``netSeg.*``) that the original uses for quality control.
+    file holds it, the region's baseline (``netSeg.*``) that the original uses for quality control.
 
-    The released generator's batch norm uses batch statistics at inference, and only its channel 0 was
-    trained (the original translated every label to 1 before picking the channel): every organ uses it.
+    The released generator's batch norm normalises each crop on its own statistics (as the original runs
+    it, one crop at a time), and only its channel 0 was trained (the original translated every label to 1
+    before picking the channel): every organ uses it.
     """
     from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator
 
@@ -338,17 +361,14 @@ def _released_unet_key(key: str) -> str:
 
 
 def _import_critic(state: Mapping[str, Any], path: Path, region: str, device: str) -> tuple[Any, ModelConfig]:
+    """``netSeg``: the region's baseline (7 classes abdomen; the chest's predicts background and lesion)."""
     from freetumor_cli.core.models import build_model
 
     weight = state.get("out.conv.conv.weight")
     if weight is None:
         raise InputError(f"{path}: netSeg holds no SwinUNETR output layer")
     task = REGIONS[region].generalist_task
-    if int(weight.shape[0]) != TASKS[task].out_channels:
-        raise InputError(
-            f"{path}: netSeg predicts {int(weight.shape[0])} classes, the {task} task {TASKS[task].out_channels}"
-        )
-    config = swinunetr_config(state, task)
+    config = swinunetr_config(state, task, released_labels(task, int(weight.shape[0]), f"{path}: netSeg"))
     model = build_model(config)
     load_strict(model, state, path, "netSeg")
     return model.to(device).eval(), config

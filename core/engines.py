@@ -97,12 +97,14 @@ class Scene:
         affine: its voxel-to-world matrix.
         bbox: the organ's bounding box in ``image``; tumor boxes are relative to it.
         organ: the tumor's organ (its region's sign and ranges).
+        organ_mask: the organ's voxels over ``bbox`` (bool), before the tumors; None when unknown.
     """
 
     image: np.ndarray
     affine: np.ndarray
     bbox: Box
     organ: Organ
+    organ_mask: np.ndarray | None = None
 
     def global_box(self, box: Sequence[slice]) -> Box:
         """A box within the organ's bounding box, as a box of the whole volume."""

@@ -579,7 +579,6 @@ def predict_for_scoring(
         configuration, which path the images came by).
     """
     from freetumor_cli.core.predict import predict_cases
-    from freetumor_cli.core.registry import TASKS
     from freetumor_cli.core.synthesize import collect_cases
 
     data_path = Path(data)
@@ -609,5 +608,5 @@ def predict_for_scoring(
     ground_truth = write_text_atomic(
         Path(out_dir) / "ground_truth.json", json.dumps({"testing": labelled}, indent=1) + "\n"
     )
-    classes = config.classes or TASKS[model_config.task].region_class_names
+    classes = config.classes or model_config.region_class_names
     return predictions, ground_truth, replace(config, label_space=model_config.region, classes=tuple(classes)), source

@@ -26,16 +26,18 @@ from freetumor_cli.core.registry import REGIONS, RegionName, generator_channels
 BACKGROUND, REAL_TUMOR, FAKE_TUMOR = 0, 1, 2
 
 
-class BatchStatsNorm3d(nn.BatchNorm3d):
-    """Batch norm that always normalises with the batch's own statistics, in training and inference alike.
+class CropStatsNorm3d(nn.BatchNorm3d):
+    """Batch norm that normalises each crop with its own statistics, in training and in use alike.
 
-    The authors' released networks were trained (and used) so: their ``ContBatchNorm3d`` passes
-    ``training=True`` whatever the mode. The running statistics are kept in the state dict (for key
-    compatibility) but never read or updated.
+    The authors' released networks normalise with the statistics of what they are given whatever the
+    mode (``ContBatchNorm3d`` passes ``training=True``), and the original runs its generator one crop at a
+    time, so each crop is normalised on its own. Computed per crop (an instance norm with the batch norm's
+    weights), a crop's output is the same alone and in any batch. The running statistics stay in the state
+    dict (the released files' keys) but are never read or updated.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return nn.functional.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
 class LUConv(nn.Module):
@@ -44,7 +46,7 @@ class LUConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, batch_stats: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = (BatchStatsNorm3d if batch_stats else nn.BatchNorm3d)(out_channels)
+        self.bn1 = (CropStatsNorm3d if batch_stats else nn.BatchNorm3d)(out_channels)
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,9 @@ class UpTransition(nn.Module):
 class UNet3D(nn.Module):
     """Models-Genesis 3D U-Net; returns logits of shape ``(B, n_class, X, Y, Z)`` (X, Y, Z divisible by 8).
 
-    ``batch_stats`` makes every batch norm use the batch's statistics also in eval mode, as the authors'
-    released networks do (:class:`BatchStatsNorm3d`).
+    ``batch_stats`` makes every batch norm normalise each crop with its own statistics, in training and in
+    use, as the authors' released networks are used (:class:`CropStatsNorm3d`); without it, batch norm
+    normalises over the batch in training and with its running statistics in eval mode.
     """
 
     def __init__(self, n_class: int, *, base: int = 32, batch_stats: bool = False) -> None:
@@ -125,13 +128,16 @@ class GanConfig:
             (abdomen: liver, pancreas, kidney; chest: one).
         base_channels: 32 for the method's 19 M-parameter networks; smaller for tests.
         adversarial_weight: λ in the generator loss (0.1 abdomen, 0.5 chest in the method).
-        batch_stats: batch norm with the batch's statistics also at inference (the released networks').
+        batch_stats: each crop normalised with its own statistics, in training and in use (the released
+            networks' batch norm as the original runs them, one crop at a time; and freetumor's, so that
+            a generator does in use exactly what it did in training). False: ``BatchNorm3d``, batch
+            statistics in training and running statistics in use (generators written by earlier versions).
     """
 
     region: RegionName = "abdomen"
     base_channels: int = 32
     adversarial_weight: float = REGIONS["abdomen"].adversarial_weight
-    batch_stats: bool = False
+    batch_stats: bool = True
 
     @property
     def generator_channels(self) -> int:
@@ -154,13 +160,18 @@ def _gaussian_kernel(size: int = 7, sigma: float = 1.0) -> torch.Tensor:
     return (g[:, None, None] * g[None, :, None] * g[None, None, :])[None, None]
 
 
-def intensity_map(generator_output: torch.Tensor, organ_channels: Sequence[int], region: str) -> torch.Tensor:
-    """The per-voxel intensity change of each crop: its organ's channel, squashed, then blurred.
+def intensity_map(
+    generator_output: torch.Tensor, organ_channels: Sequence[int], region: str, organ_mask: torch.Tensor
+) -> torch.Tensor:
+    """The per-voxel intensity change of each crop: its organ's channel, squashed, kept to the organ
+    (where the region's original does), then blurred.
 
     Args:
         generator_output: ``(B, C, X, Y, Z)`` raw generator output.
         organ_channels: per crop, the channel of the crop's organ.
-        region: the region (its generator activation: tanh or sigmoid).
+        region: the region (its generator activation: tanh or sigmoid; whether the map is set to 0
+            outside the organ before the blur, so that it fades at the organ's edge).
+        organ_mask: ``(B, 1, X, Y, Z)``, each crop's tumor organ before synthesis (:func:`organ_voxels`).
 
     Returns:
         ``(B, 1, X, Y, Z)``, blurred by a Gaussian of size 7 and σ 1.
@@ -168,8 +179,23 @@ def intensity_map(generator_output: torch.Tensor, organ_channels: Sequence[int],
     index = torch.as_tensor(list(organ_channels), device=generator_output.device)
     chosen = generator_output[torch.arange(len(index), device=index.device), index][:, None]
     squashed = torch.tanh(chosen) if REGIONS[region].generator_activation == "tanh" else torch.sigmoid(chosen)
+    if REGIONS[region].generator_map_in_organ:
+        squashed = squashed * organ_mask.to(squashed.dtype)
     kernel = _gaussian_kernel().to(squashed)
     return nn.functional.conv3d(squashed, kernel, padding=3)
+
+
+def organ_voxels(labels: torch.Tensor, synth_mask: torch.Tensor, organ_values: Sequence[int]) -> torch.Tensor:
+    """Each crop's tumor organ as it was before synthesis: its organ's voxels and the synthetic tumor's
+    (placed in the organ); real tumors are not organ. Shapes ``(B, 1, X, Y, Z)``; bool.
+
+    Args:
+        labels: task-space labels (the synthetic tumor marked as tumor).
+        synth_mask: the synthetic tumor's voxels.
+        organ_values: per crop, the task value of its tumor's organ.
+    """
+    values = torch.as_tensor(list(organ_values), device=labels.device, dtype=labels.dtype).reshape(-1, 1, 1, 1, 1)
+    return (labels == values) | synth_mask.bool()
 
 
 def compose(image: torch.Tensor, profile: torch.Tensor, change: torch.Tensor, sign: float) -> torch.Tensor:
@@ -239,6 +265,7 @@ class GanBatch:
         organ_channels: per crop, the generator channel of its organ.
         tumor_values: label values meaning tumor in ``labels``.
         seg_tumor_channels: per crop, the critic's channel meaning tumor of its organ.
+        organ_mask: each crop's tumor organ before synthesis (:func:`organ_voxels`).
     """
 
     image: torch.Tensor
@@ -248,11 +275,12 @@ class GanBatch:
     organ_channels: Sequence[int]
     tumor_values: Sequence[int]
     seg_tumor_channels: Sequence[int]
+    organ_mask: torch.Tensor
 
 
 def synthesize_batch(generator: nn.Module, batch: GanBatch, region: str) -> torch.Tensor:
     """Crops with the generator's tumors: the learned map in place of the rule-based scalar."""
-    change = intensity_map(generator(batch.image), batch.organ_channels, region)
+    change = intensity_map(generator(batch.image), batch.organ_channels, region, batch.organ_mask)
     return compose(batch.image, batch.profile, change, float(REGIONS[region].tumor_sign))
 
 

@@ -12,9 +12,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.io import write_safetensors, write_text_atomic
-from freetumor_cli.core.registry import MODELS, REGIONS, RegionName, TaskName, check_choices
+from freetumor_cli.core.registry import (
+    MODELS,
+    ORGANS,
+    REGIONS,
+    TASKS,
+    RegionName,
+    TaskName,
+    check_choices,
+    tasks_with_organ,
+)
 
 if TYPE_CHECKING:
     from freetumor_cli.core.preprocess import Preprocessing
@@ -30,13 +39,15 @@ class ModelConfig:
     Attributes:
         name: ``swinunetr`` (SwinUNETR v2, feature size 48: the method's), ``unet`` (MONAI UNet 16..256,
             for CPUs) or ``unet-tiny`` (8..32, for tests and the demo).
-        out_channels: classes predicted (the task's label space).
+        out_channels: classes predicted.
         roi: sliding-window / crop size in voxels.
         region: the region of the task (its label space).
-        task: the task the network predicts (a registry task).
+        task: the task the network serves (a registry task: its cases, organs and tumors).
         spacing_mm: voxel size the network works at.
         window_hu: HU window mapped to [0, 1].
-        labels: the task's class names by value.
+        labels: output channel -> the class it predicts, by its name in the region's label space: the
+            task's classes, or only its tumors (the authors' COVID-19 baseline: background, lesion; the
+            lung is background to it). Empty: the task's classes.
         feature_size: SwinUNETR's width (48 is the method's "B"; VoCo's L and H are 96 and 192).
     """
 
@@ -52,6 +63,43 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.labels:
+            names = REGIONS[self.region].labels.values()
+            if sorted(self.labels) != sorted(str(c) for c in range(self.out_channels)):
+                raise ValueError(f"labels must name the channels 0..{self.out_channels - 1}, got {sorted(self.labels)}")
+            if self.labels["0"] != "background" or not set(self.labels.values()) <= set(names):
+                raise ValueError(f"labels must be classes of the {self.region} with 0 background, got {self.labels}")
+
+    def class_names(self) -> dict[int, str]:
+        """Output channel -> the name of the class it predicts, in the region's label space."""
+        if self.labels:
+            return {int(c): name for c, name in sorted(self.labels.items(), key=lambda kv: int(kv[0]))}
+        return dict(TASKS[self.task].labels)
+
+    def region_values(self) -> dict[int, int]:
+        """Output channel -> the region label value it predicts (channel 0: background, 0)."""
+        value_of = {name: value for value, name in REGIONS[self.region].labels.items()}
+        return {channel: value_of[name] for channel, name in self.class_names().items()}
+
+    @property
+    def region_class_names(self) -> tuple[str, ...]:
+        """The region-space names of the classes the network predicts, background excluded."""
+        return tuple(name for channel, name in self.class_names().items() if channel)
+
+    def tumor_channel(self, organ: str) -> int:
+        """The output channel meaning "tumor of ``organ``" (what quality control and the critic read).
+
+        Raises:
+            ConfigError: the network does not predict that organ's tumors.
+        """
+        target = ORGANS[organ]
+        for channel, value in self.region_values().items():
+            if target.region == self.region and value == target.tumor_value:
+                return channel
+        raise ConfigError(
+            f"a {self.task} network of classes {', '.join(self.class_names().values())} does not segment {organ} tumors",
+            hint=f"use a network of a task that includes {organ}: {', '.join(tasks_with_organ(organ))}",
+        )
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing the network was trained with."""

@@ -4,7 +4,8 @@ Each image is oriented to RAS, resampled to the network's spacing, windowed and 
 training (MONAI transforms; or read so preprocessed from the case store); the prediction (Gaussian-blended
 sliding window, optional flip test-time augmentation) is brought back with nearest-neighbour
 interpolation, so the written label map has exactly the input's affine, shape and orientation. Labels
-are written in the region's label space (abdomen 7 classes or chest), whatever the network's task space.
+are written in the region's label space (abdomen 7 classes or chest), whatever the network's task space;
+a network that predicts fewer classes (the authors' 2-class COVID-19 baseline) writes only those.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import numpy as np
 from freetumor_cli.core.errors import GeometryError, InputError
 from freetumor_cli.core.io import load_header, save_volume, write_text_atomic
 from freetumor_cli.core.models import ModelConfig, load_checkpoint
-from freetumor_cli.core.registry import task
 
 if TYPE_CHECKING:
     from freetumor_cli.core.store import CaseData
 
 
-def task_to_region(task_name: str) -> np.ndarray:
-    """Lookup table from the network's task labels to the region's label space."""
+def channels_to_region(config: ModelConfig) -> np.ndarray:
+    """Lookup table from the network's output channels to the region's label space (a network that
+    predicts only tumors writes no organ: the authors' COVID-19 baseline gives 0 and 2, lesion)."""
     lut = np.zeros(256, dtype=np.uint8)
-    for task_value, region_value in task(task_name).task_to_region().items():
-        lut[task_value] = region_value
+    for channel, region_value in config.region_values().items():
+        lut[channel] = region_value
     return lut
 
 
@@ -87,7 +88,7 @@ def predict_image(
     data["pred"] = MetaTensor(pred, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
     labels = np.rint(np.asarray(inverted[0])).astype(np.uint8)
-    return task_to_region(config.task)[labels]
+    return channels_to_region(config)[labels]
 
 
 def predict_stored(
@@ -113,7 +114,7 @@ def predict_stored(
         spatial_size=case.source_shape,
     )
     labels = np.rint(np.asarray(back[0])).astype(np.uint8)
-    return task_to_region(config.task)[labels]
+    return channels_to_region(config)[labels]
 
 
 def predict_cases(
@@ -173,7 +174,14 @@ def predict_cases(
     write_text_atomic(
         out / "prediction.json",
         json.dumps(
-            {"checkpoint": str(checkpoint), "overlap": overlap, "tta": tta, "task": config.task, "data": source},
+            {
+                "checkpoint": str(checkpoint),
+                "overlap": overlap,
+                "tta": tta,
+                "task": config.task,
+                "classes": list(config.region_class_names),
+                "data": source,
+            },
             indent=2,
         )
         + "\n",

@@ -86,6 +86,9 @@ class Region:
         orientation: axis codes the preprocessing reorients to.
         synthesize_beside_real_tumors: online synthesis also in crops holding a real tumor (the chest's:
             lesions go wherever lung is); else only in crops with organ and no real tumor (the abdomen's).
+        generator_map_in_organ: the generator's map is set to 0 outside the tumor's organ before it is
+            blurred, so it fades at the organ's edge (the original's abdomen); else the whole map is
+            blurred (the original's chest).
     """
 
     name: str
@@ -100,6 +103,7 @@ class Region:
     adversarial_weight: float
     orientation: str = "RAS"
     synthesize_beside_real_tumors: bool = False
+    generator_map_in_organ: bool = True
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,13 @@ class Task:
     @property
     def out_channels(self) -> int:
         return len(self.labels)
+
+    @property
+    def tumor_labels(self) -> dict[int, str]:
+        """The classes of a network that segments only the task's tumors: background, then each organ's
+        tumor in ``organs`` order (the authors' COVID-19 baseline: background, lesion)."""
+        space = REGIONS[self.region].labels
+        return {0: space[0], **{i + 1: space[ORGANS[o].tumor_value] for i, o in enumerate(self.organs)}}
 
     def region_to_task(self) -> dict[int, int]:
         """Region value -> task value for every kept region value (background excluded)."""
@@ -234,7 +245,7 @@ REGIONS: Mapping[str, Region] = {
         Region(
             "chest", {0: "background", 1: "lung", 2: "lesion"}, (-1000.0, 500.0), (1.25, 1.25, 5.0), (192, 192, 32),
             tumor_sign=+1, scale_augment=False, generalist_task="covid", generator_activation="sigmoid",
-            adversarial_weight=0.5, synthesize_beside_real_tumors=True,
+            adversarial_weight=0.5, synthesize_beside_real_tumors=True, generator_map_in_organ=False,
         ),
     )
 }  # fmt: skip

@@ -415,18 +415,22 @@ class SegBatch:
 
 
 def learned_intensity(batch: SegBatch, generator: Any, task_name: str, channels: Mapping[str, int]) -> SegBatch:
-    """The generator's map in place of the rule-based scalar, for the whole batch at once (no gradients).
+    """The generator's map in place of the rule-based scalar (no gradients).
 
+    Each crop's map depends on that crop alone, as the generator was trained and as the original runs
+    it (one crop at a time): its batch norm normalises each crop on its own (or uses running statistics).
     ``channels`` gives the generator's output channel of each organ of the task.
     """
     import torch
 
-    from freetumor_cli.core.gan import compose, intensity_map
+    from freetumor_cli.core.gan import compose, intensity_map, organ_voxels
 
     task = TASKS[task_name]
-    chosen = [channels[task.organs[int(i)]] for i in batch.organ_index.tolist()]
+    organs = [task.organs[int(i)] for i in batch.organ_index.tolist()]
+    value_of = {name: value for value, name in task.organ_values.items()}
+    organ_mask = organ_voxels(batch.label, batch.synth_mask, [value_of[o] for o in organs])
     with torch.no_grad():
-        change = intensity_map(generator(batch.image_orig), chosen, task.region)
+        change = intensity_map(generator(batch.image_orig), [channels[o] for o in organs], task.region, organ_mask)
     image = compose(batch.image_orig, batch.profile, change, float(REGIONS[task.region].tumor_sign))
     return replace(batch, image=image)
 

@@ -70,28 +70,58 @@ from freetumor_cli.core.training import (
 GENERALIST_REPEATS = {"Dataset003_Liver": 4, "Dataset007_Pancreas": 2, "Dataset220_KiTS2023": 1}
 
 
+def check_sees_as_run(
+    what: str, source: object, run: ModelConfig, *, region: str, spacing_mm: Any, window_hu: Any, roi: Any
+) -> None:
+    """A network that works on the run's crops (quality-control baseline, generator) must see them as it
+    was trained to: the run's region, spacing, window and crop.
+
+    Raises:
+        ConfigError: naming the first setting that differs, and how to make them agree.
+    """
+    fixes = {
+        "region": f"use a {what} trained for the {run.region}",
+        "spacing_mm": f"train the {what} at the run's spacing, or set the run's: --set spacing_mm={list(spacing_mm)}",
+        "window_hu": f"train the {what} with the {run.region}'s window {list(run.window_hu)}",
+        "roi": f"train the {what} on the run's crop, or set the run's: --set roi={list(roi)}",
+    }
+    for key, ours, theirs in (
+        ("region", run.region, region),
+        ("spacing_mm", tuple(run.spacing_mm), tuple(float(s) for s in spacing_mm)),
+        ("window_hu", tuple(run.window_hu), tuple(float(w) for w in window_hu)),
+        ("roi", tuple(run.roi), tuple(int(n) for n in roi)),
+    ):
+        if ours != theirs:
+            raise ConfigError(
+                f"the {what} {source} was trained with {key} {theirs}, this run uses {ours}",
+                hint=fixes[key],
+            )
+
+
 def check_quality_control_baseline(baseline: ModelConfig, run: ModelConfig, source: object) -> dict[str, int]:
-    """A quality-control baseline must see the crops as it was trained to: the run's region, spacing, window
-    and crop, and segment every organ of the run's task.
+    """A quality-control baseline must see the crops as it was trained to (:func:`check_sees_as_run`) and
+    segment the tumors of every organ of the run's task.
 
     Returns:
-        organ -> the baseline's output channel meaning that organ's tumor.
+        organ -> the baseline's output channel meaning that organ's tumor (a 2-class COVID-19 baseline: 1).
 
     Raises:
         ConfigError: naming what differs.
     """
-    for what, ours, theirs in (
-        ("region", run.region, baseline.region),
-        ("spacing_mm", tuple(run.spacing_mm), tuple(baseline.spacing_mm)),
-        ("window_hu", tuple(run.window_hu), tuple(baseline.window_hu)),
-        ("roi", tuple(run.roi), tuple(baseline.roi)),
-    ):
-        if ours != theirs:
-            raise ConfigError(
-                f"the quality-control baseline {source} was trained with {what} {theirs}, this run uses {ours}",
-                hint=f"train the baseline with the run's {what}, or set the run's to the baseline's",
-            )
-    return {o: TASKS[baseline.task].tumor_channel(o) for o in TASKS[run.task].organs}
+    check_sees_as_run(
+        "quality-control baseline", source, run, region=baseline.region, spacing_mm=baseline.spacing_mm,
+        window_hu=baseline.window_hu, roi=baseline.roi,
+    )  # fmt: skip
+    return {o: baseline.tumor_channel(o) for o in TASKS[run.task].organs}
+
+
+def check_generator(meta: dict[str, Any], run: ModelConfig, source: object) -> None:
+    """A generator must see the run's crops as it was trained to: its region, spacing, window and crop
+    (``generator.json``) are the run's (:func:`check_sees_as_run`)."""
+    check_sees_as_run(
+        "generator", source, run, region=meta["generator"]["region"], spacing_mm=meta["spacing_mm"],
+        window_hu=meta["window_hu"], roi=meta["roi"],
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -452,8 +482,7 @@ def _train_segmentation(
     generator, channels, baseline_model, qc_channels, generator_contrast = None, {}, None, {}, None
     if pipeline.geometry_only:
         generator = load_generator(config.synth, device=str(accelerator.device))
-        if generator.region != task.region:
-            raise InputError(f"the generator {config.synth} is for the {generator.region}; task {task.name} is not")
+        check_generator(generator.meta, model_config, config.synth)
         generator.module.requires_grad_(False)
         channels = {o: generator.channel(o) for o in task.organs}
         measured = generator.meta.get("hu_contrast")  # on train-synth's held-out crops, when it was chosen

@@ -158,18 +158,22 @@ class SynthSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def _gan_batch(batch: dict[str, Any], critic_task: str, task: str, channels: Mapping[str, int]) -> Any:
-    from freetumor_cli.core.gan import GanBatch
+def _gan_batch(batch: dict[str, Any], critic: Any, task: str, channels: Mapping[str, int]) -> Any:
+    from freetumor_cli.core.gan import GanBatch, organ_voxels
 
-    organs = [TASKS[task].organs[int(i)] for i in batch["organ_index"].flatten().tolist()]
+    spec = TASKS[task]
+    organs = [spec.organs[int(i)] for i in batch["organ_index"].flatten().tolist()]
+    value_of = {name: value for value, name in spec.organ_values.items()}
+    synth_mask = batch["synth_mask"].bool()
     return GanBatch(
         image=batch["image"],
         labels=batch["label"],
-        synth_mask=batch["synth_mask"].bool(),
+        synth_mask=synth_mask,
         profile=batch["profile"],
         organ_channels=[channels[o] for o in organs],
-        tumor_values=TASKS[task].tumor_values,
-        seg_tumor_channels=[TASKS[critic_task].tumor_channel(o) for o in organs],
+        tumor_values=spec.tumor_values,
+        seg_tumor_channels=[critic.tumor_channel(o) for o in organs],
+        organ_mask=organ_voxels(batch["label"], synth_mask, [value_of[o] for o in organs]),
     )
 
 
@@ -299,7 +303,7 @@ def _train_generator(
     loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
     gan = GanConfig(
         region=config.region, base_channels=init.meta["generator"]["base_channels"] if init else config.base_channels,
-        adversarial_weight=config.weight(), batch_stats=bool(init.meta["generator"].get("batch_stats")) if init else False,
+        adversarial_weight=config.weight(), batch_stats=bool(init.meta["generator"].get("batch_stats")) if init else GanConfig.batch_stats,
     )  # fmt: skip
     generator, discriminator = make_generator(gan), make_discriminator(gan)
     check_step_fits(
@@ -358,7 +362,7 @@ def _train_generator(
     window_width = preprocessing.window_hu[1] - preprocessing.window_hu[0]
     rules_qc = float("nan")
     if fixed is not None:
-        fixed_batch = _gan_batch(fixed, critic_config.task, task, channels)
+        fixed_batch = _gan_batch(fixed, critic_config, task, channels)
         rule = RuleIntensity.for_region(config.region, config.rules, window_hu=preprocessing.window_hu)
         sign = float(REGIONS[config.region].tumor_sign)
         rule_images = (fixed_batch.image + rule.of_profile(fixed_batch.profile, sign, rule.mean_hu)).clamp(0, 1)
@@ -381,7 +385,7 @@ def _train_generator(
                 if step >= plan.total_steps:
                     break
                 record_incidents(accelerator, out, raw["incidents"], progress)
-                gan_batch = _gan_batch(raw, critic_config.task, task, channels)
+                gan_batch = _gan_batch(raw, critic_config, task, channels)
                 with accelerator.autocast():
                     loss_g, fake = generator_step(
                         generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward

@@ -201,7 +201,9 @@ def synthesize_in_labelled_crop(
     profile[placement.bbox] = placement.profile()
     out_image = img
     if intensity is not None:
-        patches = apply_intensity(placement.tumors, intensity, Scene(img, affine, placement.bbox, organ), rng)
+        patches = apply_intensity(
+            placement.tumors, intensity, Scene(img, affine, placement.bbox, organ, placement.organ_mask), rng
+        )
         out_image = img if in_place else img.copy()
         changed = out_image[placement.bbox] + compose_changes(patches, placement.tumor_mask.shape)
         out_image[placement.bbox] = np.clip(changed, *value_range) if value_range is not None else changed

@@ -763,12 +763,14 @@ class Placement:
         tumor_mask: bool mask of all tumor voxels over ``bbox``.
         bbox: the organ's bounding box in the volume.
         notes: what the engine decided on the user's behalf (sizes dropped, tumors not placed, ...).
+        organ_mask: the organ's voxels over ``bbox`` (bool), before the tumors.
     """
 
     tumors: list[TumorGeometry]
     tumor_mask: np.ndarray
     bbox: tuple[slice, slice, slice]
     notes: list[str]
+    organ_mask: np.ndarray | None = None
 
     def profile(self) -> np.ndarray:
         """The tumors' profiles over ``bbox`` (float32); where they overlap, the larger one."""
@@ -866,7 +868,7 @@ def place_tumors(
         record.center_voxel = tuple(int(v) for v in center)
         record.center_mm = tuple(round(float(v), 2) for v in center @ affine[:3, :3].T + affine[:3, 3])
         tumors.append(tumor)
-    return Placement(tumors, tumor_mask, geometry.bbox, list(geometry.notes))
+    return Placement(tumors, tumor_mask, geometry.bbox, list(geometry.notes), geometry.mask)
 
 
 def _draw_within_budget(
@@ -1006,7 +1008,7 @@ def synthesize_in_organ(
         radius_mm=radius_mm, config=config, geometry=geometry,
     )  # fmt: skip
     model = intensity or RuleIntensity.for_region(organ.region, config)
-    scene = Scene(image, affine, placement.bbox, organ)
+    scene = Scene(image, affine, placement.bbox, organ, placement.organ_mask)
     patches = apply_intensity(placement.tumors, model, scene, rng)
     records = [t.record for t in placement.tumors]
     return SynthesisResult(image, patches, placement.tumor_mask, placement.bbox, records, placement.notes)

@@ -73,7 +73,8 @@ RELEASED: dict[str, ReleasedWeights] = {
         ),
         ReleasedWeights(
             "covid-baseline", "Luffy503/FreeTumor", "baseline/model_covid_voco160k.pt", "segmentor", "covid",
-            "the COVID-19 baseline, the same for the chest",
+            "the COVID-19 baseline (background, lesion): train-seg --organ covid --baseline, train-synth --region chest "
+            "--baseline, evaluate --checkpoint",
         ),
         ReleasedWeights(
             "tgan", "Luffy503/FreeTumor", "baseline/TGAN.pt", "generator", None,

@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
 
     from freetumor_cli.core.checkpoints import trained_channels
     from freetumor_cli.core.gan import GanConfig, make_generator
+    from freetumor_cli.core.models import ModelConfig
     from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import Pipeline, read_task_datalist
     from freetumor_cli.core.train_seg import TrainSegConfig, validation_dice
@@ -78,13 +79,17 @@ SCRIPT = textwrap.dedent(
     opt_g = torch.optim.SGD(generator.parameters(), lr=0.0)
     generator, opt_g = accelerator.prepare(generator, opt_g)
     critic = network(7).eval()
+    critic_config = ModelConfig(
+        name="unet-tiny", out_channels=7, roi=(32, 32, 32), region="abdomen", task="all", spacing_mm=(4.0, 4.0, 4.0),
+        window_hu=(-175.0, 250.0),
+    )
     synth = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), workers=0, crops_per_volume=2)
     pipeline = Pipeline(task="all", preprocessing=pp, roi=(32, 32, 32), crops_per_volume=2, geometry_only=True)
     for n in (1, 3):
         train_once(generator, opt_g)
         config = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), workers=0, crops_per_volume=2, heldout_crops=2 * n)
         fixed = _heldout_batch(cases[::-1][:n], source, pipeline, config, accelerator.device)  # organ-only first
-        batch = _gan_batch(fixed, "all", "all", trained_channels("all"))
+        batch = _gan_batch(fixed, critic_config, "all", trained_channels("all"))
         _, scores = score_heldout(accelerator.unwrap_model(generator), batch, critic, config, 425.0)
         result[f"heldout_{n}"] = scores
         result[f"heldout_{n}_crops"] = int(batch.image.shape[0])

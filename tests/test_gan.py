@@ -73,7 +73,7 @@ def tiny_batch() -> GanBatch:
     labels[0, 0, 11:13, 11:13, 11:13] = 2  # a real tumor in crop 0
     return GanBatch(
         image=image, labels=labels, synth_mask=synth, profile=synth.float() * 0.5 * organ,
-        organ_channels=[0, 1], tumor_values=[2], seg_tumor_channels=[2, 2],
+        organ_channels=[0, 1], tumor_values=[2], seg_tumor_channels=[2, 2], organ_mask=organ.bool(),
     )  # fmt: skip
 
 
@@ -176,6 +176,7 @@ class TestTrainSynth:
 
         loaded = load_generator(out / "checkpoints" / "best")
         assert loaded.meta["generator"]["base_channels"] == 4 and not loaded.module.training
+        assert loaded.meta["generator"]["batch_stats"]  # each crop on its own statistics, in training and in use
         assert loaded.meta["organ_channels"] == {"liver": 0, "pancreas": 1, "kidney": 2}  # a 7-class critic
         import yaml
 
@@ -394,7 +395,8 @@ def test_a_generator_whose_tumors_are_brighter_than_the_liver_is_named(tmp_path:
 
 
 def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: object) -> None:
-    """The generator sees in ``synthesize`` what the training chain makes of the same voxels."""
+    """The generator sees in ``synthesize`` what the training chain makes of the same voxels: a crop of its
+    own size, centred on the tumor, on its grid."""
     from pathlib import Path
 
     import nibabel as nib
@@ -404,33 +406,48 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     from freetumor_cli.core.learned import generator_map, generator_preprocessing
     from freetumor_cli.core.phantom import make_phantom
     from freetumor_cli.core.registry import ORGANS
+    from freetumor_cli.core.seg_data import read_crop
 
     from .conftest import oblique_affine
 
     class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.seen = x.clone()
             return torch.ones(x.shape[0], 3, *x.shape[2:])
 
     p = make_phantom((40, 36, 20), (3.0, 3.0, 4.0), seed=1)
     affine = oblique_affine((3.0, 3.5, 4.0))
-    box_hu = p.ct.array[5:31, 4:30, 3:17].astype(np.int16)
-    box_affine = affine.copy()
-    box_affine[:3, 3] = affine[:3, :3] @ np.array([5, 4, 3]) + affine[:3, 3]
-    path = Path(str(tmp_path)) / "box.nii.gz"
-    nib.save(nib.Nifti1Image(box_hu, box_affine), path)
-    box_affine = nib.load(path).affine  # as synthesize has it: read from a file (float32 in the header)
-    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [1.5, 1.5, 1.5], "window_hu": [-175.0, 250.0]}
+    path = Path(str(tmp_path)) / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(p.ct.array.astype(np.int16), affine), path)
+    image = nib.load(path)
+    hu, affine = np.asarray(image.dataobj), image.affine  # as synthesize has them (float32 in the header)
+    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [3.0, 3.0, 3.0], "window_hu": [-175.0, 250.0],
+            "roi": [16, 16, 16]}  # fmt: skip
+    organ = p.labels.array == ORGANS["liver"].value
+    from scipy import ndimage
+
+    deepest = np.unravel_index(
+        np.argmax(ndimage.distance_transform_edt(np.pad(organ, 1))[1:-1, 1:-1, 1:-1]), organ.shape
+    )
+    tumor_box = tuple(slice(int(c) - 2, int(c) + 2) for c in deepest)
     recorder = Recorder()
-    change = generator_map(box_hu, box_affine, recorder, meta, ORGANS["liver"].generator_channel)
+    box, change = generator_map(hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, recorder, meta, 0)
     chain = Compose(generator_preprocessing(meta).transforms(("image",), crop_foreground=False))
-    expected = chain({"image": str(path)})["image"].as_tensor()
-    seen = recorder.seen[0, :, : expected.shape[1], : expected.shape[2], : expected.shape[3]]
-    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
-    assert all(n % 8 == 0 for n in recorder.seen.shape[2:])
-    # The map comes back on the box's own grid: tanh(1), blurred, in HU per unit of profile, inside.
-    assert change.shape == box_hu.shape
-    assert float(np.median(change[8:18, 8:18, 5:9])) == pytest.approx(np.tanh(1.0) * 425.0, rel=1e-3)
+    whole = chain({"image": str(path)})["image"]
+    grid = np.asarray(whole.affine)
+    center = np.linalg.solve(grid[:3, :3], affine[:3, :3] @ (np.array(deepest) - 0.5) + affine[:3, 3] - grid[:3, 3])
+    origin = np.floor(center + 0.5).astype(int) - 8
+    assert recorder.seen.shape == (1, 1, 16, 16, 16) and (origin < 0).any()  # the crop leaves the CT
+    expected = torch.from_numpy(read_crop(whole.as_tensor()[0].numpy(), origin, (16, 16, 16)))  # zeros beyond it
+    torch.testing.assert_close(recorder.seen[0, 0], expected, atol=1e-5, rtol=0)
+    # The map comes back on the CT's grid around the tumor: tanh(1), kept to the liver, blurred, in HU.
+    assert all(b.start <= t.start and t.stop <= b.stop for b, t in zip(box, tumor_box, strict=True))
+    inside = change[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tumor_box, box, strict=True))]
+    assert organ[tumor_box].all() and float(np.median(inside)) == pytest.approx(np.tanh(1.0) * 425.0, rel=1e-2)
 
 
 def test_train_synth_with_a_pancreas_critic(tmp_path_factory: pytest.TempPathFactory) -> None:

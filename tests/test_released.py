@@ -6,6 +6,7 @@ and the Models-Genesis UNet3D; no released weights are shipped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from pathlib import Path
@@ -34,10 +35,27 @@ from .hub_server import fail_writes_under, serve_hub, silent_hub  # noqa: E402
 
 
 def swinunetr(out_channels: int) -> torch.nn.Module:
+    """The authors' SwinUNETR as their ``TumorGAN.py`` builds it (feature size 12 instead of 48, to stay small)."""
     from monai.networks.nets import SwinUNETR
 
     torch.manual_seed(out_channels)
-    return SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12, use_v2=True).eval()
+    return SwinUNETR(
+        in_channels=1, out_channels=out_channels, feature_size=12, drop_rate=0.0, attn_drop_rate=0.0,
+        dropout_path_rate=0.0, use_checkpoint=True, use_v2=True,
+    ).eval()  # fmt: skip
+
+
+def authors_checkpoint(model: torch.nn.Module, path: Path, epoch: int = 99) -> Path:
+    """Saved as their ``Free_trainer.save_checkpoint`` saves the best model: epoch, best accuracy, weights,
+    optimizer and scheduler states."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+    torch.save(
+        {"epoch": epoch, "best_acc": 0.61, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+         "scheduler": scheduler.state_dict()},
+        path,
+    )  # fmt: skip
+    return path
 
 
 def authors_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,12 +70,12 @@ def released_unet(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tenso
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("released")
-    baseline, covid = swinunetr(7), swinunetr(3)
+    baseline, covid = swinunetr(7), swinunetr(2)  # the chest's: background, lesion (FreeTumor-Chest)
     torch.save(
         {"epoch": 99, "best_acc": 0.6, "state_dict": authors_names(baseline.state_dict())},
         root / "model_baseline_segmentor.pt",
     )
-    torch.save({"epoch": 9, "best_acc": 0.5, "state_dict": covid.state_dict()}, root / "model_covid_voco160k.pt")
+    authors_checkpoint(covid, root / "model_covid_voco160k.pt")
     gan = GanConfig(base_channels=2)
     tgan = {**released_unet(make_generator(gan), "netG"), **released_unet(make_discriminator(gan), "netD")}
     tgan.update({f"netSeg.{k}": v for k, v in baseline.state_dict().items()})
@@ -76,11 +94,12 @@ def test_the_authors_baselines_load_with_their_names(released: dict[str, Path]) 
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), swinunetr(7)(x))
     _, chest = import_segmentor(released["covid"])
-    assert (chest.task, chest.region, chest.spacing_mm, chest.roi) == (
+    assert (chest.task, chest.region, chest.spacing_mm, chest.roi, chest.out_channels) == (
         "covid",
         "chest",
         (1.25, 1.25, 5.0),
         (192, 192, 32),
+        2,
     )
 
 
@@ -120,8 +139,11 @@ def test_the_released_generator_uses_channel_0_and_batch_statistics(released: di
     assert [gen.channel(o) for o in ("liver", "pancreas", "kidney")] == [0, 0, 0]
     assert gen.discriminator_state is not None and gen.critic is not None and gen.critic[1].task == "all"
     x = torch.rand(2, 1, 16, 16, 16)
-    with torch.no_grad():  # batch statistics at inference: a crop's map depends on the batch it is in
-        assert not torch.allclose(gen.module(x)[:1], gen.module(x[:1]))
+    running = make_generator(GanConfig(base_channels=2, batch_stats=False)).eval()
+    running.load_state_dict(gen.module.state_dict())
+    with torch.no_grad():  # each crop on its own statistics at inference (not the running ones), as run alone
+        torch.testing.assert_close(gen.module(x)[:1], gen.module(x[:1]), atol=1e-5, rtol=0)
+        assert not torch.allclose(gen.module(x), running(x), atol=1e-3)
     state = torch.load(released["tgan"], weights_only=True)["state_dict"]
     assert all(
         torch.equal(v, state["netG." + k.replace("out_tr.", "out_tr.final_conv.")])
@@ -161,7 +183,132 @@ def test_conversion_once_into_freetumor_folders(released: dict[str, Path], tmp_p
     assert again.critic is not None and again.critic[1].task == "all"
     seg = convert_released(released["covid"], tmp_path / "covid")
     _, config, _ = load_checkpoint(seg)
-    assert config.task == "covid"
+    assert config.task == "covid" and config.labels == {"0": "background", "1": "lesion"}
+
+
+def test_the_chest_baseline_predicts_background_and_lesion(released: dict[str, Path], tmp_path: Path) -> None:
+    """``model_covid_voco160k.pt`` has 2 outputs; quality control, the critic and evaluate read channel 1."""
+    from freetumor_cli.core.predict import channels_to_region
+    from freetumor_cli.core.registry import REGIONS
+
+    folder = convert_released(released["covid"], tmp_path / "covid")
+    model, config, _ = load_checkpoint(folder)
+    assert (config.out_channels, config.class_names(), config.region_class_names) == (
+        2, {0: "background", 1: "lesion"}, ("lesion",),
+    )  # fmt: skip
+    assert config.tumor_channel("lung") == 1 and config.region_values() == {0: 0, 1: 2}
+    lut = channels_to_region(config)
+    assert REGIONS["chest"].labels[int(lut[1])] == "lesion" and int(lut[0]) == 0
+    x = torch.rand(1, 1, 64, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), swinunetr(2)(x))
+    # The class count decides: three outputs are freetumor's covid task, four fit nothing.
+    authors_checkpoint(swinunetr(3), tmp_path / "covid_3class.pt")
+    _, three = import_segmentor(tmp_path / "covid_3class.pt")
+    assert three.class_names() == {0: "background", 1: "lung", 2: "lesion"} and three.tumor_channel("lung") == 2
+    authors_checkpoint(swinunetr(4), tmp_path / "covid_4class.pt")
+    with pytest.raises(
+        InputError, match=r"predicts 4 classes; a covid network predicts 3 .* or 2 \(background, lesion\)"
+    ):
+        import_segmentor(tmp_path / "covid_4class.pt")
+    from freetumor_cli.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not segment liver tumors"):
+        config.tumor_channel("liver")
+
+
+def test_quality_control_and_the_critic_read_the_lesion_channel(released: dict[str, Path]) -> None:
+    from freetumor_cli.core.seg_data import SegBatch, quality_controlled
+    from freetumor_cli.core.train_seg import TrainSegConfig, check_quality_control_baseline, model_config_for
+    from freetumor_cli.core.train_synth import _gan_batch
+
+    _, config = import_segmentor(released["covid"])
+    run = model_config_for(TrainSegConfig(task="covid", model="unet"))
+    channels = check_quality_control_baseline(config, run, "covid-baseline")
+    assert channels == {"lung": 1}
+
+    class LesionWhereBright(torch.nn.Module):
+        """A 2-class stand-in: lesion where the crop is bright."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(x), 10 * (x - 0.5)], 1)
+
+    image = torch.zeros(2, 1, 8, 8, 8)
+    label = torch.ones_like(image)  # lung
+    synth = torch.zeros_like(image, dtype=torch.bool)
+    synth[:, :, 2:5, 2:5, 2:5] = True
+    label[synth] = 2
+    bright = image.clone()
+    bright[0][synth[0]] = 1.0  # crop 0's lesion is bright, crop 1's is not
+    batch = SegBatch(
+        image=bright, label=label, synth_mask=synth, image_orig=image, organ_index=torch.zeros(2, dtype=torch.long)
+    )
+    kept, stats = quality_controlled(batch, LesionWhereBright(), channels, "covid", 0.7, contextlib.nullcontext)
+    assert (stats.seen, stats.kept) == (2, 1)
+    assert torch.equal(kept.image[0], bright[0]) and torch.equal(kept.image[1], image[1])
+    assert int(kept.label[1].max()) == 1  # the rejected lesion is lung again
+    raw = {
+        "image": image,
+        "label": label,
+        "synth_mask": synth,
+        "profile": synth.float(),
+        "organ_index": torch.zeros(2, 1),
+    }
+    assert _gan_batch(raw, config, "covid", {"lung": 0}).seg_tumor_channels == [1, 1]
+
+
+def test_evaluate_writes_and_scores_the_lesion_of_a_two_class_network(tmp_path: Path) -> None:
+    """A network of background and lesion writes 0 and 2 (lesion) in the chest space, and only the lesion is scored."""
+    import json
+
+    import numpy as np
+
+    from freetumor_cli.core.io import Volume, save_volume
+    from freetumor_cli.core.models import ModelConfig, build_model, save_checkpoint
+
+    config = ModelConfig(
+        name="unet-tiny", out_channels=2, roi=(32, 32, 16), region="chest", task="covid", spacing_mm=(4.0, 4.0, 4.0),
+        window_hu=(-1000.0, 500.0), labels={"0": "background", "1": "lesion"},
+    )  # fmt: skip
+    model = build_model(config)
+    with torch.no_grad():
+        final = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)][-1]
+        final.bias.copy_(torch.tensor([0.0, 50.0]))  # lesion wherever it looks
+    save_checkpoint(model, config, tmp_path / "net")
+    ct = np.full((20, 20, 10), -800, np.int16)
+    ct[4:16, 4:16, 2:8] = 40
+    truth = np.zeros(ct.shape, np.uint8)
+    truth[2:18, 2:18, 1:9] = 1
+    truth[6:10, 6:10, 3:6] = 2
+    reference = Volume(ct, np.diag([4.0, 4.0, 4.0, 1.0]))
+    save_volume(ct, reference, tmp_path / "data" / "imagesTr" / "case_0000.nii.gz")
+    save_volume(truth, reference, tmp_path / "data" / "labelsTr" / "case.nii.gz", label=True)
+    images = tmp_path / "data" / "imagesTr"
+    (tmp_path / "list.json").write_text(json.dumps({"testing": [
+        {"image": str(images / "case_0000.nii.gz"), "label": str(tmp_path / "data" / "labelsTr" / "case.nii.gz")}
+    ]}))  # fmt: skip
+    result = CliRunner().invoke(app, [
+        "evaluate", "--checkpoint", str(tmp_path / "net"), "--data", str(tmp_path / "list.json"), "--out", str(tmp_path / "ev"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from freetumor_cli.core.io import load_volume
+
+    predicted = load_volume(tmp_path / "ev" / "predictions" / "case.nii.gz").array
+    assert 2 in predicted and set(np.unique(predicted).tolist()) <= {0, 2}  # lesion (2), never lung (1)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert "lesion" in json.dumps(summary) and "lung" not in json.dumps(summary), summary
+    assert json.loads((tmp_path / "ev" / "predictions" / "prediction.json").read_text())["classes"] == ["lesion"]
+
+
+def test_the_chest_tgan_file_loads_with_its_two_class_netseg(tmp_path: Path) -> None:
+    """FreeTumor-Chest's TGAN: a 1-output sigmoid generator and a 2-output netSeg."""
+    gan = GanConfig(region="chest", base_channels=2)
+    state = {**released_unet(make_generator(gan), "netG"), **released_unet(make_discriminator(gan), "netD")}
+    state.update({f"netSeg.{k}": v for k, v in swinunetr(2).state_dict().items()})
+    torch.save({"epoch": 50, "state_dict": state}, tmp_path / "TGAN_covid.pt")
+    gen = import_tgan(tmp_path / "TGAN_covid.pt")
+    assert gen.region == "chest" and gen.channel("lung") == 0 and gen.critic is not None
+    assert gen.critic[1].class_names() == {0: "background", 1: "lesion"} and gen.critic[1].tumor_channel("lung") == 1
 
 
 def test_voco_weights_initialise_the_encoder(released: dict[str, Path]) -> None:
@@ -225,6 +372,8 @@ def test_fetch_weights_downloads_converts_resumes_and_works_offline(
     assert empty.exit_code != 0 and "lacks baseline" in flat(empty.output) and "Traceback" not in empty.output
     _, config, _ = load_checkpoint(home / "checkpoints" / "baseline")
     assert config.task == "all" and config.feature_size == 12
+    _, chest, _ = load_checkpoint(home / "checkpoints" / "covid-baseline")
+    assert chest.class_names() == {0: "background", 1: "lesion"} and chest.tumor_channel("lung") == 1
 
 
 def released_files(released: dict[str, Path]) -> dict[str, bytes]:
@@ -382,3 +531,69 @@ def test_the_authors_workflow_with_their_files(released: dict[str, Path], tmp_pa
     assert result.exit_code == 0 and (tmp_path / "ev" / "predictions" / ct.name.replace("_0000", "")).is_file(), (
         result.output
     )
+
+
+def write_chest_root(root: Path, *, labelled: int = 2, organ_only: int = 2) -> Path:
+    """A chest data root of 4 mm phantoms: the authors' Covid19_20 copy (``Train_lungmask/``: 1 lung,
+    2 lesion) and TCIAcovid19-style lung-only cases."""
+    from freetumor_cli.core.io import save_volume
+    from freetumor_cli.core.phantom import make_phantom
+
+    for i in range(labelled):
+        p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=60 + i, lung_lesions=2)
+        folder = root / "Covid19_20" / "Train_lungmask"
+        save_volume(p.ct.array, p.ct, folder / f"volume-covid19-A-{i}_ct.nii.gz")
+        save_volume(p.lung.array, p.ct, folder / f"volume-covid19-A-{i}_seg.nii.gz", label=True)
+    for i in range(organ_only):
+        q = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=70 + i)
+        save_volume(q.ct.array, q.ct, root / "TCIAcovid19" / "imagesTr" / f"tcia_{i}_0000.nii.gz")
+        save_volume(
+            (q.lung.array == 1).astype("uint8"),
+            q.ct,
+            root / "TCIAcovid19" / "labelsTr" / f"tcia_{i}.nii.gz",
+            label=True,
+        )
+    return root
+
+
+@pytest.mark.slow
+def test_the_chest_workflow_with_the_two_class_baseline(released: dict[str, Path], tmp_path: Path) -> None:
+    """``Syn_covid.sh`` and ``Free_covid.sh`` with the authors' 2-output COVID-19 baseline at the chest's
+    1.25 × 1.25 × 5 mm and 192 × 192 × 32: converted, as the critic, as quality control, in evaluate."""
+    import json
+
+    import numpy as np
+
+    from freetumor_cli.core.io import load_volume
+    from freetumor_cli.core.prepare import PrepareConfig, prepare
+
+    root = write_chest_root(tmp_path / "root", organ_only=4)
+    prepare(root, tmp_path / "prepared", PrepareConfig(folds=2, store=False))
+    run = CliRunner()
+    baseline = tmp_path / "covid_baseline"
+    result = run.invoke(app, ["fetch-weights", "--convert", str(released["covid"]), "--out", str(baseline)])
+    assert result.exit_code == 0, result.output
+    common = ["--data", str(tmp_path / "prepared"), "--workers", "0", "--max-steps", "1"]
+    result = run.invoke(app, [
+        "train-synth", *common, "--region", "chest", "--baseline", str(baseline), "--out", str(tmp_path / "syn"),
+        "--set", "base_channels=2", "--set", "volumes_per_batch=1", "--set", "heldout_crops=1", "--set", "labelled_repeats=1",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "syn" / "metrics.jsonl").read_text().splitlines()]
+    assert any("qc_pass_rate" in r for r in rows) and any("loss_g" in r for r in rows)
+    generator = tmp_path / "syn" / "checkpoints" / "last"
+    assert json.loads((generator / "generator.json").read_text())["organ_channels"] == {"lung": 0}
+    result = run.invoke(app, [
+        "train-seg", *common, "--organ", "covid", "--task", "freesyn", "--baseline", str(baseline), "--synth", str(generator),
+        "--model", "unet-tiny", "--out", str(tmp_path / "free"), "--set", "crops_per_volume=2", "--set", "val_every=100",
+        "--set", "labelled_repeats=1",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "quality control: " in (tmp_path / "free" / "run.log").read_text()
+    ct = next((root / "Covid19_20" / "Train_lungmask").glob("*_ct.nii.gz"))
+    result = run.invoke(
+        app, ["evaluate", "--checkpoint", str(baseline), "--data", str(ct), "--out", str(tmp_path / "ev")]
+    )
+    assert result.exit_code == 0, result.output
+    predicted = load_volume(next((tmp_path / "ev" / "predictions").glob("*.nii.gz"))).array
+    assert set(np.unique(predicted).tolist()) <= {0, 2}  # background and lesion, in the chest's space
