@@ -430,9 +430,10 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     organ = p.labels.array == ORGANS["liver"].value
     from scipy import ndimage
 
-    deepest = np.unravel_index(
-        np.argmax(ndimage.distance_transform_edt(np.pad(organ, 1))[1:-1, 1:-1, 1:-1]), organ.shape
-    )
+    # A tumor well inside the liver, in the liver voxel nearest a face of the CT (its crop leaves the CT).
+    inner = np.argwhere(ndimage.distance_transform_edt(np.pad(organ, 1))[1:-1, 1:-1, 1:-1] >= 4)
+    to_face = np.minimum(inner, np.array(organ.shape) - 1 - inner) * np.array([3.0, 3.0, 4.0])
+    deepest = tuple(inner[np.argmin(to_face.min(axis=1))])
     tumor_box = tuple(slice(int(c) - 2, int(c) + 2) for c in deepest)
     recorder = Recorder()
     box, change = generator_map(hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, recorder, meta, 0)
@@ -441,7 +442,8 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     grid = np.asarray(whole.affine)
     center = np.linalg.solve(grid[:3, :3], affine[:3, :3] @ (np.array(deepest) - 0.5) + affine[:3, 3] - grid[:3, 3])
     origin = np.floor(center + 0.5).astype(int) - 8
-    assert recorder.seen.shape == (1, 1, 16, 16, 16) and (origin < 0).any()  # the crop leaves the CT
+    leaves = (origin < 0).any() or (origin + 16 > np.asarray(whole.shape[1:])).any()
+    assert tuple(recorder.seen.shape) == (1, 1, 16, 16, 16) and leaves  # the crop leaves the CT
     expected = torch.from_numpy(read_crop(whole.as_tensor()[0].numpy(), origin, (16, 16, 16)))  # zeros beyond it
     torch.testing.assert_close(recorder.seen[0, 0], expected, atol=1e-5, rtol=0)
     # The map comes back on the CT's grid around the tumor: tanh(1), kept to the liver, blurred, in HU.
