@@ -1,12 +1,13 @@
 """What synthetic tumors, quality control and the generator each add: the fair, paired experiment.
 
-Per seed a phantom world, one shared baseline, a generator, and arms A-E (a subset with ``--arms``) that
-continue from the baseline for the same steps; then paired statistics pooled over seeds and a
-quality-control audit (see ``freetumor_cli.core.fair``). Resumable: a rerun skips what is done.
+Per seed a phantom world, one shared baseline, a generator, and arms A, A′ (Ap), B, C, C′ (Cp), D, E (a
+subset with ``--arms``) that continue from the baseline for the same steps; then paired statistics pooled
+over seeds with each seed's difference, the tumors' contrast and halo, and a quality-control audit (see
+``freetumor_cli.core.fair``). Resumable: a rerun skips what is done.
 
-    python benchmarks/fair_toy.py [--quick] [--out fair_toy] [--seeds 0 1 2] [--arms A B C D E]
+    python benchmarks/fair_toy.py [--quick] [--out fair_toy] [--seeds 0 1 2] [--arms A Ap B C Cp D E]
 
-The default ran in 48.6 minutes on 2 CPU cores; ``--quick`` runs every stage in a few minutes.
+``--quick`` runs every stage in a few minutes (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from freetumor_cli.core.errors import FreetumorError
-from freetumor_cli.core.fair import FairConfig, run_experiment
+from freetumor_cli.core.fair import ARMS, FairConfig, run_experiment
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="every stage, tiny (its figures mean nothing)")
     parser.add_argument("--out", type=Path, default=Path("fair_toy"))
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--arms", nargs="+", choices=("A", "B", "C", "D", "E"))
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS))
     args = parser.parse_args()
     for category in (FutureWarning, DeprecationWarning, UserWarning):  # the libraries' notices to developers
         warnings.filterwarnings("ignore", category=category)

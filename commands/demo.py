@@ -32,6 +32,7 @@ def demo(
     from rich.table import Table
 
     from freetumor_cli.core.demo import COMPARISON_COLUMNS, MODELS, DemoConfig, run_demo
+    from freetumor_cli.core.fair import label
 
     config = DemoConfig.preset(quick=quick, seed=seed or 0)
     with progress_bar("demo") as progress:
@@ -50,10 +51,10 @@ def demo(
     for column in COMPARISON_COLUMNS:
         table.add_column(column, justify="right")
     for name, row in result.comparison.items():
-        table.add_row(name, *("n/a" if row[c] is None else f"{row[c]:.3f}" for c in COMPARISON_COLUMNS))
+        table.add_row(label(name), *("n/a" if row[c] is None else f"{row[c]:.3f}" for c in COMPARISON_COLUMNS))
     print_table(table)
     for name, what in MODELS.items():
-        console.print(f"  {name}: {what}")
+        console.print(f"  {label(name)}: {what}")
     paired = Table(title="paired: arm X minus arm Y on the same test CTs")
     for column in ("comparison", "Δ tumor Dice", "95 % CI", "Wilcoxon p", "lesions X / Y", "McNemar p"):
         paired.add_column(column, justify="right")
@@ -63,7 +64,7 @@ def demo(
             f"{r['wilcoxon_p']:.2g}", f"{r['sens_x']:.2f} / {r['sens_y']:.2f}", f"{r['mcnemar_p']:.2g}",
         )  # fmt: skip
     print_table(paired)
-    kept = ", ".join(f"{arm} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None)
+    kept = ", ".join(f"{label(arm)} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None)
     if kept:
         console.print(f"quality control kept: {kept} of the synthetic tumors")
     if quick:

@@ -3,10 +3,10 @@
 One phantom world (no data, no network): labelled CTs whose "real" tumors are drawn by the phantom's
 own recipe, organ-only CTs, and a held-out test set fixed before training. Then ``prepare``, one shared
 baseline (``train-seg --task onlylabeled`` with warm-up and CutMix), the generator (``train-synth``, the
-baseline as critic), four arms that continue from the baseline for the same steps (A labelled only; B
-+ rule-based tumors; C + rule-based tumors with quality control; D + generator tumors with quality
-control, the method), ``synthesize`` with both engines, ``evaluate`` of every run on the test set, and a
-quality-control audit. The report holds the paired table (per-case Dice differences with bootstrap
+baseline as critic), six arms that continue from the baseline for the same steps (A labelled only; A′ +
+organ-only crops without synthesis; B + rule-based tumors; C + rule-based tumors with quality control;
+C′ as C at the generator's measured contrast; D + generator tumors with quality control, the method),
+``synthesize`` with both engines, ``evaluate`` of every run on the test set, and a quality-control audit. The report holds the paired table (per-case Dice differences with bootstrap
 intervals, Wilcoxon and McNemar p) and a plot of the per-case differences.
 
 Everything is small so that a laptop CPU finishes it in minutes: 3 mm voxels, a MONAI UNet on 32³
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.fair import ARMS, FairConfig
+from freetumor_cli.core.fair import ARMS, FairConfig, label
 from freetumor_cli.core.io import OutputLock, atomic_path, write_text_atomic
 
 # The comparison's columns, and its rows: run folder -> what it is.
 COMPARISON_COLUMNS = ("tumor Dice", "lesion sensitivity", "sensitivity <= 10 mm", "FP per case")
-MODELS = {"baseline": "the shared baseline: labelled cases only", **{arm: ARMS[arm] for arm in "ABCD"}}
+DEMO_ARMS = ("A", "Ap", "B", "C", "Cp", "D")  # the experiment's arms but E (generator tumors without QC)
+MODELS = {"baseline": "the shared baseline: labelled cases only", **{arm: ARMS[arm] for arm in DEMO_ARMS}}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class DemoConfig:
         quick: the short preset (a few minutes on 2 CPU cores); too short for the comparison to mean much.
         seed: seeds the phantoms and every stage.
         labelled_cases, organ_only_cases, test_cases: the world (3 tumors per test CT).
+        calibration_cases: labelled CTs outside the data that calibrate the quality-control audit.
         shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
         model, roi: the segmentation network and its crop size in voxels.
         baseline_steps, arm_steps: optimizer steps of the baseline and of each arm.
@@ -56,6 +58,7 @@ class DemoConfig:
     labelled_cases: int = FairConfig.labelled_cases
     organ_only_cases: int = 16
     test_cases: int = 8
+    calibration_cases: int = 3
     shape: tuple[int, int, int] = FairConfig.shape
     spacing_mm: tuple[float, float, float] = FairConfig.spacing_mm
     tumor_radius_mm: tuple[float, float] = FairConfig.tumor_radius_mm
@@ -73,18 +76,18 @@ class DemoConfig:
         """The default preset, or the ``quick`` one."""
         if quick:
             return cls(
-                quick=True, seed=seed, organ_only_cases=6, test_cases=4, baseline_steps=40, arm_steps=20,
-                synth_steps=10, generator_channels=4, audit_cases=2,
+                quick=True, seed=seed, organ_only_cases=6, test_cases=4, calibration_cases=2, baseline_steps=40,
+                arm_steps=20, synth_steps=10, generator_channels=4, audit_cases=2,
             )  # fmt: skip
         return cls(seed=seed)
 
     def fair(self) -> FairConfig:
         return FairConfig(
             seeds=(self.seed,), labelled_cases=self.labelled_cases, organ_only_cases=self.organ_only_cases,
-            test_cases=self.test_cases, shape=self.shape, spacing_mm=self.spacing_mm,
+            test_cases=self.test_cases, calibration_cases=self.calibration_cases, shape=self.shape, spacing_mm=self.spacing_mm,
             tumor_radius_mm=self.tumor_radius_mm, roi=self.roi, model=self.model,
             baseline_steps=self.baseline_steps, arm_steps=self.arm_steps, synth_steps=self.synth_steps,
-            generator_channels=self.generator_channels, arms=("A", "B", "C", "D"), audit_cases=self.audit_cases,
+            generator_channels=self.generator_channels, arms=DEMO_ARMS, audit_cases=self.audit_cases,
             bootstrap=1000, workers=self.workers,
         )  # fmt: skip
 
@@ -140,7 +143,7 @@ def run_demo(
         return _run_demo(out, config, step=on_step or (lambda _message: None), on_progress=on_progress)
 
 
-DEMO_FOLDERS = ("data", "test", "prepared", "runs", "synthetic", "eval", "qc_audit")
+DEMO_FOLDERS = ("data", "test", "calibration", "prepared", "runs", "synthetic", "eval", "qc_audit")
 
 
 def _run_demo(
@@ -164,7 +167,7 @@ def _run_demo(
     fair = config.fair()
     seed = run_seed(out, fair, config.seed, step=lambda m: step(f"{m} -> {out}"), progress=on_progress)
     result.seconds["experiment"] = round(time.perf_counter() - started, 1)
-    generator = out / "runs" / "generator" / "checkpoints" / "best"
+    generator = out / "runs" / "generator" / "checkpoints" / "last"
     organ_only = sorted((out / "data" / "BTCV" / "imagesTr").glob("*.nii.gz"))[0]
     case = Case(organ_only, out / "data" / "BTCV" / "labelsTr" / organ_only.name.replace("img", "label"), "demo")
     for engine in ("rules", "generator"):
@@ -213,7 +216,7 @@ def plot_paired_differences(seeds: list[dict[str, Any]], arms: tuple[str, ...], 
         if diffs:
             ax.hlines(float(np.mean(diffs)), k - 0.25, k + 0.25, color="black")
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(pairs)), [f"{x} - {y}" for x, y in pairs])
+    ax.set_xticks(range(len(pairs)), [f"{label(x)} - {label(y)}" for x, y in pairs])
     ax.set_ylabel("tumor Dice difference per test CT")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -230,26 +233,28 @@ def comparison_markdown(comparison: dict[str, dict[str, float | None]]) -> str:
     lines = ["| model | " + " | ".join(COMPARISON_COLUMNS) + " |", "|---|" + "---|" * len(COMPARISON_COLUMNS)]
     for name, row in comparison.items():
         lines.append(
-            f"| {name} | " + " | ".join(_fmt(row[c], 2 if c == "FP per case" else 3) for c in COMPARISON_COLUMNS) + " |"
+            f"| {label(name)} | "
+            + " | ".join(_fmt(row[c], 2 if c == "FP per case" else 3) for c in COMPARISON_COLUMNS)
+            + " |"
         )
     return "\n".join(lines)
 
 
 def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any] | None = None) -> str:
     """The one-page report: what ran, the comparison, the paired table, previews and plots."""
-    from freetumor_cli.core.fair import audit_markdown, paired_markdown
+    from freetumor_cli.core.fair import audit_markdown, contrast_markdown, paired_markdown
 
     images = [
         ("per-case tumor Dice differences (a dot per test CT, the bar their mean)", "paired_differences.png"),
         ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_liver_synthetic_preview.png"),
         ("synthetic liver tumors, learned generator", "synthetic/generator/demo_liver_synthetic_preview.png"),
         ("baseline training curves", "runs/baseline/curves.png"),
-        *((f"arm {arm} training curves", f"runs/{arm}/curves.png") for arm in "ABCD"),
+        *((f"arm {label(arm)} training curves", f"runs/{arm}/curves.png") for arm in DEMO_ARMS),
     ]
     previews = sorted((result.out_dir / "runs" / "generator" / "previews").glob("*.png"))
     if previews:
         images.append(("generator on held-out crops, last epoch", previews[-1].relative_to(result.out_dir).as_posix()))
-    kept = ", ".join(f"{arm} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None) or "n/a"
+    kept = ", ".join(f"{label(arm)} {v:.0%}" for arm, v in result.qc_acceptance.items() if v is not None) or "n/a"
     audit = (seed or {}).get("audit")
     audit_lines = [audit_markdown([audit]), ""] if audit else []
     lines = [
@@ -260,15 +265,15 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         f"{config.test_cases} held-out test CTs with 3 liver tumors each, drawn by the phantom's recipe (not the "
         f"synthesizer's). {config.spacing_mm[0]:g} mm voxels, MONAI {config.model} on {config.roi}³ crops. One "
         f"baseline ({config.baseline_steps} steps, warm-up, CutMix); every arm continues from it for "
-        f"{config.arm_steps} steps with the same seed; the generator trained {config.synth_steps} steps with the "
-        "baseline as critic. Synthetic sizes are those a crop holds (diameter at most half its side): "
+        f"{config.arm_steps} steps with the same seed and the same crops (B-D: the same tumor geometry in every "
+        f"crop); the generator trained {config.synth_steps} steps with the baseline as critic (its last checkpoint). Synthetic sizes are those a crop holds (diameter at most half its side): "
         f"{', '.join((seed or {}).get('sizes', []))}.",
         "",
         "## Test set: liver tumors",
         "",
         comparison_markdown(result.comparison),
         "",
-        *(f"- `{name}`: {what}" for name, what in MODELS.items()),
+        *(f"- `{label(name)}`: {what}" for name, what in MODELS.items()),
         "",
         "## Paired differences",
         "",
@@ -281,6 +286,13 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         f"Quality control kept: {kept} of the synthetic tumors during training.",
         "",
         *audit_lines,
+        *(
+            [contrast_markdown([seed["contrast"]]), ""]
+            if seed
+            and seed.get("contrast", {}).get("real_hu") is not None
+            and "generator_hu_contrast" in seed["contrast"]
+            else []
+        ),
         "Lesion sensitivity counts a test lesion found when any predicted tumor voxel overlaps it; "
         "'<= 10 mm' is lesions with an equivalent-sphere radius of at most 10 mm. Per-case and per-lesion "
         "figures: `eval/<model>/metrics_per_case.csv`, `metrics_per_lesion.csv`, `summary.md`.",

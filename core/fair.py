@@ -6,16 +6,27 @@ organ-only CTs, and a held-out test set fixed before any training), then:
 1. one baseline (labelled cases only, warm-up, CutMix), trained to a plateau;
 2. one generator (train-synth, the baseline as critic);
 3. arms that all continue from the baseline (``init``) for the same number of steps, seed and learning
-   rate: A labelled only; B + rule-based tumors; C + rule-based tumors with quality control;
-   D + generator tumors with quality control (the method); E + generator tumors without it (optional);
-4. every arm and the baseline scored on the test set (per case, per lesion);
-5. a quality-control audit: the baseline's tumor recall on the labelled cases' real tumors (which
-   calibrates a threshold that passes 90 % of them) and on synthetic tumors of both engines, per size.
+   rate: A labelled only; A′ labelled plus organ-only crops, no synthesis; B + rule-based tumors;
+   C + rule-based tumors with quality control; C′ as C with the rules' HU change scaled to the
+   generator's measured contrast; D + generator tumors with quality control (the method); E + generator
+   tumors without it. Arms A′-E see the same crops in the same order and (B-E) the same tumor geometry
+   in every crop: they differ only in what the arm names;
+4. every arm and the baseline scored on the test set (per case, per lesion, predicted against true volume);
+5. a quality-control audit: the baseline's tumor recall on real tumors of labelled CTs no stage trained
+   on (which calibrates a threshold that passes 90 % of them) and on synthetic tumors of both engines.
+
+The generator trains as the method trains it, scaled down: the labelled cases repeated so that about half
+of its samples hold a real tumor, its steps and learning rate chosen on a development world
+(``benchmarks/fair_plateau.py --generator``), scored on held-out crops of organ-only cases that no stage
+trains on, and the last checkpoint used (a rule fixed before any test result). Its HU contrast and halo
+on those crops are logged beside the rules' and the real tumors' contrast.
 
 The paired statistics (:func:`paired_table`) pool the test cases of all seeds: per comparison, the mean
 per-case Dice difference with a 95 % bootstrap interval (cases resampled within seeds) and a Wilcoxon
-signed-rank p, and lesion detection with an exact McNemar test, overall and for early (<= 10 mm)
-lesions. Each stage is skipped when its result exists, so an interrupted run resumes per arm.
+signed-rank p, each seed's own mean difference and how many seeds agree in sign (each arm is one trained
+model per seed, which the case-level tests do not model), and lesion detection with an exact McNemar
+test, overall and for early (<= 10 mm) lesions. Each stage is skipped when its result exists, so an
+interrupted run resumes per arm.
 
 Synthetic tumor sizes are bounded by the crop, not by the test set: a crop of ``roi`` voxels of
 ``spacing_mm`` holds a tumor whose diameter is at most half its side, so only size classes whose
@@ -44,28 +55,50 @@ from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig
 LIVER = ORGANS["liver"]
 ARMS: dict[str, str] = {
     "A": "labelled only",
+    "Ap": "+ organ-only crops, no synthesis",
     "B": "+ rule-based tumors, no QC",
     "C": "+ rule-based tumors, QC",
+    "Cp": "+ rule-based tumors at the generator's contrast, QC",
     "D": "+ generator tumors, QC (the method)",
     "E": "+ generator tumors, no QC",
 }
-COMPARISONS: tuple[tuple[str, str], ...] = (("B", "A"), ("C", "B"), ("D", "C"), ("D", "A"), ("E", "D"))
+# How the tables name an arm (the folders and --arms use the keys).
+ARM_LABELS = {"Ap": "A′", "Cp": "C′"}
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("Ap", "A"), ("B", "Ap"), ("B", "A"), ("C", "B"), ("D", "C"), ("Cp", "C"), ("D", "Cp"), ("D", "A"), ("E", "D"),
+)  # fmt: skip
 EARLY_RADIUS_MM = 10.0
+
+
+def label(arm: str) -> str:
+    """An arm's name in the tables (A′ for ``Ap``)."""
+    return ARM_LABELS.get(arm, arm)
+
+
+# The generator's steps and learning rate: the method's learning rate (1e-4) and 300 steps (about 15
+# passes over its 5 × 8 labelled and 38 organ-only samples, 4 a step). `benchmarks/fair_plateau.py --generator` compares settings on the
+# development world (seed 99) by arm D's development Dice, as the baseline's steps were chosen; the README
+# says whether these are its choice.
+SYNTH_STEPS = 300
+SYNTH_LR = 1e-4
 
 
 @dataclass(frozen=True)
 class FairConfig:
-    """The experiment's size. The defaults ran in 48.6 minutes on 2 CPU cores; :meth:`quick` in a few.
+    """The experiment's size; :meth:`quick` runs every stage in a few minutes on 2 CPU cores.
 
     Attributes:
         seeds: one phantom world and one set of runs per seed.
         labelled_cases, organ_only_cases, test_cases: the world (test CTs hold ``test_tumors`` each).
+        calibration_cases: labelled CTs outside the data that calibrate the quality-control audit.
         shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
         roi: the crop side in voxels (also what bounds the synthetic sizes).
         model: the segmentation network of every run.
         baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
-        lr, arm_lr: learning rates of the baseline and of the arms (which continue from it).
-        arms: which arms run (E is optional).
+        lr, arm_lr, synth_lr: learning rates of the baseline, of the arms (which continue from it), of the
+            generator (and its discriminator).
+        generator_tumor_share: the share of the generator's samples drawn from labelled cases (real tumors).
+        arms: which arms run.
         audit_cases: organ-only CTs per engine in the quality-control audit.
         bootstrap: bootstrap resamples for the intervals.
     """
@@ -75,6 +108,7 @@ class FairConfig:
     organ_only_cases: int = 48
     test_cases: int = 16
     test_tumors: int = 3
+    calibration_cases: int = 5
     shape: tuple[int, int, int] = (104, 104, 64)
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
@@ -82,11 +116,13 @@ class FairConfig:
     model: str = "unet"
     baseline_steps: int = 2000
     arm_steps: int = 200
-    synth_steps: int = 50
+    synth_steps: int = SYNTH_STEPS
     generator_channels: int = 8
     lr: float = 1e-3
     arm_lr: float = 5e-4
-    arms: tuple[str, ...] = ("A", "B", "C", "D", "E")
+    synth_lr: float = SYNTH_LR
+    generator_tumor_share: float = 0.5
+    arms: tuple[str, ...] = tuple(ARMS)
     audit_cases: int = 16
     bootstrap: int = 2000
     workers: int = 1
@@ -95,8 +131,8 @@ class FairConfig:
     def quick(cls) -> FairConfig:
         """Every stage, tiny: minutes on 2 CPU cores; its figures mean nothing."""
         return cls(
-            seeds=(0,), organ_only_cases=4, test_cases=3, baseline_steps=12, arm_steps=6, synth_steps=4,
-            generator_channels=4, audit_cases=2, bootstrap=200,
+            seeds=(0,), organ_only_cases=5, test_cases=3, calibration_cases=2, baseline_steps=12, arm_steps=6,
+            synth_steps=4, generator_channels=4, audit_cases=2, bootstrap=200,
         )  # fmt: skip
 
 
@@ -127,7 +163,10 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
     from freetumor_cli.core.phantom import make_phantom
 
     marker = out / "world.json"
-    paths = {"data": out / "data", "test_images": out / "test" / "imagesTs", "test_labels": out / "test" / "labelsTs"}
+    paths = {
+        "data": out / "data", "test_images": out / "test" / "imagesTs", "test_labels": out / "test" / "labelsTs",
+        "calibration": out / "calibration",
+    }  # fmt: skip
     if marker.is_file():
         saved = _shaping(json.loads(marker.read_text(encoding="utf-8")).get("config", {}))
         changed = sorted(k for k, v in _shaping(asdict(config)).items() if saved.get(k) != v)
@@ -137,7 +176,7 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
                 hint="choose a new --out, or delete the folder to start over; a run resumes only with its own settings",
             )
         return paths
-    for folder in ("data", "test"):
+    for folder in ("data", "test", "calibration"):
         shutil.rmtree(out / folder, ignore_errors=True)
     rng = np.random.default_rng(seed)
     base = 10_000 * (seed + 1)
@@ -162,27 +201,43 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
         p = phantom(5000 + i, config.test_tumors)
         save_volume(p.ct.array, p.ct, paths["test_images"] / f"test_{i:03d}_0000.nii.gz")
         save_volume(_liver_only(p.labels.array), p.ct, paths["test_labels"] / f"test_{i:03d}.nii.gz", label=True)
+    for i in range(config.calibration_cases):  # labelled CTs no stage trains on: the audit's calibration
+        p = phantom(7000 + i, int(rng.integers(1, 4)))
+        save_volume(p.ct.array, p.ct, paths["calibration"] / "imagesTr" / f"calib_{i:03d}_0000.nii.gz")
+        save_volume(
+            _liver_only(p.labels.array), p.ct, paths["calibration"] / "labelsTr" / f"calib_{i:03d}.nii.gz", label=True
+        )
     write_text_atomic(marker, json.dumps({"seed": seed, "config": asdict(config)}, indent=1) + "\n")
     return paths
 
 
-def _train_everything_labelled(prepared: Path) -> None:
-    """The liver data list trains on every labelled case (the test set is separate; validation is unused)."""
+def _split_for_the_experiment(prepared: Path) -> None:
+    """Every labelled case trains (the test set is separate); the organ-only cases of the validation fold
+    train nothing: the generator is scored on their crops, which no stage has seen."""
     path = prepared / "datalists" / "liver_fold0.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    data["training"] = data["training"] + [e for e in data.get("validation", []) if e not in data["training"]]
+    labelled = [e for e in data.get("validation", []) if e.get("role") == "tumor-labelled"]
+    data["training"] = data["training"] + [e for e in labelled if e not in data["training"]]
+    data["validation"] = [e for e in data.get("validation", []) if e.get("role") != "tumor-labelled"]
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
+def heldout_cases(prepared: Path) -> list[str]:
+    """The organ-only cases no stage trains on (the generator's held-out crops come from them)."""
+    data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
+    trained = {json.dumps(e, sort_keys=True) for e in data["training"]}
+    return [str(e["image"]) for e in data.get("validation", []) if json.dumps(e, sort_keys=True) not in trained]
+
+
 def _seg(config: FairConfig, seed: int, *, mode: str, steps: int, lr: float, warmup: float, synth: str = "rules",
-         init: str | None = None, rules: SynthesisConfig | None = None) -> Any:  # fmt: skip
+         init: str | None = None, rules: SynthesisConfig | None = None, synth_prob: float = 1.0) -> Any:  # fmt: skip
     from freetumor_cli.core.train_seg import TrainSegConfig
 
     return TrainSegConfig(
         task="liver", mode=mode, model=config.model, roi=(config.roi,) * 3, spacing_mm=config.spacing_mm,
         max_steps=steps, epochs=steps, lr=lr, warmup_epochs=warmup, val_every=10**6,
         save_every_steps=max(25, steps // 4), workers=config.workers, seed=seed, synth=synth, init=init,
-        rules=rules or SynthesisConfig(),
+        rules=rules or SynthesisConfig(), synth_prob=synth_prob,
     )  # fmt: skip
 
 
@@ -205,7 +260,7 @@ def prepared_world(
         shutil.rmtree(prepared, ignore_errors=True)
         preprocessing = PreprocessConfig(abdomen_spacing_mm=config.spacing_mm)
         prepare(world["data"], prepared, PrepareConfig(folds=5, seed=seed, preprocessing=preprocessing))
-        _train_everything_labelled(prepared)
+        _split_for_the_experiment(prepared)
     return world, prepared
 
 
@@ -286,7 +341,8 @@ def _passes(recall: float, threshold: float) -> bool:
 
 def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path, config: FairConfig,
              seed: int, rules: SynthesisConfig) -> dict[str, Any]:  # fmt: skip
-    """The baseline as a gatekeeper: its recall on real and on synthetic tumors, per engine and size."""
+    """The baseline as a gatekeeper: its recall on real tumors of labelled CTs it never trained on (the
+    world's calibration cases) and on synthetic tumors, per engine and size."""
     from scipy import ndimage
 
     from freetumor_cli.core.predict import predict_cases
@@ -296,13 +352,14 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
     if result_file.is_file():
         return dict(json.loads(result_file.read_text(encoding="utf-8")))
     shutil.rmtree(out, ignore_errors=True)
-    liver = world["data"] / "Dataset003_Liver"
-    images = sorted((liver / "imagesTr").glob("*.nii.gz"))
+    calibration = world["calibration"]
+    images = sorted((calibration / "imagesTr").glob("*.nii.gz"))
     predict_cases(baseline, images, out / "real", overlap=0.5)
     real_truths = []
     for image in images:
         case = image.name.replace("_0000.nii.gz", "")
-        components, n = ndimage.label(load_volume(liver / "labelsTr" / f"{case}.nii.gz").array == LIVER.tumor_value)
+        labels = load_volume(calibration / "labelsTr" / f"{case}.nii.gz").array
+        components, n = ndimage.label(labels == LIVER.tumor_value)
         real_truths += [(case, components == k) for k in range(1, n + 1)]
     real = _recalls(out / "real", real_truths)
     calibrated = float(np.quantile(real, 0.1)) if real else float("nan")
@@ -344,6 +401,48 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
     return audit
 
 
+def real_contrast(world: dict[str, Path]) -> float:
+    """The labelled cases' real tumors: their mean HU minus that of the liver around them (within 6 mm)."""
+    from scipy import ndimage
+
+    liver = world["data"] / "Dataset003_Liver"
+    differences = []
+    for label_path in sorted((liver / "labelsTr").glob("*.nii.gz")):
+        labels = load_volume(label_path)
+        ct = load_volume(liver / "imagesTr" / label_path.name.replace(".nii.gz", "_0000.nii.gz")).array
+        tumor = labels.array == LIVER.tumor_value
+        if not tumor.any():
+            continue
+        iterations = max(1, round(6.0 / float(min(labels.spacing))))
+        ring = ndimage.binary_dilation(tumor, iterations=iterations) & (labels.array == LIVER.value)
+        if ring.any():
+            differences.append(float(ct[tumor].mean() - ct[ring].mean()))
+    return float(np.mean(differences)) if differences else math.nan
+
+
+def generator_measures(run: Path) -> dict[str, float]:
+    """The generator's held-out measures at its last scoring, and the rules' on the same crops (from
+    train-synth's ``metrics.jsonl``): QC pass rate, HU contrast, halo."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    generator = [r for r in rows if "hu_contrast" in r]
+    rules = [r for r in rows if "rules_hu_contrast" in r]
+    out: dict[str, float] = {}
+    for key in ("qc_pass_rate", "hu_contrast", "halo"):
+        out[f"generator_{key}"] = float(generator[-1][key]) if generator and key in generator[-1] else math.nan
+        out[f"rules_{key}"] = float(rules[-1][f"rules_{key}"]) if rules and f"rules_{key}" in rules[-1] else math.nan
+    return out
+
+
+def matched_rules(rules: SynthesisConfig, measures: dict[str, float]) -> tuple[SynthesisConfig, float]:
+    """The rules with their HU change scaled so that their measured contrast is the generator's (arm C′):
+    both were measured on the same held-out crops and tumor geometry. Returns (rules, the scale)."""
+    scale = measures["generator_hu_contrast"] / measures["rules_hu_contrast"]
+    if not math.isfinite(scale) or scale <= 0:
+        scale = 1.0  # a generator without a tumor's contrast (or of the wrong sign): C′ is C
+    low, high = rules.abdomen_hu_change
+    return replace(rules, abdomen_hu_change=(low * scale, high * scale)), float(scale)
+
+
 def run_seed(
     out: Path, config: FairConfig, seed: int, *, step: Callable[[str], None] = lambda _m: None,
     progress: Progress | None = None,
@@ -352,8 +451,6 @@ def run_seed(
 
     ``step`` gets a line as each stage starts, ``progress`` (done, total) during training.
     """
-    from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
-
     out.mkdir(parents=True, exist_ok=True)
     rules = crop_rules(config)
     step(f"seed {seed}: phantom world")
@@ -362,34 +459,27 @@ def run_seed(
     step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
     train_run(prepared, runs / "baseline", baseline_config(config, seed), None, progress)
     baseline = runs / "baseline" / "checkpoints" / "last"
-    generator = runs / "generator" / "checkpoints" / "best"
-    wants_generator = any(a in config.arms for a in ("D", "E")) or config.audit_cases
-    if wants_generator and not (generator / "generator.json").is_file():
-        step(f"seed {seed}: generator ({config.synth_steps} steps, the baseline as critic)")
-        shutil.rmtree(runs / "generator", ignore_errors=True)
-        synth_config = TrainSynthConfig(
-                region="abdomen", max_steps=config.synth_steps, roi=(config.roi,) * 3, crops_per_volume=2,
-                labelled_repeats=1, base_channels=config.generator_channels, heldout_crops=8, lr=1e-3,
-                save_every_steps=max(25, config.synth_steps // 2), workers=config.workers, seed=seed,
-                spacing_mm=config.spacing_mm, rules=rules,
-            )  # fmt: skip
-        train_generator(
-            prepared, runs / "generator", synth_config, baseline=baseline,
-            on_step=None if progress is None else (lambda done, total, _stats: progress(done, total)),
-        )  # fmt: skip
-    arm_specs = {
-        "A": ("onlylabeled", "rules", False),
-        "B": ("freesyn", "rules", False),
-        "C": ("freesyn", "rules", True),
-        "D": ("freesyn", str(generator), True),
-        "E": ("freesyn", str(generator), False),
+    generator = runs / "generator" / "checkpoints" / "last"  # the rule: the last checkpoint, fixed in advance
+    wants_generator = any(a in config.arms for a in ("Cp", "D", "E")) or config.audit_cases
+    if wants_generator:
+        train_generator_run(prepared, runs / "generator", config, seed, baseline, step=step, progress=progress)
+    measures = generator_measures(runs / "generator") if wants_generator else {}
+    contrast_rules, scale = matched_rules(rules, measures) if measures else (rules, 1.0)
+    arm_specs: dict[str, tuple[str, str, bool, SynthesisConfig, float]] = {
+        "A": ("onlylabeled", "rules", False, rules, 1.0),
+        "Ap": ("freesyn", "rules", False, rules, 0.0),
+        "B": ("freesyn", "rules", False, rules, 1.0),
+        "C": ("freesyn", "rules", True, rules, 1.0),
+        "Cp": ("freesyn", "rules", True, contrast_rules, 1.0),
+        "D": ("freesyn", str(generator), True, rules, 1.0),
+        "E": ("freesyn", str(generator), False, rules, 1.0),
     }
     scores: dict[str, Path] = {}
     for arm in config.arms:
-        mode, synth, qc = arm_specs[arm]
-        step(f"seed {seed}: arm {arm} ({ARMS[arm]}, {config.arm_steps} steps from the baseline)")
+        mode, synth, qc, arm_rules, prob = arm_specs[arm]
+        step(f"seed {seed}: arm {label(arm)} ({ARMS[arm]}, {config.arm_steps} steps from the baseline)")
         seg_config = _seg(config, seed, mode=mode, steps=config.arm_steps, lr=config.arm_lr, warmup=0.0, synth=synth,
-                          init=str(baseline), rules=rules)  # fmt: skip
+                          init=str(baseline), rules=arm_rules, synth_prob=prob)  # fmt: skip
         train_run(prepared, runs / arm, seg_config, baseline if qc else None, progress)
         scores[arm] = score_run(runs / arm, world, out / "eval" / arm)
     step(f"seed {seed}: baseline on the test set")
@@ -399,9 +489,50 @@ def run_seed(
         step(f"seed {seed}: quality-control audit")
         audit = qc_audit(out / "qc_audit", world, baseline, generator, config, seed, rules)
     kept = {arm: json.loads((runs / arm / "summary.json").read_text())["qc_acceptance"] for arm in config.arms}
+    contrast = {"seed": seed, "real_hu": real_contrast(world), **measures, "matched_scale": scale}
     return {"seed": seed, "scores": {k: str(v) for k, v in scores.items()}, "qc_acceptance": kept, "audit": audit,
-            "sizes": list(rules.mix_sizes),
+            "sizes": list(rules.mix_sizes), "contrast": contrast,
             "baseline_plateau": json.loads((runs / "baseline" / "summary.json").read_text())}  # fmt: skip
+
+
+def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
+    """The generator's run, the method's recipe scaled down: labelled cases repeated so that about
+    ``generator_tumor_share`` of its samples hold a real tumor, ``synth_steps`` at ``synth_lr``, scored each
+    epoch on 16 held-out crops of cases no stage trains on."""
+    from freetumor_cli.core.train_synth import TrainSynthConfig
+
+    data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
+    labelled = sum(e.get("role") == "tumor-labelled" for e in data["training"])
+    organ_only = len(data["training"]) - labelled
+    share = config.generator_tumor_share
+    repeats = max(1, round(share / (1 - share) * organ_only / max(1, labelled))) if share < 1 else 1
+    return TrainSynthConfig(
+        region="abdomen", max_steps=config.synth_steps, roi=(config.roi,) * 3, labelled_repeats=repeats,
+        base_channels=config.generator_channels, heldout_crops=16, lr=config.synth_lr,
+        save_every_steps=max(25, config.synth_steps // 4), workers=config.workers, seed=seed,
+        spacing_mm=config.spacing_mm, rules=crop_rules(config),
+    )  # fmt: skip
+
+
+def train_generator_run(
+    prepared: Path, run: Path, config: FairConfig, seed: int, baseline: Path, *,
+    step: Callable[[str], None] = lambda _m: None, progress: Progress | None = None,
+) -> None:  # fmt: skip
+    """Train the generator unless it is done (its last checkpoint written); resume it if interrupted."""
+    from freetumor_cli.core.train_synth import train_generator
+
+    if (run / "checkpoints" / "last" / "generator.json").is_file():
+        return
+    from freetumor_cli.core.training import saved_state
+
+    resume = saved_state(run) is not None
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    step(f"seed {seed}: generator ({config.synth_steps} steps at lr {config.synth_lr:g}, the baseline as critic)")
+    train_generator(
+        prepared, run, generator_config(config, seed, prepared), baseline=baseline, resume=resume,
+        on_step=None if progress is None else (lambda done, total, _stats: progress(done, total)),
+    )  # fmt: skip
 
 
 # ---- paired statistics ------------------------------------------------------------------------------
@@ -420,6 +551,22 @@ def read_scores(lesion_csv: Path) -> tuple[dict[str, float], dict[tuple[str, int
             if row["class"] == "liver_tumor" and row["source"] == "gt":
                 lesions[(row["case"], int(row["index"]))] = (row["matched"] == "True", float(row["radius_mm"]))
     return dice, lesions
+
+
+def read_volumes(lesion_csv: Path) -> dict[str, tuple[float, float]]:
+    """case -> (true, predicted) tumor volume in ml, from an evaluation's per-case CSV."""
+    volumes = {}
+    with (lesion_csv.parent / "metrics_per_case.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["class"] == "liver_tumor":
+                volumes[row["case"]] = (float(row["gt_volume_ml"]), float(row["pred_volume_ml"]))
+    return volumes
+
+
+def volume_ratio(volumes: Sequence[tuple[float, float]]) -> float:
+    """The median over test CTs of predicted / true tumor volume (below 1: the network stops short)."""
+    ratios = [pred / true for true, pred in volumes if true > 0]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 def bootstrap_ci(differences: Sequence[Sequence[float]], *, resamples: int, seed: int = 0) -> tuple[float, float]:
@@ -466,6 +613,8 @@ def paired_table(seeds: Sequence[dict[str, Any]], arms: Sequence[str], *, resamp
             continue
         per_seed = [[d[x][0][c] - d[y][0][c] for c in sorted(d[x][0]) if c in d[y][0]] for d in loaded]
         pooled = [v for g in per_seed for v in g]
+        seed_means = [float(np.mean(g)) if g else math.nan for g in per_seed]
+        sign = np.sign(np.mean(pooled)) if pooled else 0.0
         keys = [[k for k in sorted(d[x][1]) if k in d[y][1]] for d in loaded]
         found_x = [d[x][1][k][0] for d, ks in zip(loaded, keys, strict=True) for k in ks]
         found_y = [d[y][1][k][0] for d, ks in zip(loaded, keys, strict=True) for k in ks]
@@ -476,7 +625,9 @@ def paired_table(seeds: Sequence[dict[str, Any]], arms: Sequence[str], *, resamp
         only_x, only_y, p_lesion = mcnemar_p(found_x, found_y)
         early_only_x, early_only_y, p_early = mcnemar_p(ex, ey)
         rows.append({
-            "comparison": f"{x} - {y}", "cases": len(pooled), "dice_diff": float(np.mean(pooled)) if pooled else math.nan,
+            "comparison": f"{label(x)} - {label(y)}", "cases": len(pooled),
+            "dice_diff": float(np.mean(pooled)) if pooled else math.nan, "seed_diffs": seed_means,
+            "seeds_agree": int(sum(np.sign(m) == sign and sign != 0 for m in seed_means)),
             "ci_low": low, "ci_high": high, "wilcoxon_p": wilcoxon_p(pooled),
             "lesions": len(found_x), "sens_x": float(np.mean(found_x)) if found_x else math.nan,
             "sens_y": float(np.mean(found_y)) if found_y else math.nan, "only_x": only_x, "only_y": only_y,
@@ -491,15 +642,18 @@ def arm_summary(seeds: Sequence[dict[str, Any]], arms: Sequence[str]) -> list[di
     """Per arm: mean tumor Dice, lesion sensitivity and early sensitivity, pooled over seeds."""
     rows = []
     for arm in (*arms, "baseline"):
-        dice, found, early = [], [], []
+        dice, found, early, volumes = [], [], [], []
         for s in seeds:
             d, lesions = read_scores(Path(s["scores"][arm]))
+            volumes += list(read_volumes(Path(s["scores"][arm])).values())
             dice += list(d.values())
             found += [f for f, _ in lesions.values()]
             early += [f for f, r in lesions.values() if r <= EARLY_RADIUS_MM]
         qc = [s["qc_acceptance"].get(arm) for s in seeds if s["qc_acceptance"].get(arm) is not None]
         rows.append({
-            "arm": arm, "what": ARMS.get(arm, "the shared baseline"), "dice": float(np.mean(dice)),
+            "arm": label(arm), "what": ARMS.get(arm, "the shared baseline"), "dice": float(np.mean(dice)),
+            "seed_dice": [float(np.mean(list(read_scores(Path(s["scores"][arm]))[0].values()))) for s in seeds],
+            "volume_ratio": volume_ratio(volumes),
             "sensitivity": float(np.mean(found)) if found else math.nan,
             "early_sensitivity": float(np.mean(early)) if early else math.nan,
             "qc_kept": float(np.mean(qc)) if qc else None,
@@ -510,13 +664,15 @@ def arm_summary(seeds: Sequence[dict[str, Any]], arms: Sequence[str]) -> list[di
 def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The paired comparisons of :func:`paired_table` as a Markdown table."""
     lines = [
-        "| comparison | cases | Δ Dice [95 % CI] | Wilcoxon p | lesions: sens. X / Y (only X, only Y) | McNemar p "
-        "| early: sens. X / Y | McNemar p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| comparison | cases | Δ Dice [95 % CI] | per seed | seeds agreeing | Wilcoxon p "
+        "| lesions: sens. X / Y (only X, only Y) | McNemar p | early: sens. X / Y | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        per_seed = ", ".join(f"{m:+.3f}" for m in r["seed_diffs"])
         lines.append(
             f"| {r['comparison']} | {r['cases']} | {r['dice_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+            f"{per_seed} | {r['seeds_agree']} of {len(r['seed_diffs'])} | "
             f"{r['wilcoxon_p']:.3g} | {r['sens_x']:.3f} / {r['sens_y']:.3f} ({r['only_x']}, {r['only_y']}) | "
             f"{r['mcnemar_p']:.3g} | {r['early_sens_x']:.3f} / {r['early_sens_y']:.3f} of {r['early_lesions']} "
             f"({r['early_only_x']}, {r['early_only_y']}) | {r['early_mcnemar_p']:.3g} |"
@@ -531,7 +687,7 @@ def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
     lines = [
         "Quality-control audit (the baseline's voxel recall as gatekeeper, pooled over seeds):",
         "",
-        f"- real tumors of the labelled cases: {len(real)}, mean recall {np.mean(real):.2f}; "
+        f"- real tumors of labelled CTs no stage trained on: {len(real)}, mean recall {np.mean(real):.2f}; "
         f"calibrated threshold (passes 90 % of them) {', '.join(f'{t:.2f}' for t in thresholds)}",
     ]
     for engine in ("rules", "generator"):
@@ -549,15 +705,41 @@ def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def contrast_markdown(contrasts: Sequence[dict[str, float]]) -> str:
+    """Per seed: the tumors' HU contrast (real, rules, generator, C′'s rules) and their halo."""
+    lines = [
+        "Tumor contrast (mean HU change inside the label; real: tumor minus the liver around it) and halo "
+        "(organ voxels outside the label changed >= 25 HU towards tumor, per labelled voxel), on the "
+        "generator's held-out crops:",
+        "",
+        "| seed | real tumors | rules: contrast, halo | generator: contrast, halo, QC pass | C′ rules: HU change × |",
+        "|---|---|---|---|---|",
+    ]
+    for k, c in enumerate(contrasts):
+        lines.append(
+            f"| {c.get('seed', k)} | {c['real_hu']:+.0f} | {c['rules_hu_contrast']:+.0f}, {c['rules_halo']:.2f} | "
+            f"{c['generator_hu_contrast']:+.0f}, {c['generator_halo']:.2f}, {c['generator_qc_pass_rate']:.0%} | "
+            f"{c['matched_scale']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
     """The result tables: arms, paired comparisons, the quality-control audit."""
     arms = [a for a in config.arms]
-    lines = ["| arm | what | tumor Dice | lesion sens. | sens. <= 10 mm | QC kept |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | what | tumor Dice | per seed | lesion sens. | sens. <= 10 mm | predicted / true volume | QC kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in arm_summary(seeds, arms):
         qc = "" if r["qc_kept"] is None else f"{r['qc_kept']:.0%}"
-        lines.append(f"| {r['arm']} | {r['what']} | {r['dice']:.3f} | {r['sensitivity']:.3f} | "
-                     f"{r['early_sensitivity']:.3f} | {qc} |")  # fmt: skip
+        per_seed = ", ".join(f"{d:.3f}" for d in r["seed_dice"])
+        lines.append(f"| {r['arm']} | {r['what']} | {r['dice']:.3f} | {per_seed} | {r['sensitivity']:.3f} | "
+                     f"{r['early_sensitivity']:.3f} | {r['volume_ratio']:.2f} | {qc} |")  # fmt: skip
     lines += ["", paired_markdown(paired_table(seeds, arms, resamples=config.bootstrap))]
+    contrasts = [s["contrast"] for s in seeds if s.get("contrast") and "generator_hu_contrast" in s["contrast"]]
+    if contrasts:
+        lines += ["", contrast_markdown(contrasts)]
     audits = [s["audit"] for s in seeds if s.get("audit")]
     if audits:
         lines += ["", audit_markdown(audits)]

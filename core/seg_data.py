@@ -64,11 +64,27 @@ def check_files_exist(source: Path, entries: Sequence[Mapping[str, Any]]) -> Non
         )
 
 
+def stream_seed(*parts: object) -> int:
+    """A 32-bit seed that depends on every one of ``parts`` (a random stream's address)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
     """The seed of sample ``index`` of ``epoch`` (``attempt`` > 0: of its replacements, when it raised)."""
-    key = f"{seed}/{epoch}/{index}" + (f"/{attempt}" if attempt else "")
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return stream_seed(seed, epoch, index, *((attempt,) if attempt else ()))
+
+
+# The random streams of a crop: where its crops are in the case (the sample's seed), then per crop the
+# tumor's geometry, its intensity and the augmentation, each from (sample seed, crop, stream). Runs that
+# differ only in how a tumor's intensity is made (rules, a generator, another contrast) or whether it is
+# kept (quality control) insert the same tumor geometry into the same crop.
+CROP_STREAMS = ("geometry", "intensity", "augment")
+
+
+def crop_seeds(seed: int, crop: int) -> dict[str, int]:
+    """The seeds of crop ``crop`` of the sample seeded ``seed``, one per stream of :data:`CROP_STREAMS`."""
+    return {stream: stream_seed(seed, crop, stream) for stream in CROP_STREAMS}
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ class Pipeline:
     synthesize: bool = False
     augment: bool = True
     geometry_only: bool = False
+    synth_prob: float = 1.0
 
 
 def task_lut(task_name: str) -> np.ndarray:
@@ -161,7 +178,7 @@ def crop_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> An
     pp = p.preprocessing
     steps: list[Any] = []
     keys = ["image", "label"]
-    where = {"spacing_mm": pp.spacing_mm, "window_hu": pp.window_hu, "config": synthesis}
+    where = {"spacing_mm": pp.spacing_mm, "window_hu": pp.window_hu, "config": synthesis, "prob": p.synth_prob}
     if p.geometry_only:
         steps.append(RandTumorGeometryd(["image", "label"], p.task, **where))
         keys = ["image", "label", "synth_mask", "profile"]
@@ -188,8 +205,9 @@ class CropDataset:
     A sample reads its case from the store when it has it (only the crops' chunks are decompressed),
     else from the raw files through the same preprocessing; samples its crops; maps their labels into
     the task; and runs the random part on each crop. Every random draw is seeded from
-    (seed, epoch, index), so a sample is the same whichever worker or process loads it, whichever path
-    it is read by, and whether or not the run was resumed. Each crop carries its ``sample_index`` and
+    (seed, epoch, index), per crop and stream (:func:`crop_seeds`), so a sample is the same whichever
+    worker or process loads it, whichever path it is read by, and whether or not the run was resumed; and
+    runs that differ only in the tumors' intensity insert the same tumor into each crop. Each crop carries its ``sample_index`` and
     whether it came ``from_store``.
     """
 
@@ -274,15 +292,16 @@ class CropDataset:
             )
             case = self.source.load_raw(entry)
             pairs = read_checked_crops(case, origins, p.roi)
-        self.transform.set_random_state(seed=seed)
-        for t in self.transform.transforms:
-            if isinstance(t, RandTumorSynthd):  # RandTumorGeometryd included
-                t.set_random_state(seed + 1)
         crops = []
         tracking = get_track_meta()
         set_track_meta(False)  # crops carry no geometry: MONAI's metadata tracking would only cost time
         try:
-            for image, label in pairs:
+            for k, (image, label) in enumerate(pairs):
+                seeds = crop_seeds(seed, k)
+                self.transform.set_random_state(seed=seeds["augment"])
+                for t in self.transform.transforms:
+                    if isinstance(t, RandTumorSynthd):  # RandTumorGeometryd included
+                        t.set_streams(seeds["geometry"], seeds["intensity"])
                 mapped = self.lut[label].astype(np.float32)
                 crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(mapped[None])})
                 crop["from_store"] = torch.tensor([case.origin == "store"])

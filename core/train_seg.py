@@ -135,8 +135,10 @@ class TrainSegConfig:
     192 × 192 × 32 at 1.25 × 1.25 × 5 mm for the chest): :meth:`resolved` fills them in. The generalist
     (``all``) oversamples its tumor datasets ×4 (LiTS), ×2 (MSD pancreas), ×1 (KiTS) unless
     ``dataset_repeats`` says otherwise. ``synth`` is ``rules`` or a generator (a train-synth checkpoint or
-    the authors' ``TGAN.pt``); ``init`` starts the network from a checkpoint (VoCo's self-supervised
-    weights, or a freetumor checkpoint). CutMix applies in both modes, as in the original.
+    the authors' ``TGAN.pt``); ``synth_prob`` is the chance that a ``freesyn`` crop with an organ gets a
+    synthetic tumor (1, the method's; 0 trains on the same crops without synthesis, for ablations);
+    ``init`` starts the network from a checkpoint (VoCo's self-supervised weights, or a freetumor
+    checkpoint). CutMix applies in both modes, as in the original.
     """
 
     task: TaskName = "liver"
@@ -158,6 +160,7 @@ class TrainSegConfig:
     synth: str = "rules"
     init: str | None = None
     qc_threshold: float = 0.7
+    synth_prob: float = 1.0
     cutmix: bool = True
     cutmix_alpha: float = 0.2
     val_every: int = 1
@@ -209,6 +212,8 @@ class TrainSegConfig:
         )  # fmt: skip
         if not 0 <= self.qc_threshold <= 1:
             raise ValueError("qc_threshold must lie in [0, 1]")
+        if not 0 <= self.synth_prob <= 1:
+            raise ValueError("synth_prob must lie in [0, 1]")
         if not self.overlap < 1 or self.pos + self.neg <= 0:
             raise ValueError("overlap must be below 1, and pos + neg above 0")
         synth = Path(self.synth)
@@ -443,7 +448,7 @@ def _train_segmentation(
         task=config.task, preprocessing=model_config.preprocessing(), roi=model_config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
         synthesize=config.mode == "freesyn", augment=config.augment,
-        geometry_only=config.mode == "freesyn" and config.engine == "generator",
+        geometry_only=config.mode == "freesyn" and config.engine == "generator", synth_prob=config.synth_prob,
     )  # fmt: skip
     accelerator = make_accelerator(
         out, device=device, mixed_precision=config.mixed_precision, grad_accum=config.grad_accum
@@ -556,6 +561,7 @@ def _train_segmentation(
                     voxels, crops = gathered_sum(
                         accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
                     )
+                    stats["synthetic_crops"] = crops
                     stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
                 images, labels = batch.image, batch.label
                 if config.cutmix:

@@ -115,6 +115,7 @@ def synthesize_in_crop(
     window_hu: tuple[float, float] | None = None,
     size: str = "mix",
     config: SynthesisConfig | None = None,
+    intensity_rng: np.random.Generator | None = None,
 ) -> CropSynthesis | None:
     """Insert one tumor into an organ of a crop that holds an organ and no real tumor.
 
@@ -129,6 +130,7 @@ def synthesize_in_crop(
             clipped to [0, 1].
         size: a size class or ``"mix"``.
         config: the rule engine's constants.
+        intensity_rng: the intensity's own source (None: ``rng`` after the geometry).
 
     Returns:
         The crop with its tumor, or None when no tumor was drawn (no organ, a real tumor present where
@@ -137,6 +139,7 @@ def synthesize_in_crop(
     return synthesize_in_labelled_crop(
         image, label, CropLabels.of_task(task), rng=rng, spacing_mm=spacing_mm, intensity=intensity,
         value_range=(0.0, 1.0) if window_hu is not None else None, size=size, config=config,
+        intensity_rng=intensity_rng,
     )  # fmt: skip
 
 
@@ -153,6 +156,7 @@ def synthesize_in_labelled_crop(
     size: str = "mix",
     config: SynthesisConfig | None = None,
     in_place: bool = False,
+    intensity_rng: np.random.Generator | None = None,
 ) -> CropSynthesis | None:
     """:func:`synthesize_in_crop` for any label map: insert one tumor into an organ of a crop.
 
@@ -170,6 +174,7 @@ def synthesize_in_labelled_crop(
         config: the rule engine's constants.
         in_place: change ``image`` (float32) and ``label`` (integers) themselves rather than copies, as a
             training pipeline's transforms may: no copy of a large crop.
+        intensity_rng: the intensity's own source (None: ``rng`` after the geometry).
 
     Returns:
         The crop with its tumor, or None when no tumor was drawn (see :func:`synthesize_in_crop`).
@@ -202,7 +207,10 @@ def synthesize_in_labelled_crop(
     out_image = img
     if intensity is not None:
         patches = apply_intensity(
-            placement.tumors, intensity, Scene(img, affine, placement.bbox, organ, placement.organ_mask), rng
+            placement.tumors,
+            intensity,
+            Scene(img, affine, placement.bbox, organ, placement.organ_mask),
+            rng if intensity_rng is None else intensity_rng,
         )
         out_image = img if in_place else img.copy()
         changed = out_image[placement.bbox] + compose_changes(patches, placement.tumor_mask.shape)
@@ -268,6 +276,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         self.config = config or SynthesisConfig()
         self.mask_key, self.orig_key, self.organ_key = mask_key, orig_key, organ_key
         self.rng = np.random.default_rng(0)
+        self.intensity_rng = self.rng
         self._do = True
 
     def intensity(self) -> IntensityModel | None:
@@ -276,6 +285,14 @@ class RandTumorSynthd(Randomizable, MapTransform):
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandTumorSynthd:
         super().set_random_state(seed, state)
         self.rng = np.random.default_rng(seed if seed is not None else int(self.R.randint(2**31)))
+        self.intensity_rng = self.rng
+        return self
+
+    def set_streams(self, geometry: int, intensity: int) -> RandTumorSynthd:
+        """Seed the tumor's geometry (whether a tumor is drawn, where, its shape and texture) and its
+        intensity change apart: two runs that differ only in the intensity draw the same tumors."""
+        self.rng = np.random.default_rng(geometry)
+        self.intensity_rng = np.random.default_rng(intensity)
         return self
 
     def randomize(self, data: Any = None) -> None:
@@ -301,7 +318,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         if self._do:
             result = synthesize_in_crop(
                 img, lab, self.task, rng=self.rng, spacing_mm=self._spacing(image), intensity=self.intensity(),
-                window_hu=self.window_hu, size=self.size, config=self.config,
+                window_hu=self.window_hu, size=self.size, config=self.config, intensity_rng=self.intensity_rng,
             )  # fmt: skip
         if result is None:
             result = CropSynthesis(img, lab, np.zeros(lab.shape, bool), np.zeros(lab.shape, np.float32), 0)

@@ -16,7 +16,15 @@ from freetumor_cli.core.io import load_volume
 pytest.importorskip("torch")
 pytest.importorskip("monai")
 
-from freetumor_cli.core.demo import COMPARISON_COLUMNS, MODELS, DemoConfig, comparison_markdown, run_demo
+from freetumor_cli.core.demo import (
+    COMPARISON_COLUMNS,
+    DEMO_ARMS,
+    MODELS,
+    DemoConfig,
+    comparison_markdown,
+    run_demo,
+)
+from freetumor_cli.core.fair import label
 
 TINY_WORLD = replace(
     DemoConfig.preset(quick=True),
@@ -39,7 +47,8 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
     result = run_demo(tmp_path / "demo", TINY_WORLD, on_step=steps.append)
     out = result.out_dir
     # Every stage ran, in order, and said where its outputs are.
-    stages = ["phantom world", "prepare", "baseline", "generator", "arm A", "arm B", "arm C", "arm D"]
+    stages = ["phantom world", "prepare", "baseline", "generator", "arm A ", "arm A′", "arm B", "arm C ", "arm C′"]
+    stages += ["arm D"]
     stages += ["baseline on the test set", "quality-control audit", "synthesize", "synthesize"]
     assert len(steps) == len(stages)
     for message, stage in zip(steps, stages, strict=True):
@@ -50,10 +59,10 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
     # Checkpoints of the baseline and the four arms; every arm started from the baseline.
     for run in MODELS:
         assert (out / "runs" / run / "checkpoints" / "last" / "model.safetensors").is_file()
-    assert (out / "runs" / "generator" / "checkpoints" / "best" / "generator.safetensors").is_file()
-    for arm in "ABCD":
+    assert (out / "runs" / "generator" / "checkpoints" / "last" / "generator.safetensors").is_file()
+    for arm in DEMO_ARMS:
         assert "runs/baseline/checkpoints/last" in (out / "runs" / arm / "config.yaml").read_text().replace("\\", "/")
-    assert "runs/generator/checkpoints/best" in (out / "runs" / "D" / "config.yaml").read_text().replace("\\", "/")
+    assert "runs/generator/checkpoints/last" in (out / "runs" / "D" / "config.yaml").read_text().replace("\\", "/")
     for engine in ("rules", "generator"):
         meta = json.loads((out / "synthetic" / engine / "demo_liver_synthetic.json").read_text())
         assert meta["engine"] == engine
@@ -72,8 +81,10 @@ def test_demo_runs_every_stage_on_a_tiny_world(tmp_path: Path) -> None:
         assert gt_lesions >= TINY_WORLD.test_cases  # phantom-recipe tumors are in every test CT
         assert set(result.comparison[name]) == set(COMPARISON_COLUMNS)
     report = result.report.read_text() if result.report else ""
-    assert all(f"| {name} |" in report for name in MODELS) and "phantom world" in report.lower()
-    assert all(f"| {c} |" in report for c in ("B - A", "C - B", "D - C", "D - A")) and "95 % CI" in report
+    assert all(f"| {label(name)} |" in report for name in MODELS) and "phantom world" in report.lower()
+    for row in ("A′ - A", "B - A′", "C - B", "D - C", "C′ - C", "D - C′", "D - A"):
+        assert f"| {row} |" in report, row
+    assert "95 % CI" in report and "Tumor contrast" in report
     assert (out / "paired_differences.png").is_file()
     assert result.qc_acceptance["C"] is not None and result.qc_acceptance["B"] is None
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:

@@ -130,6 +130,6 @@ def test_validation_and_heldout_scores_on_two_processes_equal_one(prepared: Path
         assert 0.0 < one[f"val_{n}"] < 1.0, one  # a score that can differ
         assert two[f"val_{n}"] == pytest.approx(one[f"val_{n}"], abs=1e-9), (n, one, two)
         assert one[f"heldout_{n}_crops"] == two[f"heldout_{n}_crops"] == 2 * n
-        assert set(one[f"heldout_{n}"]) == {"qc_pass_rate", "critic_tumor_prob", "hu_contrast"}
+        assert set(one[f"heldout_{n}"]) == {"qc_pass_rate", "critic_tumor_prob", "hu_contrast", "halo"}
         for key, value in one[f"heldout_{n}"].items():
             assert two[f"heldout_{n}"][key] == pytest.approx(value, abs=1e-6), (n, key)

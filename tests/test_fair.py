@@ -48,24 +48,56 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     config = FairConfig.quick()
     text = run_experiment(tmp_path / "fair", config)
-    assert "| B - A |" in text and "| D - A |" in text and "| E - D |" in text and "Quality-control audit" in text
+    for row in ("| A′ - A |", "| B - A′ |", "| D - C′ |", "| C′ - C |", "| D - A |", "| E - D |"):
+        assert row in text, row
+    assert "Quality-control audit" in text and "Tumor contrast" in text and "predicted / true volume" in text
     saved = json.loads((tmp_path / "fair" / "fair_toy.json").read_text())
     seed = saved["seeds"][0]
-    assert set(seed["scores"]) == {"A", "B", "C", "D", "E", "baseline"} and seed["sizes"] == ["tiny", "small"]
+    assert set(seed["scores"]) == {"A", "Ap", "B", "C", "Cp", "D", "E", "baseline"}
+    assert seed["sizes"] == ["tiny", "small"]
     assert seed["qc_acceptance"]["C"] is not None and seed["qc_acceptance"]["B"] is None
+    assert seed["qc_acceptance"]["Cp"] is not None and seed["qc_acceptance"]["Ap"] is None
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
-    # The arms that add synthetic tumors see the same crops in the same order, under the same LR curve.
+    assert {"real_hu", "rules_hu_contrast", "generator_hu_contrast", "generator_halo"} <= set(seed["contrast"])
+    # The arms with organ-only crops see the same crops in the same order, under the same LR curve.
+    arms = ("A", "Ap", "B", "C", "Cp", "D", "E")
     runs = tmp_path / "fair" / "seed_0" / "runs"
-    logs = {
-        arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").read_text().splitlines()] for arm in "ABCDE"
-    }
+    logs = {arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").read_text().splitlines()] for arm in arms}
     order = {arm: [(r["samples"], r["lr"]) for r in rows if "samples" in r] for arm, rows in logs.items()}
-    assert len(order["B"]) == config.arm_steps and all(order[arm] == order["B"] for arm in "CDE")
+    assert len(order["B"]) == config.arm_steps and all(order[arm] == order["B"] for arm in ("Ap", "C", "Cp", "D", "E"))
     assert [lr for _, lr in order["A"]] == [lr for _, lr in order["B"]]
+    # A′ adds no tumor; the generator trained on the method's mix, labelled cases about half of its samples.
+    assert all(r.get("synthetic_crops", 0) == 0 for r in logs["Ap"])
+    assert any(r.get("synthetic_crops", 0) > 0 for r in logs["B"])
     # A second run finds every stage done and only recomputes the tables.
     started = time.perf_counter()
     assert run_experiment(tmp_path / "fair", config) == text
     assert time.perf_counter() - started < 30
+
+
+def test_held_out_crops_come_from_cases_no_stage_trains_on(tmp_path: Path) -> None:
+    """The generator is scored on crops of organ-only cases outside every training list; the audit is
+    calibrated on labelled CTs outside the data."""
+    from dataclasses import replace
+
+    from freetumor_cli.core.fair import generator_config, heldout_cases, prepared_world
+
+    config = replace(FairConfig.quick(), organ_only_cases=10, test_cases=1, shape=(64, 64, 40))
+    world, prepared = prepared_world(tmp_path, config, 0)
+    data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text())
+    trained = {e["image"] for e in data["training"]}
+    heldout = heldout_cases(prepared)
+    assert heldout and not trained & set(heldout)
+    assert all(e.get("role") != "tumor-labelled" for e in data["validation"])  # labelled cases all train
+    assert sum(e.get("role") == "tumor-labelled" for e in data["training"]) == config.labelled_cases
+    calibration = sorted((world["calibration"] / "imagesTr").glob("*.nii.gz"))
+    assert len(calibration) == config.calibration_cases
+    assert not {p.name for p in calibration} & {Path(i).name for i in trained}
+    # About half of the generator's samples are labelled cases (the original: LiTS ×200, ~60 %).
+    synth = generator_config(config, 0, prepared)
+    labelled = config.labelled_cases * (synth.labelled_repeats or 1)
+    share = labelled / (labelled + len(trained) - config.labelled_cases)
+    assert 0.35 <= share <= 0.65, share
 
 
 def test_a_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:

@@ -86,6 +86,37 @@ def test_thousands_of_training_crops_at_the_method_grid(phantom_cases: dict[str,
     assert tumors > 500 and at_face > 20, (tumors, at_face)
 
 
+def test_arms_that_differ_in_intensity_insert_the_same_tumor_into_every_crop(
+    phantom_cases: dict[str, CaseData],
+) -> None:
+    """The paired experiment's arms: rules, rules of another contrast and the generator's geometry put
+    the same tumor into each crop of a sample, not only into the first (crop by crop, 40 samples × 4)."""
+    from dataclasses import replace
+
+    from freetumor_cli.core.synthesis_config import SynthesisConfig
+
+    def masks(pipeline: Pipeline, rules: SynthesisConfig | None = None) -> list[np.ndarray]:
+        dataset = CropDataset(entries(40), MemorySource(phantom_cases), pipeline, crop_transforms(pipeline, rules), 3)
+        return [crop["synth_mask"][0].numpy() for i in range(len(dataset)) for crop in dataset[i]]
+
+    common = {"task": "liver", "preprocessing": PP15, "roi": (32, 32, 32), "crops_per_volume": 4}
+    rules = masks(Pipeline(**common, synthesize=True))  # type: ignore[arg-type]
+    stronger = masks(
+        Pipeline(**common, synthesize=True),  # type: ignore[arg-type]
+        replace(SynthesisConfig(), abdomen_hu_change=(150.0, 250.0)),
+    )
+    geometry = masks(Pipeline(**common, geometry_only=True))  # type: ignore[arg-type]
+    unaugmented = masks(Pipeline(**common, synthesize=True, augment=False))  # type: ignore[arg-type]
+    assert len(rules) == 160 and sum(m.any() for m in rules) > 40
+    for k, (a, b, c) in enumerate(zip(rules, stronger, geometry, strict=True)):
+        assert np.array_equal(a, b) and np.array_equal(a, c), f"crop {k} (crop {k % 4} of its sample) differs"
+    # The augmentation has a stream of its own: without it, the same tumors, only not flipped or rotated.
+    assert [int(m.sum()) for m in unaugmented] == [int(m.sum()) for m in rules]
+    # No synthesis (synth_prob 0) draws no tumor and leaves the crops as they are.
+    none = masks(Pipeline(**common, synthesize=True, synth_prob=0.0))  # type: ignore[arg-type]
+    assert not any(m.any() for m in none)
+
+
 def test_a_sample_that_raises_is_replaced_and_reported(phantom_cases: dict[str, CaseData]) -> None:
     pipeline = Pipeline(task="liver", preprocessing=PP15, roi=(32, 32, 32), crops_per_volume=2, synthesize=True)
     source = MemorySource(phantom_cases, broken=frozenset({"case1"}))
