@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import write_safetensors, write_text_atomic
+from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from typing import Any
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.fair import ARMS, FairConfig
-from freetumor_cli.core.io import OutputLock, atomic_path, write_text_atomic
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 
 # The comparison's columns, and its rows: run folder -> what it is.
 COMPARISON_COLUMNS = ("tumor Dice", "lesion sensitivity", "sensitivity <= 10 mm", "FP per case")

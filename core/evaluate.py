@@ -30,9 +30,9 @@ from freetumor_cli.core.io import (
     is_nifti,
     load_volume,
     read_datalist,
-    write_text_atomic,
 )
 from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
+from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.registry import EVAL_SPACES, EvalSpaceName, check_choices
 
@@ -444,7 +444,7 @@ def write_plots(cases: Sequence[CaseScores], summary: dict[str, Any], out: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from freetumor_cli.core.io import atomic_path
+    from freetumor_cli.core.outputs import atomic_path
 
     written = []
     names = list(summary["classes"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.io import write_safetensors, write_text_atomic
+from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import (
     MODELS,
     ORGANS,

@@ -35,15 +35,8 @@ from freetumor_cli import __version__
 from freetumor_cli.core.config import build_config, to_dict
 from freetumor_cli.core.engines import RuleIntensity
 from freetumor_cli.core.errors import ConfigError, InputError, OutputExistsError
-from freetumor_cli.core.io import (
-    OutputLock,
-    atomic_path,
-    load_header,
-    load_volume,
-    read_datalist,
-    save_volume,
-    write_text_atomic,
-)
+from freetumor_cli.core.io import load_header, load_volume, read_datalist, save_volume
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.registry import ORGANS, TASKS, SizeName, check_choices, task
 from freetumor_cli.core.synthesis_config import NNUNET_DATASET_NAME, SynthesisConfig

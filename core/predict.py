@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from freetumor_cli.core.errors import GeometryError, InputError
-from freetumor_cli.core.io import load_header, save_volume, write_text_atomic
+from freetumor_cli.core.io import load_header, save_volume
 from freetumor_cli.core.models import ModelConfig, load_checkpoint
+from freetumor_cli.core.outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from freetumor_cli.core.store import CaseData

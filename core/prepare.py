@@ -29,18 +29,9 @@ from freetumor_cli import __version__
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import (
-    AFFINE_TOLERANCE_MM,
-    OutputLock,
-    Volume,
-    atomic_path,
-    case_name,
-    is_nifti,
-    read_datalist,
-    save_volume,
-    write_text_atomic,
-)
+from freetumor_cli.core.io import AFFINE_TOLERANCE_MM, Volume, case_name, is_nifti, read_datalist, save_volume
 from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
 from freetumor_cli.core.registry import (

@@ -9,7 +9,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from freetumor_cli.core.io import Volume, atomic_path
+from freetumor_cli.core.io import Volume
+from freetumor_cli.core.outputs import atomic_path
 from freetumor_cli.core.registry import REGIONS
 
 MAX_PREVIEW_TUMORS = 6

@@ -39,11 +39,11 @@ import numpy as np
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError, OutputError
-from freetumor_cli.core.io import (
+from freetumor_cli.core.outputs import (
     WRITE_ERRORS,
     output_error,
-    owner_is_gone,
     owner_tag,
+    sweep_stale,
     writable_folder,
     write_text_atomic,
 )
@@ -340,20 +340,18 @@ class CaseStore:
 
         A folder goes when the process that wrote it is gone (its name says which process of which host),
         or when it is older than an hour (a build on another machine that shares the store)."""
-        removed = 0
         if not self.folder.is_dir():
             return 0
-        cutoff = time.time() - STALE_TEMP_SECONDS
-        for dataset in self.folder.iterdir():
-            if not dataset.is_dir():
-                continue
-            for item in dataset.iterdir():
-                if item.name.startswith((".tmp-", ".old-")) and (
-                    item.stat().st_mtime < cutoff or owner_is_gone(item.name)
-                ):
-                    shutil.rmtree(item, ignore_errors=True)
-                    removed += 1
-        return removed
+        return sweep_stale(
+            (
+                item
+                for dataset in self.folder.iterdir()
+                if dataset.is_dir()
+                for item in dataset.iterdir()
+                if item.name.startswith((".tmp-", ".old-"))
+            ),
+            STALE_TEMP_SECONDS,
+        )
 
 
 @dataclass

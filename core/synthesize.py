@@ -24,10 +24,8 @@ from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
 from freetumor_cli.core.io import (
-    OutputLock,
     Volume,
     case_name,
-    check_name_lengths,
     check_same_grid,
     is_dicom_series,
     is_nifti,
@@ -36,9 +34,9 @@ from freetumor_cli.core.io import (
     read_datalist,
     save_volume,
     working_copy,
-    write_text_atomic,
 )
 from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
+from freetumor_cli.core.outputs import OutputLock, check_name_lengths, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
 from freetumor_cli.core.synthesis_config import SynthesisConfig, SynthesizeConfig
 

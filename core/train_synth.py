@@ -28,7 +28,6 @@ import numpy as np
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.engines import RuleIntensity, wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.memory import (
     CRITIC_FRACTION,
     GAN_BYTES_PER_VOXEL_AT_BASE_32,
@@ -37,6 +36,7 @@ from freetumor_cli.core.memory import (
     parameter_count,
     voxels,
 )
+from freetumor_cli.core.outputs import atomic_path
 from freetumor_cli.core.registry import (
     REGIONS,
     TASKS,

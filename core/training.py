@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, append_line, process_umask, write_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
+from freetumor_cli.core.outputs import OutputLock, append_line, process_umask, write_error, write_text_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -37,7 +37,7 @@ from freetumor_cli.core.hub import (
     run_interruptibly,
     sigterm_interrupts,
 )
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.outputs import write_text_atomic
 
 HOME_VARIABLE = "FREETUMOR_HOME"
 RECORD = "weights.json"
