@@ -281,7 +281,8 @@ def organ_labels_in_region(
             if source < len(lut):
                 lut[source] = target
         # Keep the memory order (NIfTI arrays are Fortran-ordered): writing is then a plain copy.
-        region = lut[array.ravel(order="K")].reshape(array.shape, order="F" if array.flags.f_contiguous else "C")
+        region = np.empty_like(array, dtype=np.uint8)
+        np.take(lut, array, out=region)
     if not (region == organ.value).any():
         where = {
             "totalsegmentator": f"TotalSegmentator ids {', '.join(map(str, organ.totalseg_ids))}",

@@ -118,3 +118,16 @@ def test_values_outside_scheme_and_absent_organ_are_label_errors() -> None:
         organ_labels_in_region(volume(arr), registry.ORGANS["liver"], "binary")
     with pytest.raises(LabelError, match="non-integer"):
         organ_labels_in_region(volume(arr + 0.5), registry.ORGANS["liver"], "auto")
+
+
+def test_mapped_labels_keep_their_voxels_whatever_the_memory_layout() -> None:
+    # A TotalSegmentator map held in memory as a transposed view: neither C- nor Fortran-ordered.
+    arr = np.zeros((3, 4, 5), np.uint8)
+    arr[1, 2, 3] = 5  # liver
+    arr[0, 1, 4] = 2  # kidney_right
+    view = np.ascontiguousarray(arr.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    region, _ = organ_labels_in_region(volume(view), registry.ORGANS["liver"], "totalsegmentator")
+    assert region[1, 2, 3] == registry.ORGANS["liver"].value
+    assert region[0, 1, 4] == registry.ORGANS["kidney"].value
+    assert np.count_nonzero(region) == 2
