@@ -149,9 +149,10 @@ def _run_demo(
     import shutil
     import time
 
+    from freetumor_cli.core.cases import Case
     from freetumor_cli.core.fair import paired_table, run_seed
     from freetumor_cli.core.synthesis_config import SynthesizeConfig
-    from freetumor_cli.core.synthesize import Case, synthesize_case
+    from freetumor_cli.core.synthesize import synthesize_case
 
     for name in (*DEMO_FOLDERS, "world.json"):
         target = out / name

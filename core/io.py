@@ -8,7 +8,6 @@ written for an input carries that input's affine, shape and orientation.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -21,13 +20,10 @@ import numpy as np
 
 from freetumor_cli.core.errors import FreetumorError, GeometryError, InputError
 from freetumor_cli.core.gzip_codec import ParallelGzipWriter, gunzip_file
+from freetumor_cli.core.label_maps import LABELS_DESCRIP, integer_problem
 from freetumor_cli.core.outputs import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-# Relative tolerance on affines when comparing an image with its labels: header round-offs in
-# real data (float32 qform vs sform) are far below it; a different grid is far above.
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,62 +82,8 @@ class Volume:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
 
-def case_name(path: str | os.PathLike[str]) -> str:
-    """The case id of an image path: the file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name.endswith("_0000"):
-        name = name[: -len("_0000")]
-    return name
-
-
 def is_nifti(path: str | os.PathLike[str]) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
-
-
-DATALIST_SECTIONS = ("training", "validation", "test", "testing")
-
-
-def read_datalist(path: str | os.PathLike[str], sections: Sequence[str] = DATALIST_SECTIONS) -> list[dict[str, Any]]:
-    """Entries of a MONAI data-list JSON (the given sections, or a bare list), with paths made absolute.
-
-    ``image`` and ``label`` values relative to the file are resolved against its folder; a bare string
-    entry is an image path.
-
-    Raises:
-        InputError: unreadable JSON or an entry that is not a mapping.
-    """
-    file = Path(path)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read data list {file}: {exc}") from exc
-    if isinstance(data, dict):
-        raw = [e for key in sections for e in data.get(key, [])]
-    elif isinstance(data, list):
-        raw = data
-    else:
-        raw = []
-    entries = []
-    for entry in raw:
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict):
-            raise InputError(f"data list {file}: entries must be objects with 'image'/'label', got {entry!r}")
-        entry = dict(entry)
-        for key in ("image", "label"):
-            value = entry.get(key)
-            if isinstance(value, list) and len(value) == 1:
-                value = value[0]
-            if value:
-                if not isinstance(value, str):
-                    raise InputError(f"data list {file}: {key} must be a path, got {value!r}")
-                entry[key] = Path(value) if Path(value).is_absolute() else file.parent.absolute() / value
-        entries.append(entry)
-    return entries
 
 
 def _nifti_path(path: str | os.PathLike[str], what: str) -> Path:
@@ -165,13 +107,19 @@ def load_header(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
         image: Any = nib.load(str(path))
     except Exception as exc:  # nibabel raises many kinds; all mean "cannot read"
         raise InputError(f"cannot read {what} {path}: {exc}".rstrip()) from exc
-    shape = tuple(int(n) for n in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = spatial_shape(image.shape)
     if len(shape) != 3:
         raise GeometryError(f"{what} {path} is not a 3D volume (shape {shape})", hint="pass a single 3D CT volume")
     zeros = np.broadcast_to(np.zeros((), dtype=image.header.get_data_dtype()), shape)
     return Volume(zeros, _checked_affine(image.affine, path, what, image.header), image.header.copy(), path)
+
+
+def spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` without its trailing axes of length 1 (a 3D volume stored as 4D); a volume is 3D when this is."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
@@ -221,8 +169,7 @@ def check_declared_size(path: str | os.PathLike[str], *, what: str = "image") ->
 
 def _squeezed(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     """A 3D array: trailing axes of length 1 dropped; anything else that is not 3D is refused."""
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
+    array = array.reshape(spatial_shape(array.shape))
     if array.ndim != 3:
         raise GeometryError(
             f"{what} {path} is not a 3D volume (shape {tuple(array.shape)})",
@@ -411,9 +358,6 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-LABELS_DESCRIP = b"freetumor labels"  # the header of every label map freetumor writes says so
-
-
 def _nifti_image(array: np.ndarray, reference: Volume, *, label: bool) -> nib.Nifti1Image:
     header = reference.header.copy() if reference.header is not None else nib.Nifti1Header()
     if label:
@@ -488,7 +432,7 @@ def save_volume(
     if not is_nifti(path):
         raise InputError(f"output must end with .nii.gz or .nii: {path}")
     if label:
-        if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.rint(array)):
+        if integer_problem(array):
             raise ValueError("label arrays must hold integers")
         max_value = int(array.max()) if array.size else 0
         array = array.astype(label_dtype(max_value), copy=False)
@@ -500,24 +444,3 @@ def save_volume(
         else:
             nib.save(image, str(tmp))
     return path
-
-
-def check_same_grid(image: Volume, labels: Volume, *, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> None:
-    """Raise :class:`GeometryError` unless ``labels`` lies on ``image``'s voxel grid.
-
-    The affines may differ by ``tolerance_mm`` (relative to the voxel size for the rotation-zoom
-    part, absolute in mm for the origin), which absorbs float32 header round-off.
-    """
-    if image.shape != labels.shape:
-        raise GeometryError(
-            f"image {image.path} has shape {image.shape} but labels {labels.path} have {labels.shape}",
-            hint="the organ mask must be on the CT's voxel grid; resample it with nearest neighbour",
-        )
-    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
-    diff = np.abs(image.affine - labels.affine)
-    if diff[:3, :3].max() > tolerance_mm * scale or diff[:3, 3].max() > max(tolerance_mm * scale, 1e-2):
-        raise GeometryError(
-            f"image {image.path} and labels {labels.path} have different affines "
-            f"(largest difference {diff.max():.4g} mm)",
-            hint="the organ mask must be on the CT's voxel grid; resample it with nearest neighbour",
-        )

@@ -20,6 +20,7 @@ import numpy as np
 
 from freetumor_cli.core.errors import GeometryError, InputError
 from freetumor_cli.core.io import load_header, save_volume
+from freetumor_cli.core.label_maps import lookup_table
 from freetumor_cli.core.models import ModelConfig, load_checkpoint
 from freetumor_cli.core.outputs import write_text_atomic
 
@@ -30,10 +31,7 @@ if TYPE_CHECKING:
 def channels_to_region(config: ModelConfig) -> np.ndarray:
     """Lookup table from the network's output channels to the region's label space (a network that
     predicts only tumors writes no organ: the authors' COVID-19 baseline gives 0 and 2, lesion)."""
-    lut = np.zeros(256, dtype=np.uint8)
-    for channel, region_value in config.region_values().items():
-        lut[channel] = region_value
-    return lut
+    return lookup_table(config.region_values())
 
 
 def _preprocess(config: ModelConfig) -> Any:
@@ -142,8 +140,8 @@ def predict_cases(
         (the files written, the network's configuration, which path the images came by).
     """
 
+    from freetumor_cli.core.cases import case_name
     from freetumor_cli.core.devices import resolve_device
-    from freetumor_cli.core.io import case_name
     from freetumor_cli.core.store import StoreMiss, open_store
 
     device = resolve_device(device or "auto")

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,11 +26,20 @@ from typing import Annotated, Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core.cases import case_name, read_datalist
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import AFFINE_TOLERANCE_MM, Volume, case_name, is_nifti, read_datalist, save_volume
-from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
+from freetumor_cli.core.io import Volume, check_data_size, is_nifti, save_volume, spatial_shape
+from freetumor_cli.core.label_maps import (
+    choose_scheme,
+    grid_problem,
+    integer_labels,
+    integer_problem,
+    label_values,
+    relabel,
+    written_by_freetumor,
+)
 from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
@@ -215,9 +224,8 @@ def fold_of(dataset: str, case: str, *, seed: int, folds: int) -> int:
 
 
 def _load_header(path: Path, what: str) -> Any:
+    """The nibabel image of a case's file, its voxels not read (io's checks, failures as skip reasons)."""
     import nibabel as nib
-
-    from freetumor_cli.core.io import check_data_size
 
     try:
         image: Any = nib.load(str(path))
@@ -227,10 +235,7 @@ def _load_header(path: Path, what: str) -> Any:
         check_data_size(image, path, what)
     except InputError as exc:
         raise CaseSkipped(exc.message) from None
-    shape = tuple(s for s in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
+    if len(spatial_shape(image.shape)) != 3:
         raise CaseSkipped(f"{what} is not 3D (shape {tuple(image.shape)})")
     return image
 
@@ -240,9 +245,7 @@ def _read_array(image: Any, what: str) -> np.ndarray:
         array = np.asanyarray(image.dataobj)
     except Exception as exc:
         raise CaseSkipped(f"{what} data unreadable ({type(exc).__name__}: truncated or corrupt file?)") from exc
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array
+    return array.reshape(spatial_shape(array.shape))
 
 
 def validate_case(
@@ -268,9 +271,13 @@ def validate_case(
     _check_grid(image, label, "label")
     if verify_images:
         _read_array(image, "image")
-    labels = _integer_labels(_read_array(label, "label"))
+    labels = _read_array(label, "label")
+    problem = integer_problem(labels)
+    if problem:
+        raise CaseSkipped(f"label {problem}")
+    labels = integer_labels(labels)
     space = REGIONS[spec.region].labels
-    values = _present_values(labels)
+    values = label_values(labels).tolist()
     scheme = None
     if spec.role == "organ":
         scheme = _organ_label_scheme(spec, values, label.header, label_scheme)
@@ -282,10 +289,10 @@ def validate_case(
         hint = "; TotalSegmentator masks? pass --label-scheme totalsegmentator" if spec.role == "organ" else ""
         raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)}{hint})")
     changed = remap is not None and any(remap.get(v, 0) != v for v in values)
-    region_labels = _apply_remap(labels, remap, values) if changed else labels
+    region_labels = relabel(labels, remap) if changed else labels
     organ_values = {o.value for o in region_organs(spec.region)}
     tumor_values = {o.tumor_value: o.value for o in region_organs(spec.region)}
-    present_values = set(_present_values(region_labels))
+    present_values = set(label_values(region_labels).tolist())
     if spec.role == "tumor" and not present_values & organ_values:
         tumors = sorted(present_values & set(tumor_values))
         if not tumors:
@@ -337,35 +344,9 @@ def _organ_label_scheme(spec: DatasetSpec, values: Sequence[int], header: Any, d
 
 
 def _check_grid(image: Any, other: Any, what: str) -> None:
-    if tuple(image.shape[:3]) != tuple(other.shape[:3]):
-        raise CaseSkipped(f"image shape {tuple(image.shape[:3])} != {what} shape {tuple(other.shape[:3])}")
-    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
-    diff = np.abs(np.asarray(image.affine) - np.asarray(other.affine))
-    if diff[:3, :3].max() > AFFINE_TOLERANCE_MM * scale or diff[:3, 3].max() > max(AFFINE_TOLERANCE_MM * scale, 1e-2):
-        raise CaseSkipped(f"image and {what} affines differ (by up to {diff.max():.3g} mm)")
-
-
-def _integer_labels(labels: np.ndarray) -> np.ndarray:
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.array_equal(labels, np.rint(labels)):
-            raise CaseSkipped("label holds non-integer values")
-        labels = labels.astype(np.int64)
-    return labels
-
-
-def _present_values(labels: np.ndarray) -> list[int]:
-    low, high = int(labels.min()), int(labels.max())
-    seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
-    seen[(labels - min(low, 0)).ravel(order="K")] = True
-    return sorted(int(v) + min(low, 0) for v in np.flatnonzero(seen))
-
-
-def _apply_remap(labels: np.ndarray, remap: Mapping[int, int], values: Sequence[int]) -> np.ndarray:
-    lut = np.zeros(max(values) + 1, dtype=np.uint8)
-    for source, target in remap.items():
-        if source < len(lut):
-            lut[source] = target
-    return lut[labels]
+    problem = grid_problem(image, other)
+    if problem:
+        raise CaseSkipped(f"image and {what} {problem}")
 
 
 def _merge_organ_mask(labels: np.ndarray, image: Any, folder: Path, case: str, organ: int) -> np.ndarray:

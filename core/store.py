@@ -39,6 +39,7 @@ import numpy as np
 
 from freetumor_cli import __version__
 from freetumor_cli.core.errors import InputError, OutputError
+from freetumor_cli.core.label_maps import label_values
 from freetumor_cli.core.outputs import (
     WRITE_ERRORS,
     output_error,
@@ -492,8 +493,7 @@ def stored_values(
         low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
         if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
             raise StoreMiss(f"image values outside [0, 1] ({low:g} .. {high:g})")
-        present = np.flatnonzero(np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256))
-        unknown = sorted(set(present.tolist()) - set(case.counts) - {0})
+        unknown = sorted(set(label_values(np.asarray(label, dtype=np.uint8)).tolist()) - set(case.counts) - {0})
         if unknown:
             raise StoreMiss(f"label values {unknown[:5]} the case does not have")
     return image, label

@@ -7,8 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from freetumor_cli.core.cases import case_name
 from freetumor_cli.core.errors import GeometryError, InputError
-from freetumor_cli.core.io import Volume, case_name, cast_like, check_same_grid, load_volume, save_volume
+from freetumor_cli.core.io import Volume, cast_like, load_volume, save_volume
+from freetumor_cli.core.label_maps import check_same_grid
 
 from .conftest import oblique_affine
 
