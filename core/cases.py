@@ -10,18 +10,18 @@ datasets with their own conventions (:mod:`freetumor_cli.core.prepare`).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.io import NIFTI_SUFFIXES, is_dicom_series, is_nifti
 
 
-def case_name(path: str | os.PathLike[str]) -> str:
+def case_name(path: PathLike) -> str:
     """The case id of an image path: the file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
@@ -36,7 +36,7 @@ def case_name(path: str | os.PathLike[str]) -> str:
 DATALIST_SECTIONS = ("training", "validation", "test", "testing")
 
 
-def read_datalist(path: str | os.PathLike[str], sections: Sequence[str] = DATALIST_SECTIONS) -> list[dict[str, Any]]:
+def read_datalist(path: PathLike, sections: Sequence[str] = DATALIST_SECTIONS) -> list[dict[str, Any]]:
     """Entries of a MONAI data-list JSON (the given sections, or a bare list), with paths made absolute.
 
     ``image`` and ``label`` values relative to the file are resolved against its folder; a bare string
@@ -85,7 +85,7 @@ class Case:
     labels_found_by: str = "given"
 
 
-def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Case]:
+def collect_cases(input_path: PathLike, labels: PathLike | None = None) -> list[Case]:
     """Turn ``--in`` (a NIfTI file, a folder of them, or a MONAI data-list JSON) into cases.
 
     Args:
@@ -172,7 +172,7 @@ def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
 OUTPUT_NAME = re.compile(r"_synthetic(_\d{3})?(_label)?$")
 
 
-def is_synthesize_output(path: str | os.PathLike[str]) -> bool:
+def is_synthesize_output(path: PathLike) -> bool:
     """Whether a file is one of synthesize's outputs (so that a folder run never reads its own outputs)."""
     return bool(OUTPUT_NAME.search(case_name(path)))
 
@@ -184,7 +184,7 @@ class CasePair:
     pred: Path | None
 
 
-def match_cases(pred_dir: str | os.PathLike[str], gt: str | os.PathLike[str]) -> tuple[list[CasePair], list[str]]:
+def match_cases(pred_dir: PathLike, gt: PathLike) -> tuple[list[CasePair], list[str]]:
     """Pair predictions with ground truth by case name (nnU-Net naming, ``_0000`` ignored).
 
     Returns:

@@ -22,13 +22,13 @@ dropped and ``swin_vit`` is renamed ``swinViT``; a key that still does not fit i
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 WRAPPERS = ("state_dict", "network_weights", "net", "model", "student")
 
 
-def read_torch_file(path: str | os.PathLike[str]) -> Any:
+def read_torch_file(path: PathLike) -> Any:
     """A ``.pt``/``.pth`` file's content, loaded with ``weights_only=True`` (no pickled code runs)."""
     import torch
 
@@ -57,7 +57,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
         ) from exc
 
 
-def read_safetensors(path: str | os.PathLike[str], what: str = "checkpoint") -> dict[str, torch.Tensor]:
+def read_safetensors(path: PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file's tensors (on the CPU); a damaged or truncated file is a one-line error."""
     from safetensors.torch import load_file
 
@@ -152,7 +152,7 @@ def released_labels(task_name: str, out_channels: int, source: Any) -> dict[int,
     )
 
 
-def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -> tuple[Any, ModelConfig]:
+def import_segmentor(path: PathLike, *, task: str | None = None) -> tuple[Any, ModelConfig]:
     """A SwinUNETR v2 baseline of the authors (``{"state_dict": ...}``) as a freetumor network.
 
     The class count comes from ``out.conv.conv.weight``: 7 is the abdomen generalist (``all``); a file
@@ -197,7 +197,7 @@ def swinunetr_config(state: Mapping[str, Any], task: str, labels: Mapping[int, s
 def save_generator(
     generator: Any,
     gan: Any,
-    folder: str | os.PathLike[str],
+    folder: PathLike,
     *,
     spacing_mm: Any,
     window_hu: Any,
@@ -271,7 +271,7 @@ class Generator:
         return int(channels[organ])
 
 
-def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+def load_generator(path: PathLike, *, device: str = "cpu") -> Generator:
     """A generator: a ``train-synth`` checkpoint folder (or a fetch-weights conversion), or ``TGAN.pt``.
 
     Nothing is unpickled: folders hold safetensors, and ``.pt`` files are read with ``weights_only``.
@@ -304,7 +304,7 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
     return Generator(generator.to(device).eval(), meta, disc_state, critic)
 
 
-def import_tgan(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+def import_tgan(path: PathLike, *, device: str = "cpu") -> Generator:
     """The authors' ``TGAN.pt``: the generator (``netG.*``), the discriminator (``netD.*``) and, when the
     file holds it, the region's baseline (``netSeg.*``) that the original uses for quality control.
 
@@ -394,7 +394,7 @@ class InitReport:
         )
 
 
-def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
+def initialize_from(model: Any, path: PathLike) -> InitReport:
     """Copy every tensor of a checkpoint whose name and shape match one of ``model``'s (the others keep
     their initialisation): VoCo's self-supervised encoder, a freetumor checkpoint folder, or any
     state dict file.
@@ -432,7 +432,7 @@ def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
     return report
 
 
-def convert_released(path: str | os.PathLike[str], out: str | os.PathLike[str], *, task: str | None = None) -> Path:
+def convert_released(path: PathLike, out: PathLike, *, task: str | None = None) -> Path:
     """Convert an authors' file once into freetumor's folders: a segmentor into ``model.safetensors`` +
     ``model.json``; ``TGAN.pt`` into a generator folder (with its discriminator, and its ``netSeg`` in
     ``critic/``)."""

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.cases import DATALIST_SECTIONS, CasePair, collect_cases, match_cases, read_datalist
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.errors import ConfigError, GeometryError, InputError, LabelError
@@ -277,8 +277,8 @@ def summarize(cases: Sequence[CaseScores], classes: dict[int, str], config: Eval
 
 
 def evaluate(
-    pred_dir: str | os.PathLike[str],
-    gt: str | os.PathLike[str],
+    pred_dir: PathLike,
+    gt: PathLike,
     config: EvaluateConfig,
     *,
     workers: int = 1,
@@ -464,7 +464,7 @@ def _save(fig: Any, path: Path, atomic_path: Any, plt: Any) -> Path:
     return path
 
 
-def write_reports(cases: Sequence[CaseScores], summary: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
+def write_reports(cases: Sequence[CaseScores], summary: dict[str, Any], out: PathLike) -> list[Path]:
     """Write the CSVs, the JSON and Markdown summaries and the plots to ``out``."""
     folder = Path(out)
     rows = [r for c in cases for r in c.rows]
@@ -498,9 +498,9 @@ def _has_folds(path: Path) -> bool:
 
 
 def predict_for_scoring(
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    checkpoint: PathLike,
+    data: PathLike,
+    out_dir: PathLike,
     config: EvaluateConfig,
     *,
     overlap: float = 0.75,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.archives import archive_name, archive_stem, check_parts, extract_archive
 from freetumor_cli.core.datasets import canonical_dataset
 from freetumor_cli.core.errors import ConfigError, FreetumorError, InputError, OutputBusyError, OutputError
@@ -609,7 +610,7 @@ ARCHIVE_FOLDER = ".freetumor_archives"
 
 
 def fetch_labels(
-    dest: str | os.PathLike[str] = "data",
+    dest: PathLike = "data",
     *,
     repo: str = DEFAULT_REPO,
     datasets: Sequence[str] | None = None,

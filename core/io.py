@@ -18,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import FreetumorError, GeometryError, InputError
 from freetumor_cli.core.gzip_codec import ParallelGzipWriter, gunzip_file
 from freetumor_cli.core.label_maps import LABELS_DESCRIP, integer_problem
@@ -76,17 +77,12 @@ class Volume:
             raise ValueError(f"shape {array.shape} does not match {self.shape}")
         return Volume(array, self.affine.copy(), self.header, None)
 
-    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
-        """World coordinates (mm) of voxel indices, shape ``(..., 3)``."""
-        ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
-
-def is_nifti(path: str | os.PathLike[str]) -> bool:
+def is_nifti(path: PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
-def _nifti_path(path: str | os.PathLike[str], what: str) -> Path:
+def _nifti_path(path: PathLike, what: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}", hint="check the path")
@@ -97,7 +93,7 @@ def _nifti_path(path: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
-def load_header(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+def load_header(path: PathLike, *, what: str = "image") -> Volume:
     """A volume's geometry and header without its voxels (the array is a read-only view of zeros).
 
     For writing results on an input's grid without decoding the input.
@@ -122,7 +118,7 @@ def spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+def load_volume(path: PathLike, *, what: str = "image") -> Volume:
     """Read a 3D NIfTI volume.
 
     Integer data without scaling keeps its dtype; scaled data comes back as float. A 4D volume
@@ -152,7 +148,7 @@ def load_volume(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
     return Volume(array, _checked_affine(image.affine, path, what, header), header, path, scale, stored)
 
 
-def check_declared_size(path: str | os.PathLike[str], *, what: str = "image") -> None:
+def check_declared_size(path: PathLike, *, what: str = "image") -> None:
     """Refuse a NIfTI file too short for the voxels its header declares (reads only its header).
 
     For readers that allocate the declared array before they read it (MONAI's, nibabel's).
@@ -221,7 +217,7 @@ def check_data_size(image: Any, path: Path, what: str) -> None:
         )
 
 
-def is_dicom_series(path: str | os.PathLike[str]) -> bool:
+def is_dicom_series(path: PathLike) -> bool:
     """Whether ``path`` is a folder of DICOM files (the ``DICM`` mark at byte 128) holding no NIfTI."""
     folder = Path(path)
     if not folder.is_dir():
@@ -240,7 +236,7 @@ def is_dicom_series(path: str | os.PathLike[str]) -> bool:
     return False
 
 
-def load_dicom_series(folder: str | os.PathLike[str], *, what: str = "image") -> Volume:
+def load_dicom_series(folder: PathLike, *, what: str = "image") -> Volume:
     """Read a DICOM series folder as a volume in its world geometry (dicom2nifti, as TotalSegmentator does).
 
     The series is converted once into a temporary NIfTI (not reoriented: voxels stay in the series'
@@ -269,7 +265,7 @@ def load_dicom_series(folder: str | os.PathLike[str], *, what: str = "image") ->
     return Volume(array, volume.affine, volume.header, folder, volume.scale, stored)
 
 
-def load_image(path: str | os.PathLike[str], *, what: str = "image") -> Volume:
+def load_image(path: PathLike, *, what: str = "image") -> Volume:
     """A NIfTI file, or a DICOM series folder, as a volume."""
     return load_dicom_series(path, what=what) if is_dicom_series(path) else load_volume(path, what=what)
 
@@ -408,7 +404,7 @@ def label_dtype(max_value: int) -> np.dtype:
 def save_volume(
     array: np.ndarray,
     reference: Volume,
-    path: str | os.PathLike[str],
+    path: PathLike,
     *,
     label: bool = False,
 ) -> Path:

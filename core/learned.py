@@ -17,12 +17,12 @@ window's edge and no further.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.engines import Box, Scene, TumorGeometry
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.preprocess import Preprocessing
@@ -164,7 +164,7 @@ class GeneratorIntensity:
 
     name = "generator"
 
-    def __init__(self, generator_path: str | os.PathLike[str], organ: Organ, *, device: str = "cpu") -> None:
+    def __init__(self, generator_path: PathLike, organ: Organ, *, device: str = "cpu") -> None:
         loaded = cached_generator(str(generator_path), device)
         if loaded.region != organ.region:
             raise InputError(

@@ -7,11 +7,11 @@ space, preprocessing), so ``evaluate`` and ``train-seg --baseline`` need nothing
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import (
@@ -134,9 +134,7 @@ def build_model(config: ModelConfig) -> Any:
     )
 
 
-def save_checkpoint(
-    model: Any, config: ModelConfig, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
-) -> Path:
+def save_checkpoint(model: Any, config: ModelConfig, folder: PathLike, *, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``folder`` (each atomically)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +145,7 @@ def save_checkpoint(
     return out
 
 
-def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
+def load_checkpoint(folder: PathLike, *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
     """Rebuild the network of a checkpoint: a freetumor folder (safetensors), or one of the authors'
     released SwinUNETR ``.pt`` baselines (read with ``weights_only``). No pickled code ever runs."""
     from freetumor_cli.core.checkpoints import import_segmentor, load_strict, read_safetensors

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.cases import read_datalist
 from freetumor_cli.core.config import build_config, to_dict
 from freetumor_cli.core.engines import RuleIntensity
@@ -381,8 +382,8 @@ def nnunet_case_id(dataset: str, case: str) -> str:
 
 
 def write_nnunet_dataset(
-    prepared: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    prepared: PathLike,
+    out: PathLike,
     dataset: str,
     *,
     task_name: str = "all",

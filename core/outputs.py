@@ -18,11 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError, OutputBusyError, OutputError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
 
     The file gets the permissions the user's umask gives new files (``mkstemp`` makes them private, and so
@@ -109,7 +110,7 @@ WRITE_ERRORS = {
 }
 
 
-def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError:
+def output_error(path: PathLike, exc: OSError) -> OutputError:
     """The one-line error for an :class:`OSError` met while writing ``path``: the real cause, and what to do."""
     reason, hint = WRITE_ERRORS.get(exc.errno or 0, (exc.strerror or type(exc).__name__, "check the output folder"))
     return OutputError(f"cannot write {path}: {reason}", hint=f"{hint}; finished outputs are kept")
@@ -142,7 +143,7 @@ def _device_is_full(path: Path) -> bool:
         return False
 
 
-def write_error(path: str | os.PathLike[str], exc: BaseException) -> OutputError | None:
+def write_error(path: PathLike, exc: BaseException) -> OutputError | None:
     """The one-line error of a failed write, when the place is at fault (a full disk, a read-only folder):
     from an :class:`OSError`, or from a library that reports the system's error in its message only
     (safetensors: "... (os error 28)"). None when ``exc`` is not such an error."""
@@ -157,7 +158,7 @@ def write_error(path: str | os.PathLike[str], exc: BaseException) -> OutputError
     return output_error(path, exc if isinstance(exc, OSError) else OSError(code, os.strerror(code)))
 
 
-def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+def write_safetensors(tensors: Mapping[str, Any], path: PathLike) -> Path:
     """Write tensors as a ``.safetensors`` file atomically, with the umask's permissions.
 
     Serialized in memory and written by Python: safetensors' own writer makes its files private (0600)
@@ -185,7 +186,7 @@ def process_umask() -> int:
     return mask
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str], *, older_than: float = STALE_SECONDS) -> int:
+def remove_stale_temporaries(folder: PathLike, *, older_than: float = STALE_SECONDS) -> int:
     """Remove temporary files of atomic writes that a killed run left in ``folder`` (and below); returns how many.
 
     A file goes when the process that wrote it is gone (it names its host and process), or when it is
@@ -219,7 +220,7 @@ def sweep_stale(paths: Iterable[Path], older_than: float = STALE_SECONDS) -> int
     return removed
 
 
-def writable_folder(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
+def writable_folder(path: PathLike, *, what: str = "--out") -> Path:
     """``path`` as an output folder: created if needed; an existing file is a usage error, a place that
     cannot be written (read-only, full, no permission) an environment error that names the cause."""
     folder = Path(path)
@@ -257,7 +258,7 @@ class OutputLock:
 
     NAME = ".freetumor.lock"
 
-    def __init__(self, folder: str | os.PathLike[str], command: str, *, part: tuple[int, int] | None = None) -> None:
+    def __init__(self, folder: PathLike, command: str, *, part: tuple[int, int] | None = None) -> None:
         self.folder = Path(folder)
         self.command = command
         self.part = part  # (part id, number of parts): parts of one job share the folder, each locks its own
@@ -307,7 +308,7 @@ class OutputLock:
                     self.folder.rmdir()
 
 
-def append_line(path: str | os.PathLike[str], line: str) -> None:
+def append_line(path: PathLike, line: str) -> None:
     """Append one line to a log (its folder made if needed); a full disk is a one-line :class:`OutputError`."""
     path = Path(path)
     try:
@@ -320,7 +321,7 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
         raise
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+def write_text_atomic(path: PathLike, text: str) -> Path:
     """Write a text file atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -11,13 +11,13 @@ a network that predicts fewer classes (the authors' 2-class COVID-19 baseline) w
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import GeometryError, InputError
 from freetumor_cli.core.io import load_header, save_volume
 from freetumor_cli.core.label_maps import lookup_table
@@ -62,7 +62,7 @@ def _probabilities(model: Any, config: ModelConfig, x: Any, *, overlap: float, t
 def predict_image(
     model: Any,
     config: ModelConfig,
-    image_path: str | os.PathLike[str],
+    image_path: PathLike,
     *,
     device: str,
     overlap: float = 0.75,
@@ -117,14 +117,14 @@ def predict_stored(
 
 
 def predict_cases(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     entries: Sequence[Mapping[str, Any] | Path],
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     overlap: float = 0.75,
     tta: bool = False,
     device: str | None = None,
-    prepared: str | os.PathLike[str] | None = None,
+    prepared: PathLike | None = None,
     on_case_done: Callable[[Path], None] | None = None,
 ) -> tuple[list[Path], ModelConfig, str]:
     """Predict every image with a checkpoint; write ``<out>/<case>.nii.gz`` in each input's geometry.

@@ -26,6 +26,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.cases import case_name, read_datalist
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
@@ -147,7 +148,7 @@ def _scan_dataset(folder: Path, spec: DatasetSpec) -> Iterator[Candidate]:
         yield Candidate(spec.name, shown, images.get(case), labels.get(case))
 
 
-def scan_data_root(root: str | os.PathLike[str], datasets: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
+def scan_data_root(root: PathLike, datasets: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
     """Find image/label pairs in every known dataset folder of ``root``.
 
     Returns:
@@ -179,7 +180,7 @@ def scan_data_root(root: str | os.PathLike[str], datasets: Sequence[str] = ()) -
     return candidates, unknown
 
 
-def read_pairs(path: str | os.PathLike[str]) -> list[Candidate]:
+def read_pairs(path: PathLike) -> list[Candidate]:
     """An explicit pairing: a CSV with columns image,label[,dataset][,case] or a MONAI data-list JSON.
 
     Relative paths are relative to the file's folder. Without a dataset column the dataset is the
@@ -407,13 +408,13 @@ def _task_entries(records: Iterable[dict[str, Any]], task_name: str) -> list[dic
 
 
 def prepare(
-    data_root: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    data_root: PathLike,
+    out_dir: PathLike,
     config: PrepareConfig,
     *,
-    pairs: str | os.PathLike[str] | None = None,
+    pairs: PathLike | None = None,
     workers: int = 1,
-    store_dir: str | os.PathLike[str] | None = None,
+    store_dir: PathLike | None = None,
     on_found: Callable[[int], None] | None = None,
     on_case_done: Callable[[], None] | None = None,
     on_store_start: Callable[[int], None] | None = None,
@@ -440,12 +441,12 @@ def prepare(
 
 
 def _prepare(
-    data_root: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    data_root: PathLike,
+    out_dir: PathLike,
     config: PrepareConfig,
-    pairs: str | os.PathLike[str] | None,
+    pairs: PathLike | None,
     workers: int,
-    store_dir: str | os.PathLike[str] | None,
+    store_dir: PathLike | None,
     on_found: Callable[[int], None] | None,
     on_case_done: Callable[[], None] | None,
     on_store_start: Callable[[int], None] | None,
@@ -623,7 +624,7 @@ def _relative(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {k: (os.path.relpath(Path(v).absolute(), folder) if k in PATH_KEYS and v else v) for k, v in record.items()}
 
 
-def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_manifest(out_dir: PathLike) -> list[dict[str, Any]]:
     """The records of ``<out>/manifest.jsonl``, their paths made absolute (they are stored relative to it)."""
     folder = Path(out_dir).absolute()
     path = folder / "manifest.jsonl"
@@ -638,10 +639,10 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def build_case_store(
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     config: PrepareConfig,
     *,
-    store_dir: str | os.PathLike[str] | None = None,
+    store_dir: PathLike | None = None,
     workers: int = 1,
     num_parts: int = 1,
     part_id: int = 0,

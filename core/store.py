@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError, OutputError
 from freetumor_cli.core.label_maps import label_values
 from freetumor_cli.core.outputs import (
@@ -90,7 +91,7 @@ class CaseData:
         return tuple(int(n) for n in self.image.shape)  # type: ignore[return-value]
 
 
-def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+def file_identity(path: PathLike) -> dict[str, Any]:
     """What identifies a source file's content cheaply: its name, size and modification time."""
     stat = os.stat(path)
     return {"name": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -196,7 +197,7 @@ class CaseStore:
         preprocessing: the preprocessing its cases went through.
     """
 
-    def __init__(self, root: str | os.PathLike[str], preprocessing: Preprocessing) -> None:
+    def __init__(self, root: PathLike, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
         self.folder = Path(root) / f"pp-{preprocessing.digest()}"
 
@@ -392,7 +393,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def build_store(
     records: Iterable[Mapping[str, Any]],
-    root: str | os.PathLike[str],
+    root: PathLike,
     preprocessing_of: Callable[[str], Preprocessing],
     *,
     workers: int = 1,
@@ -452,7 +453,7 @@ def build_store(
 STORE_POINTER = "store.json"
 
 
-def store_root(prepared: str | os.PathLike[str]) -> Path:
+def store_root(prepared: PathLike) -> Path:
     """The store folder of a prepared folder: ``store/`` inside it, or where ``store.json`` points."""
     prepared = Path(prepared)
     pointer = prepared / STORE_POINTER
@@ -465,7 +466,7 @@ def store_root(prepared: str | os.PathLike[str]) -> Path:
     return prepared / "store"
 
 
-def open_store(prepared: str | os.PathLike[str], preprocessing: Preprocessing) -> CaseStore | None:
+def open_store(prepared: PathLike, preprocessing: Preprocessing) -> CaseStore | None:
     """The prepared folder's store of ``preprocessing``, or None when there is none."""
     store = CaseStore(store_root(prepared), preprocessing)
     return store if store.exists() else None

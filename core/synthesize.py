@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.cases import OUTPUT_NAME, Case
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.engines import wrong_contrast
@@ -90,7 +90,7 @@ RECORDS_FOLDER = "freetumor"  # in an nnU-Net dataset: the JSON records and prev
 DATALIST_NAME = "datalist.json"
 
 
-def write_layout_index(out_dir: str | os.PathLike[str], config: SynthesizeConfig) -> Path | None:
+def write_layout_index(out_dir: PathLike, config: SynthesizeConfig) -> Path | None:
     """The index of the outputs' layout, rebuilt from every record in the folder (so reruns and parts add up).
 
     ``nnunet``: ``<dataset>/dataset.json`` (channel CT, the region's labels, ``numTraining``);
@@ -208,7 +208,7 @@ def check_ct_values(image: Volume) -> list[str]:
 def synthesize_case(
     case: Case,
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None = None,
     device: str = "cpu",
@@ -439,7 +439,7 @@ def synthesize_tumors(
     radius_mm: float | None = None,
     label_scheme: str = "auto",
     rules: SynthesisConfig | None = None,
-    generator: str | os.PathLike[str] | None = None,
+    generator: PathLike | None = None,
     device: str = "cpu",
 ) -> SynthesizedImage:
     """Insert synthetic tumors into a CT held in memory: no files are read or written.
@@ -531,7 +531,7 @@ def _run_case(case: Case, config: SynthesizeConfig, out_dir: str, device: str) -
 def iter_results(
     cases: Iterable[Case],
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None = None,
     device: str = "cpu",
@@ -556,7 +556,7 @@ def iter_results(
 def _results(
     cases: list[Case],
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None,
     device: str,
