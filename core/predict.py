@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from freetumor_cli.core import PathLike
+from freetumor_cli.core.checkpoints import load_checkpoint
 from freetumor_cli.core.errors import GeometryError, InputError
 from freetumor_cli.core.io import load_header, save_volume
 from freetumor_cli.core.label_maps import lookup_table
-from freetumor_cli.core.models import ModelConfig, load_checkpoint
+from freetumor_cli.core.models import ModelConfig
 from freetumor_cli.core.outputs import write_text_atomic
 
 if TYPE_CHECKING:

@@ -250,7 +250,7 @@ def _train_generator(
     import torch
     from accelerate.utils import set_seed
 
-    from freetumor_cli.core.checkpoints import load_generator, save_generator, trained_channels
+    from freetumor_cli.core.checkpoints import load_checkpoint, load_generator, save_generator, trained_channels
     from freetumor_cli.core.gan import (
         GanConfig,
         discriminator_step,
@@ -259,7 +259,6 @@ def _train_generator(
         make_discriminator,
         make_generator,
     )
-    from freetumor_cli.core.models import load_checkpoint
     from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist
 
