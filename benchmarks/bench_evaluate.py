@@ -25,7 +25,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from freetumor_cli.core.evaluate import CasePair, EvaluateConfig, evaluate, evaluate_case  # noqa: E402
+from freetumor_cli.core.cases import CasePair  # noqa: E402
+from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, evaluate_case  # noqa: E402
 from freetumor_cli.core.io import Volume, save_volume  # noqa: E402
 
 

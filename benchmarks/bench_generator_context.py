@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from freetumor_cli.core.checkpoints import load_checkpoint
 from freetumor_cli.core.fair import FairConfig, baseline_config, crop_rules, prepared_world, train_run
 from freetumor_cli.core.gan import GanConfig, compose, intensity_map, make_generator, organ_voxels
-from freetumor_cli.core.models import load_checkpoint
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS
 from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist

@@ -32,7 +32,7 @@ import numpy as np
 
 from freetumor_cli.core import fair
 from freetumor_cli.core.errors import FreetumorError
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.outputs import write_text_atomic
 
 
 def main() -> None:

@@ -163,7 +163,8 @@ def check_train_synth(device: str, roi: tuple[int, int, int], base: int, critic_
 
 
 def check_evaluate(ct: Path, tmp: Path, device: str, model_name: str, roi: tuple[int, int, int]) -> None:
-    from freetumor_cli.core.models import ModelConfig, build_model, save_checkpoint
+    from freetumor_cli.core.checkpoints import save_checkpoint
+    from freetumor_cli.core.models import ModelConfig, build_model
     from freetumor_cli.core.predict import predict_cases
 
     config = ModelConfig(name=model_name, out_channels=3, roi=roi)  # type: ignore[arg-type]

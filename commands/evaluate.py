@@ -115,10 +115,11 @@ def evaluate(
     """
     from rich.table import Table
 
+    from freetumor_cli.core.cases import match_cases
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.evaluate import EvaluateConfig, match_cases, predict_for_scoring, write_reports
+    from freetumor_cli.core.evaluate import EvaluateConfig, predict_for_scoring, write_reports
     from freetumor_cli.core.evaluate import evaluate as run_evaluation
-    from freetumor_cli.core.io import OutputLock
+    from freetumor_cli.core.outputs import OutputLock
 
     flags = {
         "label_space": label_space,

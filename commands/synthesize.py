@@ -166,8 +166,9 @@ def synthesize(
     Example: freetumor synthesize --in ct.nii.gz --labels seg.nii.gz --organ liver --preview
     """
 
+    from freetumor_cli.core.cases import collect_cases
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.synthesize import collect_cases, copy_name, iter_results
+    from freetumor_cli.core.synthesize import copy_name, iter_results
 
     parsed_count = _parse_count(count)
     flags = {

@@ -22,26 +22,29 @@ dropped and ``swin_vit`` is renamed ``swinViT``; a key that still does not fit i
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import write_safetensors, write_text_atomic
+from freetumor_cli.core.models import ModelConfig, build_model
+from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
 
 if TYPE_CHECKING:
     import torch
 
-    from freetumor_cli.core.models import ModelConfig
+    from freetumor_cli.core.gan import GanConfig
+    from freetumor_cli.core.preprocess import Preprocessing
+
 
 WRAPPERS = ("state_dict", "network_weights", "net", "model", "student")
 
 
-def read_torch_file(path: str | os.PathLike[str]) -> Any:
+def read_torch_file(path: PathLike) -> Any:
     """A ``.pt``/``.pth`` file's content, loaded with ``weights_only=True`` (no pickled code runs)."""
     import torch
 
@@ -57,7 +60,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> Any:
         ) from exc
 
 
-def read_safetensors(path: str | os.PathLike[str], what: str = "checkpoint") -> dict[str, torch.Tensor]:
+def read_safetensors(path: PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file's tensors (on the CPU); a damaged or truncated file is a one-line error."""
     from safetensors.torch import load_file
 
@@ -114,7 +117,59 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     module.load_state_dict(dict(state), strict=True)
 
 
+def _read_card(path: Path, build: Callable[[dict[str, Any]], Any], *, hint: str) -> tuple[dict[str, Any], Any]:
+    """A checkpoint's JSON description and what ``build`` makes of it; a damaged one is a one-line error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data, build(data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(f"{path} is damaged or not freetumor's ({type(exc).__name__}: {exc})", hint=hint) from None
+
+
 # Segmentors -------------------------------------------------------------------------------------
+
+
+def _model_config(data: Mapping[str, Any]) -> ModelConfig:
+    raw = data["model"]
+    return ModelConfig(
+        **{
+            **raw,
+            "roi": tuple(raw["roi"]),
+            "spacing_mm": tuple(raw["spacing_mm"]),
+            "window_hu": tuple(raw["window_hu"]),
+        }
+    )
+
+
+def save_checkpoint(model: Any, config: ModelConfig, folder: PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``folder`` (each atomically)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_safetensors(state, out / "model.safetensors")
+    meta = {"model": asdict(config), **(extra or {})}
+    write_text_atomic(out / "model.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_checkpoint(folder: PathLike, *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """Rebuild the network of a checkpoint: a freetumor folder (safetensors), or one of the authors'
+    released SwinUNETR ``.pt`` baselines (read with ``weights_only``). No pickled code ever runs."""
+    path = Path(folder)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        model, config = import_segmentor(path)
+        return model.to(device), config, {"model": asdict(config), "source": str(path)}
+    if path.is_file() and path.name in ("model.safetensors", "model.json"):
+        path = path.parent
+    if not (path / "model.json").is_file() or not (path / "model.safetensors").is_file():
+        raise InputError(
+            f"not a freetumor checkpoint: {path}",
+            hint="expected a folder with model.safetensors and model.json (train-seg's checkpoints/best), or a .pt baseline",
+        )
+    meta, config = _read_card(path / "model.json", _model_config, hint="use a checkpoint folder written by train-seg")
+    model = build_model(config)
+    load_strict(model, read_safetensors(path / "model.safetensors"), path, "the checkpoint")
+    return model.to(device), config, meta
 
 
 def _segmentor_task(out_channels: int, path: Path, task: str | None) -> str:
@@ -152,15 +207,13 @@ def released_labels(task_name: str, out_channels: int, source: Any) -> dict[int,
     )
 
 
-def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -> tuple[Any, ModelConfig]:
+def import_segmentor(path: PathLike, *, task: str | None = None) -> tuple[Any, ModelConfig]:
     """A SwinUNETR v2 baseline of the authors (``{"state_dict": ...}``) as a freetumor network.
 
     The class count comes from ``out.conv.conv.weight``: 7 is the abdomen generalist (``all``); a file
     named like ``*covid*`` is the chest's (``covid``; the released one predicts background and lesion);
     otherwise pass ``task``.
     """
-    from freetumor_cli.core.models import build_model
-
     path = Path(path)
     state = state_dict_of(read_torch_file(path), path)
     weight = state.get("out.conv.conv.weight")
@@ -179,8 +232,6 @@ def import_segmentor(path: str | os.PathLike[str], *, task: str | None = None) -
 def swinunetr_config(state: Mapping[str, Any], task: str, labels: Mapping[int, str] | None = None) -> ModelConfig:
     """The configuration of a SwinUNETR v2 of ``task`` with the width of ``state``, at the region's
     preprocessing; ``labels`` (channel -> class) are the task's unless given."""
-    from freetumor_cli.core.models import ModelConfig
-
     t, region = TASKS[task], REGIONS[TASKS[task].region]
     classes = dict(labels) if labels is not None else t.labels
     embed = state.get("swinViT.patch_embed.proj.weight")
@@ -197,7 +248,7 @@ def swinunetr_config(state: Mapping[str, Any], task: str, labels: Mapping[int, s
 def save_generator(
     generator: Any,
     gan: Any,
-    folder: str | os.PathLike[str],
+    folder: PathLike,
     *,
     spacing_mm: Any,
     window_hu: Any,
@@ -218,16 +269,12 @@ def save_generator(
             continue
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         write_safetensors(state, out / f"{name}.safetensors")
-    meta = {
-        "generator": asdict(gan),
-        "spacing_mm": list(spacing_mm),
-        "window_hu": list(window_hu),
-        "roi": list(roi),
-        "organ_channels": dict(organ_channels),
-        "version": __version__,
-        **(extra or {}),
-    }
-    write_text_atomic(out / "generator.json", json.dumps(meta, indent=2) + "\n")
+    card = GeneratorCard(
+        gan.region, gan.base_channels, gan.adversarial_weight, gan.batch_stats,
+        tuple(float(v) for v in spacing_mm), tuple(float(v) for v in window_hu),  # type: ignore[arg-type]
+        tuple(int(v) for v in roi), dict(organ_channels), {"version": __version__, **(extra or {})},  # type: ignore[arg-type]
+    )  # fmt: skip
+    write_text_atomic(out / "generator.json", json.dumps(card.to_json(), indent=2) + "\n")
     return out
 
 
@@ -236,25 +283,102 @@ def trained_channels(task_name: str) -> dict[str, int]:
     return {o: ORGANS[o].generator_channel for o in TASKS[task_name].organs}
 
 
+@dataclass(frozen=True)
+class GeneratorCard:
+    """What a generator checkpoint says about its network (``generator.json``), typed.
+
+    Attributes:
+        region: the region it was trained for (its output squashing and channels).
+        base_channels: the network's width.
+        adversarial_weight: λ of its training.
+        batch_stats: each crop normalised on its own statistics (``GanConfig.batch_stats``); False for
+            files written before it was recorded (``BatchNorm3d``).
+        spacing_mm: voxel size of the crops it was trained on.
+        window_hu: HU window mapped to [0, 1] in those crops.
+        roi: crop size in voxels.
+        organ_channels: organ -> the output channel trained for it; empty in files written before it was
+            recorded (the region's generalist task's channels, :meth:`channels`).
+        extra: anything else the file records (``version``, ``source``, ``released``, ``critic``, ``init``,
+            ``hu_contrast``, ...), kept as written.
+    """
+
+    region: str
+    base_channels: int
+    adversarial_weight: float
+    batch_stats: bool
+    spacing_mm: tuple[float, float, float]
+    window_hu: tuple[float, float]
+    roi: tuple[int, int, int]
+    organ_channels: Mapping[str, int] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GeneratorCard:
+        """The card of a ``generator.json`` of this version or an earlier one."""
+        gan = data["generator"]
+        known = {"generator", "spacing_mm", "window_hu", "roi", "organ_channels"}
+        return cls(
+            region=str(gan["region"]), base_channels=int(gan["base_channels"]),
+            adversarial_weight=float(gan["adversarial_weight"]), batch_stats=bool(gan.get("batch_stats", False)),
+            spacing_mm=tuple(float(s) for s in data["spacing_mm"]),  # type: ignore[arg-type]
+            window_hu=tuple(float(w) for w in data["window_hu"]),  # type: ignore[arg-type]
+            roi=tuple(int(r) for r in data["roi"]),  # type: ignore[arg-type]
+            organ_channels={str(k): int(v) for k, v in (data.get("organ_channels") or {}).items()},
+            extra={k: v for k, v in data.items() if k not in known},
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``generator.json`` content (the layout every version reads)."""
+        return {
+            "generator": {
+                "region": self.region, "base_channels": self.base_channels,
+                "adversarial_weight": self.adversarial_weight, "batch_stats": self.batch_stats,
+            },
+            "spacing_mm": list(self.spacing_mm), "window_hu": list(self.window_hu), "roi": list(self.roi),
+            "organ_channels": dict(self.organ_channels), **self.extra,
+        }  # fmt: skip
+
+    def gan(self) -> GanConfig:
+        """The network's sizes."""
+        from freetumor_cli.core.gan import GanConfig
+
+        return GanConfig(self.region, self.base_channels, self.adversarial_weight, self.batch_stats)
+
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing of the crops it was trained on."""
+        from freetumor_cli.core.preprocess import Preprocessing
+
+        return Preprocessing.for_region(self.region, spacing_mm=self.spacing_mm, window_hu=self.window_hu)
+
+    def channels(self) -> dict[str, int]:
+        """Organ -> the output channel trained for it."""
+        return dict(self.organ_channels) or trained_channels(REGIONS[self.region].generalist_task)
+
+
 @dataclass
 class Generator:
     """A generator ready to use, with what it was trained for.
 
     Attributes:
         module: the network (eval mode).
-        meta: its ``generator.json`` content.
+        card: what its ``generator.json`` says.
         discriminator_state: the discriminator's weights when the checkpoint holds them (to fine-tune).
         critic: the segmentor the checkpoint carries (the authors' ``netSeg``), with its config, or None.
     """
 
     module: Any
-    meta: dict[str, Any]
+    card: GeneratorCard
     discriminator_state: dict[str, Any] | None = None
     critic: tuple[Any, ModelConfig] | None = None
 
     @property
     def region(self) -> str:
-        return str(self.meta["generator"]["region"])
+        return self.card.region
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The card as ``generator.json`` holds it (for code that reads it key by key)."""
+        return self.card.to_json()
 
     def channel(self, organ: str) -> int:
         """The output channel the generator was trained to use for ``organ``.
@@ -262,7 +386,7 @@ class Generator:
         Raises:
             InputError: that organ's channel was never trained.
         """
-        channels = self.meta.get("organ_channels") or trained_channels(REGIONS[self.region].generalist_task)
+        channels = self.card.channels()
         if organ not in channels:
             raise InputError(
                 f"this generator was trained for {', '.join(channels) or 'no organ'} tumors, not {organ}",
@@ -271,12 +395,12 @@ class Generator:
         return int(channels[organ])
 
 
-def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+def load_generator(path: PathLike, *, device: str = "cpu") -> Generator:
     """A generator: a ``train-synth`` checkpoint folder (or a fetch-weights conversion), or ``TGAN.pt``.
 
     Nothing is unpickled: folders hold safetensors, and ``.pt`` files are read with ``weights_only``.
     """
-    from freetumor_cli.core.gan import GanConfig, make_generator
+    from freetumor_cli.core.gan import make_generator
 
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth"):
@@ -286,25 +410,21 @@ def load_generator(path: str | os.PathLike[str], *, device: str = "cpu") -> Gene
             f"not a freetumor generator checkpoint: {path}",
             hint="expected generator.safetensors and generator.json (train-synth's checkpoints/best), or TGAN.pt",
         )
-    try:
-        meta = json.loads((path / "generator.json").read_text(encoding="utf-8"))
-        gan = GanConfig(**{"batch_stats": False, **meta["generator"]})  # written before it was recorded: BatchNorm3d
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"{path / 'generator.json'} is damaged ({type(exc).__name__}: {exc})") from None
-    generator = make_generator(gan)
+    _, card = _read_card(
+        path / "generator.json", GeneratorCard.from_json, hint="use a checkpoint folder written by train-synth"
+    )
+    generator = make_generator(card.gan())
     load_strict(generator, read_safetensors(path / "generator.safetensors", "generator"), path, "the generator")
     disc = path / "discriminator.safetensors"
     disc_state = read_safetensors(disc, "discriminator") if disc.is_file() else None
     critic = None
     if (path / "critic" / "model.json").is_file():
-        from freetumor_cli.core.models import load_checkpoint
-
         model, config, _ = load_checkpoint(path / "critic", device=device)
         critic = (model, config)
-    return Generator(generator.to(device).eval(), meta, disc_state, critic)
+    return Generator(generator.to(device).eval(), card, disc_state, critic)
 
 
-def import_tgan(path: str | os.PathLike[str], *, device: str = "cpu") -> Generator:
+def import_tgan(path: PathLike, *, device: str = "cpu") -> Generator:
     """The authors' ``TGAN.pt``: the generator (``netG.*``), the discriminator (``netD.*``) and, when the
     file holds it, the region's baseline (``netSeg.*``) that the original uses for quality control.
 
@@ -342,16 +462,12 @@ def import_tgan(path: str | os.PathLike[str], *, device: str = "cpu") -> Generat
     critic = None
     if parts["netSeg"]:
         critic = _import_critic({_released_unet_key(k): v for k, v in parts["netSeg"].items()}, path, region, device)
-    meta = {
-        "generator": asdict(gan),
-        "spacing_mm": list(REGIONS[region].spacing_mm),
-        "window_hu": list(REGIONS[region].window_hu),
-        "roi": list(REGIONS[region].roi),
-        "organ_channels": {o.name: 0 for o in region_organs(region)},
-        "source": str(path),
-        "released": True,
-    }
-    return Generator(generator.to(device).eval(), meta, disc_state, critic)
+    card = GeneratorCard(
+        region, gan.base_channels, gan.adversarial_weight, gan.batch_stats, REGIONS[region].spacing_mm,
+        REGIONS[region].window_hu, REGIONS[region].roi, {o.name: 0 for o in region_organs(region)},
+        {"source": str(path), "released": True},
+    )  # fmt: skip
+    return Generator(generator.to(device).eval(), card, disc_state, critic)
 
 
 def _released_unet_key(key: str) -> str:
@@ -362,8 +478,6 @@ def _released_unet_key(key: str) -> str:
 
 def _import_critic(state: Mapping[str, Any], path: Path, region: str, device: str) -> tuple[Any, ModelConfig]:
     """``netSeg``: the region's baseline (7 classes abdomen; the chest's predicts background and lesion)."""
-    from freetumor_cli.core.models import build_model
-
     weight = state.get("out.conv.conv.weight")
     if weight is None:
         raise InputError(f"{path}: netSeg holds no SwinUNETR output layer")
@@ -394,7 +508,7 @@ class InitReport:
         )
 
 
-def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
+def initialize_from(model: Any, path: PathLike) -> InitReport:
     """Copy every tensor of a checkpoint whose name and shape match one of ``model``'s (the others keep
     their initialisation): VoCo's self-supervised encoder, a freetumor checkpoint folder, or any
     state dict file.
@@ -432,20 +546,18 @@ def initialize_from(model: Any, path: str | os.PathLike[str]) -> InitReport:
     return report
 
 
-def convert_released(path: str | os.PathLike[str], out: str | os.PathLike[str], *, task: str | None = None) -> Path:
+def convert_released(path: PathLike, out: PathLike, *, task: str | None = None) -> Path:
     """Convert an authors' file once into freetumor's folders: a segmentor into ``model.safetensors`` +
     ``model.json``; ``TGAN.pt`` into a generator folder (with its discriminator, and its ``netSeg`` in
     ``critic/``)."""
-    from freetumor_cli.core.models import save_checkpoint
-
     path, out_path = Path(path), Path(out)
     state = state_dict_of(read_torch_file(path), path)
     if any(k.startswith("netG.") for k in state):
         gen = import_tgan(path)
+        card = gen.card
         save_generator(
-            gen.module, replace_gan(gen.meta), out_path, spacing_mm=gen.meta["spacing_mm"], window_hu=gen.meta["window_hu"],
-            roi=gen.meta["roi"], organ_channels=gen.meta["organ_channels"], discriminator=_as_module(gen),
-            extra={"source": str(path), "released": True},
+            gen.module, card.gan(), out_path, spacing_mm=card.spacing_mm, window_hu=card.window_hu, roi=card.roi,
+            organ_channels=card.organ_channels, discriminator=_as_module(gen), extra={"source": str(path), "released": True},
         )  # fmt: skip
         if gen.critic is not None:
             save_checkpoint(gen.critic[0], gen.critic[1], out_path / "critic", extra={"source": str(path)})
@@ -454,17 +566,11 @@ def convert_released(path: str | os.PathLike[str], out: str | os.PathLike[str], 
     return save_checkpoint(model, config, out_path, extra={"source": str(path), "released": True})
 
 
-def replace_gan(meta: Mapping[str, Any]) -> Any:
-    from freetumor_cli.core.gan import GanConfig
-
-    return GanConfig(**meta["generator"])
-
-
 def _as_module(gen: Generator) -> Any:
     if gen.discriminator_state is None:
         return None
     from freetumor_cli.core.gan import make_discriminator
 
-    module = make_discriminator(replace_gan(gen.meta))
+    module = make_discriminator(gen.card.gan())
     module.load_state_dict(gen.discriminator_state)
     return module

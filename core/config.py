@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import ConfigError
 from freetumor_cli.core.registry import OneOf
 
@@ -25,7 +26,7 @@ T = TypeVar("T")
 def build_config(
     cls: type[T],
     *,
-    file: str | Path | None = None,
+    file: PathLike | None = None,
     overrides: Sequence[str] = (),
     flags: Mapping[str, Any] | None = None,
     defaults: T | None = None,

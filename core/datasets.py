@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.registry import REGIONS, RegionName
 
 Role = Literal["tumor", "organ"]
@@ -41,7 +42,7 @@ class DatasetSpec:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     layout_remaps: Mapping[str, Mapping[int, int] | None] = field(default_factory=dict)
 
-    def remap_for(self, label: Path | str) -> Mapping[int, int] | None:
+    def remap_for(self, label: PathLike) -> Mapping[int, int] | None:
         """The remap of a label file: its layout's when it lies under one of ``layout_remaps``' folders."""
         for folder, remap in self.layout_remaps.items():
             if folder in Path(label).parts:

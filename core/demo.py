@@ -27,7 +27,7 @@ from typing import Any
 
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.fair import ARMS, FairConfig, label
-from freetumor_cli.core.io import OutputLock, atomic_path, write_text_atomic
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 
 # The comparison's columns, and its rows: run folder -> what it is.
 COMPARISON_COLUMNS = ("tumor Dice", "lesion sensitivity", "sensitivity <= 10 mm", "FP per case")
@@ -152,9 +152,10 @@ def _run_demo(
     import shutil
     import time
 
+    from freetumor_cli.core.cases import Case
     from freetumor_cli.core.fair import paired_table, run_seed
     from freetumor_cli.core.synthesis_config import SynthesizeConfig
-    from freetumor_cli.core.synthesize import Case, synthesize_case
+    from freetumor_cli.core.synthesize import synthesize_case
 
     for name in (*DEMO_FOLDERS, "world.json"):
         target = out / name

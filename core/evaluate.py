@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,20 +18,19 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.cases import DATALIST_SECTIONS, CasePair, collect_cases, match_cases, read_datalist
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.errors import ConfigError, GeometryError, InputError, LabelError
-from freetumor_cli.core.io import (
-    AFFINE_TOLERANCE_MM,
-    DATALIST_SECTIONS,
-    Volume,
-    case_name,
+from freetumor_cli.core.io import Volume, load_volume
+from freetumor_cli.core.label_maps import (
     check_same_grid,
-    is_nifti,
-    load_volume,
-    read_datalist,
-    write_text_atomic,
+    integer_labels,
+    integer_problem,
+    label_values,
 )
 from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
+from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.registry import EVAL_SPACES, EvalSpaceName, check_choices
 
@@ -90,59 +88,6 @@ def resolve_classes(config: EvaluateConfig) -> dict[int, str]:
     return dict(sorted(chosen.items()))
 
 
-@dataclass(frozen=True)
-class CasePair:
-    case: str
-    gt: Path
-    pred: Path | None
-
-
-def match_cases(pred_dir: str | os.PathLike[str], gt: str | os.PathLike[str]) -> tuple[list[CasePair], list[str]]:
-    """Pair predictions with ground truth by case name (nnU-Net naming, ``_0000`` ignored).
-
-    Returns:
-        (one pair per ground-truth case, its prediction None when missing; prediction files that
-        match no ground-truth case).
-
-    Args:
-        pred_dir: folder of predicted label maps.
-        gt: folder of ground-truth label maps, or a MONAI data-list JSON (its ``label`` entries).
-    """
-    pred_path, gt_path = Path(pred_dir), Path(gt)
-    if not pred_path.is_dir():
-        raise InputError(f"prediction folder not found: {pred_path}")
-    if not gt_path.exists():
-        raise InputError(f"ground truth not found: {gt_path}")
-    if gt_path.is_dir():
-        gts = {
-            case_name(p): p
-            for p in sorted(gt_path.iterdir())
-            if p.is_file() and is_nifti(p) and not p.name.startswith(".")
-        }
-    elif gt_path.suffix == ".json":
-        gts = _labels_from_datalist(gt_path)
-    else:
-        raise InputError(f"--gt must be a folder of label maps or a data-list JSON: {gt_path}")
-    if not gts:
-        raise InputError(f"no ground-truth label maps in {gt_path}")
-    preds: dict[str, Path] = {}
-    for p in sorted(pred_path.iterdir()):
-        if p.is_file() and is_nifti(p) and not p.name.startswith("."):
-            preds.setdefault(case_name(p), p)
-    unmatched = sorted(set(preds) - set(gts))
-    if not set(preds) & set(gts):
-        raise InputError(
-            f"no prediction in {pred_path} matches a ground-truth case (e.g. {next(iter(gts))})",
-            hint="files are matched by case name: case.nii.gz or case_0000.nii.gz",
-        )
-    pairs = [CasePair(name, path, preds.get(name)) for name, path in sorted(gts.items())]
-    return pairs, unmatched
-
-
-def _labels_from_datalist(path: Path) -> dict[str, Path]:
-    return {case_name(e.get("image") or e["label"]): e["label"] for e in read_datalist(path) if e.get("label")}
-
-
 @dataclass
 class CaseScores:
     """Everything scored for one case."""
@@ -154,14 +99,13 @@ class CaseScores:
 
 
 def _check_values(volume: Volume, scheme: dict[int, str], what: str, case: str) -> np.ndarray:
-    array = volume.array
-    if not np.issubdtype(array.dtype, np.integer):
-        if np.isnan(array).any() or not np.array_equal(array, np.rint(array)):
-            raise LabelError(f"case {case}: {what} {volume.path} holds non-integer values")
-        array = array.astype(np.int64)
+    problem = integer_problem(volume.array)
+    if problem:
+        raise LabelError(f"case {case}: {what} {volume.path} {problem}")
+    array = integer_labels(volume.array)
     low, high = int(array.min()), int(array.max())
     if low < 0 or high > max(scheme):
-        values = sorted({int(v) for v in np.unique(array)} - set(scheme))
+        values = sorted(set(label_values(array).tolist()) - set(scheme))
         raise LabelError(
             f"case {case}: {what} {volume.path} holds values {values[:8]} outside the scheme "
             f"({', '.join(f'{v} {n}' for v, n in scheme.items())})",
@@ -192,7 +136,7 @@ def evaluate_case(pair: CasePair, config: EvaluateConfig) -> CaseScores:
     else:
         pred = load_volume(pair.pred, what="prediction")
         try:
-            check_same_grid(gt, pred, tolerance_mm=AFFINE_TOLERANCE_MM)
+            check_same_grid(gt, pred)
             pred_array = _check_values(pred, scheme, "prediction", pair.case)
         except GeometryError as exc:
             if not config.resample_pred:
@@ -333,8 +277,8 @@ def summarize(cases: Sequence[CaseScores], classes: dict[int, str], config: Eval
 
 
 def evaluate(
-    pred_dir: str | os.PathLike[str],
-    gt: str | os.PathLike[str],
+    pred_dir: PathLike,
+    gt: PathLike,
     config: EvaluateConfig,
     *,
     workers: int = 1,
@@ -444,7 +388,7 @@ def write_plots(cases: Sequence[CaseScores], summary: dict[str, Any], out: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from freetumor_cli.core.io import atomic_path
+    from freetumor_cli.core.outputs import atomic_path
 
     written = []
     names = list(summary["classes"])
@@ -520,7 +464,7 @@ def _save(fig: Any, path: Path, atomic_path: Any, plt: Any) -> Path:
     return path
 
 
-def write_reports(cases: Sequence[CaseScores], summary: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
+def write_reports(cases: Sequence[CaseScores], summary: dict[str, Any], out: PathLike) -> list[Path]:
     """Write the CSVs, the JSON and Markdown summaries and the plots to ``out``."""
     folder = Path(out)
     rows = [r for c in cases for r in c.rows]
@@ -554,9 +498,9 @@ def _has_folds(path: Path) -> bool:
 
 
 def predict_for_scoring(
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    checkpoint: PathLike,
+    data: PathLike,
+    out_dir: PathLike,
     config: EvaluateConfig,
     *,
     overlap: float = 0.75,
@@ -579,7 +523,6 @@ def predict_for_scoring(
         configuration, which path the images came by).
     """
     from freetumor_cli.core.predict import predict_cases
-    from freetumor_cli.core.synthesize import collect_cases
 
     data_path = Path(data)
     prepared = None

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli.core.errors import OutputExistsError
-from freetumor_cli.core.io import load_volume, save_volume, write_text_atomic
+from freetumor_cli.core.io import load_volume, save_volume
+from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig
 

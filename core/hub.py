@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.archives import archive_name, archive_stem, check_parts, extract_archive
 from freetumor_cli.core.datasets import canonical_dataset
 from freetumor_cli.core.errors import ConfigError, FreetumorError, InputError, OutputBusyError, OutputError
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.outputs import write_text_atomic
 
 DEFAULT_REPO = "Luffy503/FreeTumor"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -253,7 +254,7 @@ class HubClient:
 
 def cannot_write(folder: Path, exc: OSError, *, option: str = "--dest") -> OutputError:
     """A local write failed: said as the folder's fault (full, read-only, not writable), not the hub's."""
-    from freetumor_cli.core.io import WRITE_ERRORS
+    from freetumor_cli.core.outputs import WRITE_ERRORS
 
     reason = WRITE_ERRORS.get(exc.errno or 0, (os.strerror(exc.errno) if exc.errno else str(exc), ""))[0]
     return OutputError(
@@ -609,7 +610,7 @@ ARCHIVE_FOLDER = ".freetumor_archives"
 
 
 def fetch_labels(
-    dest: str | os.PathLike[str] = "data",
+    dest: PathLike = "data",
     *,
     repo: str = DEFAULT_REPO,
     datasets: Sequence[str] | None = None,

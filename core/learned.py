@@ -17,16 +17,19 @@ window's edge and no further.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.engines import Box, Scene, TumorGeometry
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, Organ
+
+if TYPE_CHECKING:
+    from freetumor_cli.core.checkpoints import GeneratorCard
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,13 +37,6 @@ def cached_generator(path: str, device: str = "cpu") -> Any:
     from freetumor_cli.core.checkpoints import load_generator
 
     return load_generator(path, device=device)
-
-
-def generator_preprocessing(meta: dict[str, Any]) -> Preprocessing:
-    """The preprocessing a generator was trained with, from its metadata (``generator.json``)."""
-    return Preprocessing.for_region(
-        meta["generator"]["region"], spacing_mm=meta["spacing_mm"], window_hu=meta["window_hu"]
-    )
 
 
 def network_grid(
@@ -77,7 +73,7 @@ def generator_map(
     organ: tuple[Box, np.ndarray],
     tumor_box: Box,
     generator: Any,
-    meta: dict[str, Any],
+    card: GeneratorCard,
     channel: int,
 ) -> tuple[Box, np.ndarray]:
     """The generator's intensity change (HU per unit of profile) around one tumor, on the CT's grid.
@@ -92,7 +88,7 @@ def generator_map(
         organ: the organ's bounding box in ``image_hu`` and its voxels there before synthesis (bool).
         tumor_box: the tumor's box in ``image_hu``; the crop is centred on it.
         generator: the generator network (eval mode).
-        meta: its metadata (region, spacing, window, crop).
+        card: its card (region, spacing, window, crop).
         channel: the output channel of the tumor's organ.
 
     Returns:
@@ -106,8 +102,8 @@ def generator_map(
     from freetumor_cli.core.gan import intensity_map
     from freetumor_cli.core.seg_data import read_crop
 
-    preprocessing = generator_preprocessing(meta)
-    roi = np.asarray(meta["roi"], dtype=int)
+    preprocessing = card.preprocessing()
+    roi = np.asarray(card.roi, dtype=int)
     grid, grid_shape = network_grid(preprocessing, affine, image_hu.shape)
     center_voxel = np.array([(s.start + s.stop - 1) / 2 for s in tumor_box])
     center = np.linalg.solve(grid[:3, :3], affine[:3, :3] @ center_voxel + affine[:3, 3] - grid[:3, 3])
@@ -139,7 +135,7 @@ def generator_map(
     organ_tensor = torch.from_numpy(organ_crop)[None, None].to(device)
     with torch.no_grad():
         out = generator(torch.from_numpy(image_crop.astype(np.float32))[None, None].to(device))
-        change = intensity_map(out, [channel], meta["generator"]["region"], organ_tensor)[0].cpu()
+        change = intensity_map(out, [channel], card.region, organ_tensor)[0].cpu()
     back = SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=False, dtype=np.float64)(
         MetaTensor(change, affine=torch.as_tensor(crop_affine)),
         dst_affine=torch.as_tensor(box_affine),
@@ -164,14 +160,14 @@ class GeneratorIntensity:
 
     name = "generator"
 
-    def __init__(self, generator_path: str | os.PathLike[str], organ: Organ, *, device: str = "cpu") -> None:
+    def __init__(self, generator_path: PathLike, organ: Organ, *, device: str = "cpu") -> None:
         loaded = cached_generator(str(generator_path), device)
         if loaded.region != organ.region:
             raise InputError(
                 f"the generator {generator_path} is for the {loaded.region}; --organ {organ.name} is not",
                 hint="use a generator trained for that region",
             )
-        self.module, self.meta = loaded.module, loaded.meta
+        self.module, self.card = loaded.module, loaded.card
         self.channel = loaded.channel(organ.name)
 
     def change(self, tumor: TumorGeometry, scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -180,11 +176,11 @@ class GeneratorIntensity:
         if organ_voxels is None:  # not told where the organ is: the map is not kept to it
             organ_voxels = np.ones([s.stop - s.start for s in scene.bbox], dtype=bool)
         box, hu_map = generator_map(
-            scene.image, scene.affine, (scene.bbox, organ_voxels), tumor_box, self.module, self.meta, self.channel
+            scene.image, scene.affine, (scene.bbox, organ_voxels), tumor_box, self.module, self.card, self.channel
         )
         inside = hu_map[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tumor_box, box, strict=True))]
         sign = float(REGIONS[scene.organ.region].tumor_sign)
         image = scene.image[tumor_box]
-        delta = clamp_to_window(image, (sign * tumor.profile * inside).astype(np.float32), self.meta["window_hu"])
-        full = clamp_to_window(image[tumor.mask], sign * inside[tumor.mask], self.meta["window_hu"])
+        delta = clamp_to_window(image, (sign * tumor.profile * inside).astype(np.float32), self.card.window_hu)
+        full = clamp_to_window(image[tumor.mask], sign * inside[tumor.mask], self.card.window_hu)
         return delta, float(full.mean()) if full.size else 0.0

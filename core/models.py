@@ -1,19 +1,15 @@
-"""Segmentation networks and their checkpoints (safetensors weights + a JSON model config).
+"""Segmentation networks: what it takes to rebuild one (:class:`ModelConfig`) and the network itself.
 
-A checkpoint is a folder: ``model.safetensors`` and ``model.json`` (architecture, channels, label
-space, preprocessing), so ``evaluate`` and ``train-seg --baseline`` need nothing but the folder.
+Their checkpoints (``model.safetensors`` + ``model.json``) are read and written by
+:mod:`freetumor_cli.core.checkpoints`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.io import write_safetensors, write_text_atomic
 from freetumor_cli.core.registry import (
     MODELS,
     ORGANS,
@@ -132,53 +128,3 @@ def build_model(config: ModelConfig) -> Any:
         num_res_units=res,
         norm="batch",
     )
-
-
-def save_checkpoint(
-    model: Any, config: ModelConfig, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` into ``folder`` (each atomically)."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_safetensors(state, out / "model.safetensors")
-    meta = {"model": asdict(config), **(extra or {})}
-    write_text_atomic(out / "model.json", json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelConfig, dict[str, Any]]:
-    """Rebuild the network of a checkpoint: a freetumor folder (safetensors), or one of the authors'
-    released SwinUNETR ``.pt`` baselines (read with ``weights_only``). No pickled code ever runs."""
-    from freetumor_cli.core.checkpoints import import_segmentor, load_strict, read_safetensors
-
-    path = Path(folder)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        model, config = import_segmentor(path)
-        return model.to(device), config, {"model": asdict(config), "source": str(path)}
-    if path.is_file() and path.name in ("model.safetensors", "model.json"):
-        path = path.parent
-    if not (path / "model.json").is_file() or not (path / "model.safetensors").is_file():
-        raise InputError(
-            f"not a freetumor checkpoint: {path}",
-            hint="expected a folder with model.safetensors and model.json (train-seg's checkpoints/best), or a .pt baseline",
-        )
-    try:
-        meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
-        raw = meta["model"]
-        config = ModelConfig(
-            **{
-                **raw,
-                "roi": tuple(raw["roi"]),
-                "spacing_mm": tuple(raw["spacing_mm"]),
-                "window_hu": tuple(raw["window_hu"]),
-            }
-        )
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(
-            f"{path / 'model.json'} is damaged or not freetumor's ({type(exc).__name__}: {exc})",
-            hint="use a checkpoint folder written by train-seg",
-        ) from None
-    model = build_model(config)
-    load_strict(model, read_safetensors(path / "model.safetensors"), path, "the checkpoint")
-    return model.to(device), config, meta

@@ -32,18 +32,14 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.cases import read_datalist
 from freetumor_cli.core.config import build_config, to_dict
 from freetumor_cli.core.engines import RuleIntensity
 from freetumor_cli.core.errors import ConfigError, InputError, OutputExistsError
-from freetumor_cli.core.io import (
-    OutputLock,
-    atomic_path,
-    load_header,
-    load_volume,
-    read_datalist,
-    save_volume,
-    write_text_atomic,
-)
+from freetumor_cli.core.io import load_header, load_volume, save_volume
+from freetumor_cli.core.label_maps import integer_labels, relabel
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.registry import ORGANS, TASKS, SizeName, check_choices, task
 from freetumor_cli.core.synthesis_config import NNUNET_DATASET_NAME, SynthesisConfig
@@ -386,8 +382,8 @@ def nnunet_case_id(dataset: str, case: str) -> str:
 
 
 def write_nnunet_dataset(
-    prepared: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    prepared: PathLike,
+    out: PathLike,
     dataset: str,
     *,
     task_name: str = "all",
@@ -504,10 +500,7 @@ def _write_case(folder: Path, case_id: str, entry: Mapping[str, Any], remap: Map
     labels = load_volume(entry["label"], what="labels")
     if labels.shape != header.shape:
         raise InputError(f"{case_id}: labels of shape {labels.shape} on an image of {header.shape}")
-    lut = np.zeros(max(int(labels.array.max()), max(remap)) + 1, dtype=np.uint8)
-    for value, task_value in remap.items():
-        lut[value] = task_value
-    save_volume(lut[np.asarray(labels.array, dtype=np.int64)], header, label_out, label=True)
+    save_volume(relabel(integer_labels(labels.array), remap), header, label_out, label=True)
     if image.name.endswith(".nii.gz"):
         if copy:
             with atomic_path(image_out) as tmp:

@@ -26,7 +26,6 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from freetumor_cli.core.errors import FreetumorError
-from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.nnunet import (
     SETTINGS_FILE,
     NnunetSynthesisConfig,
@@ -35,6 +34,7 @@ from freetumor_cli.core.nnunet import (
     synthesis_config_from_env,
     synthesize_in_patch,
 )
+from freetumor_cli.core.outputs import write_text_atomic
 
 
 class TumorSynthesisTransform(BasicTransform):

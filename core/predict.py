@@ -11,16 +11,19 @@ a network that predicts fewer classes (the authors' 2-class COVID-19 baseline) w
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.checkpoints import load_checkpoint
 from freetumor_cli.core.errors import GeometryError, InputError
-from freetumor_cli.core.io import load_header, save_volume, write_text_atomic
-from freetumor_cli.core.models import ModelConfig, load_checkpoint
+from freetumor_cli.core.io import load_header, save_volume
+from freetumor_cli.core.label_maps import lookup_table
+from freetumor_cli.core.models import ModelConfig
+from freetumor_cli.core.outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from freetumor_cli.core.store import CaseData
@@ -29,10 +32,7 @@ if TYPE_CHECKING:
 def channels_to_region(config: ModelConfig) -> np.ndarray:
     """Lookup table from the network's output channels to the region's label space (a network that
     predicts only tumors writes no organ: the authors' COVID-19 baseline gives 0 and 2, lesion)."""
-    lut = np.zeros(256, dtype=np.uint8)
-    for channel, region_value in config.region_values().items():
-        lut[channel] = region_value
-    return lut
+    return lookup_table(config.region_values())
 
 
 def _preprocess(config: ModelConfig) -> Any:
@@ -63,7 +63,7 @@ def _probabilities(model: Any, config: ModelConfig, x: Any, *, overlap: float, t
 def predict_image(
     model: Any,
     config: ModelConfig,
-    image_path: str | os.PathLike[str],
+    image_path: PathLike,
     *,
     device: str,
     overlap: float = 0.75,
@@ -118,14 +118,14 @@ def predict_stored(
 
 
 def predict_cases(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: PathLike,
     entries: Sequence[Mapping[str, Any] | Path],
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     overlap: float = 0.75,
     tta: bool = False,
     device: str | None = None,
-    prepared: str | os.PathLike[str] | None = None,
+    prepared: PathLike | None = None,
     on_case_done: Callable[[Path], None] | None = None,
 ) -> tuple[list[Path], ModelConfig, str]:
     """Predict every image with a checkpoint; write ``<out>/<case>.nii.gz`` in each input's geometry.
@@ -141,8 +141,8 @@ def predict_cases(
         (the files written, the network's configuration, which path the images came by).
     """
 
+    from freetumor_cli.core.cases import case_name
     from freetumor_cli.core.devices import resolve_device
-    from freetumor_cli.core.io import case_name
     from freetumor_cli.core.store import StoreMiss, open_store
 
     device = resolve_device(device or "auto")

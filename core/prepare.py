@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,21 +26,22 @@ from typing import Annotated, Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.cases import case_name, read_datalist
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.datasets import DATASETS, DatasetSpec, canonical_dataset
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import (
-    AFFINE_TOLERANCE_MM,
-    OutputLock,
-    Volume,
-    atomic_path,
-    case_name,
-    is_nifti,
-    read_datalist,
-    save_volume,
-    write_text_atomic,
+from freetumor_cli.core.io import Volume, check_data_size, is_nifti, save_volume, spatial_shape
+from freetumor_cli.core.label_maps import (
+    choose_scheme,
+    grid_problem,
+    integer_labels,
+    integer_problem,
+    label_values,
+    relabel,
+    written_by_freetumor,
 )
-from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
+from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
 from freetumor_cli.core.preprocess import PreprocessConfig
 from freetumor_cli.core.registry import (
@@ -147,7 +148,7 @@ def _scan_dataset(folder: Path, spec: DatasetSpec) -> Iterator[Candidate]:
         yield Candidate(spec.name, shown, images.get(case), labels.get(case))
 
 
-def scan_data_root(root: str | os.PathLike[str], datasets: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
+def scan_data_root(root: PathLike, datasets: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
     """Find image/label pairs in every known dataset folder of ``root``.
 
     Returns:
@@ -179,7 +180,7 @@ def scan_data_root(root: str | os.PathLike[str], datasets: Sequence[str] = ()) -
     return candidates, unknown
 
 
-def read_pairs(path: str | os.PathLike[str]) -> list[Candidate]:
+def read_pairs(path: PathLike) -> list[Candidate]:
     """An explicit pairing: a CSV with columns image,label[,dataset][,case] or a MONAI data-list JSON.
 
     Relative paths are relative to the file's folder. Without a dataset column the dataset is the
@@ -224,9 +225,8 @@ def fold_of(dataset: str, case: str, *, seed: int, folds: int) -> int:
 
 
 def _load_header(path: Path, what: str) -> Any:
+    """The nibabel image of a case's file, its voxels not read (io's checks, failures as skip reasons)."""
     import nibabel as nib
-
-    from freetumor_cli.core.io import check_data_size
 
     try:
         image: Any = nib.load(str(path))
@@ -236,10 +236,7 @@ def _load_header(path: Path, what: str) -> Any:
         check_data_size(image, path, what)
     except InputError as exc:
         raise CaseSkipped(exc.message) from None
-    shape = tuple(s for s in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
+    if len(spatial_shape(image.shape)) != 3:
         raise CaseSkipped(f"{what} is not 3D (shape {tuple(image.shape)})")
     return image
 
@@ -249,9 +246,7 @@ def _read_array(image: Any, what: str) -> np.ndarray:
         array = np.asanyarray(image.dataobj)
     except Exception as exc:
         raise CaseSkipped(f"{what} data unreadable ({type(exc).__name__}: truncated or corrupt file?)") from exc
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array
+    return array.reshape(spatial_shape(array.shape))
 
 
 def validate_case(
@@ -277,9 +272,13 @@ def validate_case(
     _check_grid(image, label, "label")
     if verify_images:
         _read_array(image, "image")
-    labels = _integer_labels(_read_array(label, "label"))
+    labels = _read_array(label, "label")
+    problem = integer_problem(labels)
+    if problem:
+        raise CaseSkipped(f"label {problem}")
+    labels = integer_labels(labels)
     space = REGIONS[spec.region].labels
-    values = _present_values(labels)
+    values = label_values(labels).tolist()
     scheme = None
     if spec.role == "organ":
         scheme = _organ_label_scheme(spec, values, label.header, label_scheme)
@@ -291,10 +290,10 @@ def validate_case(
         hint = "; TotalSegmentator masks? pass --label-scheme totalsegmentator" if spec.role == "organ" else ""
         raise CaseSkipped(f"label values {bad} not allowed for {spec.name} (allowed {sorted(allowed)}{hint})")
     changed = remap is not None and any(remap.get(v, 0) != v for v in values)
-    region_labels = _apply_remap(labels, remap, values) if changed else labels
+    region_labels = relabel(labels, remap) if changed else labels
     organ_values = {o.value for o in region_organs(spec.region)}
     tumor_values = {o.tumor_value: o.value for o in region_organs(spec.region)}
-    present_values = set(_present_values(region_labels))
+    present_values = set(label_values(region_labels).tolist())
     if spec.role == "tumor" and not present_values & organ_values:
         tumors = sorted(present_values & set(tumor_values))
         if not tumors:
@@ -346,35 +345,9 @@ def _organ_label_scheme(spec: DatasetSpec, values: Sequence[int], header: Any, d
 
 
 def _check_grid(image: Any, other: Any, what: str) -> None:
-    if tuple(image.shape[:3]) != tuple(other.shape[:3]):
-        raise CaseSkipped(f"image shape {tuple(image.shape[:3])} != {what} shape {tuple(other.shape[:3])}")
-    scale = max(float(np.abs(image.affine[:3, :3]).max()), 1.0)
-    diff = np.abs(np.asarray(image.affine) - np.asarray(other.affine))
-    if diff[:3, :3].max() > AFFINE_TOLERANCE_MM * scale or diff[:3, 3].max() > max(AFFINE_TOLERANCE_MM * scale, 1e-2):
-        raise CaseSkipped(f"image and {what} affines differ (by up to {diff.max():.3g} mm)")
-
-
-def _integer_labels(labels: np.ndarray) -> np.ndarray:
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.array_equal(labels, np.rint(labels)):
-            raise CaseSkipped("label holds non-integer values")
-        labels = labels.astype(np.int64)
-    return labels
-
-
-def _present_values(labels: np.ndarray) -> list[int]:
-    low, high = int(labels.min()), int(labels.max())
-    seen = np.zeros(high - min(low, 0) + 1, dtype=bool)
-    seen[(labels - min(low, 0)).ravel(order="K")] = True
-    return sorted(int(v) + min(low, 0) for v in np.flatnonzero(seen))
-
-
-def _apply_remap(labels: np.ndarray, remap: Mapping[int, int], values: Sequence[int]) -> np.ndarray:
-    lut = np.zeros(max(values) + 1, dtype=np.uint8)
-    for source, target in remap.items():
-        if source < len(lut):
-            lut[source] = target
-    return lut[labels]
+    problem = grid_problem(image, other)
+    if problem:
+        raise CaseSkipped(f"image and {what} {problem}")
 
 
 def _merge_organ_mask(labels: np.ndarray, image: Any, folder: Path, case: str, organ: int) -> np.ndarray:
@@ -435,13 +408,13 @@ def _task_entries(records: Iterable[dict[str, Any]], task_name: str) -> list[dic
 
 
 def prepare(
-    data_root: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    data_root: PathLike,
+    out_dir: PathLike,
     config: PrepareConfig,
     *,
-    pairs: str | os.PathLike[str] | None = None,
+    pairs: PathLike | None = None,
     workers: int = 1,
-    store_dir: str | os.PathLike[str] | None = None,
+    store_dir: PathLike | None = None,
     on_found: Callable[[int], None] | None = None,
     on_case_done: Callable[[], None] | None = None,
     on_store_start: Callable[[int], None] | None = None,
@@ -468,12 +441,12 @@ def prepare(
 
 
 def _prepare(
-    data_root: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    data_root: PathLike,
+    out_dir: PathLike,
     config: PrepareConfig,
-    pairs: str | os.PathLike[str] | None,
+    pairs: PathLike | None,
     workers: int,
-    store_dir: str | os.PathLike[str] | None,
+    store_dir: PathLike | None,
     on_found: Callable[[int], None] | None,
     on_case_done: Callable[[], None] | None,
     on_store_start: Callable[[int], None] | None,
@@ -651,7 +624,7 @@ def _relative(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {k: (os.path.relpath(Path(v).absolute(), folder) if k in PATH_KEYS and v else v) for k, v in record.items()}
 
 
-def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_manifest(out_dir: PathLike) -> list[dict[str, Any]]:
     """The records of ``<out>/manifest.jsonl``, their paths made absolute (they are stored relative to it)."""
     folder = Path(out_dir).absolute()
     path = folder / "manifest.jsonl"
@@ -666,10 +639,10 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def build_case_store(
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     config: PrepareConfig,
     *,
-    store_dir: str | os.PathLike[str] | None = None,
+    store_dir: PathLike | None = None,
     workers: int = 1,
     num_parts: int = 1,
     part_id: int = 0,

@@ -120,8 +120,3 @@ class PreprocessConfig:
             orientation=self.orientation,
             crop_foreground=self.crop_foreground,
         )
-
-    def digest(self) -> str:
-        """A short hash of every region's chain (the cache folder's name)."""
-        text = json.dumps({"format": 1, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -9,7 +9,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from freetumor_cli.core.io import Volume, atomic_path
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.io import Volume
+from freetumor_cli.core.outputs import atomic_path
 from freetumor_cli.core.registry import REGIONS
 
 MAX_PREVIEW_TUMORS = 6
@@ -100,7 +102,7 @@ def save_tumor_preview(
     tumor_mask: np.ndarray,
     centers: Sequence[Sequence[int]],
     region: str,
-    path: str | Path,
+    path: PathLike,
     title: str = "",
 ) -> Path:
     """Write a PNG with one row per tumor: axial, coronal, sagittal, before and after, tumor outlined.

@@ -320,19 +320,9 @@ def _lookup(table: Mapping[str, object], kind: str, name: str) -> object:
         raise ConfigError(f"unknown {kind} {name!r}", hint=f"choose one of {', '.join(table)}") from None
 
 
-def organ(name: str) -> Organ:
-    """The registry entry of organ ``name``; raises :class:`ConfigError` naming the known ones."""
-    return _lookup(ORGANS, "organ", name)  # type: ignore[return-value]
-
-
 def task(name: str) -> Task:
     """The registry entry of task ``name``; raises :class:`ConfigError` naming the known ones."""
     return _lookup(TASKS, "task", name)  # type: ignore[return-value]
-
-
-def region(name: str) -> Region:
-    """The registry entry of region ``name``; raises :class:`ConfigError` naming the known ones."""
-    return _lookup(REGIONS, "region", name)  # type: ignore[return-value]
 
 
 def region_organs(name: str) -> tuple[Organ, ...]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli.core.errors import InputError
+from freetumor_cli.core.label_maps import lookup_table
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS
 from freetumor_cli.core.store import CaseData, CaseSource, StoreMiss, stored_values
@@ -105,10 +106,7 @@ class Pipeline:
 
 def task_lut(task_name: str) -> np.ndarray:
     """Lookup table from region label values to the task's (values the task does not keep become 0)."""
-    lut = np.zeros(256, dtype=np.uint8)
-    for region_value, task_value in TASKS[task_name].region_to_task().items():
-        lut[region_value] = task_value
-    return lut
+    return lookup_table(TASKS[task_name].region_to_task())
 
 
 def sample_crop_origins(

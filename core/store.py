@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError, OutputError
-from freetumor_cli.core.io import (
+from freetumor_cli.core.label_maps import label_values
+from freetumor_cli.core.outputs import (
     WRITE_ERRORS,
     output_error,
-    owner_is_gone,
     owner_tag,
+    sweep_stale,
     writable_folder,
     write_text_atomic,
 )
@@ -89,7 +91,7 @@ class CaseData:
         return tuple(int(n) for n in self.image.shape)  # type: ignore[return-value]
 
 
-def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+def file_identity(path: PathLike) -> dict[str, Any]:
     """What identifies a source file's content cheaply: its name, size and modification time."""
     stat = os.stat(path)
     return {"name": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -195,7 +197,7 @@ class CaseStore:
         preprocessing: the preprocessing its cases went through.
     """
 
-    def __init__(self, root: str | os.PathLike[str], preprocessing: Preprocessing) -> None:
+    def __init__(self, root: PathLike, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
         self.folder = Path(root) / f"pp-{preprocessing.digest()}"
 
@@ -340,20 +342,18 @@ class CaseStore:
 
         A folder goes when the process that wrote it is gone (its name says which process of which host),
         or when it is older than an hour (a build on another machine that shares the store)."""
-        removed = 0
         if not self.folder.is_dir():
             return 0
-        cutoff = time.time() - STALE_TEMP_SECONDS
-        for dataset in self.folder.iterdir():
-            if not dataset.is_dir():
-                continue
-            for item in dataset.iterdir():
-                if item.name.startswith((".tmp-", ".old-")) and (
-                    item.stat().st_mtime < cutoff or owner_is_gone(item.name)
-                ):
-                    shutil.rmtree(item, ignore_errors=True)
-                    removed += 1
-        return removed
+        return sweep_stale(
+            (
+                item
+                for dataset in self.folder.iterdir()
+                if dataset.is_dir()
+                for item in dataset.iterdir()
+                if item.name.startswith((".tmp-", ".old-"))
+            ),
+            STALE_TEMP_SECONDS,
+        )
 
 
 @dataclass
@@ -393,7 +393,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def build_store(
     records: Iterable[Mapping[str, Any]],
-    root: str | os.PathLike[str],
+    root: PathLike,
     preprocessing_of: Callable[[str], Preprocessing],
     *,
     workers: int = 1,
@@ -453,7 +453,7 @@ def build_store(
 STORE_POINTER = "store.json"
 
 
-def store_root(prepared: str | os.PathLike[str]) -> Path:
+def store_root(prepared: PathLike) -> Path:
     """The store folder of a prepared folder: ``store/`` inside it, or where ``store.json`` points."""
     prepared = Path(prepared)
     pointer = prepared / STORE_POINTER
@@ -466,7 +466,7 @@ def store_root(prepared: str | os.PathLike[str]) -> Path:
     return prepared / "store"
 
 
-def open_store(prepared: str | os.PathLike[str], preprocessing: Preprocessing) -> CaseStore | None:
+def open_store(prepared: PathLike, preprocessing: Preprocessing) -> CaseStore | None:
     """The prepared folder's store of ``preprocessing``, or None when there is none."""
     store = CaseStore(store_root(prepared), preprocessing)
     return store if store.exists() else None
@@ -494,8 +494,7 @@ def stored_values(
         low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
         if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
             raise StoreMiss(f"image values outside [0, 1] ({low:g} .. {high:g})")
-        present = np.flatnonzero(np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256))
-        unknown = sorted(set(present.tolist()) - set(case.counts) - {0})
+        unknown = sorted(set(label_values(np.asarray(label, dtype=np.uint8)).tolist()) - set(case.counts) - {0})
         if unknown:
             raise StoreMiss(f"label values {unknown[:5]} the case does not have")
     return image, label

@@ -1,15 +1,13 @@
 """File-level tumor synthesis: CT files in, CT + label + JSON (+ preview) files out.
 
-:func:`synthesize_case` does one image; :func:`collect_cases` turns a file, a folder or a MONAI
-data-list JSON into cases, finding organ labels beside images by the nnU-Net convention.
+:func:`synthesize_case` does one case (:mod:`freetumor_cli.core.cases` finds them); :func:`synthesize_tumors`
+does a CT held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,41 +18,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
+from freetumor_cli.core.cases import OUTPUT_NAME, Case
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
-from freetumor_cli.core.io import (
-    OutputLock,
-    Volume,
-    case_name,
-    check_name_lengths,
+from freetumor_cli.core.io import Volume, load_image, load_volume, save_volume, working_copy
+from freetumor_cli.core.label_maps import (
     check_same_grid,
-    is_dicom_series,
-    is_nifti,
-    load_image,
-    load_volume,
-    read_datalist,
-    save_volume,
-    working_copy,
-    write_text_atomic,
+    choose_scheme,
+    integer_labels,
+    integer_problem,
+    label_values,
+    relabel,
+    written_by_freetumor,
 )
-from freetumor_cli.core.label_schemes import choose_scheme, written_by_freetumor
+from freetumor_cli.core.outputs import OutputLock, check_name_lengths, write_text_atomic
 from freetumor_cli.core.registry import ORGANS, REGIONS, Organ, foreign_to_region
 from freetumor_cli.core.synthesis_config import SynthesisConfig, SynthesizeConfig
 
 if TYPE_CHECKING:
     from freetumor_cli.core.engines import IntensityModel
     from freetumor_cli.core.tumor import OrganGeometry, SynthesisResult, TumorRecord
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input: an image, its organ labels (if known) and where the labels came from."""
-
-    image: Path
-    labels: Path | None
-    name: str
-    labels_found_by: str = "given"
 
 
 @dataclass
@@ -67,98 +52,6 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     skipped: bool = False  # every output was there already, from the same configuration
-
-
-def collect_cases(input_path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Case]:
-    """Turn ``--in`` (a NIfTI file, a folder of them, or a MONAI data-list JSON) into cases.
-
-    Args:
-        input_path: the input.
-        labels: a label file (single image) or a folder of label files named like the images
-            (``case.nii.gz``); when None, labels are looked up beside each image.
-
-    Raises:
-        InputError: nothing usable was found.
-    """
-    path = Path(input_path)
-    labels_path = Path(labels) if labels is not None else None
-    if not path.exists():
-        raise InputError(f"input not found: {path}", hint="pass a NIfTI file, a folder of them or a data-list JSON")
-    if path.suffix == ".json":
-        return _cases_from_datalist(path, labels_path)
-    if is_dicom_series(path):
-        if labels_path is None or labels_path.is_dir():
-            raise InputError(
-                f"{path} is a DICOM series: pass its organ labels as one NIfTI file with --labels",
-                hint="e.g. TotalSegmentator -i <series folder> -o seg.nii.gz --ml",
-            )
-        return [Case(path, labels_path, path.name)]
-    if path.is_dir():
-        images = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and is_nifti(p) and not p.name.startswith(".") and not is_synthesize_output(p)
-        )
-        if not images:
-            raise InputError(f"no .nii or .nii.gz files in folder {path} (outputs of synthesize are not inputs)")
-        if labels_path is not None and not labels_path.is_dir():
-            raise InputError(f"with a folder of images, --labels must be a folder too: {labels_path}")
-        return [_case_for(image, labels_path) for image in images]
-    if not is_nifti(path):
-        raise InputError(f"input is not NIfTI (.nii or .nii.gz) nor a data-list JSON: {path}")
-    return [_case_for(path, labels_path)]
-
-
-def _case_for(image: Path, labels: Path | None) -> Case:
-    name = case_name(image)
-    if labels is None:
-        found = find_labels_beside(image)
-        return Case(image, found, name, "nnU-Net convention" if found else "none")
-    if labels.is_dir():
-        for candidate in (f"{name}.nii.gz", f"{name}.nii", image.name):
-            if (labels / candidate).is_file():
-                return Case(image, labels / candidate, name, "label folder")
-        return Case(image, None, name, "none")
-    return Case(image, labels, name)
-
-
-def find_labels_beside(image: Path) -> Path | None:
-    """The label file of ``imagesXx/<case>_0000.nii.gz`` by the nnU-Net convention, if it exists."""
-    folder = image.parent
-    if not folder.name.startswith("images"):
-        return None
-    label_folder = folder.parent / ("labels" + folder.name[len("images") :])
-    name = case_name(image)
-    for suffix in (".nii.gz", ".nii"):
-        candidate = label_folder / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _cases_from_datalist(path: Path, labels: Path | None) -> list[Case]:
-    cases = []
-    for entry in read_datalist(path):
-        image = entry.get("image")
-        if not image:
-            raise InputError(f"data list {path}: each entry needs an 'image' key, got {entry!r}")
-        if entry.get("label"):
-            cases.append(Case(image, entry["label"], case_name(image), "data list"))
-        else:
-            cases.append(_case_for(image, labels))
-    if not cases:
-        raise InputError(
-            f"data list {path} holds no entries", hint="expected MONAI's {'training': [{'image': ..., 'label': ...}]}"
-        )
-    return cases
-
-
-OUTPUT_NAME = re.compile(r"_synthetic(_\d{3})?(_label)?$")
-
-
-def is_synthesize_output(path: str | os.PathLike[str]) -> bool:
-    """Whether a file is one of synthesize's outputs (so that a folder run never reads its own outputs)."""
-    return bool(OUTPUT_NAME.search(case_name(path)))
 
 
 def output_paths(
@@ -197,7 +90,7 @@ RECORDS_FOLDER = "freetumor"  # in an nnU-Net dataset: the JSON records and prev
 DATALIST_NAME = "datalist.json"
 
 
-def write_layout_index(out_dir: str | os.PathLike[str], config: SynthesizeConfig) -> Path | None:
+def write_layout_index(out_dir: PathLike, config: SynthesizeConfig) -> Path | None:
     """The index of the outputs' layout, rebuilt from every record in the folder (so reruns and parts add up).
 
     ``nnunet``: ``<dataset>/dataset.json`` (channel CT, the region's labels, ``numTraining``);
@@ -244,11 +137,10 @@ def organ_labels_in_region(
     Raises:
         LabelError: values not in the scheme, non-integer labels, or the organ is absent.
     """
-    array = labels.array
-    if not np.issubdtype(array.dtype, np.integer):
-        if np.isnan(array).any() or not np.array_equal(array, np.rint(array)):
-            raise LabelError(f"labels {labels.name} hold non-integer values", hint="pass an integer label map")
-        array = array.astype(np.int64)
+    problem = integer_problem(labels.array)
+    if problem:
+        raise LabelError(f"labels {labels.name} {problem}", hint="pass an integer label map")
+    array = integer_labels(labels.array)
     low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
     if low < 0 or high > 65535:
         raise LabelError(f"labels {labels.name} hold values outside 0..65535")
@@ -257,7 +149,7 @@ def organ_labels_in_region(
         freetumor_file = written_by_freetumor(labels.header)
         # The value range decides most maps (two fast passes); the values present (a full scan) the rest.
         decided = freetumor_file or high <= 1 or high > max(REGIONS[organ.region].labels)
-        values = np.array([low, high]) if decided else present_values(array)
+        values = np.array([low, high]) if decided else label_values(array)
         choice = choose_scheme(values, organ.region, binary=True, freetumor_file=freetumor_file, flag=flag)
         if choice.scheme is None:
             raise LabelError(f"labels {labels.name} are ambiguous: {choice.reason}")
@@ -265,7 +157,7 @@ def organ_labels_in_region(
     if used == "freetumor":
         allowed = set(REGIONS[organ.region].labels)
         if not set(range(low, high + 1)) <= allowed:
-            bad = sorted(set(int(v) for v in present_values(array)) - allowed)
+            bad = sorted(set(int(v) for v in label_values(array)) - allowed)
             if bad:
                 raise LabelError(
                     f"labels {labels.name} hold values {bad} outside freetumor's {organ.region} scheme "
@@ -275,15 +167,10 @@ def organ_labels_in_region(
         region = array.astype(np.uint8, copy=False)  # read only from here on: the caller copies to write
     else:
         if used == "binary" and high > 1:
-            bad = sorted(set(int(v) for v in present_values(array)) - {0, 1})
+            bad = sorted(set(int(v) for v in label_values(array)) - {0, 1})
             raise LabelError(f"labels {labels.name} are not a binary mask (values {bad[:5]})")
         mapping = foreign_to_region(used, organ)
-        lut = np.zeros(high + 1, dtype=np.uint8)
-        for source, target in mapping.items():
-            if source < len(lut):
-                lut[source] = target
-        # Keep the memory order (NIfTI arrays are Fortran-ordered): writing is then a plain copy.
-        region = lut[array.ravel(order="K")].reshape(array.shape, order="F" if array.flags.f_contiguous else "C")
+        region = relabel(array, mapping)
     if not (region == organ.value).any():
         where = {
             "totalsegmentator": f"TotalSegmentator ids {', '.join(map(str, organ.totalseg_ids))}",
@@ -292,22 +179,10 @@ def organ_labels_in_region(
         }[used]
         raise LabelError(
             f"no {organ.name} in labels {labels.name} ({used} scheme, {where}; values present: "
-            f"{', '.join(str(int(v)) for v in present_values(array)[:12])})",
+            f"{', '.join(str(int(v)) for v in label_values(array)[:12])})",
             hint="check --organ, or pass --label-scheme if the scheme was guessed wrong",
         )
     return region, used
-
-
-def present_values(array: np.ndarray) -> np.ndarray:
-    """The sorted distinct values of an integer label array (flagged in a table, not sorted, when small)."""
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    low, high = int(array.min()), int(array.max())
-    if low >= 0 and high < 65536:
-        seen = np.zeros(high + 1, dtype=bool)
-        seen[array.ravel(order="K")] = True
-        return np.flatnonzero(seen)
-    return np.unique(array)
 
 
 def check_ct_values(image: Volume) -> list[str]:
@@ -333,7 +208,7 @@ def check_ct_values(image: Volume) -> list[str]:
 def synthesize_case(
     case: Case,
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None = None,
     device: str = "cpu",
@@ -564,7 +439,7 @@ def synthesize_tumors(
     radius_mm: float | None = None,
     label_scheme: str = "auto",
     rules: SynthesisConfig | None = None,
-    generator: str | os.PathLike[str] | None = None,
+    generator: PathLike | None = None,
     device: str = "cpu",
 ) -> SynthesizedImage:
     """Insert synthetic tumors into a CT held in memory: no files are read or written.
@@ -656,7 +531,7 @@ def _run_case(case: Case, config: SynthesizeConfig, out_dir: str, device: str) -
 def iter_results(
     cases: Iterable[Case],
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None = None,
     device: str = "cpu",
@@ -681,7 +556,7 @@ def iter_results(
 def _results(
     cases: list[Case],
     config: SynthesizeConfig,
-    out_dir: str | os.PathLike[str],
+    out_dir: PathLike,
     *,
     on_copy_done: Callable[[], None] | None,
     device: str,

@@ -24,13 +24,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from freetumor_cli.core.checkpoints import initialize_from, load_generator
+from freetumor_cli.core.checkpoints import initialize_from, load_checkpoint, load_generator, save_checkpoint
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.io import write_text_atomic
 from freetumor_cli.core.memory import activation_bytes, estimate, parameter_count
-from freetumor_cli.core.models import ModelConfig, ModelName, build_model, load_checkpoint, save_checkpoint
+from freetumor_cli.core.models import ModelConfig, ModelName, build_model
+from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_at_least, check_choices
 from freetumor_cli.core.seg_data import (
@@ -651,7 +651,7 @@ def _plot_curves(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from freetumor_cli.core.io import atomic_path
+    from freetumor_cli.core.outputs import atomic_path
 
     rows = read_metrics(out / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]

@@ -28,7 +28,6 @@ import numpy as np
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.engines import RuleIntensity, wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
-from freetumor_cli.core.io import atomic_path
 from freetumor_cli.core.memory import (
     CRITIC_FRACTION,
     GAN_BYTES_PER_VOXEL_AT_BASE_32,
@@ -37,6 +36,7 @@ from freetumor_cli.core.memory import (
     parameter_count,
     voxels,
 )
+from freetumor_cli.core.outputs import atomic_path
 from freetumor_cli.core.registry import (
     REGIONS,
     TASKS,
@@ -266,7 +266,7 @@ def _train_generator(
     import torch
     from accelerate.utils import set_seed
 
-    from freetumor_cli.core.checkpoints import load_generator, save_generator, trained_channels
+    from freetumor_cli.core.checkpoints import load_checkpoint, load_generator, save_generator, trained_channels
     from freetumor_cli.core.gan import (
         GanConfig,
         discriminator_step,
@@ -275,7 +275,6 @@ def _train_generator(
         make_discriminator,
         make_generator,
     )
-    from freetumor_cli.core.models import load_checkpoint
     from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist
 

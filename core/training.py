@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freetumor_cli import __version__
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.io import OutputLock, append_line, process_umask, write_error, write_text_atomic
 from freetumor_cli.core.memory import MemoryEstimate, check_fits, is_out_of_memory, out_of_memory
+from freetumor_cli.core.outputs import OutputLock, append_line, process_umask, write_error, write_text_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -138,7 +139,7 @@ def make_loader(dataset: Any, *, batch_size: int, workers: int, seed: int) -> Da
     )  # fmt: skip
 
 
-def case_source(prepared: str | Path, preprocessing: Preprocessing) -> CaseSource:
+def case_source(prepared: PathLike, preprocessing: Preprocessing) -> CaseSource:
     """The store of ``prepared`` for this preprocessing when it has one, else the raw files."""
     from freetumor_cli.core.store import CaseSource, open_store
 

@@ -1,4 +1,7 @@
-"""The rule-based tumor engine: shape, position, texture and intensity change of synthetic tumors.
+"""Where synthetic tumors go and what they look like: their position, shape, edge and texture in the organ.
+
+The intensity change a tumor makes is an intensity model's (:mod:`freetumor_cli.core.engines`); this module
+places the tumors and hands each model their geometry.
 
 The recipe is SyntheticTumors' (Hu et al., CVPR 2023) as FreeTumor uses it, with its constants given
 in millimetres so every voxel size yields the same physical tumors, and with these fixes:
@@ -670,7 +673,6 @@ def _tumor_voxels(
 
 
 def place_tumor(
-    tumor_mask: np.ndarray,
     geometry: OrganGeometry,
     *,
     size_class: str,
@@ -686,7 +688,6 @@ def place_tumor(
     done only on the bounding box of what is kept.
 
     Args:
-        tumor_mask: bool tumor mask over the organ's bounding box (read only: the caller adds to it).
         geometry: the prepared organ.
         size_class: the size class name (or "custom" with ``radius_mm``).
         radius_mm: exact base radius, or None to draw each axis in ``radius_jitter`` × R of the class.
@@ -890,7 +891,6 @@ def _draw_within_budget(
     added = 0
     for _ in range(attempts):
         tumor = place_tumor(
-            tumor_mask,
             geometry,
             size_class=size_class,
             radius_mm=radius_mm,

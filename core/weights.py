@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import ConfigError
 from freetumor_cli.core.hub import (
     HubClient,
@@ -37,7 +38,7 @@ from freetumor_cli.core.hub import (
     run_interruptibly,
     sigterm_interrupts,
 )
-from freetumor_cli.core.io import write_text_atomic
+from freetumor_cli.core.outputs import write_text_atomic
 
 HOME_VARIABLE = "FREETUMOR_HOME"
 RECORD = "weights.json"
@@ -88,7 +89,7 @@ RELEASED: dict[str, ReleasedWeights] = {
 }  # fmt: skip
 
 
-def weights_home(home: str | os.PathLike[str] | None = None) -> Path:
+def weights_home(home: PathLike | None = None) -> Path:
     """The cache folder: ``home``, else ``$FREETUMOR_HOME``, else ``~/.freetumor``."""
     if home is not None:
         return Path(home)
@@ -125,7 +126,7 @@ def _read_record(home: Path) -> dict[str, Any]:
 def fetch_weights(
     names: Sequence[str] | None = None,
     *,
-    home: str | os.PathLike[str] | None = None,
+    home: PathLike | None = None,
     revision: str = "main",
     token: str | None = None,
     timeout: float | None = None,

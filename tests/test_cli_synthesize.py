@@ -28,6 +28,15 @@ def invoke(runner: CliRunner, *args: str | Path) -> object:
     return runner.invoke(app, [str(a) for a in args])
 
 
+def synthesize_pancreas(runner: CliRunner, case: Path, *args: str | Path) -> object:
+    """``synthesize`` into the pancreas of the shared case's organ map (freetumor's scheme)."""
+    organs = case / "organs.nii.gz"
+    return invoke(
+        runner, "synthesize", "--in", case / "ct.nii.gz", "--labels", organs, "--label-scheme", "freetumor",
+        "--organ", "pancreas", *args,
+    )  # fmt: skip
+
+
 def test_synthesize_writes_ct_label_json_in_input_geometry(
     runner: CliRunner, phantom_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -333,22 +342,7 @@ class TestRealCase:
     def test_large_tumor_in_small_pancreas_refused_clearly(
         self, runner: CliRunner, totalseg_case: Path, tmp_path: Path
     ) -> None:
-        result = invoke(
-            runner,
-            "synthesize",
-            "--in",
-            totalseg_case / "ct.nii.gz",
-            "--labels",
-            totalseg_case / "organs.nii.gz",
-            "--label-scheme",
-            "freetumor",
-            "--organ",
-            "pancreas",
-            "--size",
-            "large",
-            "--out",
-            tmp_path / "o",
-        )
+        result = synthesize_pancreas(runner, totalseg_case, "--size", "large", "--out", tmp_path / "o")
         assert result.exit_code != 0
         assert (
             "too small for a large tumor" in result.output
@@ -358,24 +352,7 @@ class TestRealCase:
         assert not (tmp_path / "o").exists()
 
     def test_mix_in_small_pancreas_falls_back(self, runner: CliRunner, totalseg_case: Path, tmp_path: Path) -> None:
-        result = invoke(
-            runner,
-            "synthesize",
-            "--in",
-            totalseg_case / "ct.nii.gz",
-            "--labels",
-            totalseg_case / "organs.nii.gz",
-            "--label-scheme",
-            "freetumor",
-            "--organ",
-            "pancreas",
-            "--size",
-            "mix",
-            "--count",
-            "3",
-            "--out",
-            tmp_path,
-        )
+        result = synthesize_pancreas(runner, totalseg_case, "--size", "mix", "--count", "3", "--out", tmp_path)
         assert result.exit_code == 0, result.output
         assert "do not fit the pancreas" in result.output
 

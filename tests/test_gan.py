@@ -403,7 +403,8 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     import numpy as np
     from monai.transforms import Compose
 
-    from freetumor_cli.core.learned import generator_map, generator_preprocessing
+    from freetumor_cli.core.checkpoints import GeneratorCard
+    from freetumor_cli.core.learned import generator_map
     from freetumor_cli.core.phantom import make_phantom
     from freetumor_cli.core.registry import ORGANS
     from freetumor_cli.core.seg_data import read_crop
@@ -425,8 +426,9 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     nib.save(nib.Nifti1Image(p.ct.array.astype(np.int16), affine), path)
     image = nib.load(path)
     hu, affine = np.asarray(image.dataobj), image.affine  # as synthesize has them (float32 in the header)
-    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [3.0, 3.0, 3.0], "window_hu": [-175.0, 250.0],
-            "roi": [16, 16, 16]}  # fmt: skip
+    card = GeneratorCard(
+        "abdomen", 2, 0.1, True, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-175.0, 250.0), roi=(16, 16, 16)
+    )
     organ = p.labels.array == ORGANS["liver"].value
     from scipy import ndimage
 
@@ -436,8 +438,8 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     deepest = tuple(inner[np.argmin(to_face.min(axis=1))])
     tumor_box = tuple(slice(int(c) - 2, int(c) + 2) for c in deepest)
     recorder = Recorder()
-    box, change = generator_map(hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, recorder, meta, 0)
-    chain = Compose(generator_preprocessing(meta).transforms(("image",), crop_foreground=False))
+    box, change = generator_map(hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, recorder, card, 0)
+    chain = Compose(card.preprocessing().transforms(("image",), crop_foreground=False))
     whole = chain({"image": str(path)})["image"]
     grid = np.asarray(whole.affine)
     center = np.linalg.solve(grid[:3, :3], affine[:3, :3] @ (np.array(deepest) - 0.5) + affine[:3, 3] - grid[:3, 3])

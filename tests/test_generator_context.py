@@ -94,6 +94,7 @@ def test_train_seg_runs_the_generator_per_crop() -> None:
 def test_synthesize_gives_the_map_the_training_path_gives(tmp_path: Path) -> None:
     """A CT already on the generator's grid: the map ``synthesize`` computes around a tumor is the map
     the training path computes for the training crop centred on it."""
+    from freetumor_cli.core.checkpoints import GeneratorCard
     from freetumor_cli.core.learned import generator_map
     from freetumor_cli.core.phantom import make_phantom
     from freetumor_cli.core.seg_data import read_crop
@@ -101,13 +102,14 @@ def test_synthesize_gives_the_map_the_training_path_gives(tmp_path: Path) -> Non
     p = make_phantom((48, 44, 40), (3.0, 3.0, 3.0), seed=2)
     hu, affine = p.ct.array.astype(np.float32), p.ct.affine
     organ = p.labels.array == ORGANS["liver"].value
-    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [3.0, 3.0, 3.0], "window_hu": [-175.0, 250.0],
-            "roi": [16, 16, 16]}  # fmt: skip
+    card = GeneratorCard(
+        "abdomen", 2, 0.1, True, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-175.0, 250.0), roi=(16, 16, 16)
+    )
     generator = released_like(3)
     center = np.argwhere(organ).mean(axis=0).round().astype(int)
     tumor_box = tuple(slice(int(c) - 3, int(c) + 4) for c in center)  # centre voxel c
     box, hu_map = generator_map(
-        hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, generator, meta, 0
+        hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, generator, card, 0
     )
     # The training path: the windowed CT's crop at the same place, its organ, one forward.
     origin = center - 8
@@ -272,19 +274,29 @@ def test_organ_voxels_are_the_organ_before_synthesis() -> None:
     assert got == [False, True, True, False, False, True]  # the real tumor (2, not synthetic) is not organ
 
 
-def test_a_generator_written_before_keeps_its_batch_norm(tmp_path: Path) -> None:
-    """A generator.json without ``batch_stats`` (written by an earlier version) keeps BatchNorm3d."""
+def test_a_generator_json_of_the_first_versions_still_loads(tmp_path: Path) -> None:
+    """The first generator.json: no ``batch_stats`` (it keeps BatchNorm3d), no ``organ_channels`` (the
+    generalist's channels)."""
     import json
 
-    from freetumor_cli.core.checkpoints import load_generator, save_generator
+    from freetumor_cli.core.checkpoints import GeneratorCard, load_generator, save_generator
 
     gan = GanConfig(base_channels=2, batch_stats=False)
     folder = save_generator(
-        make_generator(gan), gan, tmp_path / "old", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
+        make_generator(gan), gan, tmp_path / "first", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
-    meta = json.loads((folder / "generator.json").read_text())
-    del meta["generator"]["batch_stats"]
-    (folder / "generator.json").write_text(json.dumps(meta))
-    loaded = load_generator(folder).module
-    assert type(loaded.down_tr64.ops[0].bn1) is torch.nn.BatchNorm3d
+    first = {
+        "generator": {"region": "abdomen", "base_channels": 2, "adversarial_weight": 0.1},
+        "spacing_mm": [1.5, 1.5, 1.5], "window_hu": [-175, 250], "roi": [96, 96, 96], "version": "0.1.0",
+        "critic": "runs/baseline/checkpoints/best",
+    }  # fmt: skip
+    (folder / "generator.json").write_text(json.dumps(first))
+    loaded = load_generator(folder)
+    assert loaded.card == GeneratorCard(
+        "abdomen", 2, 0.1, False, (1.5, 1.5, 1.5), (-175.0, 250.0), (96, 96, 96), {},
+        {"version": "0.1.0", "critic": "runs/baseline/checkpoints/best"},
+    )  # fmt: skip
+    assert type(loaded.module.down_tr64.ops[0].bn1) is torch.nn.BatchNorm3d
+    assert loaded.channel("kidney") == 2 and loaded.card.preprocessing().spacing_mm == (1.5, 1.5, 1.5)
+    assert loaded.meta["generator"]["batch_stats"] is False and loaded.meta["critic"] == first["critic"]

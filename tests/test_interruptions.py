@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from freetumor_cli.core.io import TEMP_PREFIX, save_volume
+from freetumor_cli.core.io import save_volume
+from freetumor_cli.core.outputs import TEMP_PREFIX
 from freetumor_cli.core.phantom import Phantom
 
 from .conftest import write_phantom_root

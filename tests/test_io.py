@@ -7,8 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from freetumor_cli.core.cases import case_name
 from freetumor_cli.core.errors import GeometryError, InputError
-from freetumor_cli.core.io import Volume, case_name, cast_like, check_same_grid, load_volume, save_volume
+from freetumor_cli.core.io import Volume, cast_like, load_volume, save_volume
+from freetumor_cli.core.label_maps import check_same_grid
 
 from .conftest import oblique_affine
 
@@ -107,13 +109,13 @@ def test_cast_like_rounds_and_clips() -> None:
 
 
 def test_gz_output_is_multi_member_deterministic_and_standard(tmp_path: Path) -> None:
-    from freetumor_cli.core import io as io_module
+    from freetumor_cli.core.gzip_codec import ParallelGzipWriter
 
     array = np.random.default_rng(1).integers(-1000, 1000, size=(64, 64, 40)).astype(np.int16)
     ref = Volume(array, oblique_affine())
     # Many small members: still one standard file for nibabel and gzip alike.
     multi = tmp_path / "multi.nii.gz"
-    with multi.open("wb") as raw, io_module.ParallelGzipWriter(raw, chunk_bytes=64 << 10) as stream:
+    with multi.open("wb") as raw, ParallelGzipWriter(raw, chunk_bytes=64 << 10) as stream:
         nib.Nifti1Image(array, ref.affine).to_file_map({"image": nib.FileHolder(fileobj=stream)})
     assert multi.read_bytes().count(b"\x1f\x8b\x08") >= 5
     np.testing.assert_array_equal(np.asanyarray(nib.load(multi).dataobj), array)
@@ -130,8 +132,8 @@ def test_gz_output_is_multi_member_deterministic_and_standard(tmp_path: Path) ->
 def test_gzipped_reader_handles_members_truncation_nifti2_and_byte_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from freetumor_cli.core import io as io_module
-    from freetumor_cli.core.io import gunzip_file
+    from freetumor_cli.core import gzip_codec
+    from freetumor_cli.core.gzip_codec import gunzip_file
 
     array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
     affine = oblique_affine()
@@ -143,7 +145,7 @@ def test_gzipped_reader_handles_members_truncation_nifti2_and_byte_order(
     two = tmp_path / "two.gz"
     two.write_bytes(gzip.compress(b"abc") + b"\x00" * 3 + gzip.compress(b"def" * 50))
     assert gunzip_file(two) == b"abc" + b"def" * 50
-    monkeypatch.setattr(io_module, "_GUNZIP_CHUNK", 7)  # members spanning many codec calls
+    monkeypatch.setattr(gzip_codec, "_GUNZIP_CHUNK", 7)  # members spanning many codec calls
     assert gunzip_file(two) == b"abc" + b"def" * 50
     np.testing.assert_array_equal(load_volume(multi).array, array)
     # NIfTI-2 and a big-endian NIfTI-1, gzipped by nibabel.

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 
 from freetumor_cli.core import registry
-from freetumor_cli.core.errors import LabelError
+from freetumor_cli.core.errors import GeometryError, LabelError
 from freetumor_cli.core.io import load_volume
-from freetumor_cli.core.label_schemes import choose_scheme
+from freetumor_cli.core.label_maps import (
+    check_same_grid,
+    choose_scheme,
+    grid_problem,
+    integer_problem,
+    label_values,
+    lookup_table,
+    relabel,
+)
 from freetumor_cli.core.synthesize import organ_labels_in_region
 
 from .conftest import volume
@@ -118,3 +126,36 @@ def test_values_outside_scheme_and_absent_organ_are_label_errors() -> None:
         organ_labels_in_region(volume(arr), registry.ORGANS["liver"], "binary")
     with pytest.raises(LabelError, match="non-integer"):
         organ_labels_in_region(volume(arr + 0.5), registry.ORGANS["liver"], "auto")
+
+
+def test_mapped_labels_keep_their_voxels_whatever_the_memory_layout() -> None:
+    # A TotalSegmentator map held in memory as a transposed view: neither C- nor Fortran-ordered.
+    arr = np.zeros((3, 4, 5), np.uint8)
+    arr[1, 2, 3] = 5  # liver
+    arr[0, 1, 4] = 2  # kidney_right
+    view = np.ascontiguousarray(arr.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    region, _ = organ_labels_in_region(volume(view), registry.ORGANS["liver"], "totalsegmentator")
+    assert region[1, 2, 3] == registry.ORGANS["liver"].value
+    assert region[0, 1, 4] == registry.ORGANS["kidney"].value
+    assert np.count_nonzero(region) == 2
+
+
+def test_label_map_checks_return_their_reason() -> None:
+    assert integer_problem(np.array([0, 1, 2], np.uint8)) is None
+    assert integer_problem(np.array([0.0, 2.0])) is None
+    assert integer_problem(np.array([0.0, np.nan])) == "holds non-integer values"
+    assert integer_problem(np.array([0.5])) == "holds non-integer values"
+    assert label_values(np.array([[3, -2], [3, 0]])).tolist() == [-2, 0, 3]
+    assert label_values(np.array([0, 70000, 5])).tolist() == [0, 5, 70000]
+    assert label_values(np.zeros((0, 2), np.uint8)).tolist() == []
+    table = lookup_table({1: 2, 300: 1}, 4)
+    assert table.dtype == np.uint8 and table.tolist() == [0, 2, 0, 0]
+    fortran = np.asfortranarray(np.array([[0, 1], [5, 1]], np.int16))
+    mapped = relabel(fortran, {1: 7})
+    assert mapped.flags.f_contiguous and mapped.tolist() == [[0, 7], [0, 7]]
+    a = volume(np.zeros((2, 3, 4)))
+    assert grid_problem(a, volume(np.zeros((2, 3, 4)))) is None
+    assert grid_problem(a, volume(np.zeros((2, 3, 5)))) == "have different shapes ((2, 3, 4) and (2, 3, 5))"
+    with pytest.raises(GeometryError, match=r"image \(in memory\) and labels \(in memory\) have different shapes"):
+        check_same_grid(a, volume(np.zeros((2, 3, 5))))

@@ -236,7 +236,8 @@ def test_every_read_of_a_damaged_store_case_falls_back_to_the_raw_files(stored: 
     """Validation and prediction read whole stored cases: a garbled one is read raw, with the same result."""
     import nibabel as nib
 
-    from freetumor_cli.core.models import ModelConfig, build_model, save_checkpoint
+    from freetumor_cli.core.checkpoints import save_checkpoint
+    from freetumor_cli.core.models import ModelConfig, build_model
     from freetumor_cli.core.predict import predict_cases
     from freetumor_cli.core.seg_data import case_for_validation
 

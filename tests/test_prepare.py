@@ -148,7 +148,7 @@ def test_prepare_outputs_skips_and_remaps(data_root: tuple[Path, dict[str, int]]
     assert {n: r.valid for n, r in result.reports.items()} == expected
     word = result.reports["WORD"]
     reasons = " | ".join(word.skipped)
-    for reason in ("affines differ", "not allowed", "missing label", "unreadable", "not 3D"):
+    for reason in ("different affines", "not allowed", "missing label", "unreadable", "not 3D"):
         assert reason in reasons, (reason, reasons)
     report = (out / "prepare_report.md").read_text()
     assert "WORD" in report and "not allowed" in report and "notes_folder" in report

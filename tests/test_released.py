@@ -24,11 +24,11 @@ from freetumor_cli.core.checkpoints import (  # noqa: E402
     import_segmentor,
     import_tgan,
     initialize_from,
+    load_checkpoint,
     load_generator,
 )
 from freetumor_cli.core.errors import InputError  # noqa: E402
 from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator  # noqa: E402
-from freetumor_cli.core.models import load_checkpoint  # noqa: E402
 
 from .conftest import flat  # noqa: E402
 from .hub_server import fail_writes_under, serve_hub, silent_hub  # noqa: E402
@@ -263,8 +263,9 @@ def test_evaluate_writes_and_scores_the_lesion_of_a_two_class_network(tmp_path: 
 
     import numpy as np
 
+    from freetumor_cli.core.checkpoints import save_checkpoint
     from freetumor_cli.core.io import Volume, save_volume
-    from freetumor_cli.core.models import ModelConfig, build_model, save_checkpoint
+    from freetumor_cli.core.models import ModelConfig, build_model
 
     config = ModelConfig(
         name="unet-tiny", out_channels=2, roi=(32, 32, 16), region="chest", task="covid", spacing_mm=(4.0, 4.0, 4.0),

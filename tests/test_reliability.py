@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from freetumor_cli.app import app
 from freetumor_cli.core.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE
-from freetumor_cli.core.io import TEMP_PREFIX, OutputLock, save_volume
+from freetumor_cli.core.io import save_volume
+from freetumor_cli.core.outputs import TEMP_PREFIX, OutputLock
 from freetumor_cli.core.phantom import Phantom
 from freetumor_cli.core.prepare import PrepareConfig
 

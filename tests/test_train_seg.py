@@ -374,7 +374,7 @@ def test_evaluate_checkpoint_scores_a_data_list(baseline: Path, prepared: Path, 
     # The same data list outside its prepared folder goes through the raw files: the same predictions.
     import nibabel as nib
 
-    from freetumor_cli.core.io import read_datalist
+    from freetumor_cli.core.cases import read_datalist
 
     loose = tmp_path / "elsewhere" / "list.json"
     loose.parent.mkdir()
