@@ -15,7 +15,7 @@ development test set beside arm C (rule-based tumors). The rule, fixed before an
 highest development Dice of D (ties: fewer steps). It also prints each generator's held-out contrast, halo
 and QC pass rate.
 
-    python benchmarks/fair_plateau.py --generator [--steps 150 400] [--lr 1e-4 3e-4 1e-3]
+    python benchmarks/fair_plateau.py --generator [--steps 150 300] [--lr 1e-4 3e-4 1e-3]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
 
 def generator_sweep(args: argparse.Namespace) -> None:
     """Per (steps, lr): a generator, then arm D from the baseline; arm C once; all on the development world."""
-    steps_grid = args.steps if args.steps != [500, 1000, 2000, 3000] else [150, 400]
+    steps_grid = args.steps if args.steps != [500, 1000, 2000, 3000] else [150, 300]
     lr_grid = args.lr if args.lr != [1e-3] else [1e-4, 3e-4, 1e-3]
     config = replace(fair.FairConfig(), test_cases=args.test_cases, audit_cases=0)
     out = args.out / "generator"

@@ -44,6 +44,7 @@ class DemoConfig:
         seed: seeds the phantoms and every stage.
         labelled_cases, organ_only_cases, test_cases: the world (3 tumors per test CT).
         calibration_cases: labelled CTs outside the data that calibrate the quality-control audit.
+        heldout_cases: organ-only CTs no stage trains on, whose crops score the generator.
         shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
         model, roi: the segmentation network and its crop size in voxels.
         baseline_steps, arm_steps: optimizer steps of the baseline and of each arm.
@@ -59,6 +60,7 @@ class DemoConfig:
     organ_only_cases: int = 16
     test_cases: int = 8
     calibration_cases: int = 3
+    heldout_cases: int = 8
     shape: tuple[int, int, int] = FairConfig.shape
     spacing_mm: tuple[float, float, float] = FairConfig.spacing_mm
     tumor_radius_mm: tuple[float, float] = FairConfig.tumor_radius_mm
@@ -76,7 +78,8 @@ class DemoConfig:
         """The default preset, or the ``quick`` one."""
         if quick:
             return cls(
-                quick=True, seed=seed, organ_only_cases=6, test_cases=4, calibration_cases=2, baseline_steps=40,
+                quick=True, seed=seed, organ_only_cases=6, test_cases=4, calibration_cases=2, heldout_cases=2,
+                baseline_steps=40,
                 arm_steps=20, synth_steps=10, generator_channels=4, audit_cases=2,
             )  # fmt: skip
         return cls(seed=seed)
@@ -84,7 +87,8 @@ class DemoConfig:
     def fair(self) -> FairConfig:
         return FairConfig(
             seeds=(self.seed,), labelled_cases=self.labelled_cases, organ_only_cases=self.organ_only_cases,
-            test_cases=self.test_cases, calibration_cases=self.calibration_cases, shape=self.shape, spacing_mm=self.spacing_mm,
+            test_cases=self.test_cases, calibration_cases=self.calibration_cases, heldout_cases=self.heldout_cases,
+            shape=self.shape, spacing_mm=self.spacing_mm,
             tumor_radius_mm=self.tumor_radius_mm, roi=self.roi, model=self.model,
             baseline_steps=self.baseline_steps, arm_steps=self.arm_steps, synth_steps=self.synth_steps,
             generator_channels=self.generator_channels, arms=DEMO_ARMS, audit_cases=self.audit_cases,

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from freetumor_cli.core.errors import OutputExistsError
+from freetumor_cli.core.errors import InputError, OutputExistsError
 from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.registry import ORGANS
@@ -76,8 +76,8 @@ def label(arm: str) -> str:
     return ARM_LABELS.get(arm, arm)
 
 
-# The generator's steps and learning rate: the method's learning rate (1e-4) and 300 steps (about 15
-# passes over its 5 × 8 labelled and 38 organ-only samples, 4 a step). `benchmarks/fair_plateau.py --generator` compares settings on the
+# The generator's steps and learning rate: the method's learning rate (1e-4) and 300 steps (about 12
+# passes over its 5 × 10 labelled and 48 organ-only samples, 4 a step). `benchmarks/fair_plateau.py --generator` compares settings on the
 # development world (seed 99) by arm D's development Dice, as the baseline's steps were chosen; the README
 # says whether these are its choice.
 SYNTH_STEPS = 300
@@ -92,6 +92,8 @@ class FairConfig:
         seeds: one phantom world and one set of runs per seed.
         labelled_cases, organ_only_cases, test_cases: the world (test CTs hold ``test_tumors`` each).
         calibration_cases: labelled CTs outside the data that calibrate the quality-control audit.
+        heldout_cases: organ-only CTs in the data that no stage trains on: the generator's held-out crops
+            (one each) come from them.
         shape, spacing_mm, tumor_radius_mm: the phantoms and their "real" tumors' radii.
         roi: the crop side in voxels (also what bounds the synthetic sizes).
         model: the segmentation network of every run.
@@ -110,6 +112,7 @@ class FairConfig:
     test_cases: int = 16
     test_tumors: int = 3
     calibration_cases: int = 5
+    heldout_cases: int = 16
     shape: tuple[int, int, int] = (104, 104, 64)
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     tumor_radius_mm: tuple[float, float] = (5.0, 20.0)
@@ -132,7 +135,7 @@ class FairConfig:
     def quick(cls) -> FairConfig:
         """Every stage, tiny: minutes on 2 CPU cores; its figures mean nothing."""
         return cls(
-            seeds=(0,), organ_only_cases=5, test_cases=3, calibration_cases=2, baseline_steps=12, arm_steps=6,
+            seeds=(0,), organ_only_cases=4, test_cases=3, calibration_cases=2, heldout_cases=2, baseline_steps=12, arm_steps=6,
             synth_steps=4, generator_channels=4, audit_cases=2, bootstrap=200,
         )  # fmt: skip
 
@@ -208,26 +211,38 @@ def make_world(out: Path, config: FairConfig, seed: int) -> dict[str, Path]:
         save_volume(
             _liver_only(p.labels.array), p.ct, paths["calibration"] / "labelsTr" / f"calib_{i:03d}.nii.gz", label=True
         )
+    for i in range(config.heldout_cases):  # organ-only CTs no stage trains on: the generator's held-out crops
+        p = phantom(9000 + i, 0)
+        save_volume(p.ct.array, p.ct, btcv / "imagesTr" / f"img{HELDOUT_FIRST + i:04d}.nii.gz")
+        save_volume(p.labels.array, p.ct, btcv / "labelsTr" / f"label{HELDOUT_FIRST + i:04d}.nii.gz", label=True)
     write_text_atomic(marker, json.dumps({"seed": seed, "config": asdict(config)}, indent=1) + "\n")
     return paths
 
 
+HELDOUT_FIRST = 9001  # the held-out organ-only CTs are img9001.nii.gz, img9002.nii.gz, ...
+
+
+def _is_heldout(entry: dict[str, Any]) -> bool:
+    name = Path(str(entry["image"])).name
+    return name.startswith("img") and name[3:7].isdigit() and int(name[3:7]) >= HELDOUT_FIRST
+
+
 def _split_for_the_experiment(prepared: Path) -> None:
-    """Every labelled case trains (the test set is separate); the organ-only cases of the validation fold
-    train nothing: the generator is scored on their crops, which no stage has seen."""
+    """Every labelled and organ-only case trains (the test set is separate), but the held-out organ-only
+    CTs: they train nothing and are the validation list, whose crops score the generator."""
     path = prepared / "datalists" / "liver_fold0.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    labelled = [e for e in data.get("validation", []) if e.get("role") == "tumor-labelled"]
-    data["training"] = data["training"] + [e for e in labelled if e not in data["training"]]
-    data["validation"] = [e for e in data.get("validation", []) if e.get("role") != "tumor-labelled"]
+    entries = data["training"] + data.get("validation", [])
+    data["training"] = [e for e in entries if not _is_heldout(e)]
+    data["validation"] = [e for e in entries if _is_heldout(e)]
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def heldout_cases(prepared: Path) -> list[str]:
     """The organ-only cases no stage trains on (the generator's held-out crops come from them)."""
     data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
-    trained = {json.dumps(e, sort_keys=True) for e in data["training"]}
-    return [str(e["image"]) for e in data.get("validation", []) if json.dumps(e, sort_keys=True) not in trained]
+    trained = {str(e["image"]) for e in data["training"]}
+    return [str(e["image"]) for e in data.get("validation", []) if str(e["image"]) not in trained]
 
 
 def _seg(config: FairConfig, seed: int, *, mode: str, steps: int, lr: float, warmup: float, synth: str = "rules",
@@ -286,10 +301,11 @@ def train_run(
     """Train one run (``train-seg`` with ``seg_config``) unless it is done; resume it if it was interrupted.
     Writes ``summary.json``: steps, seconds, quality-control acceptance, and the loss over its last two fifths."""
     from freetumor_cli.core.train_seg import train_segmentation
+    from freetumor_cli.core.training import saved_state
 
     if _done(run):
         return
-    resume = (run / "checkpoints" / "last").is_dir()
+    resume = saved_state(run) is not None  # its state, saved every save_every_steps
     if run.exists() and not resume:
         shutil.rmtree(run)
     started = time.perf_counter()
@@ -437,7 +453,13 @@ def generator_measures(run: Path) -> dict[str, float]:
 def matched_rules(rules: SynthesisConfig, measures: dict[str, float]) -> tuple[SynthesisConfig, float]:
     """The rules with their HU change scaled so that their measured contrast is the generator's (arm C′):
     both were measured on the same held-out crops and tumor geometry. Returns (rules, the scale)."""
-    scale = measures["generator_hu_contrast"] / measures["rules_hu_contrast"]
+    if not math.isfinite(measures["generator_hu_contrast"]) or not math.isfinite(measures["rules_hu_contrast"]):
+        raise InputError(
+            "the generator's run measured no contrast on held-out crops, so arm C′ cannot match it",
+            hint="check runs/generator/metrics.jsonl; the world needs held-out organ-only CTs (heldout_cases)",
+        )
+    rules_contrast = measures["rules_hu_contrast"]
+    scale = measures["generator_hu_contrast"] / rules_contrast if rules_contrast else math.nan
     if not math.isfinite(scale) or scale <= 0:
         scale = 1.0  # a generator without a tumor's contrast (or of the wrong sign): C′ is C
     low, high = rules.abdomen_hu_change
@@ -499,7 +521,7 @@ def run_seed(
 def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
     """The generator's run, the method's recipe scaled down: labelled cases repeated so that about
     ``generator_tumor_share`` of its samples hold a real tumor, ``synth_steps`` at ``synth_lr``, scored each
-    epoch on 16 held-out crops of cases no stage trains on."""
+    epoch on one held-out crop of each held-out case (no stage trains on them)."""
     from freetumor_cli.core.train_synth import TrainSynthConfig
 
     data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
@@ -509,7 +531,7 @@ def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
     repeats = max(1, round(share / (1 - share) * organ_only / max(1, labelled))) if share < 1 else 1
     return TrainSynthConfig(
         region="abdomen", max_steps=config.synth_steps, roi=(config.roi,) * 3, labelled_repeats=repeats,
-        base_channels=config.generator_channels, heldout_crops=16, lr=config.synth_lr,
+        base_channels=config.generator_channels, heldout_crops=config.heldout_cases, lr=config.synth_lr,
         save_every_steps=max(25, config.synth_steps // 4), workers=config.workers, seed=seed,
         spacing_mm=config.spacing_mm, rules=crop_rules(config),
     )  # fmt: skip
@@ -709,9 +731,10 @@ def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
 def contrast_markdown(contrasts: Sequence[dict[str, float]]) -> str:
     """Per seed: the tumors' HU contrast (real, rules, generator, C′'s rules) and their halo."""
     lines = [
-        "Tumor contrast (mean HU change inside the label; real: tumor minus the liver around it) and halo "
-        "(organ voxels outside the label changed >= 25 HU towards tumor, per labelled voxel), on the "
-        "generator's held-out crops:",
+        "Tumor contrast and halo. Rules, generator: on the generator's held-out crops, the mean HU change "
+        "inside the label, and the organ voxels outside the label changed >= 25 HU towards tumor, per "
+        "labelled voxel. Real: in the labelled CTs, the tumors' mean HU minus that of the liver within 6 mm "
+        "around them (no before-image exists for a real tumor). C′: the factor on the rules' HU change:",
         "",
         "| seed | real tumors | rules: contrast, halo | generator: contrast, halo, QC pass | C′ rules: HU change × |",
         "|---|---|---|---|---|",

@@ -296,7 +296,8 @@ class RandTumorSynthd(Randomizable, MapTransform):
         return self
 
     def randomize(self, data: Any = None) -> None:
-        self._do = self.prob >= 1.0 or bool(self.rng.random() < self.prob)
+        # Always one draw, whatever ``prob``: runs of another probability place the same tumors.
+        self._do = bool(self.rng.random() < self.prob) or self.prob >= 1.0
 
     def _spacing(self, image: Any) -> tuple[float, ...]:
         if self.spacing_mm is not None:

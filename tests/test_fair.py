@@ -87,7 +87,7 @@ def test_held_out_crops_come_from_cases_no_stage_trains_on(tmp_path: Path) -> No
     data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text())
     trained = {e["image"] for e in data["training"]}
     heldout = heldout_cases(prepared)
-    assert heldout and not trained & set(heldout)
+    assert len(heldout) == config.heldout_cases and not trained & set(heldout)
     assert all(e.get("role") != "tumor-labelled" for e in data["validation"])  # labelled cases all train
     assert sum(e.get("role") == "tumor-labelled" for e in data["training"]) == config.labelled_cases
     calibration = sorted((world["calibration"] / "imagesTr").glob("*.nii.gz"))
