@@ -117,7 +117,7 @@ def evaluate(
 
     from freetumor_cli.core.cases import match_cases
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.evaluate import EvaluateConfig, predict_for_scoring, write_reports
+    from freetumor_cli.core.evaluate import EvaluateConfig, predict_for_scoring, summary_table, write_reports
     from freetumor_cli.core.evaluate import evaluate as run_evaluation
     from freetumor_cli.core.outputs import OutputLock
 
@@ -156,29 +156,12 @@ def evaluate(
         for message in notes:
             (warn if "without a prediction" in message or "match no" in message else note)(message)
         written = write_reports(cases, summary, out)
+        headings, rows = summary_table(summary, where="cli")
         table = Table(title=f"{summary['cases']} cases")
-        for column in (
-            "class",
-            "Dice",
-            "Dice (empty=1)",
-            "NSD",
-            "HD95 mm",
-            "lesion sens.",
-            "early sens.",
-            "precision",
-            "FP/case",
-        ):
-            table.add_column(column)
-
-        def fmt(value: object, digits: int = 3) -> str:
-            return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-        for name, c in summary["classes"].items():
-            les = c["lesions"]
-            table.add_row(
-                name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
-                fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
-            )  # fmt: skip
+        for heading in headings:
+            table.add_column(heading)
+        for row in rows:
+            table.add_row(*row)
         print_table(table)
         console.print(
             f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"
