@@ -14,13 +14,13 @@ from freetumor_cli.commands._common import (
     DeviceOption,
     NumPartsOption,
     PartIdOption,
-    SeedOption,
     console,
     err_console,
     note,
     one_of,
     progress_bar,
     report_errors,
+    seed_option,
     set_option,
     warn,
 )
@@ -100,7 +100,7 @@ def synthesize(
         float | None,
         typer.Option("--radius-mm", help="Exact tumor radius in mm (overrides --size).", show_default=False),
     ] = None,
-    seed: SeedOption = None,
+    seed: seed_option(DEFAULTS.seed) = None,  # type: ignore[valid-type]
     copies: Annotated[
         int | None,
         typer.Option(

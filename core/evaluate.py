@@ -40,40 +40,8 @@ from freetumor_cli.core.metrics import (
 )
 from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.parallel import process_pool
-from freetumor_cli.core.registry import EVAL_SPACES, EvalSpaceName, check_choices
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """How predictions are scored.
-
-    Attributes:
-        label_space: the label space of both folders: a region's (``abdomen``, ``chest``) or a
-            specialist task's (``task``: 0 background, 1 organ, 2 tumor).
-        classes: class names or values to score; empty means the tumor classes of the scheme.
-        tolerance_mm: normalized surface Dice tolerance.
-        min_lesion_voxels: connected components smaller than this are ignored.
-        lesion_iou: 0 counts any overlap as a detection; otherwise the IoU a match needs.
-        skip_missing: skip cases without a prediction instead of scoring them as empty.
-        resample_pred: resample predictions on another grid onto the ground truth's (nearest neighbour).
-    """
-
-    label_space: EvalSpaceName = "abdomen"
-    classes: tuple[str, ...] = ()
-    tolerance_mm: float = 2.0
-    min_lesion_voxels: int = 1
-    lesion_iou: float = 0.0
-    skip_missing: bool = False
-    resample_pred: bool = False
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if self.tolerance_mm < 0:
-            raise ValueError("tolerance_mm must be >= 0")
-        if self.min_lesion_voxels < 1:
-            raise ValueError("min_lesion_voxels must be >= 1")
-        if not 0 <= self.lesion_iou <= 1:
-            raise ValueError("lesion_iou must lie in [0, 1]")
+from freetumor_cli.core.registry import EVAL_SPACES
+from freetumor_cli.core.stage_configs import EvaluateConfig
 
 
 def resolve_classes(config: EvaluateConfig) -> dict[int, str]:
