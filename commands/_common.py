@@ -62,24 +62,42 @@ SET_EXAMPLES = {
 MaxStepsOption = Annotated[
     int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
 ]
-MixedPrecisionOption = Annotated[
-    Literal["no", "fp16", "bf16"] | None,
-    typer.Option("--mixed-precision", help="Mixed precision (Accelerate's): no, fp16 or bf16.", show_default="no"),
-]
 NumPartsOption = Annotated[
     int, typer.Option("--num-parts", help="Split the work into this many parts (a cluster's array jobs).", min=1)
 ]
 PartIdOption = Annotated[int, typer.Option("--part-id", help="The part this job does, 0 .. num-parts - 1.", min=0)]
-WorkersOption = Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default="2")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")]
-SeedOption = Annotated[
-    int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default="0")
-]
+
+
+def mixed_precision_option(default: str) -> Any:
+    """``--mixed-precision``, showing the stage config's ``default``."""
+    return Annotated[
+        Literal["no", "fp16", "bf16"] | None,
+        typer.Option(
+            "--mixed-precision", help="Mixed precision (Accelerate's): no, fp16 or bf16.", show_default=default
+        ),
+    ]
+
+
+def workers_option(default: int) -> Any:
+    """``--workers`` (data loader processes), showing the stage config's ``default``."""
+    return Annotated[int | None, typer.Option("--workers", help="Data loader processes.", show_default=str(default))]
+
+
+def seed_option(default: int) -> Any:
+    """``--seed``, showing the stage config's ``default``."""
+    return Annotated[
+        int | None,
+        typer.Option("--seed", help="Random seed: the same seed gives the same output.", show_default=str(default)),
+    ]
+
+
 HubTimeoutOption = Annotated[
     float | None,
     typer.Option(
         "--timeout",
         help="Seconds to wait for the hub on each network call (connecting, each read) before giving up.",
+        # core/hub.py's TIMEOUT_VARIABLE and DEFAULT_TIMEOUT_S (it imports tarfile and zipfile); tested
         show_default="$FREETUMOR_HUB_TIMEOUT, else 30",
         min=0.001,
     ),

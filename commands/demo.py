@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from freetumor_cli.commands._common import SeedOption, console, print_table, progress_bar, report_errors
+from freetumor_cli.commands._common import console, print_table, progress_bar, report_errors, seed_option
 
 
 @report_errors
@@ -21,7 +21,8 @@ def demo(
             "--quick", help="A short run (under 5 minutes on 2 CPU cores): shows every stage, not the effect."
         ),
     ] = False,
-    seed: SeedOption = None,
+    # DemoConfig's seed: core/demo imports the numeric stack; tests/test_cli_defaults.py checks the copy.
+    seed: seed_option(0) = None,  # type: ignore[valid-type]
 ) -> None:
     """Run the whole method on phantom CTs: prepare, a baseline, a generator, four arms, synthesize, evaluate.
 

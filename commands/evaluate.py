@@ -22,6 +22,9 @@ from freetumor_cli.commands._common import (
 )
 from freetumor_cli.core.errors import ConfigError
 from freetumor_cli.core.registry import EVAL_SPACES
+from freetumor_cli.core.stage_configs import EvaluateConfig
+
+DEFAULTS = EvaluateConfig()
 
 
 @report_errors
@@ -78,19 +81,30 @@ def evaluate(
             help="The label space both folders are in: "
             + "; ".join(f"{n} ({', '.join(v for k, v in s.items() if k)})" for n, s in EVAL_SPACES.items())
             + ". TotalSegmentator masks are none: prepare --label-scheme totalsegmentator maps them into abdomen.",
-            show_default="abdomen",
+            show_default=DEFAULTS.label_space,
         ),
     ] = None,
     tolerance_mm: Annotated[
-        float | None, typer.Option("--tolerance-mm", help="Normalized surface Dice tolerance in mm.", show_default="2")
+        float | None,
+        typer.Option(
+            "--tolerance-mm", help="Normalized surface Dice tolerance in mm.", show_default=f"{DEFAULTS.tolerance_mm:g}"
+        ),
     ] = None,
     min_lesion_voxels: Annotated[
         int | None,
-        typer.Option("--min-lesion-voxels", help="Ignore connected components smaller than this.", show_default="1"),
+        typer.Option(
+            "--min-lesion-voxels",
+            help="Ignore connected components smaller than this.",
+            show_default=str(DEFAULTS.min_lesion_voxels),
+        ),
     ] = None,
     lesion_iou: Annotated[
         float | None,
-        typer.Option("--lesion-iou", help="IoU a lesion match needs; 0 = any overlapping voxel.", show_default="0"),
+        typer.Option(
+            "--lesion-iou",
+            help="IoU a lesion match needs; 0 = any overlapping voxel.",
+            show_default=f"{DEFAULTS.lesion_iou:g}",
+        ),
     ] = None,
     skip_missing: Annotated[
         bool, typer.Option("--skip-missing", help="Skip cases without a prediction instead of scoring them as empty.")
@@ -117,8 +131,8 @@ def evaluate(
 
     from freetumor_cli.core.cases import match_cases
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.evaluate import EvaluateConfig, predict_for_scoring, write_reports
     from freetumor_cli.core.evaluate import evaluate as run_evaluation
+    from freetumor_cli.core.evaluate import predict_for_scoring, summary_table, write_reports
     from freetumor_cli.core.outputs import OutputLock
 
     flags = {
@@ -156,29 +170,12 @@ def evaluate(
         for message in notes:
             (warn if "without a prediction" in message or "match no" in message else note)(message)
         written = write_reports(cases, summary, out)
+        headings, rows = summary_table(summary, where="cli")
         table = Table(title=f"{summary['cases']} cases")
-        for column in (
-            "class",
-            "Dice",
-            "Dice (empty=1)",
-            "NSD",
-            "HD95 mm",
-            "lesion sens.",
-            "early sens.",
-            "precision",
-            "FP/case",
-        ):
-            table.add_column(column)
-
-        def fmt(value: object, digits: int = 3) -> str:
-            return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-        for name, c in summary["classes"].items():
-            les = c["lesions"]
-            table.add_row(
-                name, fmt(c["dice"]["mean"]), fmt(c["dice_empty_as_one"]["mean"]), fmt(c["nsd"]["mean"]), fmt(c["hd95_mm"]["mean"], 1),
-                fmt(les["sensitivity"]), fmt(les["early_sensitivity"]), fmt(les["precision"]), fmt(les["fp_per_case"], 2),
-            )  # fmt: skip
+        for heading in headings:
+            table.add_column(heading)
+        for row in rows:
+            table.add_row(*row)
         print_table(table)
         console.print(
             f"wrote {len(written)} files to {out} (summary.md, summary.json, metrics_per_case.csv, metrics_per_lesion.csv, plots)"

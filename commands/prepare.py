@@ -12,18 +12,21 @@ from freetumor_cli.commands._common import (
     ConfigOption,
     NumPartsOption,
     PartIdOption,
-    SeedOption,
     console,
     one_of,
     progress_bar,
     report_errors,
+    seed_option,
     set_option,
     warn,
 )
 from freetumor_cli.core.registry import PREPARE_LABEL_SCHEMES
+from freetumor_cli.core.stage_configs import PrepareConfig
 
 if TYPE_CHECKING:
     from freetumor_cli.core.store import BuildResult
+
+DEFAULTS = PrepareConfig()
 
 
 @report_errors
@@ -41,8 +44,10 @@ def prepare(
             show_default=False,
         ),
     ] = None,
-    folds: Annotated[int | None, typer.Option("--folds", help="Cross-validation folds.", show_default="5")] = None,
-    seed: SeedOption = None,
+    folds: Annotated[
+        int | None, typer.Option("--folds", help="Cross-validation folds.", show_default=str(DEFAULTS.folds))
+    ] = None,
+    seed: seed_option(DEFAULTS.seed) = None,  # type: ignore[valid-type]
     pairs: Annotated[
         Path | None,
         typer.Option(
@@ -87,7 +92,7 @@ def prepare(
             "freetumor (its label space), totalsegmentator (TotalSegmentator's multilabel output), or auto: a "
             "known dataset's in freetumor's space, others detected as synthesize does (a map whose values mean "
             "organs in both schemes is skipped, saying so).",
-            show_default="auto",
+            show_default=DEFAULTS.label_scheme,
         ),
     ] = None,
     verify_images: Annotated[
@@ -109,7 +114,6 @@ def prepare(
 
     from freetumor_cli.core.config import build_config
     from freetumor_cli.core.errors import ConfigError
-    from freetumor_cli.core.prepare import PrepareConfig
     from freetumor_cli.core.prepare import prepare as run_prepare
 
     if part_id >= num_parts:

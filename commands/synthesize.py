@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import closing
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,19 +13,23 @@ from freetumor_cli.commands._common import (
     DeviceOption,
     NumPartsOption,
     PartIdOption,
-    SeedOption,
     console,
     err_console,
     note,
     one_of,
     progress_bar,
     report_errors,
+    seed_option,
     set_option,
     warn,
 )
-from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError, InputError
+from freetumor_cli.core.errors import EXIT_PARTIAL, FreetumorError
 from freetumor_cli.core.registry import ENGINES, LABEL_SCHEMES, ORGANS, choices_help
 from freetumor_cli.core.synthesis_config import LAYOUTS, SIZE_CHOICES, SynthesisConfig, SynthesizeConfig
+
+if TYPE_CHECKING:
+    from freetumor_cli.core.cases import Case
+    from freetumor_cli.core.synthesize import CaseResult, SynthesisRun
 
 DEFAULTS = SynthesizeConfig()
 
@@ -100,7 +103,7 @@ def synthesize(
         float | None,
         typer.Option("--radius-mm", help="Exact tumor radius in mm (overrides --size).", show_default=False),
     ] = None,
-    seed: SeedOption = None,
+    seed: seed_option(DEFAULTS.seed) = None,  # type: ignore[valid-type]
     copies: Annotated[
         int | None,
         typer.Option(
@@ -166,9 +169,8 @@ def synthesize(
     Example: freetumor synthesize --in ct.nii.gz --labels seg.nii.gz --organ liver --preview
     """
 
-    from freetumor_cli.core.cases import collect_cases
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.synthesize import copy_name, iter_results
+    from freetumor_cli.core.synthesize import copy_name, synthesize_cases
 
     parsed_count = _parse_count(count)
     flags = {
@@ -196,49 +198,34 @@ def synthesize(
         device = resolve_device(device)
     elif check_device_name(device) != "auto":
         note("the rules engine runs on the CPU: --device applies to --engine generator")
-    cases = collect_cases(input_path, labels)
-    if len(cases) == 1 and cases[0].labels is None and labels is not None:
-        raise InputError(f"no label file for {cases[0].image} in {labels}")
-    part = None
-    if num_parts > 1 or part_id:
-        from freetumor_cli.core.parallel import select_part
-
-        all_cases = len(cases)
-        cases = select_part(cases, num_parts, part_id)
-        part = (part_id, num_parts)
-        note(f"part {part_id} of {num_parts}: {len(cases)} of {all_cases} case(s)")
-    failures: list[tuple[str, FreetumorError]] = []
-    done_before = 0
-    total = len(cases) * cfg.copies
     with progress_bar("synthesize") as progress:
-        task = progress.add_task("", total=total)
-        results = iter_results(
-            cases, cfg, out, on_copy_done=lambda: progress.advance(task), device=device, workers=workers, part=part
-        )
-        with closing(results):  # closed at once on an error: that releases the output folder
-            for case, result in results:
-                if isinstance(result, FreetumorError):
-                    if len(cases) == 1 and part is None:
-                        raise result
-                    failures.append((case.name, result))
-                    progress.advance(task, cfg.copies)
-                    warn(f"skipped {case.name}: {result}")
-                    continue
-                if result.skipped:
-                    done_before += 1
-                    progress.advance(task, cfg.copies)
-                for message in result.warnings:
-                    warn(message)
-                for message in result.notes:
-                    note(message)
-                for index, tumors in enumerate(result.tumors, start=1):
-                    name = copy_name(case.name, [index if cfg.copies > 1 else None])
-                    console.print(f"{name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {_describe(tumors)}")
-    written = total - (len(failures) + done_before) * cfg.copies
-    already = f" ({done_before} case(s) done before, skipped)" if done_before else ""
-    console.print(f"wrote {written} output set(s) to {out}{already}", highlight=False)
-    if failures:
-        err_console.print(f"[red]{len(failures)} of {len(cases)} case(s) failed[/]")
+        task = progress.add_task("", total=None)
+
+        def on_start(run: SynthesisRun) -> None:
+            if run.part is not None:
+                note(f"part {run.part[0]} of {run.part[1]}: {len(run.cases)} of {run.all_cases} case(s)")
+            progress.update(task, total=len(run.cases) * cfg.copies)
+
+        def on_case(case: Case, result: CaseResult | FreetumorError) -> None:
+            if isinstance(result, FreetumorError):
+                warn(f"skipped {case.name}: {result}")
+                return
+            for message in result.warnings:
+                warn(message)
+            for message in result.notes:
+                note(message)
+            for index, tumors in enumerate(result.tumors, start=1):
+                name = copy_name(case.name, [index if cfg.copies > 1 else None])
+                console.print(f"{name}: {len(tumors)} {ORGANS[cfg.organ].tumor_name}(s): {_describe(tumors)}")
+
+        run = synthesize_cases(
+            input_path, labels, cfg, out, device=device, workers=workers, num_parts=num_parts, part_id=part_id,
+            on_start=on_start, on_copy_done=lambda: progress.advance(task), on_case=on_case,
+        )  # fmt: skip
+    already = f" ({run.done_before} case(s) done before, skipped)" if run.done_before else ""
+    console.print(f"wrote {run.written} output set(s) to {out}{already}", highlight=False)
+    if run.failures:
+        err_console.print(f"[red]{len(run.failures)} of {len(run.cases)} case(s) failed[/]")
         raise typer.Exit(EXIT_PARTIAL)
 
 

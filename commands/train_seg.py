@@ -12,20 +12,22 @@ from freetumor_cli.commands._common import (
     ConfigOption,
     DeviceOption,
     MaxStepsOption,
-    MixedPrecisionOption,
     ResumeOption,
-    SeedOption,
-    WorkersOption,
     console,
+    mixed_precision_option,
     one_of,
     progress_bar,
     report_errors,
+    seed_option,
     set_option,
     show_library_log,
+    workers_option,
 )
 from freetumor_cli.core.registry import MODELS, TASKS, choices_help
+from freetumor_cli.core.stage_configs import TrainSegConfig
 
 MODES = ("onlylabeled", "freesyn")
+DEFAULTS = TrainSegConfig()
 
 
 @report_errors
@@ -36,27 +38,30 @@ def train_seg(
         typer.Option(
             "--organ",
             help=f"What the network segments (config key: task): {choices_help(TASKS)}.",
-            show_default="liver",
+            show_default=DEFAULTS.task,
         ),
     ] = None,
-    task: Annotated[
+    mode: Annotated[
         one_of(MODES) | None,
         typer.Option(
+            "--mode",
             "--task",
-            help="How it trains (config key: mode): onlylabeled (real tumors; the baseline) | freesyn (real + online synthetic tumors).",
-            show_default="onlylabeled",
+            help="How it trains (config key: mode): onlylabeled (real tumors; the baseline) | freesyn (real + "
+            "online synthetic tumors). --task is an alias of --mode (the method's name for it).",
+            show_default=DEFAULTS.mode,
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/seg"),
     fold: Annotated[
-        int | None, typer.Option("--fold", help="Validation fold of the prepared data lists.", show_default="0")
+        int | None,
+        typer.Option("--fold", help="Validation fold of the prepared data lists.", show_default=str(DEFAULTS.fold)),
     ] = None,
     model: Annotated[
         one_of(MODELS) | None,
         typer.Option(
             "--model",
             help="swinunetr (the method's), unet (CPU-friendly) or unet-tiny (tests).",
-            show_default="swinunetr",
+            show_default=DEFAULTS.model,
         ),
     ] = None,
     synth: Annotated[
@@ -66,7 +71,7 @@ def train_seg(
             metavar="<rules|PATH>",
             help="Tumors for freesyn: rules (no training needed), a generator from train-synth, or the authors' "
             "TGAN.pt (its own baseline then does quality control unless --baseline is given).",
-            show_default="rules",
+            show_default=DEFAULTS.synth,
         ),
     ] = None,
     init: Annotated[
@@ -90,23 +95,23 @@ def train_seg(
         int | None, typer.Option("--epochs", help="Epochs (default 100 onlylabeled, 20 freesyn).", show_default=False)
     ] = None,
     max_steps: MaxStepsOption = None,
-    mixed_precision: MixedPrecisionOption = None,
-    workers: WorkersOption = None,
+    mixed_precision: mixed_precision_option(DEFAULTS.mixed_precision) = None,  # type: ignore[valid-type]
+    workers: workers_option(DEFAULTS.workers) = None,  # type: ignore[valid-type]
     resume: ResumeOption = False,
-    seed: SeedOption = None,
+    seed: seed_option(DEFAULTS.seed) = None,  # type: ignore[valid-type]
     config: ConfigOption = None,
     set_: set_option(SET_EXAMPLES["train-seg"]) = None,  # type: ignore[valid-type]
     device: DeviceOption = "auto",
 ) -> None:
     """Train a tumor segmentation network (Accelerate: CPU, one GPU or many with accelerate launch).
 
-    Example: freetumor train-seg --data prepared --organ liver --task onlylabeled --out runs/liver_baseline
+    Example: freetumor train-seg --data prepared --organ liver --mode onlylabeled --out runs/liver_baseline
     """
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.train_seg import TrainSegConfig, train_segmentation
+    from freetumor_cli.core.train_seg import train_segmentation
 
     flags = {
-        "task": organ, "mode": task, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
+        "task": organ, "mode": mode, "fold": fold, "model": model, "synth": synth, "epochs": epochs,
         "max_steps": max_steps, "mixed_precision": mixed_precision, "workers": workers, "seed": seed,
         "init": str(init) if init else None,
     }  # fmt: skip

@@ -12,19 +12,22 @@ from freetumor_cli.commands._common import (
     ConfigOption,
     DeviceOption,
     MaxStepsOption,
-    MixedPrecisionOption,
     ResumeOption,
-    SeedOption,
-    WorkersOption,
     console,
+    mixed_precision_option,
     one_of,
     progress_bar,
     report_errors,
+    seed_option,
     set_option,
     show_library_log,
     warn,
+    workers_option,
 )
 from freetumor_cli.core.registry import REGIONS, region_organs, region_tasks
+from freetumor_cli.core.stage_configs import TrainSynthConfig
+
+DEFAULTS = TrainSynthConfig()
 
 
 @report_errors
@@ -56,17 +59,17 @@ def train_synth(
             help="The generator's region: "
             + "; ".join(f"{r} ({', '.join(o.tumor_name + 's' for o in region_organs(r))})" for r in REGIONS)
             + ".",
-            show_default="abdomen",
+            show_default=DEFAULTS.region,
         ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Epochs over the oversampled mix.", show_default="100")
+        int | None, typer.Option("--epochs", help="Epochs over the oversampled mix.", show_default=str(DEFAULTS.epochs))
     ] = None,
     max_steps: MaxStepsOption = None,
-    mixed_precision: MixedPrecisionOption = None,
-    workers: WorkersOption = None,
+    mixed_precision: mixed_precision_option(DEFAULTS.mixed_precision) = None,  # type: ignore[valid-type]
+    workers: workers_option(DEFAULTS.workers) = None,  # type: ignore[valid-type]
     resume: ResumeOption = False,
-    seed: SeedOption = None,
+    seed: seed_option(DEFAULTS.seed) = None,  # type: ignore[valid-type]
     config: ConfigOption = None,
     set_: set_option(SET_EXAMPLES["train-synth"]) = None,  # type: ignore[valid-type]
     device: DeviceOption = "auto",
@@ -76,7 +79,7 @@ def train_synth(
     Example: freetumor train-synth --data prepared --baseline runs/all_baseline/checkpoints/best --out runs/synth
     """
     from freetumor_cli.core.config import build_config
-    from freetumor_cli.core.train_synth import TrainSynthConfig, train_generator
+    from freetumor_cli.core.train_synth import train_generator
 
     flags = {
         "region": region,

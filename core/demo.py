@@ -2,7 +2,7 @@
 
 One phantom world (no data, no network): labelled CTs whose "real" tumors are drawn by the phantom's
 own recipe, organ-only CTs, and a held-out test set fixed before training. Then ``prepare``, one shared
-baseline (``train-seg --task onlylabeled`` with warm-up and CutMix), the generator (``train-synth``, the
+baseline (``train-seg --mode onlylabeled`` with warm-up and CutMix), the generator (``train-synth``, the
 baseline as critic), six arms that continue from the baseline for the same steps (A labelled only; A′ +
 organ-only crops without synthesis; B + rule-based tumors; C + rule-based tumors with quality control;
 C′ as C at the generator's measured contrast; D + generator tumors with quality control, the method),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from freetumor_cli.core.registry import ENGINES, REGIONS, EngineName, Organ
+from freetumor_cli.core.registry import ENGINES, REGIONS, Organ, engine_of
 
 if TYPE_CHECKING:
     from freetumor_cli.core.synthesis_config import SynthesisConfig
@@ -41,15 +41,6 @@ __all__ = [
 ]
 
 Box = tuple[slice, slice, slice]
-
-
-def engine_of(synth: str | None) -> EngineName:
-    """The engine a setting names: ``rules`` (or nothing) is the rule engine; a path is a generator.
-
-    ``train-seg --synth`` takes ``rules`` or a generator's path, ``synthesize`` an engine and a path:
-    both mean one of :data:`ENGINES`.
-    """
-    return "rules" if synth in (None, "", "rules") else "generator"
 
 
 def wrong_contrast(region: str, hu_change: float, what: str) -> str | None:

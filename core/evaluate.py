@@ -11,9 +11,9 @@ import io
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,43 +29,19 @@ from freetumor_cli.core.label_maps import (
     integer_problem,
     label_values,
 )
-from freetumor_cli.core.metrics import EARLY_RADIUS_MM, SIZE_BINS, dice, match_lesions, surface_scores, union_box
+from freetumor_cli.core.metrics import (
+    EARLY_RADIUS_MM,
+    SIZE_BINS,
+    Lesion,
+    dice,
+    match_lesions,
+    surface_scores,
+    union_box,
+)
 from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.parallel import process_pool
-from freetumor_cli.core.registry import EVAL_SPACES, EvalSpaceName, check_choices
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """How predictions are scored.
-
-    Attributes:
-        label_space: the label space of both folders: a region's (``abdomen``, ``chest``) or a
-            specialist task's (``task``: 0 background, 1 organ, 2 tumor).
-        classes: class names or values to score; empty means the tumor classes of the scheme.
-        tolerance_mm: normalized surface Dice tolerance.
-        min_lesion_voxels: connected components smaller than this are ignored.
-        lesion_iou: 0 counts any overlap as a detection; otherwise the IoU a match needs.
-        skip_missing: skip cases without a prediction instead of scoring them as empty.
-        resample_pred: resample predictions on another grid onto the ground truth's (nearest neighbour).
-    """
-
-    label_space: EvalSpaceName = "abdomen"
-    classes: tuple[str, ...] = ()
-    tolerance_mm: float = 2.0
-    min_lesion_voxels: int = 1
-    lesion_iou: float = 0.0
-    skip_missing: bool = False
-    resample_pred: bool = False
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if self.tolerance_mm < 0:
-            raise ValueError("tolerance_mm must be >= 0")
-        if self.min_lesion_voxels < 1:
-            raise ValueError("min_lesion_voxels must be >= 1")
-        if not 0 <= self.lesion_iou <= 1:
-            raise ValueError("lesion_iou must lie in [0, 1]")
+from freetumor_cli.core.registry import EVAL_SPACES
+from freetumor_cli.core.stage_configs import EvaluateConfig
 
 
 def resolve_classes(config: EvaluateConfig) -> dict[int, str]:
@@ -206,8 +182,170 @@ def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"n": len(finite), "mean": float(arr.mean()), "std": float(arr.std()), "median": float(np.median(arr))}
 
 
+@dataclass(frozen=True)
+class ClassPool:
+    """One class's per-case rows and lesions over every case: what its summary is computed from."""
+
+    rows: list[dict[str, Any]]
+    gt: list[dict[str, Any]]  # ground-truth lesions
+    pred: list[dict[str, Any]]  # predicted lesions
+
+    @classmethod
+    def of(cls, cases: Sequence[CaseScores], name: str) -> ClassPool:
+        lesions = [x for c in cases for x in c.lesions if x["class"] == name]
+        return cls(
+            rows=[r for c in cases for r in c.rows if r["class"] == name],
+            gt=[x for x in lesions if x["source"] == "gt"],
+            pred=[x for x in lesions if x["source"] == "pred"],
+        )
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _detected(lesions: Sequence[dict[str, Any]]) -> int:
+    return sum(x["matched"] for x in lesions)
+
+
+def _sensitivity(pool: ClassPool) -> float | None:
+    return _share(_detected(pool.gt), len(pool.gt))
+
+
+def _precision(pool: ClassPool) -> float | None:
+    return _share(_detected(pool.pred), len(pool.pred))
+
+
+def _f1(pool: ClassPool) -> float | None:
+    sens, prec = _sensitivity(pool), _precision(pool)
+    return 2 * sens * prec / (sens + prec) if sens is not None and prec is not None and sens + prec > 0 else None
+
+
+def _false_positives(pool: ClassPool) -> int:
+    return sum(not x["matched"] for x in pool.pred)
+
+
+def _tumor_free(pool: ClassPool) -> list[dict[str, Any]]:
+    return [r for r in pool.rows if r["gt_lesions"] == 0]
+
+
+def _specificity(pool: ClassPool) -> float | None:
+    free = _tumor_free(pool)
+    return _share(sum(r["pred_lesions"] == 0 for r in free), len(free))
+
+
+def _early_sensitivity(pool: ClassPool) -> float | None:
+    early = [x for x in pool.gt if x["radius_mm"] <= EARLY_RADIUS_MM]
+    return _share(_detected(early), len(early))
+
+
+def _by_size(pool: ClassPool) -> dict[str, dict[str, Any]]:
+    by_size = {}
+    for bin_name, _low, _high in SIZE_BINS:
+        in_bin = [x for x in pool.gt if x["size_bin"] == bin_name]
+        fp_bin = [x for x in pool.pred if x["size_bin"] == bin_name and not x["matched"]]
+        by_size[bin_name] = {
+            "gt_lesions": len(in_bin),
+            "detected": _detected(in_bin),
+            "sensitivity": _share(_detected(in_bin), len(in_bin)),
+            "false_positives": len(fp_bin),
+        }
+    return by_size
+
+
+def _stats_of(key: str) -> Callable[[ClassPool], Any]:
+    return lambda pool: _stats([r[key] for r in pool.rows])
+
+
+def _stats_and_infinite_of(key: str) -> Callable[[ClassPool], Any]:
+    return lambda pool: {
+        **_stats([r[key] for r in pool.rows]),
+        "infinite": sum(r[key] == float("inf") for r in pool.rows),
+    }
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric, from which the CSV columns, ``summary.json``, ``summary.md`` and the CLI's table come.
+
+    Attributes:
+        key: a ``case`` metric's key in a per-case row, which is its ``metrics_per_case.csv`` column and
+            its entry in a class's summary; a ``lesions`` figure's entry in a class's ``lesions`` summary
+            (it has no CSV column).
+        scope: ``case`` (one value per case and class) or ``lesions`` (one figure per class, from the
+            lesion matching of every case).
+        summarize: the class's summary entry from its rows and lesions; None: the CSV only.
+        heading: its column heading in ``summary.md`` (a case metric shows its mean); empty: not tabled.
+        cli: its column heading in the table ``freetumor evaluate`` prints; empty: not shown.
+        digits: decimals in both tables.
+    """
+
+    key: str
+    scope: Literal["case", "lesions"] = "case"
+    summarize: Callable[[ClassPool], Any] | None = None
+    heading: str = ""
+    cli: str = ""
+    digits: int = 3
+
+    def shown(self, class_summary: dict[str, Any]) -> Any:
+        """The value the summary tables show for one class."""
+        if self.scope == "case":
+            return class_summary[self.key]["mean"]
+        return class_summary["lesions"][self.key]
+
+
+def _case(key: str, aggregate: Callable[[str], Callable[[ClassPool], Any]] | None = _stats_of, **shown: Any) -> Metric:
+    return Metric(key, "case", aggregate(key) if aggregate else None, **shown)
+
+
+def _lesions(key: str, summarize: Callable[[ClassPool], Any], **shown: Any) -> Metric:
+    return Metric(key, "lesions", summarize, **shown)
+
+
+# In CSV order (case metrics) and table order; the summary's entries follow it too.
+METRICS: tuple[Metric, ...] = (
+    _case("dice", heading="Dice (excl. empty GT)", cli="Dice"),
+    _case("dice_empty_as_one", heading="Dice (empty=1)", cli="Dice (empty=1)"),
+    _case("nsd", heading="NSD", cli="NSD"),
+    _case("hd95_mm", _stats_and_infinite_of, heading="HD95 mm", cli="HD95 mm", digits=1),
+    _case("msd_mm", heading="MSD mm", digits=2),
+    _case("gt_volume_ml", None),
+    _case("pred_volume_ml", None),
+    _case("volume_error_ml"),
+    _case("gt_lesions", None),
+    _case("pred_lesions", None),
+    _case("tp_lesions", None),
+    _case("fn_lesions", None),
+    _case("fp_lesions", None),
+    _lesions("gt", lambda pool: len(pool.gt)),
+    _lesions("predicted", lambda pool: len(pool.pred)),
+    _lesions("tp", lambda pool: _detected(pool.gt)),
+    _lesions("fn", lambda pool: sum(not x["matched"] for x in pool.gt)),
+    _lesions("fp", _false_positives),
+    _lesions("sensitivity", _sensitivity, heading="lesion sens.", cli="lesion sens."),
+    _lesions(
+        "early_sensitivity", _early_sensitivity, heading=f"early sens. (<={EARLY_RADIUS_MM:g} mm)", cli="early sens."
+    ),
+    _lesions("precision", _precision, heading="precision", cli="precision"),
+    _lesions("f1", _f1, heading="F1"),
+    _lesions(
+        "fp_per_case",
+        lambda pool: _share(_false_positives(pool), len(pool.rows)),
+        heading="FP/case",
+        cli="FP/case",
+        digits=2,
+    ),
+    _lesions("tumor_free_cases", lambda pool: len(_tumor_free(pool))),
+    _lesions("specificity", _specificity, heading="specificity"),
+    _lesions("by_size", _by_size),
+)
+CASE_METRICS = tuple(m for m in METRICS if m.scope == "case")
+CASE_COLUMNS = ("case", "class", "value", "prediction_missing", *(m.key for m in CASE_METRICS))
+LESION_COLUMNS = ("case", "class", *(f.name for f in fields(Lesion)))
+
+
 def summarize(cases: Sequence[CaseScores], classes: dict[int, str], config: EvaluateConfig) -> dict[str, Any]:
-    """Aggregate per-class and lesion-wise figures over cases."""
+    """Aggregate per-class and lesion-wise figures over cases (every :data:`METRICS` entry that summarizes)."""
     summary: dict[str, Any] = {
         "tool": "freetumor",
         "version": __version__,
@@ -224,55 +362,10 @@ def summarize(cases: Sequence[CaseScores], classes: dict[int, str], config: Eval
         "classes": {},
     }
     for name in classes.values():
-        rows = [r for c in cases for r in c.rows if r["class"] == name]
-        lesions = [x for c in cases for x in c.lesions if x["class"] == name]
-        gt_l = [x for x in lesions if x["source"] == "gt"]
-        pred_l = [x for x in lesions if x["source"] == "pred"]
-        tp, fn = sum(x["matched"] for x in gt_l), sum(not x["matched"] for x in gt_l)
-        tp_pred, fp = sum(x["matched"] for x in pred_l), sum(not x["matched"] for x in pred_l)
-        sens = tp / len(gt_l) if gt_l else None
-        prec = tp_pred / len(pred_l) if pred_l else None
-        f1 = 2 * sens * prec / (sens + prec) if sens is not None and prec is not None and sens + prec > 0 else None
-        tumor_free = [r for r in rows if r["gt_lesions"] == 0]
-        by_size = {}
-        for bin_name, _low, _high in SIZE_BINS:
-            in_bin = [x for x in gt_l if x["size_bin"] == bin_name]
-            fp_bin = [x for x in pred_l if x["size_bin"] == bin_name and not x["matched"]]
-            by_size[bin_name] = {
-                "gt_lesions": len(in_bin),
-                "detected": sum(x["matched"] for x in in_bin),
-                "sensitivity": sum(x["matched"] for x in in_bin) / len(in_bin) if in_bin else None,
-                "false_positives": len(fp_bin),
-            }
-        early = [x for x in gt_l if x["radius_mm"] <= EARLY_RADIUS_MM]
-        summary["classes"][name] = {
-            "dice": _stats([r["dice"] for r in rows]),
-            "dice_empty_as_one": _stats([r["dice_empty_as_one"] for r in rows]),
-            "nsd": _stats([r["nsd"] for r in rows]),
-            "hd95_mm": {
-                **_stats([r["hd95_mm"] for r in rows]),
-                "infinite": sum(r["hd95_mm"] == float("inf") for r in rows),
-            },
-            "msd_mm": _stats([r["msd_mm"] for r in rows]),
-            "volume_error_ml": _stats([r["volume_error_ml"] for r in rows]),
-            "lesions": {
-                "gt": len(gt_l),
-                "predicted": len(pred_l),
-                "tp": tp,
-                "fn": fn,
-                "fp": fp,
-                "sensitivity": sens,
-                "precision": prec,
-                "f1": f1,
-                "fp_per_case": fp / len(rows) if rows else None,
-                "tumor_free_cases": len(tumor_free),
-                "specificity": sum(r["pred_lesions"] == 0 for r in tumor_free) / len(tumor_free)
-                if tumor_free
-                else None,
-                "early_sensitivity": sum(x["matched"] for x in early) / len(early) if early else None,
-                "by_size": by_size,
-            },
-        }
+        pool = ClassPool.of(cases, name)
+        entry = {m.key: m.summarize(pool) for m in METRICS if m.scope == "case" and m.summarize}
+        entry["lesions"] = {m.key: m.summarize(pool) for m in METRICS if m.scope == "lesions" and m.summarize}
+        summary["classes"][name] = entry
     return summary
 
 
@@ -318,22 +411,23 @@ def evaluate(
     return results, summarize(results, classes, config), notes
 
 
-def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV with the given columns (floats to 6 significant digits; a missing key is left empty).
+
+    Raises:
+        ValueError: a row holds a key without a column (it would be dropped silently).
+    """
+    known = set(columns)
+    for row in rows:
+        unknown = [k for k in row if k not in known]
+        if unknown:
+            raise ValueError(f"row key {unknown[0]!r} has no CSV column; columns: {', '.join(columns)}")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return buffer.getvalue()
-
-
-CASE_COLUMNS = (
-    "case", "class", "value", "prediction_missing", "dice", "dice_empty_as_one", "nsd", "hd95_mm", "msd_mm",
-    "gt_volume_ml", "pred_volume_ml", "volume_error_ml", "gt_lesions", "pred_lesions", "tp_lesions", "fn_lesions", "fp_lesions",
-)  # fmt: skip
-LESION_COLUMNS = (
-    "case", "class", "source", "index", "voxels", "volume_ml", "radius_mm", "size_bin", "matched", "best_iou", "centroid_voxel",
-)  # fmt: skip
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -344,21 +438,25 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def summary_table(summary: dict[str, Any], *, where: Literal["markdown", "cli"]) -> tuple[list[str], list[list[str]]]:
+    """The per-class summary table of ``summary.md`` or of the CLI, from :data:`METRICS`.
+
+    Returns:
+        (column headings, one row of cells per class).
+    """
+    shown = [(m, m.heading if where == "markdown" else m.cli) for m in METRICS]
+    shown = [(m, heading) for m, heading in shown if heading]
+    headings = ["class", *(heading for _, heading in shown)]
+    rows = [[name, *(_fmt(m.shown(c), m.digits) for m, _ in shown)] for name, c in summary["classes"].items()]
+    return headings, rows
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown tables."""
     lines = [f"# freetumor evaluation ({summary['cases']} cases)", ""]
-    lines += [
-        "| class | Dice (excl. empty GT) | Dice (empty=1) | NSD | HD95 mm | MSD mm | lesion sens. | early sens. (<=10 mm) | precision | F1 | FP/case | specificity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in summary["classes"].items():
-        les = c["lesions"]
-        lines.append(
-            f"| {name} | {_fmt(c['dice']['mean'])} | {_fmt(c['dice_empty_as_one']['mean'])} | {_fmt(c['nsd']['mean'])} | "
-            f"{_fmt(c['hd95_mm']['mean'], 1)} | {_fmt(c['msd_mm']['mean'], 2)} | {_fmt(les['sensitivity'])} | "
-            f"{_fmt(les['early_sensitivity'])} | {_fmt(les['precision'])} | {_fmt(les['f1'])} | {_fmt(les['fp_per_case'], 2)} | "
-            f"{_fmt(les['specificity'])} |"
-        )
+    headings, rows = summary_table(summary, where="markdown")
+    lines += ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += [
         "",
         "Lesion sensitivity by equivalent-sphere radius:",
@@ -470,8 +568,8 @@ def write_reports(cases: Sequence[CaseScores], summary: dict[str, Any], out: Pat
     rows = [r for c in cases for r in c.rows]
     lesions = [x for c in cases for x in c.lesions]
     written = [
-        write_text_atomic(folder / "metrics_per_case.csv", _csv(rows, CASE_COLUMNS)),
-        write_text_atomic(folder / "metrics_per_lesion.csv", _csv(lesions, LESION_COLUMNS)),
+        write_text_atomic(folder / "metrics_per_case.csv", csv_text(rows, CASE_COLUMNS)),
+        write_text_atomic(folder / "metrics_per_lesion.csv", csv_text(lesions, LESION_COLUMNS)),
         write_text_atomic(folder / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n"),
         write_text_atomic(folder / "summary.md", summary_markdown(summary)),
     ]

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 
@@ -43,54 +43,15 @@ from freetumor_cli.core.label_maps import (
 )
 from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 from freetumor_cli.core.parallel import process_pool
-from freetumor_cli.core.preprocess import PreprocessConfig
 from freetumor_cli.core.registry import (
     ORGANS,
-    PREPARE_LABEL_SCHEMES,
     REGIONS,
     TASKS,
-    OneOf,
-    check_choices,
     region_organs,
     totalsegmentator_to_region,
 )
+from freetumor_cli.core.stage_configs import PrepareConfig
 from freetumor_cli.core.store import STORE_POINTER, BuildResult, build_store
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """How ``prepare`` scans, validates and splits.
-
-    Attributes:
-        datasets: dataset folders to use (names or aliases); empty means every known folder found.
-        folds: number of cross-validation folds.
-        seed: fold assignment seed (folds are a hash of seed, dataset and case id).
-        strict: fail when any case is skipped.
-        verify_images: read every image fully (catches truncated files; slower than headers only).
-        organ_masks: a folder of organ masks (by case id) merged into tumor labels that lack their organ.
-        store: write the case store (each case preprocessed, read a crop at a time by training).
-        preprocessing: the preprocessing constants.
-        label_scheme: how the organ labels of organ-only and ``--pairs`` datasets are encoded:
-            ``freetumor`` (the region's label space), ``totalsegmentator`` (TotalSegmentator v2 "total"
-            ids: liver, pancreas, both kidneys, lung lobes) or ``auto``: a known dataset's in the region's
-            space (as the Hugging Face dataset's are), others read as ``synthesize`` reads them (an
-            ambiguous map is skipped with the reason). Tumor datasets keep their own conventions.
-    """
-
-    datasets: tuple[str, ...] = ()
-    folds: int = 5
-    seed: int = 0
-    strict: bool = False
-    verify_images: bool = False
-    organ_masks: str | None = None
-    store: bool = True
-    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
-    label_scheme: Annotated[str, OneOf(PREPARE_LABEL_SCHEMES)] = "auto"
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if self.folds < 2:
-            raise ValueError("folds must be at least 2")
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,15 @@ ENGINES: tuple[str, ...] = ("rules", "generator")
 EngineName = Annotated[str, OneOf(ENGINES)]
 
 
+def engine_of(synth: str | None) -> EngineName:
+    """The engine a setting names: ``rules`` (or nothing) is the rule engine; a path is a generator.
+
+    ``train-seg --synth`` takes ``rules`` or a generator's path, ``synthesize`` an engine and a path:
+    both mean one of :data:`ENGINES`.
+    """
+    return "rules" if synth in (None, "", "rules") else "generator"
+
+
 _ABDOMEN_LABELS = {
     0: "background",
     1: "liver",

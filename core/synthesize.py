@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 
 from freetumor_cli import __version__
 from freetumor_cli.core import PathLike
-from freetumor_cli.core.cases import OUTPUT_NAME, Case
+from freetumor_cli.core.cases import OUTPUT_NAME, Case, collect_cases
 from freetumor_cli.core.config import to_dict
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import FreetumorError, InputError, LabelError, OutputExistsError
@@ -537,7 +537,7 @@ def iter_results(
     device: str = "cpu",
     workers: int = 1,
     part: tuple[int, int] | None = None,
-) -> Iterator[tuple[Case, CaseResult | Exception]]:
+) -> Generator[tuple[Case, CaseResult | Exception], None, None]:
     """Run :func:`synthesize_case` over cases, yielding each result or the error that stopped it.
 
     The output folder is locked meanwhile: a second run into it stops at once (with ``part``, each
@@ -551,6 +551,99 @@ def iter_results(
     with OutputLock(out_dir, "synthesize", part=part):
         yield from _results(cases, config, out_dir, on_copy_done=on_copy_done, device=device, workers=workers)
         write_layout_index(out_dir, config)
+
+
+@dataclass
+class SynthesisRun:
+    """What :func:`synthesize_cases` did.
+
+    Attributes:
+        cases: the cases of this run (of its part, with ``part``).
+        all_cases: the cases of the input, every part's.
+        part: (part id, number of parts), or None for the whole input.
+        copies: output sets per case.
+        done_before: cases whose outputs an earlier run with the same configuration wrote (skipped).
+        failures: (case, the error that stopped it) per case that failed.
+    """
+
+    cases: list[Case]
+    all_cases: int
+    part: tuple[int, int] | None
+    copies: int
+    done_before: int = 0
+    failures: list[tuple[str, FreetumorError]] = field(default_factory=list)
+
+    @property
+    def written(self) -> int:
+        """Output sets written by this run."""
+        return (len(self.cases) - len(self.failures) - self.done_before) * self.copies
+
+
+def synthesize_cases(
+    input_path: PathLike,
+    labels: PathLike | None,
+    config: SynthesizeConfig,
+    out_dir: PathLike,
+    *,
+    device: str = "cpu",
+    workers: int = 1,
+    num_parts: int = 1,
+    part_id: int = 0,
+    on_start: Callable[[SynthesisRun], None] | None = None,
+    on_copy_done: Callable[[], None] | None = None,
+    on_case: Callable[[Case, CaseResult | FreetumorError], None] | None = None,
+) -> SynthesisRun:
+    """Synthesize every case of an input (one CT, a folder or a data list), or one part of them.
+
+    A case that fails does not stop the others: it is counted in the returned run's ``failures``. A
+    single CT (no parts) that fails raises its error instead.
+
+    Args:
+        input_path, labels: what :func:`~freetumor_cli.core.cases.collect_cases` reads.
+        num_parts, part_id: run part ``part_id`` of ``num_parts`` (every ``num_parts``-th case); each part
+            locks its own share of ``out_dir``.
+        on_start: called once the cases of this run are known, before any is synthesized.
+        on_copy_done: called per output set done, skipped or given up (so ``copies`` times per case).
+        on_case: called per case with its result or the error that stopped it.
+
+    Raises:
+        InputError: no label file for a single CT; FreetumorError: the single CT's error.
+    """
+    cases = collect_cases(input_path, labels)
+    if len(cases) == 1 and cases[0].labels is None and labels is not None:
+        raise InputError(f"no label file for {cases[0].image} in {labels}")
+    all_cases = len(cases)
+    part = None
+    if num_parts > 1 or part_id:
+        from freetumor_cli.core.parallel import select_part
+
+        cases = select_part(cases, num_parts, part_id)
+        part = (part_id, num_parts)
+    run = SynthesisRun(cases, all_cases, part, config.copies)
+    if on_start is not None:
+        on_start(run)
+
+    def copies_done() -> None:
+        for _ in range(config.copies):
+            if on_copy_done is not None:
+                on_copy_done()
+
+    results = iter_results(cases, config, out_dir, on_copy_done=on_copy_done, device=device, workers=workers, part=part)
+    with contextlib.closing(results):  # closed at once on an error: that releases the output folder
+        for case, result in results:
+            if isinstance(result, FreetumorError):
+                if len(cases) == 1 and part is None:
+                    raise result
+                run.failures.append((case.name, result))
+                copies_done()
+            else:
+                assert isinstance(result, CaseResult)  # iter_results yields a result or a FreetumorError
+                if result.skipped:
+                    run.done_before += 1
+                    copies_done()
+            if on_case is not None:
+                on_case(case, result)
+    return run
 
 
 def _results(

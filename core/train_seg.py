@@ -18,9 +18,9 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +29,10 @@ from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
 from freetumor_cli.core.memory import activation_bytes, estimate, parameter_count
-from freetumor_cli.core.models import ModelConfig, ModelName, build_model
+from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.registry import REGIONS, TASKS, TaskName, check_at_least, check_choices
+from freetumor_cli.core.registry import TASKS
 from freetumor_cli.core.seg_data import (
     CropDataset,
     Pipeline,
@@ -45,7 +45,7 @@ from freetumor_cli.core.seg_data import (
     read_task_datalist,
     sample_seed,
 )
-from freetumor_cli.core.synthesis_config import SynthesisConfig
+from freetumor_cli.core.stage_configs import TrainSegConfig
 from freetumor_cli.core.training import (
     Schedule,
     StoreFallback,
@@ -66,8 +66,6 @@ from freetumor_cli.core.training import (
     start_run,
     version_header,
 )
-
-GENERALIST_REPEATS = {"Dataset003_Liver": 4, "Dataset007_Pancreas": 2, "Dataset220_KiTS2023": 1}
 
 
 def check_sees_as_run(
@@ -122,119 +120,6 @@ def check_generator(meta: dict[str, Any], run: ModelConfig, source: object) -> N
         "generator", source, run, region=meta["generator"]["region"], spacing_mm=meta["spacing_mm"],
         window_hu=meta["window_hu"], roi=meta["roi"],
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrainSegConfig:
-    """A segmentation run (defaults are the method's, DESIGN §7).
-
-    ``task`` is what the network predicts (a registry task); ``mode`` how it is trained: ``onlylabeled``
-    (real tumors only; the baseline) or ``freesyn`` (real plus online synthetic tumors). Left unset,
-    ``epochs`` and ``labelled_repeats`` default by mode (100 and ×1 for ``onlylabeled``, 20 and ×10 for
-    ``freesyn``), ``roi`` and ``spacing_mm`` by the task's region (96³ at 1.5 mm for the abdomen,
-    192 × 192 × 32 at 1.25 × 1.25 × 5 mm for the chest): :meth:`resolved` fills them in. The generalist
-    (``all``) oversamples its tumor datasets ×4 (LiTS), ×2 (MSD pancreas), ×1 (KiTS) unless
-    ``dataset_repeats`` says otherwise. ``synth`` is ``rules`` or a generator (a train-synth checkpoint or
-    the authors' ``TGAN.pt``); ``synth_prob`` is the chance that a ``freesyn`` crop with an organ gets a
-    synthetic tumor (1, the method's; 0 trains on the same crops without synthesis, for ablations);
-    ``init`` starts the network from a checkpoint (VoCo's self-supervised weights, or a freetumor
-    checkpoint). CutMix applies in both modes, as in the original.
-    """
-
-    task: TaskName = "liver"
-    mode: Literal["onlylabeled", "freesyn"] = "onlylabeled"
-    fold: int = 0
-    model: ModelName = "swinunetr"
-    epochs: int | None = None
-    max_steps: int | None = None
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 2.0
-    roi: tuple[int, int, int] | None = None
-    crops_per_volume: int = 4
-    volumes_per_batch: int = 1
-    pos: float = 1.0
-    neg: float = 1.0
-    labelled_repeats: int | None = None
-    dataset_repeats: dict[str, int] | None = None
-    synth: str = "rules"
-    init: str | None = None
-    qc_threshold: float = 0.7
-    synth_prob: float = 1.0
-    cutmix: bool = True
-    cutmix_alpha: float = 0.2
-    val_every: int = 1
-    val_min_steps: int = 10
-    overlap: float = 0.75
-    save_every_steps: int = 100
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    grad_accum: int = 1
-    workers: int = 2
-    seed: int = 0
-    augment: bool = True
-    spacing_mm: tuple[float, float, float] | None = None
-    rules: SynthesisConfig = field(default_factory=SynthesisConfig)
-
-    def resolved(self) -> TrainSegConfig:
-        """This configuration with every default that depends on the mode or the region filled in.
-
-        Raises:
-            ConfigError: a combination that cannot work (SwinUNETR on a crop it cannot take).
-        """
-        region = REGIONS[TASKS[self.task].region]
-        config = replace(
-            self,
-            epochs=self.epochs if self.epochs is not None else (100 if self.mode == "onlylabeled" else 20),
-            labelled_repeats=self.labelled_repeats
-            if self.labelled_repeats is not None
-            else (1 if self.mode == "onlylabeled" else 10),
-            roi=self.roi or region.roi,
-            spacing_mm=self.spacing_mm or region.spacing_mm,
-            dataset_repeats=self.dataset_repeats
-            if self.dataset_repeats is not None
-            else (GENERALIST_REPEATS if self.task == region.generalist_task else {}),
-        )
-        assert config.roi is not None
-        cells = [n // 32 for n in config.roi]
-        if config.model == "swinunetr" and (any(n % 32 for n in config.roi) or cells[0] * cells[1] * cells[2] < 2):
-            raise ConfigError(
-                f"SwinUNETR needs a crop whose sides are multiples of 32 and larger than 32³, got {list(config.roi)}",
-                hint="e.g. --set roi=[96,96,96] (the abdomen's) or [192,192,32] (the chest's); or use --model unet",
-            )
-        return config
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        check_at_least(
-            self, fold=0, epochs=1, max_steps=1, lr=1e-12, weight_decay=0, warmup_epochs=0, crops_per_volume=1,
-            volumes_per_batch=1, pos=0, neg=0, labelled_repeats=1, cutmix_alpha=1e-6, val_every=1, val_min_steps=1, overlap=0,
-            save_every_steps=1, grad_accum=1, workers=0, seed=0,
-        )  # fmt: skip
-        if not 0 <= self.qc_threshold <= 1:
-            raise ValueError("qc_threshold must lie in [0, 1]")
-        if not 0 <= self.synth_prob <= 1:
-            raise ValueError("synth_prob must lie in [0, 1]")
-        if not self.overlap < 1 or self.pos + self.neg <= 0:
-            raise ValueError("overlap must be below 1, and pos + neg above 0")
-        synth = Path(self.synth)
-        if self.engine == "generator" and not (
-            (synth / "generator.json").is_file() or (synth.is_file() and synth.suffix in (".pt", ".pth"))
-        ):
-            raise ValueError(
-                f"synth must be 'rules', a generator checkpoint folder of train-synth or TGAN.pt, got {self.synth!r}"
-            )
-
-    def repeats(self, dataset: str) -> int:
-        """How many times a tumor-labelled case of ``dataset`` appears in an epoch (of a resolved config)."""
-        assert self.labelled_repeats is not None and self.dataset_repeats is not None
-        return self.labelled_repeats * self.dataset_repeats.get(dataset, 1)
-
-    @property
-    def engine(self) -> str:
-        """The synthesis engine ``synth`` names: ``rules``, or ``generator`` for a checkpoint's path."""
-        from freetumor_cli.core.engines import engine_of
-
-        return engine_of(self.synth)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -40,12 +40,9 @@ from freetumor_cli.core.outputs import atomic_path
 from freetumor_cli.core.registry import (
     REGIONS,
     TASKS,
-    RegionName,
-    check_at_least,
-    check_choices,
     region_tasks,
 )
-from freetumor_cli.core.synthesis_config import SynthesisConfig
+from freetumor_cli.core.stage_configs import TrainSynthConfig
 from freetumor_cli.core.training import (
     Schedule,
     StoreFallback,
@@ -68,73 +65,6 @@ from freetumor_cli.core.training import (
 )
 
 
-@dataclass(frozen=True)
-class TrainSynthConfig:
-    """A generator run (the method's defaults, DESIGN §6).
-
-    ``roi`` and ``spacing_mm`` default to the critic's (the crop and voxel size it was trained on), and
-    another value than the critic's is refused; ``adversarial_weight`` defaults to the region's (0.1
-    abdomen, 0.5 chest). Crops are sampled as the original does: 4 volumes × 1 crop per step, centred on
-    the organs (pos:neg 1:0), the tumor datasets oversampled (LiTS ×200, MSD pancreas ×100, KiTS ×100;
-    ``labelled_repeats`` sets one factor for all). ``init`` starts from a generator: a train-synth
-    checkpoint or the authors' ``TGAN.pt`` (whose ``netSeg`` is then the critic unless one is given).
-    """
-
-    region: RegionName = "abdomen"
-    epochs: int = 100
-    max_steps: int | None = None
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.0, 0.999)
-    roi: tuple[int, int, int] | None = None
-    crops_per_volume: int = 1
-    volumes_per_batch: int = 4
-    pos: float = 1.0
-    neg: float = 0.0
-    labelled_repeats: int | None = None
-    dataset_repeats: dict[str, int] = field(
-        default_factory=lambda: {"Dataset003_Liver": 200, "Dataset007_Pancreas": 100, "Dataset220_KiTS2023": 100}
-    )
-    init: str | None = None
-    base_channels: int = 32
-    adversarial_weight: float | None = None
-    qc_threshold: float = 0.7
-    heldout_crops: int = 16
-    save_every_steps: int = 100
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    workers: int = 2
-    seed: int = 0
-    spacing_mm: tuple[float, float, float] | None = None
-    rules: SynthesisConfig = field(default_factory=SynthesisConfig)
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        check_at_least(
-            self, epochs=1, max_steps=1, lr=1e-12, labelled_repeats=1, base_channels=1, heldout_crops=0,
-            save_every_steps=1, workers=0, seed=0,
-        )  # fmt: skip
-        if not 0 <= self.qc_threshold <= 1:
-            raise ValueError("qc_threshold must lie in [0, 1]")
-        if (
-            self.crops_per_volume < 1
-            or self.volumes_per_batch < 1
-            or self.pos < 0
-            or self.neg < 0
-            or self.pos + self.neg == 0
-        ):
-            raise ValueError("crops_per_volume and volumes_per_batch must be >= 1, pos and neg >= 0 and not both 0")
-
-    def repeats(self, dataset: str) -> int:
-        """How many times a tumor-labelled case of ``dataset`` appears in an epoch."""
-        if self.labelled_repeats is not None:
-            return self.labelled_repeats
-        return self.dataset_repeats.get(dataset, max(self.dataset_repeats.values(), default=1))
-
-    def weight(self) -> float:
-        if self.adversarial_weight is not None:
-            return self.adversarial_weight
-        return REGIONS[self.region].adversarial_weight
-
-
 def generator_task(baseline_task: str, region: str, baseline: Any = "the baseline") -> str:
     """The task a generator trains on: the critic's (a task of the generator's region)."""
     allowed = region_tasks(region)
@@ -143,7 +73,7 @@ def generator_task(baseline_task: str, region: str, baseline: Any = "the baselin
             f"the baseline {baseline} segments {baseline_task!r}; the {region} generator needs a "
             + " / ".join(repr(a) for a in allowed)
             + " baseline",
-            hint=f"train it with freetumor train-seg --organ {REGIONS[region].generalist_task} --task onlylabeled",
+            hint=f"train it with freetumor train-seg --organ {REGIONS[region].generalist_task} --mode onlylabeled",
         )
     return baseline_task
 

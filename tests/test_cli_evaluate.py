@@ -75,6 +75,23 @@ def test_outputs_and_values(folders: tuple[Path, Path], tmp_path: Path) -> None:
     assert "liver_tumor" in (out / "summary.md").read_text()
 
 
+def test_csv_headers_and_printed_table_come_from_the_metric_specs(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from freetumor_cli.core.evaluate import CASE_COLUMNS, LESION_COLUMNS, METRICS
+
+    pred, gt = folders
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(out)], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics_per_case.csv").read_text().splitlines()[0] == ",".join(CASE_COLUMNS)
+    assert (out / "metrics_per_lesion.csv").read_text().splitlines()[0] == ",".join(LESION_COLUMNS)
+    printed = next(line for line in result.output.splitlines() if "class" in line)
+    assert [cell.strip() for cell in printed.strip("┃ ").split("┃")] == ["class", *(m.cli for m in METRICS if m.cli)]
+    markdown = (out / "summary.md").read_text()
+    assert "| class | " + " | ".join(m.heading for m in METRICS if m.heading) + " |" in markdown
+
+
 def test_organ_classes_by_value_and_task_scheme(folders: tuple[Path, Path], tmp_path: Path) -> None:
     pred, gt = folders
     result = run("--pred", pred, "--gt", gt, "--out", tmp_path / "o", "--classes", "1", "--classes", "liver_tumor")

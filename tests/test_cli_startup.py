@@ -30,6 +30,8 @@ print("HEAVY:" + ",".join(heavy))
         ["evaluate", "--help"],
         ["fetch-labels", "--help"],
         ["prepare", "--help"],
+        ["train-seg", "--help"],
+        ["train-synth", "--help"],
         ["demo", "--help"],
         ["nnunet", "--help"],
         ["nnunet", "dataset", "--help"],

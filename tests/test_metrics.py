@@ -117,3 +117,52 @@ def test_agreement_with_monai_on_random_anisotropic_masks() -> None:
         assert ours.hd95_mm == pytest.approx(hd95, abs=1e-4)
         assert ours.msd_mm == pytest.approx(msd, abs=1e-4)
         assert ours.nsd == pytest.approx(nsd, abs=1e-4)
+
+
+def test_csv_writer_refuses_a_row_key_without_a_column() -> None:
+    from freetumor_cli.core.evaluate import CASE_COLUMNS, csv_text
+
+    assert csv_text([{"case": "a", "dice": 0.5}], CASE_COLUMNS).splitlines()[1].startswith("a,,,,0.5,")
+    with pytest.raises(ValueError, match="'dice_typo'"):
+        csv_text([{"case": "a", "dice_typo": 0.5}], CASE_COLUMNS)
+
+
+def test_columns_summary_and_tables_come_from_the_metric_specs() -> None:
+    from freetumor_cli.core.evaluate import (
+        CASE_COLUMNS,
+        LESION_COLUMNS,
+        METRICS,
+        CaseScores,
+        EvaluateConfig,
+        summarize,
+        summary_markdown,
+        summary_table,
+    )
+
+    # The CSV layout others read (core/fair.py, users' scripts) stays as it is.
+    assert CASE_COLUMNS == (
+        "case", "class", "value", "prediction_missing", "dice", "dice_empty_as_one", "nsd", "hd95_mm", "msd_mm",
+        "gt_volume_ml", "pred_volume_ml", "volume_error_ml", "gt_lesions", "pred_lesions", "tp_lesions",
+        "fn_lesions", "fp_lesions",
+    )  # fmt: skip
+    assert LESION_COLUMNS == (
+        "case", "class", "source", "index", "voxels", "volume_ml", "radius_mm", "size_bin", "matched", "best_iou",
+        "centroid_voxel",
+    )  # fmt: skip
+    case_metrics = [m for m in METRICS if m.scope == "case"]
+    assert CASE_COLUMNS[4:] == tuple(m.key for m in case_metrics)
+    row = {key: 1.0 for key in CASE_COLUMNS} | {"case": "a", "class": "tumor", "value": 2, "gt_lesions": 1}
+    lesion = {"case": "a", "class": "tumor", "source": "gt", "matched": True, "radius_mm": 3.0, "size_bin": "<=5mm"}
+    summary = summarize([CaseScores("a", [row], [lesion])], {2: "tumor"}, EvaluateConfig(label_space="task"))
+    entry = summary["classes"]["tumor"]
+    for m in METRICS:
+        if m.summarize is not None:
+            assert m.key in (entry if m.scope == "case" else entry["lesions"]), m.key
+    markdown = summary_markdown(summary)
+    headings, rows = summary_table(summary, where="markdown")
+    assert headings == ["class", *(m.heading for m in METRICS if m.heading)]
+    assert "| " + " | ".join(headings) + " |" in markdown and "| " + " | ".join(rows[0]) + " |" in markdown
+    assert rows[0][:2] == ["tumor", "1.000"]  # the Dice mean
+    headings, rows = summary_table(summary, where="cli")
+    assert headings == ["class", *(m.cli for m in METRICS if m.cli)]
+    assert len(rows[0]) == len(headings)

@@ -288,6 +288,35 @@ def test_parts_and_workers_give_the_single_run_exactly_once(three_cases: Path, t
     assert result.exit_code == 2 and "--part-id must lie in 0..1" in result.output
 
 
+def test_synthesize_cases_selects_a_part_and_counts_failures_and_earlier_outputs(
+    three_cases: Path, small_phantom: Phantom, tmp_path: Path
+) -> None:
+    from freetumor_cli.core.synthesis_config import SynthesizeConfig
+    from freetumor_cli.core.synthesize import synthesize_cases
+
+    save_volume(small_phantom.ct.array, small_phantom.ct, three_cases / "delta.nii.gz")  # no label: fails
+    config = SynthesizeConfig(organ="liver", size="small", copies=2)
+    seen: list[str] = []
+    copies: list[int] = []
+    out = tmp_path / "out"
+
+    def run(**parts: int) -> object:
+        return synthesize_cases(
+            three_cases, three_cases / "labels", config, out, num_parts=parts.get("num_parts", 1),
+            part_id=parts.get("part_id", 0), on_start=lambda r: seen.append(f"start {len(r.cases)}"),
+            on_copy_done=lambda: copies.append(1), on_case=lambda case, _result: seen.append(case.name),
+        )  # fmt: skip
+
+    first = run()
+    assert (first.all_cases, first.part, first.done_before, first.written) == (4, None, 0, 6)
+    assert [(name, type(error).__name__) for name, error in first.failures] == [("delta", "InputError")]
+    assert seen == ["start 4", "alpha", "beta", "delta", "gamma"] and len(copies) == 8
+    again = run()
+    assert (again.done_before, again.written, len(again.failures)) == (3, 0, 1)
+    part = run(num_parts=2, part_id=1)
+    assert (part.all_cases, part.part, [c.name for c in part.cases]) == (4, (1, 2), ["beta", "gamma"])
+
+
 def test_layout_monai_writes_a_data_list_of_the_outputs(three_cases: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _run("--in", three_cases, "--labels", three_cases / "labels", "--organ", "liver", "--out", out, "--layout", "monai")
