@@ -182,7 +182,7 @@ def crop_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> An
         keys = ["image", "label", "synth_mask", "profile"]
     elif p.synthesize:
         steps.append(RandTumorSynthd(["image", "label"], p.task, **where))
-        keys = ["image", "label", "synth_mask", "image_orig"]
+        keys = ["image", "label", "synth_mask", "image_orig", "label_orig"]
     if p.augment:
         steps += [
             T.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
@@ -301,7 +301,8 @@ class CropDataset:
                     if isinstance(t, RandTumorSynthd):  # RandTumorGeometryd included
                         t.set_streams(seeds["geometry"], seeds["intensity"])
                 mapped = self.lut[label].astype(np.float32)
-                crop = self.transform({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(mapped[None])})
+                # numpy through the random part; its last transform (ToTensord) makes the tensors
+                crop = self.transform({"image": image[None], "label": mapped[None]})
                 crop["from_store"] = torch.tensor([case.origin == "store"])
                 crops.append(crop)
         finally:
@@ -409,6 +410,7 @@ class SegBatch:
         label: task labels (synthetic tumors included while accepted).
         synth_mask: where synthetic tumors were inserted (None without online synthesis).
         image_orig: the crops before synthesis (None without online synthesis).
+        label_orig: their labels before synthesis (None without rule-based online synthesis).
         profile: blur(mask) · texture of the tumors, for the learned engine (None with the rules).
         organ_index: each crop's tumor organ, an index into the task's organs.
     """
@@ -417,6 +419,7 @@ class SegBatch:
     label: Any
     synth_mask: Any = None
     image_orig: Any = None
+    label_orig: Any = None
     profile: Any = None
     organ_index: Any = None
 
@@ -426,9 +429,20 @@ class SegBatch:
         return cls(
             image=batch["image"], label=batch["label"], synth_mask=None if mask is None else mask.bool(),
             image_orig=batch.get("image_orig", batch["image"] if "profile" in batch else None),
+            label_orig=batch.get("label_orig", batch["label"] if "profile" in batch else None),
             profile=batch.get("profile"),
             organ_index=batch["organ_index"].reshape(-1) if "organ_index" in batch else None,
         )  # fmt: skip
+
+
+def tumor_organs(batch: SegBatch, task_name: str) -> tuple[list[str], Any]:
+    """Each crop's tumor organ (by name) and that organ's voxels before synthesis (``(B, 1, X, Y, Z)``, bool)."""
+    from freetumor_cli.core.gan import organ_voxels
+
+    task = TASKS[task_name]
+    organs = [task.organs[int(i)] for i in batch.organ_index.tolist()]
+    value_of = {name: value for value, name in task.organ_values.items()}
+    return organs, organ_voxels(batch.label, batch.synth_mask, [value_of[o] for o in organs])
 
 
 def learned_intensity(batch: SegBatch, generator: Any, task_name: str, channels: Mapping[str, int]) -> SegBatch:
@@ -440,12 +454,10 @@ def learned_intensity(batch: SegBatch, generator: Any, task_name: str, channels:
     """
     import torch
 
-    from freetumor_cli.core.gan import compose, intensity_map, organ_voxels
+    from freetumor_cli.core.gan import compose, intensity_map
 
     task = TASKS[task_name]
-    organs = [task.organs[int(i)] for i in batch.organ_index.tolist()]
-    value_of = {name: value for value, name in task.organ_values.items()}
-    organ_mask = organ_voxels(batch.label, batch.synth_mask, [value_of[o] for o in organs])
+    organs, organ_mask = tumor_organs(batch, task_name)
     with torch.no_grad():
         change = intensity_map(generator(batch.image_orig), [channels[o] for o in organs], task.region, organ_mask)
     image = compose(batch.image_orig, batch.profile, change, float(REGIONS[task.region].tumor_sign))
@@ -489,7 +501,7 @@ def quality_controlled(
     for b, ok in enumerate(accepted):
         if bool(has[b]) and not ok:
             image[b] = batch.image_orig[b]
-            label[b][batch.synth_mask[b]] -= 1  # the tumor's value is its organ's + 1
+            label[b] = batch.label_orig[b]
     present = has.tolist()
     stats = QualityControlStats(
         seen=int(has.sum()),

@@ -54,6 +54,7 @@ from freetumor_cli.core.training import (
     check_step_fits,
     gathered_list,
     gathered_sum,
+    locked_run,
     log_metrics,
     make_accelerator,
     make_loader,
@@ -61,7 +62,6 @@ from freetumor_cli.core.training import (
     out_of_memory_is_an_error,
     read_metrics,
     record_incidents,
-    run_lock,
     save_training_state,
     start_run,
     version_header,
@@ -275,59 +275,67 @@ class TrainSummary:
     validation: str = ""  # how validation went, in a sentence (also the last line about it in run.log)
 
 
-def train_segmentation(
-    prepared: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    config: TrainSegConfig,
-    *,
-    baseline: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_validation: Callable[[int, int], None] | None = None,
-    device: str = "auto",
-) -> TrainSummary:
-    """Train a segmentation network from a prepared data folder (see the module doc).
+@dataclass
+class SegRun:
+    """A segmentation run, set up: what its loop reads (:func:`set_up_run`)."""
 
-    ``device`` is ``auto`` (the GPU the launcher gives each process, else the CPU), ``cpu`` or ``cuda:N``.
-    ``on_validation(done, total)`` follows the validation cases of this process.
-    """
-    with run_lock(Path(out_dir), "train-seg"):
-        return _train_segmentation(
-            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step,
-            on_validation=on_validation, device=device,
-        )  # fmt: skip
+    config: TrainSegConfig
+    out: Path
+    lists: dict[str, list[dict[str, Any]]]
+    model_config: ModelConfig
+    pipeline: Pipeline
+    accelerator: Any
+    source: Any
+    train_entries: list[dict[str, Any]]
+    dataset: CropDataset
+    loader: Any
+    model: Any
+    optimizer: Any
+    plan: Schedule
+    warmup_steps: int
+    progress: dict[str, Any]
+    generator: Any = None
+    channels: dict[str, int] = field(default_factory=dict)
+    baseline_model: Any = None
+    qc_channels: dict[str, int] = field(default_factory=dict)
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of optimizer step ``step``: a pure function of the step, set by the loop before each
+        step, so the same on any number of processes (a prepared scheduler steps once per process) and
+        nothing to save (Accelerate would pickle a scheduler's state and load it back without weights_only)."""
+        factor = lr_factor(step, warmup_steps=self.warmup_steps, total_steps=self.plan.total_steps)
+        return self.config.lr * factor
 
 
-def _train_segmentation(
-    prepared: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    config: TrainSegConfig,
-    *,
-    baseline: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_validation: Callable[[int, int], None] | None = None,
-    device: str = "auto",
-) -> TrainSummary:
-    import torch
-    from accelerate.utils import set_seed
-    from monai.losses import DiceCELoss
-
-    config = config.resolved()
-    task = TASKS[config.task]
-    out = Path(out_dir)
-    check_run_folder(out, resume)
-    lists = read_task_datalist(prepared, config.task, config.fold)
+def training_entries(config: TrainSegConfig, lists: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """An epoch's cases: the tumor-labelled ones repeated (:meth:`TrainSegConfig.repeats`), and with
+    ``freesyn`` the organ-only ones once."""
     labelled = [e for e in lists["training"] if e.get("role") == "tumor-labelled"]
     organ_only = [e for e in lists["training"] if e.get("role") != "tumor-labelled"]
-    assert config.epochs is not None
-    train_entries = [e for e in labelled for _ in range(config.repeats(str(e.get("dataset", ""))))]
-    train_entries += organ_only if config.mode == "freesyn" else []
-    if not train_entries:
+    entries = [e for e in labelled for _ in range(config.repeats(str(e.get("dataset", ""))))]
+    entries += organ_only if config.mode == "freesyn" else []
+    if not entries:
         raise InputError(
             f"no training cases for {config.task} ({config.mode}) in fold {config.fold}",
             hint="onlylabeled needs tumor-labelled cases; check prepare's report",
         )
+    return entries
+
+
+def set_up_run(
+    prepared: str | os.PathLike[str], out: Path, config: TrainSegConfig, *, baseline: Any, resume: bool, device: str
+) -> SegRun:
+    """Everything a run's loop needs, from a resolved ``config``: the data, the network and its optimizer
+    (prepared by Accelerate), the generator and quality-control baseline it names, and its progress
+    (new, or as saved); its notes are in ``run.log``."""
+    import torch
+    from accelerate.utils import set_seed
+
+    task = TASKS[config.task]
+    check_run_folder(out, resume)
+    lists = read_task_datalist(prepared, config.task, config.fold)
+    assert config.epochs is not None
+    train_entries = training_entries(config, lists)
     model_config = model_config_for(config)
     pipeline = Pipeline(
         task=config.task, preprocessing=model_config.preprocessing(), roi=model_config.roi,
@@ -361,13 +369,6 @@ def _train_segmentation(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = Schedule.of(len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
-    warmup = int(config.warmup_epochs * plan.steps_per_epoch)
-
-    # The learning rate is a pure function of the optimizer step, set by the loop before each step: the
-    # same on any number of processes (a prepared scheduler steps once per process), and nothing to save
-    # (Accelerate would pickle a scheduler's state and load it back without weights_only).
-    def learning_rate(at: int) -> float:
-        return config.lr * lr_factor(at, warmup_steps=warmup, total_steps=plan.total_steps)
 
     generator, channels, baseline_model, qc_channels, generator_contrast = None, {}, None, {}, None
     if pipeline.geometry_only:
@@ -387,7 +388,6 @@ def _train_segmentation(
     if baseline_model is not None:
         baseline_model.to(accelerator.device).eval().requires_grad_(False)
         qc_channels = check_quality_control_baseline(baseline_config, model_config, baseline)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     labels_json = {
         "model_labels": model_config.labels,
         "task_remap": {str(k): v for k, v in task.region_to_task().items()},
@@ -414,49 +414,98 @@ def _train_segmentation(
         out,
         f"{accelerator.num_processes} process(es), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps",
     )
+    return SegRun(
+        config, out, lists, model_config, pipeline, accelerator, source, train_entries, dataset, loader, model,
+        optimizer, plan, int(config.warmup_epochs * plan.steps_per_epoch), progress, generator, channels,
+        baseline_model, qc_channels,
+    )  # fmt: skip
 
+
+def synthetic_batch(run: SegRun, raw: dict[str, Any], stats: dict[str, Any]) -> SegBatch:
+    """The batch the network trains on: the generator's intensity when the run has one, then quality
+    control when it has a baseline; what they did goes into ``stats`` (and the run's QC counts)."""
+    batch = SegBatch.of(raw)
+    accelerator, config = run.accelerator, run.config
+    if run.generator is not None:
+        batch = learned_intensity(batch, run.generator.module, config.task, run.channels)
+    if run.baseline_model is not None and batch.synth_mask is not None:
+        batch, qc = quality_controlled(
+            batch, run.baseline_model, run.qc_channels, config.task, config.qc_threshold, accelerator.autocast
+        )
+        seen, kept, share = gathered_sum(accelerator, qc.seen, qc.kept, qc.share * qc.seen)
+        run.progress["qc_seen"] += int(seen)
+        run.progress["qc_kept"] += int(kept)
+        if seen:
+            stats["qc_tumor_share"] = share / seen
+    if batch.synth_mask is not None:
+        voxels, crops = gathered_sum(
+            accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
+        )
+        stats["synthetic_crops"] = crops
+        stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
+    return batch
+
+
+def step_record(run: SegRun, raw: dict[str, Any], stats: dict[str, Any], seconds: float, crops: int) -> dict[str, Any]:
+    """``stats`` with what every step logs besides its loss: the samples, the store's share, QC acceptance,
+    bad samples and the crop rate, the same on every process."""
+    accelerator, progress = run.accelerator, run.progress
+    stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: run.config.crops_per_volume])
+    stats["store_share"] = (
+        gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
+    )
+    if progress["qc_seen"]:
+        stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
+    stats["bad_samples"] = progress["bad_samples"]
+    stats["crops_per_s"] = crops * accelerator.num_processes / max(seconds, 1e-9)
+    return stats
+
+
+@locked_run("train-seg")
+def train_segmentation(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSegConfig,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_validation: Callable[[int, int], None] | None = None,
+    device: str = "auto",
+) -> TrainSummary:
+    """Train a segmentation network from a prepared data folder (see the module doc).
+
+    ``device`` is ``auto`` (the GPU the launcher gives each process, else the CPU), ``cpu`` or ``cuda:N``.
+    ``on_validation(done, total)`` follows the validation cases of this process.
+    """
+    from monai.losses import DiceCELoss
+
+    config = config.resolved()
+    out = Path(out_dir)
+    run = set_up_run(prepared, out, config, baseline=baseline, resume=resume, device=device)
+    accelerator, model, optimizer, plan, progress = run.accelerator, run.model, run.optimizer, run.plan, run.progress
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     losses: list[float] = []
-    store_fallback = StoreFallback(source, train_entries)
+    store_fallback = StoreFallback(run.source, run.train_entries)
     step = int(progress["step"])
     model.train()
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
         for epoch in range(int(progress["epoch"]), plan.epochs):
-            dataset.set_epoch(epoch)
-            loader.set_epoch(epoch)
+            run.dataset.set_epoch(epoch)
+            run.loader.set_epoch(epoch)
             skip = plan.batches_to_skip(step, epoch, config.grad_accum)
             started = time.perf_counter()
-            for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            for raw in accelerator.skip_first_batches(run.loader, skip) if skip else run.loader:
                 if step >= plan.total_steps:
                     break
-                batch = SegBatch.of(raw)
                 stats: dict[str, Any] = {}
                 record_incidents(accelerator, out, raw["incidents"], progress)
-                if generator is not None:
-                    batch = learned_intensity(batch, generator.module, config.task, channels)
-                if baseline_model is not None and batch.synth_mask is not None:
-                    batch, qc = quality_controlled(
-                        batch, baseline_model, qc_channels, config.task, config.qc_threshold, accelerator.autocast
-                    )
-                    seen, kept, share = gathered_sum(accelerator, qc.seen, qc.kept, qc.share * qc.seen)
-                    progress["qc_seen"] += int(seen)
-                    progress["qc_kept"] += int(kept)
-                    if seen:
-                        stats["qc_tumor_share"] = share / seen
-                if batch.synth_mask is not None:
-                    voxels, crops = gathered_sum(
-                        accelerator, float(batch.synth_mask.sum()), float(batch.synth_mask.flatten(1).any(1).sum())
-                    )
-                    stats["synthetic_crops"] = crops
-                    stats["synthetic_tumor_voxels"] = voxels / max(crops, 1)
+                batch = synthetic_batch(run, raw, stats)
                 images, labels = batch.image, batch.label
                 if config.cutmix:
-                    images, labels = cutmix_along_axis(
-                        images,
-                        labels,
-                        np.random.default_rng(sample_seed(config.seed, epoch, step)),
-                        alpha=config.cutmix_alpha,
-                    )
-                lr = learning_rate(step)
+                    rng = np.random.default_rng(sample_seed(config.seed, epoch, step))
+                    images, labels = cutmix_along_axis(images, labels, rng, alpha=config.cutmix_alpha)
+                lr = run.learning_rate(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with accelerator.accumulate(model):
@@ -471,18 +520,9 @@ def _train_segmentation(
                 mean_loss = gathered_sum(accelerator, float(loss.detach()))[0] / accelerator.num_processes
                 losses.append(mean_loss)
                 stats.update({"loss": mean_loss, "lr": lr, "epoch": epoch, "step": step})  # the step's own rate
-                stats["samples"] = gathered_list(accelerator, raw["sample_index"][:: config.crops_per_volume])
-                stats["store_share"] = (
-                    gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0] / accelerator.num_processes
-                )
-                store_fallback.check(accelerator, out, stats["store_share"], raw, step)
-                if progress["qc_seen"]:
-                    stats["qc_acceptance"] = progress["qc_kept"] / progress["qc_seen"]
-                stats["bad_samples"] = progress["bad_samples"]
-                stats["crops_per_s"] = (
-                    images.shape[0] * accelerator.num_processes / max(time.perf_counter() - started, 1e-9)
-                )
+                step_record(run, raw, stats, time.perf_counter() - started, images.shape[0])
                 started = time.perf_counter()
+                store_fallback.check(accelerator, out, stats["store_share"], raw, step)
                 log_metrics(accelerator, out, stats, step)
                 if step % config.save_every_steps == 0:
                     save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
@@ -495,30 +535,45 @@ def _train_segmentation(
             if (
                 finished_epoch
                 and due
-                and lists["validation"]
+                and run.lists["validation"]
                 and step - progress["validated_at"] >= config.val_min_steps
             ):
-                val = _validate(
-                    model, lists["validation"], source, config, pipeline, accelerator, out, step, on_validation
-                )
-                progress.update({"validations": progress["validations"] + 1, "validated_at": step})
-                log_metrics(accelerator, out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
-                if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
-                    progress["best_dice"] = val
-                    save_checkpoint(
-                        accelerator.unwrap_model(model), model_config, out / "checkpoints" / "best",
-                        extra={"val_tumor_dice": val, "step": step},
-                    )  # fmt: skip
+                validate_and_keep_best(run, epoch, step, on_validation)
             progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
-    validation = validation_outcome(progress, lists["validation"], config, step, plan.steps_per_epoch)
+    return finish_run(run, step, losses)
+
+
+def validate_and_keep_best(run: SegRun, epoch: int, step: int, on_validation: Any) -> None:
+    """Validate the network at ``step``, log its tumor Dice and keep it as ``checkpoints/best`` when best."""
+    accelerator, progress = run.accelerator, run.progress
+    val = _validate(
+        run.model, run.lists["validation"], run.source, run.config, run.pipeline, accelerator, run.out, step,
+        on_validation,
+    )  # fmt: skip
+    progress.update({"validations": progress["validations"] + 1, "validated_at": step})
+    log_metrics(accelerator, run.out, {"val_tumor_dice": val, "epoch": epoch, "step": step}, step)
+    if accelerator.is_main_process and not math.isnan(val) and val > progress["best_dice"]:
+        progress["best_dice"] = val
+        save_checkpoint(
+            accelerator.unwrap_model(run.model), run.model_config, run.out / "checkpoints" / "best",
+            extra={"val_tumor_dice": val, "step": step},
+        )  # fmt: skip
+
+
+def finish_run(run: SegRun, step: int, losses: list[float]) -> TrainSummary:
+    """Write the last (and, without a validated one, the best) checkpoint, the state and the curves."""
+    accelerator, progress, out = run.accelerator, run.progress, run.out
+    validation = validation_outcome(progress, run.lists["validation"], run.config, step, run.plan.steps_per_epoch)
     note(accelerator, out, validation)
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        save_checkpoint(final, model_config, out / "checkpoints" / "last", extra={"step": step})
+        final = accelerator.unwrap_model(run.model)
+        save_checkpoint(final, run.model_config, out / "checkpoints" / "last", extra={"step": step})
         if not (out / "checkpoints" / "best").exists():
-            save_checkpoint(final, model_config, out / "checkpoints" / "best", extra={"step": step, "note": validation})
+            save_checkpoint(
+                final, run.model_config, out / "checkpoints" / "best", extra={"step": step, "note": validation}
+            )
     save_training_state(accelerator, out, progress)
     if accelerator.is_main_process:
         _plot_curves(out)
@@ -526,7 +581,7 @@ def _train_segmentation(
     qc_rate = progress["qc_kept"] / progress["qc_seen"] if progress["qc_seen"] else None
     return TrainSummary(
         out, step, int(progress["epoch"]), float(progress["best_dice"]), losses, qc_rate,
-        accelerator.is_main_process, source.describe(), validation,
+        accelerator.is_main_process, run.source.describe(), validation,
     )  # fmt: skip
 
 

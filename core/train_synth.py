@@ -52,13 +52,13 @@ from freetumor_cli.core.training import (
     collate_crops,
     gathered_list,
     gathered_sum,
+    locked_run,
     log_metrics,
     make_accelerator,
     make_loader,
     note,
     out_of_memory_is_an_error,
     record_incidents,
-    run_lock,
     save_training_state,
     start_run,
     version_header,
@@ -88,22 +88,24 @@ class SynthSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def _gan_batch(batch: dict[str, Any], critic: Any, task: str, channels: Mapping[str, int]) -> Any:
-    from freetumor_cli.core.gan import GanBatch, organ_voxels
+def gan_batch(batch: Any, critic: Any, task: str, channels: Mapping[str, int]) -> Any:
+    """The adversarial step's batch from a training batch of geometry-only crops (:class:`SegBatch`): the
+    crops, their labels, the tumors' voxels and profile, and per crop its organ's generator channel, the
+    critic's tumor channel and the organ's voxels before synthesis."""
+    from freetumor_cli.core.gan import GanBatch
+    from freetumor_cli.core.seg_data import SegBatch, tumor_organs
 
-    spec = TASKS[task]
-    organs = [spec.organs[int(i)] for i in batch["organ_index"].flatten().tolist()]
-    value_of = {name: value for value, name in spec.organ_values.items()}
-    synth_mask = batch["synth_mask"].bool()
+    seg = SegBatch.of(batch) if isinstance(batch, Mapping) else batch
+    organs, organ_mask = tumor_organs(seg, task)
     return GanBatch(
-        image=batch["image"],
-        labels=batch["label"],
-        synth_mask=synth_mask,
-        profile=batch["profile"],
+        image=seg.image,
+        labels=seg.label,
+        synth_mask=seg.synth_mask,
+        profile=seg.profile,
         organ_channels=[channels[o] for o in organs],
-        tumor_values=spec.tumor_values,
+        tumor_values=TASKS[task].tumor_values,
         seg_tumor_channels=[critic.tumor_channel(o) for o in organs],
-        organ_mask=organ_voxels(batch["label"], synth_mask, [value_of[o] for o in organs]),
+        organ_mask=organ_mask,
     )
 
 
@@ -121,16 +123,19 @@ def heldout_scores(
     """
     import torch
 
+    from freetumor_cli.core.seg_data import quality_control
+
     with torch.no_grad():
         probs = torch.softmax(critic(images).float(), 1)
+    # The quality-control measure of train-seg: a tumor passes when more than ``threshold`` of it is called tumor.
+    accepted, _ = quality_control(probs, gan_batch.synth_mask, gan_batch.seg_tumor_channels, threshold)
     passed, probabilities, contrasts, halo, labelled = [], [], [], 0.0, 0.0
     for b, channel in enumerate(gan_batch.seg_tumor_channels):
         mask = gan_batch.synth_mask[b, 0]
         if not bool(mask.any()):
             continue
         tumor_prob = probs[b, channel][mask]
-        called = (probs[b].argmax(0)[mask] == channel).float().mean()
-        passed.append(float(called > threshold))
+        passed.append(float(accepted[b]))
         probabilities.append(float(tumor_prob.mean()))
         change = (images[b, 0] - gan_batch.image[b, 0]) * window_width
         contrasts.append(float(change[mask].mean()))
@@ -166,49 +171,47 @@ def score_heldout(
     return images, heldout_scores(images, batch, critic, config.qc_threshold, window_width, sign)
 
 
-def train_generator(
-    prepared: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    config: TrainSynthConfig,
-    *,
-    baseline: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    device: str = "auto",
-) -> SynthSummary:
-    """Train the generator and the voxel discriminator (see the module doc); ``device`` as for train-seg."""
-    with run_lock(Path(out_dir), "train-synth"):
-        return _train_generator(
-            prepared, out_dir, config, baseline=baseline, resume=resume, on_step=on_step, device=device
-        )
+@dataclass
+class SynthRun:
+    """A generator run, set up: what its loop reads (:func:`set_up_run`)."""
+
+    config: TrainSynthConfig
+    out: Path
+    task: str
+    accelerator: Any
+    source: Any
+    entries: list[dict[str, Any]]
+    dataset: Any
+    loader: Any
+    gan: Any
+    generator: Any
+    discriminator: Any
+    opt_g: Any
+    opt_d: Any
+    critic: Any
+    critic_config: Any
+    channels: dict[str, int]
+    plan: Schedule
+    progress: dict[str, Any]
+    window_width: float
+    save: Callable[[Any, Path, dict[str, Any]], None]
+    heldout: Any = None  # the fixed held-out GAN batch, or None
 
 
-def _train_generator(
-    prepared: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    config: TrainSynthConfig,
-    *,
-    baseline: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-    device: str = "auto",
-) -> SynthSummary:
+def set_up_run(
+    prepared: str | os.PathLike[str], out: Path, config: TrainSynthConfig, *, baseline: Any, resume: bool, device: str
+) -> SynthRun:
+    """Everything the generator's loop needs: the critic, the data, the generator and discriminator with
+    their optimizers (prepared by Accelerate), the held-out crops, and the progress (new, or as saved);
+    its notes are in ``run.log`` and the rules' held-out scores in ``metrics.jsonl``."""
     import torch
     from accelerate.utils import set_seed
 
     from freetumor_cli.core.checkpoints import load_checkpoint, load_generator, save_generator, trained_channels
-    from freetumor_cli.core.gan import (
-        GanConfig,
-        discriminator_step,
-        freeze_critic,
-        generator_step,
-        make_discriminator,
-        make_generator,
-    )
+    from freetumor_cli.core.gan import GanConfig, freeze_critic, make_discriminator, make_generator
     from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist
 
-    out = Path(out_dir)
     check_run_folder(out, resume)
     accelerator = make_accelerator(out, device=device, mixed_precision=config.mixed_precision)
     set_seed(config.seed)
@@ -247,8 +250,8 @@ def _train_generator(
     dataset = CropDataset(entries, source, pipeline, crop_transforms(pipeline, config.rules), config.seed)
     loader = make_loader(dataset, batch_size=config.volumes_per_batch, workers=config.workers, seed=config.seed)
     gan = GanConfig(
-        region=config.region, base_channels=init.meta["generator"]["base_channels"] if init else config.base_channels,
-        adversarial_weight=config.weight(), batch_stats=bool(init.meta["generator"].get("batch_stats")) if init else GanConfig.batch_stats,
+        region=config.region, base_channels=init.card.base_channels if init else config.base_channels,
+        adversarial_weight=config.weight(), batch_stats=init.card.batch_stats if init else GanConfig.batch_stats,
     )  # fmt: skip
     generator, discriminator = make_generator(gan), make_discriminator(gan)
     check_step_fits(
@@ -304,41 +307,76 @@ def _train_generator(
         out,
         f"{accelerator.num_processes} process(es), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps",
     )
-    window_width = preprocessing.window_hu[1] - preprocessing.window_hu[0]
-    rules_qc = float("nan")
+    run = SynthRun(
+        config, out, task, accelerator, source, entries, dataset, loader, gan, generator, discriminator, opt_g,
+        opt_d, critic, critic_config, channels, plan, progress,
+        preprocessing.window_hu[1] - preprocessing.window_hu[0], save,
+    )  # fmt: skip
     if fixed is not None:
-        fixed_batch = _gan_batch(fixed, critic_config, task, channels)
-        rule = RuleIntensity.for_region(config.region, config.rules, window_hu=preprocessing.window_hu)
-        sign = float(REGIONS[config.region].tumor_sign)
-        rule_images = (fixed_batch.image + rule.of_profile(fixed_batch.profile, sign, rule.mean_hu)).clamp(0, 1)
-        rules_scores = heldout_scores(rule_images, fixed_batch, critic, config.qc_threshold, window_width, sign)
+        run.heldout = gan_batch(fixed, critic_config, task, channels)
+    return run
+
+
+def score_rules(run: SynthRun, window_hu: tuple[float, float]) -> dict[str, float]:
+    """The rule-based engine's tumors in the held-out crops (same geometry), scored as the generator's."""
+    config, batch = run.config, run.heldout
+    rule = RuleIntensity.for_region(config.region, config.rules, window_hu=window_hu)
+    sign = float(REGIONS[config.region].tumor_sign)
+    images = (batch.image + rule.of_profile(batch.profile, sign, rule.mean_hu)).clamp(0, 1)
+    return heldout_scores(images, batch, run.critic, config.qc_threshold, run.window_width, sign)
+
+
+@locked_run("train-synth")
+def train_generator(
+    prepared: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainSynthConfig,
+    *,
+    baseline: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: str = "auto",
+) -> SynthSummary:
+    """Train the generator and the voxel discriminator (see the module doc); ``device`` as for train-seg."""
+    from freetumor_cli.core.gan import discriminator_step, generator_step
+
+    out = Path(out_dir)
+    run = set_up_run(prepared, out, config, baseline=baseline, resume=resume, device=device)
+    accelerator, plan, progress, generator = run.accelerator, run.plan, run.progress, run.generator
+    rules_qc = float("nan")
+    if run.heldout is not None:
+        window = (float(run.critic_config.window_hu[0]), float(run.critic_config.window_hu[1]))
+        rules_scores = score_rules(run, window)
         rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
         if not resume:
             log_metrics(accelerator, out, {f"rules_{k}": v for k, v in rules_scores.items()} | {"step": 0}, 0)
     step = int(progress["step"])
-    store_fallback = StoreFallback(source, entries)
+    store_fallback = StoreFallback(run.source, run.entries)
     generator_qc: list[float] = []
-    contrast_said, best_contrast = False, None
+    said = {"contrast": False, "best": None}
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
         for epoch in range(int(progress["epoch"]), plan.epochs):
-            dataset.set_epoch(epoch)
-            loader.set_epoch(epoch)
+            run.dataset.set_epoch(epoch)
+            run.loader.set_epoch(epoch)
             skip = plan.batches_to_skip(step, epoch, 1)
             generator.train()
-            discriminator.train()
-            for raw in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            run.discriminator.train()
+            for raw in accelerator.skip_first_batches(run.loader, skip) if skip else run.loader:
                 if step >= plan.total_steps:
                     break
                 record_incidents(accelerator, out, raw["incidents"], progress)
-                gan_batch = _gan_batch(raw, critic_config, task, channels)
+                batch = gan_batch(raw, run.critic_config, run.task, run.channels)
                 with accelerator.autocast():
                     loss_g, fake = generator_step(
-                        generator, discriminator, critic, opt_g, gan_batch, gan, backward=accelerator.backward
+                        generator, run.discriminator, run.critic, run.opt_g, batch, run.gan,
+                        backward=accelerator.backward,
+                    )  # fmt: skip
+                    loss_d = discriminator_step(
+                        run.discriminator, run.opt_d, fake, batch, backward=accelerator.backward
                     )
-                    loss_d = discriminator_step(discriminator, opt_d, fake, gan_batch, backward=accelerator.backward)
                 step += 1
                 sum_g, sum_d, crops = gathered_sum(
-                    accelerator, loss_g, loss_d, float(gan_batch.synth_mask.flatten(1).any(1).sum())
+                    accelerator, loss_g, loss_d, float(batch.synth_mask.flatten(1).any(1).sum())
                 )
                 store_share = gathered_sum(accelerator, float(raw["from_store"].float().mean()))[0]
                 stats = {
@@ -357,37 +395,44 @@ def _train_generator(
                     save_training_state(accelerator, out, {**progress, "epoch": epoch, "step": step})
                 if on_step:
                     on_step(step, plan.total_steps, stats)
-            if fixed is not None:
-                images, scores = score_heldout(
-                    accelerator.unwrap_model(generator), fixed_batch, critic, config, window_width
-                )
-                generator_qc.append(scores.get("qc_pass_rate", float("nan")))
-                contrast = wrong_contrast(config.region, scores.get("hu_contrast", 0.0), "the generator's tumors")
-                if contrast and not contrast_said:
-                    contrast_said = True
-                    note(accelerator, out, f"epoch {epoch + 1}, held-out crops: {contrast}")
-                log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
-                key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
-                if accelerator.is_main_process:
-                    _preview(fixed_batch, images, out / "previews" / f"epoch_{epoch:03d}.png")
-                if key > progress["best"]:  # every process decides alike: the held-out batch is the same
-                    progress["best"] = key
-                    best_contrast = contrast
-                    if accelerator.is_main_process:
-                        best = accelerator.unwrap_model(generator)
-                        save(best, out / "checkpoints" / "best", {"epoch": epoch, **scores})
+            if run.heldout is not None:
+                generator_qc.append(score_epoch(run, epoch, step, said))
             progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(generator)
-        save(final, out / "checkpoints" / "last", {"step": step})
+        run.save(final, out / "checkpoints" / "last", {"step": step})
         if not (out / "checkpoints" / "best").exists():
-            save(final, out / "checkpoints" / "best", {"step": step})
+            run.save(final, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
-    warnings = [f"the best checkpoint: {best_contrast}"] if best_contrast else []
+    warnings = [f"the best checkpoint: {said['best']}"] if said["best"] else []
     return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process, warnings)
+
+
+def score_epoch(run: SynthRun, epoch: int, step: int, said: dict[str, Any]) -> float:
+    """Score the generator on the held-out crops after an epoch: log it, preview it, keep it as
+    ``checkpoints/best`` when best (QC pass rate, ties: critic tumor probability); its QC pass rate.
+    ``said`` remembers whether a wrong contrast was noted, and the best checkpoint's."""
+    accelerator, out, progress = run.accelerator, run.out, run.progress
+    images, scores = score_heldout(
+        accelerator.unwrap_model(run.generator), run.heldout, run.critic, run.config, run.window_width
+    )
+    contrast = wrong_contrast(run.config.region, scores.get("hu_contrast", 0.0), "the generator's tumors")
+    if contrast and not said["contrast"]:
+        said["contrast"] = True
+        note(accelerator, out, f"epoch {epoch + 1}, held-out crops: {contrast}")
+    log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
+    key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
+    if accelerator.is_main_process:
+        _preview(run.heldout, images, out / "previews" / f"epoch_{epoch:03d}.png")
+    if key > progress["best"]:  # every process decides alike: the held-out batch is the same
+        progress["best"] = key
+        said["best"] = contrast
+        if accelerator.is_main_process:
+            run.save(accelerator.unwrap_model(run.generator), out / "checkpoints" / "best", {"epoch": epoch, **scores})
+    return float(scores.get("qc_pass_rate", float("nan")))
 
 
 def _heldout_batch(

@@ -11,6 +11,7 @@ processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from freetumor_cli import __version__
 from freetumor_cli.core import PathLike
@@ -88,6 +89,24 @@ def run_lock(out: Path, command: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+Run = TypeVar("Run", bound=Callable[..., Any])
+
+
+def locked_run(command: str) -> Callable[[Run], Run]:
+    """Run the decorated training function holding its run folder's lock (:func:`run_lock`); the folder
+    is the function's second argument, ``out_dir``."""
+
+    def wrap(function: Run) -> Run:
+        @functools.wraps(function)
+        def locked(prepared: Any, out_dir: Any, *args: Any, **kwargs: Any) -> Any:
+            with run_lock(Path(out_dir), command):
+                return function(prepared, out_dir, *args, **kwargs)
+
+        return cast(Run, locked)
+
+    return wrap
 
 
 STATE, STATE_NEXT, STATE_OLD = "state", "state.next", "state.old"

@@ -242,6 +242,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         config: the rule engine's constants.
         mask_key: where the synthetic tumor's voxels go (bool).
         orig_key: where to keep the image before synthesis (None: not kept).
+        orig_label_key: where to keep the label before synthesis (None: not kept; kept only with the image).
         organ_key: where the tumor's organ goes, as an index into the task's organs.
         allow_missing_keys: as MONAI's.
     """
@@ -258,6 +259,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         config: SynthesisConfig | None = None,
         mask_key: str = "synth_mask",
         orig_key: str | None = "image_orig",
+        orig_label_key: str | None = "label_orig",
         organ_key: str = "organ_index",
         allow_missing_keys: bool = False,
     ) -> None:
@@ -275,6 +277,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         self.size = size
         self.config = config or SynthesisConfig()
         self.mask_key, self.orig_key, self.organ_key = mask_key, orig_key, organ_key
+        self.orig_label_key = orig_label_key
         self.rng = np.random.default_rng(0)
         self.intensity_rng = self.rng
         self._do = True
@@ -330,6 +333,8 @@ class RandTumorSynthd(Randomizable, MapTransform):
         image_key, label_key = self.keys
         if self.orig_key is not None:
             d[self.orig_key] = convert_to_dst_type(convert_to_numpy(image, dtype=np.float32).copy(), image)[0]
+            if self.orig_label_key is not None:
+                d[self.orig_label_key] = convert_to_dst_type(convert_to_numpy(label).copy(), label)[0]
         d[image_key] = convert_to_dst_type(result.image[None], image, dtype=image.dtype)[0]
         d[label_key] = convert_to_dst_type(result.label[None], label, dtype=label.dtype)[0]
         d[self.mask_key] = convert_to_dst_type(result.mask[None], image, dtype=bool)[0]

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import Pipeline, read_task_datalist
     from freetumor_cli.core.train_seg import TrainSegConfig, validation_dice
-    from freetumor_cli.core.train_synth import TrainSynthConfig, _gan_batch, _heldout_batch, score_heldout
+    from freetumor_cli.core.train_synth import TrainSynthConfig, gan_batch, _heldout_batch, score_heldout
     from freetumor_cli.core.training import case_source
 
     prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent(
         train_once(generator, opt_g)
         config = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), workers=0, crops_per_volume=2, heldout_crops=2 * n)
         fixed = _heldout_batch(cases[::-1][:n], source, pipeline, config, accelerator.device)  # organ-only first
-        batch = _gan_batch(fixed, critic_config, "all", trained_channels("all"))
+        batch = gan_batch(fixed, critic_config, "all", trained_channels("all"))
         _, scores = score_heldout(accelerator.unwrap_model(generator), batch, critic, config, 425.0)
         result[f"heldout_{n}"] = scores
         result[f"heldout_{n}_crops"] = int(batch.image.shape[0])

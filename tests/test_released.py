@@ -220,7 +220,7 @@ def test_the_chest_baseline_predicts_background_and_lesion(released: dict[str, P
 def test_quality_control_and_the_critic_read_the_lesion_channel(released: dict[str, Path]) -> None:
     from freetumor_cli.core.seg_data import SegBatch, quality_controlled
     from freetumor_cli.core.train_seg import TrainSegConfig, check_quality_control_baseline, model_config_for
-    from freetumor_cli.core.train_synth import _gan_batch
+    from freetumor_cli.core.train_synth import gan_batch
 
     _, config = import_segmentor(released["covid"])
     run = model_config_for(TrainSegConfig(task="covid", model="unet"))
@@ -254,7 +254,7 @@ def test_quality_control_and_the_critic_read_the_lesion_channel(released: dict[s
         "profile": synth.float(),
         "organ_index": torch.zeros(2, 1),
     }
-    assert _gan_batch(raw, config, "covid", {"lung": 0}).seg_tumor_channels == [1, 1]
+    assert gan_batch(raw, config, "covid", {"lung": 0}).seg_tumor_channels == [1, 1]
 
 
 def test_evaluate_writes_and_scores_the_lesion_of_a_two_class_network(tmp_path: Path) -> None:
