@@ -179,7 +179,7 @@ def crop_transforms(p: Pipeline, synthesis: SynthesisConfig | None = None) -> An
     where = {"spacing_mm": pp.spacing_mm, "window_hu": pp.window_hu, "config": synthesis, "prob": p.synth_prob}
     if p.geometry_only:
         steps.append(RandTumorGeometryd(["image", "label"], p.task, **where))
-        keys = ["image", "label", "synth_mask", "profile"]
+        keys = ["image", "label", "synth_mask", "profile", "label_orig"]
     elif p.synthesize:
         steps.append(RandTumorSynthd(["image", "label"], p.task, **where))
         keys = ["image", "label", "synth_mask", "image_orig", "label_orig"]
@@ -410,7 +410,7 @@ class SegBatch:
         label: task labels (synthetic tumors included while accepted).
         synth_mask: where synthetic tumors were inserted (None without online synthesis).
         image_orig: the crops before synthesis (None without online synthesis).
-        label_orig: their labels before synthesis (None without rule-based online synthesis).
+        label_orig: their labels before synthesis (None without online synthesis).
         profile: blur(mask) · texture of the tumors, for the learned engine (None with the rules).
         organ_index: each crop's tumor organ, an index into the task's organs.
     """
@@ -429,7 +429,7 @@ class SegBatch:
         return cls(
             image=batch["image"], label=batch["label"], synth_mask=None if mask is None else mask.bool(),
             image_orig=batch.get("image_orig", batch["image"] if "profile" in batch else None),
-            label_orig=batch.get("label_orig", batch["label"] if "profile" in batch else None),
+            label_orig=batch.get("label_orig"),
             profile=batch.get("profile"),
             organ_index=batch["organ_index"].reshape(-1) if "organ_index" in batch else None,
         )  # fmt: skip

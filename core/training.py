@@ -39,15 +39,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("freetumor")
 
 
+# What a crop may carry into a batch: the crop, its labels, the synthetic tumor and what it replaced.
+BATCH_KEYS = (
+    "image", "label", "synth_mask", "image_orig", "label_orig", "profile", "organ_index", "sample_index", "from_store",
+)  # fmt: skip
+
+
 def collate_crops(samples: list[Any]) -> dict[str, Any]:
     import torch
 
     crops = [c for s in samples for c in (s if isinstance(s, list) else [s])]
-    keys = [
-        k
-        for k in ("image", "label", "synth_mask", "image_orig", "profile", "organ_index", "sample_index", "from_store")
-        if k in crops[0]
-    ]
+    keys = [k for k in BATCH_KEYS if k in crops[0]]
     batch: dict[str, Any] = {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in keys}
     # What went wrong while the samples were drawn (replaced samples, damaged store cases), for the run's log.
     batch["incidents"] = [i for c in crops for i in c.get("incidents", ())]

@@ -242,7 +242,7 @@ class RandTumorSynthd(Randomizable, MapTransform):
         config: the rule engine's constants.
         mask_key: where the synthetic tumor's voxels go (bool).
         orig_key: where to keep the image before synthesis (None: not kept).
-        orig_label_key: where to keep the label before synthesis (None: not kept; kept only with the image).
+        orig_label_key: where to keep the label before synthesis (None: not kept).
         organ_key: where the tumor's organ goes, as an index into the task's organs.
         allow_missing_keys: as MONAI's.
     """
@@ -333,8 +333,8 @@ class RandTumorSynthd(Randomizable, MapTransform):
         image_key, label_key = self.keys
         if self.orig_key is not None:
             d[self.orig_key] = convert_to_dst_type(convert_to_numpy(image, dtype=np.float32).copy(), image)[0]
-            if self.orig_label_key is not None:
-                d[self.orig_label_key] = convert_to_dst_type(convert_to_numpy(label).copy(), label)[0]
+        if self.orig_label_key is not None:
+            d[self.orig_label_key] = convert_to_dst_type(convert_to_numpy(label).copy(), label)[0]
         d[image_key] = convert_to_dst_type(result.image[None], image, dtype=image.dtype)[0]
         d[label_key] = convert_to_dst_type(result.label[None], label, dtype=label.dtype)[0]
         d[self.mask_key] = convert_to_dst_type(result.mask[None], image, dtype=bool)[0]

@@ -241,12 +241,14 @@ def test_quality_control_and_the_critic_read_the_lesion_channel(released: dict[s
     bright = image.clone()
     bright[0][synth[0]] = 1.0  # crop 0's lesion is bright, crop 1's is not
     batch = SegBatch(
-        image=bright, label=label, synth_mask=synth, image_orig=image, organ_index=torch.zeros(2, dtype=torch.long)
-    )
+        image=bright, label=label, synth_mask=synth, image_orig=image, label_orig=torch.ones_like(image),
+        organ_index=torch.zeros(2, dtype=torch.long),
+    )  # fmt: skip
     kept, stats = quality_controlled(batch, LesionWhereBright(), channels, "covid", 0.7, contextlib.nullcontext)
     assert (stats.seen, stats.kept) == (2, 1)
     assert torch.equal(kept.image[0], bright[0]) and torch.equal(kept.image[1], image[1])
     assert int(kept.label[1].max()) == 1  # the rejected lesion is lung again
+    assert torch.equal(kept.label[1], torch.ones_like(image[1])) and torch.equal(kept.label[0], label[0])
     raw = {
         "image": image,
         "label": label,
