@@ -169,18 +169,27 @@ def one_line(exc: FreetumorError) -> str:
     return text
 
 
-def stop_on_termination() -> None:
-    """Make SIGTERM (``kill``, a batch scheduler's preemption, torchrun stopping its workers) stop a command
-    as Ctrl-C does: the write in progress is removed, finished outputs and the last saved state are kept,
-    locks are released, and the exit code is 130. Only the main thread can install it."""
+@contextlib.contextmanager
+def stop_on_termination() -> Iterator[None]:
+    """Inside, SIGTERM (``kill``, a batch scheduler's preemption, torchrun stopping its workers) stops a
+    command as Ctrl-C does: the write in progress is removed, finished outputs and the last saved state are
+    kept, locks are released, and the exit code is 130. Only the main thread can install it; the previous
+    handler comes back after the command, so a program that runs a command in its own process (a test, a
+    notebook) keeps its own (a pool's workers forked later must still end on SIGTERM)."""
     import signal
     import threading
 
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -190,9 +199,9 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
         try:
-            stop_on_termination()
-            set_verbosity(quiet=quiet, verbose=verbose)
-            return func(*args, **kwargs)
+            with stop_on_termination():
+                set_verbosity(quiet=quiet, verbose=verbose)
+                return func(*args, **kwargs)
         except FreetumorError as exc:
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None

@@ -153,3 +153,16 @@ def test_prepare_killed_inside_a_store_case_leaves_nothing_behind(tmp_path: Path
         assert (out / name).read_text() == (whole / name).read_text(), name
     stored = sorted(p.relative_to(out) for p in (out / "store").glob("pp-*/*/*/case.json"))
     assert stored == sorted(p.relative_to(whole) for p in (whole / "store").glob("pp-*/*/*/case.json"))
+
+
+def test_a_command_run_in_process_gives_back_the_sigterm_handler() -> None:
+    """A command makes SIGTERM stop it as Ctrl-C does only while it runs: a program that runs one in its own
+    process (a test, a notebook) keeps its handler, and a pool it forks later still ends its workers."""
+    from typer.testing import CliRunner
+
+    from freetumor_cli.app import app
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["synthesize", "--in", "/nonexistent/ct.nii.gz", "--organ", "liver"])
+    assert result.exit_code != 0
+    assert signal.getsignal(signal.SIGTERM) is before
