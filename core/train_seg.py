@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from freetumor_cli.core.checkpoints import initialize_from, load_checkpoint, load_generator, save_checkpoint
+from freetumor_cli.core.checkpoints import (
+    GeneratorCard,
+    initialize_from,
+    load_checkpoint,
+    load_generator,
+    save_checkpoint,
+)
 from freetumor_cli.core.config import to_yaml
 from freetumor_cli.core.engines import wrong_contrast
 from freetumor_cli.core.errors import ConfigError, InputError
@@ -113,12 +119,12 @@ def check_quality_control_baseline(baseline: ModelConfig, run: ModelConfig, sour
     return {o: baseline.tumor_channel(o) for o in TASKS[run.task].organs}
 
 
-def check_generator(meta: dict[str, Any], run: ModelConfig, source: object) -> None:
+def check_generator(card: GeneratorCard, run: ModelConfig, source: object) -> None:
     """A generator must see the run's crops as it was trained to: its region, spacing, window and crop
-    (``generator.json``) are the run's (:func:`check_sees_as_run`)."""
+    (its card, ``generator.json``) are the run's (:func:`check_sees_as_run`)."""
     check_sees_as_run(
-        "generator", source, run, region=meta["generator"]["region"], spacing_mm=meta["spacing_mm"],
-        window_hu=meta["window_hu"], roi=meta["roi"],
+        "generator", source, run, region=card.region, spacing_mm=card.spacing_mm, window_hu=card.window_hu,
+        roi=card.roi,
     )  # fmt: skip
 
 
@@ -373,10 +379,10 @@ def set_up_run(
     generator, channels, baseline_model, qc_channels, generator_contrast = None, {}, None, {}, None
     if pipeline.geometry_only:
         generator = load_generator(config.synth, device=str(accelerator.device))
-        check_generator(generator.meta, model_config, config.synth)
+        check_generator(generator.card, model_config, config.synth)
         generator.module.requires_grad_(False)
         channels = {o: generator.channel(o) for o in task.organs}
-        measured = generator.meta.get("hu_contrast")  # on train-synth's held-out crops, when it was chosen
+        measured = generator.card.extra.get("hu_contrast")  # on train-synth's held-out crops, when it was chosen
         generator_contrast = wrong_contrast(
             task.region, float(measured or 0.0), f"the generator {config.synth}'s tumors"
         )

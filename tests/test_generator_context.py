@@ -135,16 +135,18 @@ def test_synthesize_gives_the_map_the_training_path_gives(tmp_path: Path) -> Non
     ],
 )
 def test_a_generator_trained_otherwise_is_refused(key: str, value: list[float], hint: str) -> None:
+    from freetumor_cli.core.checkpoints import GeneratorCard
     from freetumor_cli.core.train_seg import TrainSegConfig, check_generator, model_config_for
 
     run = model_config_for(TrainSegConfig(task="liver", model="unet"))
-    meta = {"generator": {"region": "abdomen"}, "spacing_mm": [1.5] * 3, "window_hu": [-175.0, 250.0], "roi": [96] * 3}
-    check_generator(meta, run, "gen")  # the same: accepted
+    gan = {"region": "abdomen", "base_channels": 32, "adversarial_weight": 0.1}
+    meta = {"generator": gan, "spacing_mm": [1.5] * 3, "window_hu": [-175.0, 250.0], "roi": [96] * 3}
+    check_generator(GeneratorCard.from_json(meta), run, "gen")  # the same: accepted
     with pytest.raises(ConfigError, match=rf"the generator gen was trained with {key} \(") as caught:
-        check_generator({**meta, key: value}, run, "gen")
+        check_generator(GeneratorCard.from_json({**meta, key: value}), run, "gen")
     assert hint in (caught.value.hint or "")
     with pytest.raises(ConfigError, match="region chest, this run uses abdomen"):
-        check_generator({**meta, "generator": {"region": "chest"}}, run, "gen")
+        check_generator(GeneratorCard.from_json({**meta, "generator": {**gan, "region": "chest"}}), run, "gen")
 
 
 def test_train_seg_refuses_a_generator_of_another_spacing(tmp_path: Path) -> None:
