@@ -24,9 +24,9 @@ def demo(
     # DemoConfig's seed: core/demo imports the numeric stack; tests/test_cli_defaults.py checks the copy.
     seed: seed_option(0) = None,  # type: ignore[valid-type]
 ) -> None:
-    """Run the whole method on phantom CTs: prepare, a baseline, a generator, four arms, synthesize, evaluate.
+    """Run the whole method on phantom CTs: prepare, a baseline, a generator, six arms, synthesize, evaluate.
 
-    A paired experiment on a held-out test set: every arm continues from one baseline for the same steps (A labelled only, B + rule-based tumors, C + quality control, D + generator tumors with quality control, the method), and OUT/report.md gives each difference with its 95 % interval. The default preset took 14 minutes on 2 CPU cores (its baseline trains 2000 steps, where its Dice plateaus); --quick a few.
+    A paired experiment on a held-out test set: every arm continues from one baseline for the same steps and crops (A labelled only, A′ + organ-only crops, B + rule-based tumors, C + quality control, C′ rules at the generator's contrast, D + generator tumors with quality control, the method), and OUT/report.md gives each difference with its 95 % interval and the tumors' contrast. The default preset takes about 20 minutes on 2 CPU cores (its baseline trains 2000 steps, where its Dice plateaus); --quick under 2.
 
     Example: freetumor demo --quick --out freetumor_demo
     """
