@@ -92,7 +92,7 @@ class DemoConfig:
             tumor_radius_mm=self.tumor_radius_mm, roi=self.roi, model=self.model,
             baseline_steps=self.baseline_steps, arm_steps=self.arm_steps, synth_steps=self.synth_steps,
             generator_channels=self.generator_channels, arms=DEMO_ARMS, audit_cases=self.audit_cases,
-            bootstrap=1000, workers=self.workers,
+            bootstrap=1000, workers=self.workers, plateau_retries=0 if self.quick else 1,
         )  # fmt: skip
 
 
@@ -247,13 +247,13 @@ def comparison_markdown(comparison: dict[str, dict[str, float | None]]) -> str:
 
 def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any] | None = None) -> str:
     """The one-page report: what ran, the comparison, the paired table, previews and plots."""
-    from freetumor_cli.core.fair import audit_markdown, contrast_markdown, paired_markdown
+    from freetumor_cli.core.fair import audit_markdown, baseline_markdown, contrast_markdown, paired_markdown
 
     images = [
         ("per-case tumor Dice differences (a dot per test CT, the bar their mean)", "paired_differences.png"),
         ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_liver_synthetic_preview.png"),
         ("synthetic liver tumors, learned generator", "synthetic/generator/demo_liver_synthetic_preview.png"),
-        ("baseline training curves", "runs/baseline/curves.png"),
+        ("baseline training curves", f"runs/{(seed or {}).get('baseline', {}).get('run', 'baseline')}/curves.png"),
         *((f"arm {label(arm)} training curves", f"runs/{arm}/curves.png") for arm in DEMO_ARMS),
     ]
     previews = sorted((result.out_dir / "runs" / "generator" / "previews").glob("*.png"))
@@ -290,6 +290,7 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         "",
         f"Quality control kept: {kept} of the synthetic tumors during training.",
         "",
+        *([baseline_markdown([seed], config.fair()), ""] if seed and seed.get("baseline") else []),
         *audit_lines,
         *(
             [contrast_markdown([seed["contrast"]]), ""]

@@ -82,6 +82,11 @@ def label(arm: str) -> str:
 # says whether these are its choice.
 SYNTH_STEPS = 300
 SYNTH_LR = 1e-4
+# The baseline's plateau check, fixed before any reported result: its mean tumor Dice on the calibration
+# CTs (labelled, never trained on). The development world's curve was 0.00 at 500 steps, 0.35 at 1000 and
+# 0.76-0.77 at 2000-3000; a baseline below 0.4 has not learned the tumors yet, and arms that continue from
+# it measure its convergence rather than what they add.
+PLATEAU_DICE = 0.4
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,10 @@ class FairConfig:
         roi: the crop side in voxels (also what bounds the synthetic sizes).
         model: the segmentation network of every run.
         baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
+        plateau_dice, plateau_retries: the baseline's check before any arm starts (:func:`trained_baseline`):
+            it is accepted when its mean tumor Dice on the calibration CTs is at least ``plateau_dice``;
+            otherwise it is trained again from scratch with 1.5 times the steps, at most ``plateau_retries``
+            times.
         lr, arm_lr, synth_lr: learning rates of the baseline, of the arms (which continue from it), of the
             generator (and its discriminator).
         generator_tumor_share: the share of the generator's samples drawn from labelled cases (real tumors).
@@ -119,6 +128,8 @@ class FairConfig:
     roi: int = 32
     model: str = "unet"
     baseline_steps: int = 2000
+    plateau_dice: float = PLATEAU_DICE
+    plateau_retries: int = 1
     arm_steps: int = 200
     synth_steps: int = SYNTH_STEPS
     generator_channels: int = 8
@@ -328,17 +339,56 @@ def train_run(
 
 def score_run(run: Path, world: dict[str, Path], out: Path) -> Path:
     """Score a run on the test set; returns its per-lesion CSV (the per-case one lies beside it)."""
+    return score_checkpoint(run / "checkpoints" / "last", world["test_images"], world["test_labels"], out)
+
+
+def score_checkpoint(checkpoint: Path, images: Path, labels: Path, out: Path) -> Path:
+    """Predict ``images/*.nii.gz`` with ``checkpoint`` and score them against ``labels``; returns the
+    per-lesion CSV (the per-case one lies beside it). Done once: a rerun reads the CSV."""
     from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
     from freetumor_cli.core.predict import predict_cases
 
     if (out / "metrics_per_lesion.csv").is_file():
         return out / "metrics_per_lesion.csv"
-    images = sorted(world["test_images"].glob("*.nii.gz"))
     shutil.rmtree(out, ignore_errors=True)
-    predict_cases(run / "checkpoints" / "last", images, out / "predictions", overlap=0.5)
-    cases, scores, _ = evaluate(out / "predictions", world["test_labels"], EvaluateConfig(classes=("liver_tumor",)))
+    predict_cases(checkpoint, sorted(images.glob("*.nii.gz")), out / "predictions", overlap=0.5)
+    cases, scores, _ = evaluate(out / "predictions", labels, EvaluateConfig(classes=("liver_tumor",)))
     write_reports(cases, scores, out)
     return out / "metrics_per_lesion.csv"
+
+
+def trained_baseline(
+    out: Path, world: dict[str, Path], prepared: Path, config: FairConfig, seed: int, *,
+    step: Callable[[str], None] = lambda _m: None, progress: Progress | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the shared baseline and check, before any arm starts, that it has learned the tumors: its
+    mean tumor Dice on the calibration CTs (labelled, never trained on; not the test set) must be at least
+    ``config.plateau_dice``. Otherwise it is trained again from scratch with 1.5 times the steps (a run of
+    that length, with its own warm-up and schedule), at most ``config.plateau_retries`` times; the arms
+    continue from the last attempt either way, and the result says whether it passed.
+
+    Returns ``{"run", "steps", "calibration_dice", "accepted", "attempts"}`` (``run``: the accepted run's
+    folder under ``out/runs``, ``runs/baseline`` for the first attempt, ``runs/baseline_<steps>`` after).
+    """
+    steps, attempts = config.baseline_steps, []
+    mean = math.nan
+    for attempt in range(config.plateau_retries + 1):
+        name = "baseline" if attempt == 0 else f"baseline_{steps}"
+        step(f"seed {seed}: {name} ({steps} steps, warm-up, CutMix)")
+        run = out / "runs" / name
+        train_run(prepared, run, baseline_config(replace(config, baseline_steps=steps), seed), None, progress)
+        calibration = world["calibration"]
+        lesions = score_checkpoint(
+            run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
+            out / "eval" / "calibration" / name,
+        )  # fmt: skip
+        dice = read_scores(lesions)[0]
+        mean = float(np.mean(list(dice.values()))) if dice else math.nan
+        attempts.append({"run": name, "steps": steps, "calibration_dice": mean})
+        if mean >= config.plateau_dice:
+            break
+        steps = round(steps * 1.5)
+    return {**attempts[-1], "accepted": bool(mean >= config.plateau_dice), "attempts": attempts}
 
 
 def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:
@@ -479,9 +529,9 @@ def run_seed(
     step(f"seed {seed}: phantom world")
     world, prepared = prepared_world(out, config, seed, step=step)
     runs = out / "runs"
-    step(f"seed {seed}: baseline ({config.baseline_steps} steps, warm-up, CutMix)")
-    train_run(prepared, runs / "baseline", baseline_config(config, seed), None, progress)
-    baseline = runs / "baseline" / "checkpoints" / "last"
+    checked = trained_baseline(out, world, prepared, config, seed, step=step, progress=progress)
+    baseline_run = runs / checked["run"]
+    baseline = baseline_run / "checkpoints" / "last"
     generator = runs / "generator" / "checkpoints" / "last"  # the rule: the last checkpoint, fixed in advance
     wants_generator = any(a in config.arms for a in ("Cp", "D", "E")) or config.audit_cases
     if wants_generator:
@@ -506,7 +556,7 @@ def run_seed(
         train_run(prepared, runs / arm, seg_config, baseline if qc else None, progress)
         scores[arm] = score_run(runs / arm, world, out / "eval" / arm)
     step(f"seed {seed}: baseline on the test set")
-    scores["baseline"] = score_run(runs / "baseline", world, out / "eval" / "baseline")
+    scores["baseline"] = score_run(baseline_run, world, out / "eval" / "baseline")
     audit = None
     if config.audit_cases:
         step(f"seed {seed}: quality-control audit")
@@ -515,7 +565,7 @@ def run_seed(
     contrast = {"seed": seed, "real_hu": real_contrast(world), **measures, "matched_scale": scale}
     return {"seed": seed, "scores": {k: str(v) for k, v in scores.items()}, "qc_acceptance": kept, "audit": audit,
             "sizes": list(rules.mix_sizes), "contrast": contrast,
-            "baseline_plateau": json.loads((runs / "baseline" / "summary.json").read_text())}  # fmt: skip
+            "baseline": checked, "baseline_plateau": json.loads((baseline_run / "summary.json").read_text())}  # fmt: skip
 
 
 def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
@@ -728,6 +778,19 @@ def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def baseline_markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
+    """Per seed: the baseline's plateau check (:func:`trained_baseline`), each attempt and its verdict."""
+    lines = [f"Baseline check before the arms (mean tumor Dice on the calibration CTs >= {config.plateau_dice:g}):", ""]
+    for s in seeds:
+        check = s["baseline"]
+        tried = " → ".join(f"{a['steps']} steps {a['calibration_dice']:.2f}" for a in check["attempts"])
+        verdict = (
+            "passed" if check["accepted"] else "**failed**: its arms continue from a baseline short of the plateau"
+        )
+        lines.append(f"- seed {s['seed']}: {tried}; {verdict}")
+    return "\n".join(lines)
+
+
 def contrast_markdown(contrasts: Sequence[dict[str, float]]) -> str:
     """Per seed: the tumors' HU contrast (real, rules, generator, C′'s rules) and their halo."""
     lines = [
@@ -761,6 +824,9 @@ def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
         lines.append(f"| {r['arm']} | {r['what']} | {r['dice']:.3f} | {per_seed} | {r['sensitivity']:.3f} | "
                      f"{r['early_sensitivity']:.3f} | {r['volume_ratio']:.2f} | {qc} |")  # fmt: skip
     lines += ["", paired_markdown(paired_table(seeds, arms, resamples=config.bootstrap))]
+    checks = [s for s in seeds if s.get("baseline")]
+    if checks:
+        lines += ["", baseline_markdown(checks, config)]
     contrasts = [s["contrast"] for s in seeds if s.get("contrast") and "generator_hu_contrast" in s["contrast"]]
     if contrasts:
         lines += ["", contrast_markdown(contrasts)]

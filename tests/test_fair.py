@@ -59,9 +59,18 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     assert seed["qc_acceptance"]["Cp"] is not None and seed["qc_acceptance"]["Ap"] is None
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
     assert {"real_hu", "rules_hu_contrast", "generator_hu_contrast", "generator_halo"} <= set(seed["contrast"])
+    # 12 steps do not learn the tumors: the plateau check on the calibration CTs trains the baseline again
+    # with 1.5 times the steps, and every arm and the generator continue from that second baseline.
+    check = seed["baseline"]
+    assert [a["steps"] for a in check["attempts"]] == [12, 18] and check["run"] == "baseline_18"
+    assert not check["accepted"] and all(a["calibration_dice"] < config.plateau_dice for a in check["attempts"])
+    assert "- seed 0: 12 steps 0.00 → 18 steps" in text and "**failed**" in text
+    runs = tmp_path / "fair" / "seed_0" / "runs"
+    for arm in ("A", "D"):
+        source = json.loads((runs / arm / "init.json").read_text())["source"]
+        assert Path(source) == runs / "baseline_18" / "checkpoints" / "last", source
     # The arms with organ-only crops see the same crops in the same order, under the same LR curve.
     arms = ("A", "Ap", "B", "C", "Cp", "D", "E")
-    runs = tmp_path / "fair" / "seed_0" / "runs"
     logs = {arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").read_text().splitlines()] for arm in arms}
     order = {arm: [(r["samples"], r["lr"]) for r in rows if "samples" in r] for arm, rows in logs.items()}
     assert len(order["B"]) == config.arm_steps and all(order[arm] == order["B"] for arm in ("Ap", "C", "Cp", "D", "E"))
