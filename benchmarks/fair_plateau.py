@@ -10,8 +10,8 @@ Resumable: a rerun skips the points it has.
 
 ``--generator`` chooses the generator's steps and learning rate the same way: on the development world
 (with its organ-only cases), one baseline of the experiment's length as critic, then per (steps, lr) a
-generator and an arm D (generator tumors with quality control) from the baseline, scored on the
-development test set beside arm C (rule-based tumors). The rule, fixed before any reported result: the
+generator and an arm D (generator tumors with quality control) from the baseline (after the experiment's
+plateau check), scored on the development test set beside arm C (rule-based tumors). The rule, fixed before any reported result: the
 highest development Dice of D (ties: fewer steps). It also prints each generator's held-out contrast, halo
 and QC pass rate.
 
@@ -92,8 +92,9 @@ def generator_sweep(args: argparse.Namespace) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     runs, rules = out / "runs", fair.crop_rules(config)
-    fair.train_run(prepared, runs / "baseline", fair.baseline_config(config, args.seed), None)
-    baseline = runs / "baseline" / "checkpoints" / "last"
+    checked = fair.trained_baseline(out, world, prepared, config, args.seed, step=print)
+    baseline = runs / checked["run"] / "checkpoints" / "last"
+    print(json.dumps({"baseline check": checked}), flush=True)
 
     def arm(name: str, synth: str) -> dict[str, float]:
         seg = fair._seg(config, args.seed, mode="freesyn", steps=config.arm_steps, lr=config.arm_lr, warmup=0.0,
