@@ -157,7 +157,7 @@ def main() -> None:
     critic, critic_config, _ = load_checkpoint(critic_path)
     critic.eval()
     channel = critic_config.tumor_channel("liver")
-    width = float(np.diff(critic_config.window_hu)[0])
+    width = float(np.diff(critic_config.preprocessing.window_hu)[0])
     seg_batches = heldout_batches(prepared, config, args.cases, pos=1.0, neg=1.0)
     organ_batches = heldout_batches(prepared, config, args.cases, pos=1.0, neg=0.0)
     rules = [compose_with(b, torch.full_like(b["image"], 105.0 / width)) for b in seg_batches]
@@ -188,8 +188,7 @@ def main() -> None:
             gan = GanConfig(base_channels=config.generator_channels, batch_stats=crop_stats)
             torch.manual_seed(0)
             save_generator(
-                make_generator(gan), gan, run.parent / f"{run.name}_init", spacing_mm=config.spacing_mm,
-                window_hu=critic_config.window_hu, roi=(config.roi,) * 3, organ_channels=trained_channels(TASK),
+                make_generator(gan), gan, run.parent / f"{run.name}_init", preprocessing=critic_config.preprocessing, roi=(config.roi,) * 3, organ_channels=trained_channels(TASK),
             )  # fmt: skip
             synth = TrainSynthConfig(
                 max_steps=args.synth_steps, roi=(config.roi,) * 3, labelled_repeats=1, heldout_crops=8, lr=1e-3,

@@ -32,13 +32,13 @@ from freetumor_cli.core import PathLike
 from freetumor_cli.core.errors import InputError
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.outputs import write_safetensors, write_text_atomic
+from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import ORGANS, REGIONS, TASKS, generator_channels, region_organs
 
 if TYPE_CHECKING:
     import torch
 
     from freetumor_cli.core.gan import GanConfig
-    from freetumor_cli.core.preprocess import Preprocessing
 
 
 WRAPPERS = ("state_dict", "network_weights", "net", "model", "student")
@@ -130,15 +130,16 @@ def _read_card(path: Path, build: Callable[[dict[str, Any]], Any], *, hint: str)
 
 
 def _model_config(data: Mapping[str, Any]) -> ModelConfig:
-    raw = data["model"]
-    return ModelConfig(
-        **{
-            **raw,
-            "roi": tuple(raw["roi"]),
-            "spacing_mm": tuple(raw["spacing_mm"]),
-            "window_hu": tuple(raw["window_hu"]),
-        }
-    )
+    """The network of a ``model.json``: this version's (``preprocessing`` nested) or an earlier one's
+    (``region``, ``spacing_mm`` and ``window_hu`` flat, the region's orientation)."""
+    raw = dict(data["model"])
+    if "preprocessing" in raw:
+        preprocessing = Preprocessing.from_json(raw.pop("preprocessing"))
+    else:
+        preprocessing = Preprocessing.for_region(
+            raw.pop("region"), spacing_mm=raw.pop("spacing_mm"), window_hu=raw.pop("window_hu")
+        )
+    return ModelConfig(**{**raw, "roi": tuple(raw["roi"]), "preprocessing": preprocessing})
 
 
 def save_checkpoint(model: Any, config: ModelConfig, folder: PathLike, *, extra: dict[str, Any] | None = None) -> Path:
@@ -236,8 +237,8 @@ def swinunetr_config(state: Mapping[str, Any], task: str, labels: Mapping[int, s
     classes = dict(labels) if labels is not None else t.labels
     embed = state.get("swinViT.patch_embed.proj.weight")
     return ModelConfig(
-        name="swinunetr", out_channels=len(classes), roi=region.roi, region=t.region, task=task,
-        spacing_mm=region.spacing_mm, window_hu=region.window_hu, labels={str(k): v for k, v in classes.items()},
+        name="swinunetr", out_channels=len(classes), roi=region.roi, task=task,
+        preprocessing=Preprocessing.for_region(t.region), labels={str(k): v for k, v in classes.items()},
         feature_size=int(embed.shape[0]) if embed is not None else 48,
     )  # fmt: skip
 
@@ -250,8 +251,7 @@ def save_generator(
     gan: Any,
     folder: PathLike,
     *,
-    spacing_mm: Any,
-    window_hu: Any,
+    preprocessing: Preprocessing,
     roi: Any,
     organ_channels: Mapping[str, int],
     discriminator: Any = None,
@@ -259,9 +259,12 @@ def save_generator(
 ) -> Path:
     """Write ``generator.safetensors`` (and ``discriminator.safetensors``) and ``generator.json``.
 
-    ``organ_channels`` names the organs whose channel was trained, and the channel each uses: using any
-    other organ with this generator is an error.
+    ``preprocessing`` is that of the crops it was trained on (its region is ``gan``'s). ``organ_channels``
+    names the organs whose channel was trained, and the channel each uses: using any other organ with this
+    generator is an error.
     """
+    if preprocessing.region != gan.region:
+        raise ValueError(f"a {gan.region} generator trained on {preprocessing.region} crops")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, module in (("generator", generator), ("discriminator", discriminator)):
@@ -270,8 +273,7 @@ def save_generator(
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         write_safetensors(state, out / f"{name}.safetensors")
     card = GeneratorCard(
-        gan.region, gan.base_channels, gan.adversarial_weight, gan.batch_stats,
-        tuple(float(v) for v in spacing_mm), tuple(float(v) for v in window_hu),  # type: ignore[arg-type]
+        preprocessing, gan.base_channels, gan.adversarial_weight, gan.batch_stats,
         tuple(int(v) for v in roi), dict(organ_channels), {"version": __version__, **(extra or {})},  # type: ignore[arg-type]
     )  # fmt: skip
     write_text_atomic(out / "generator.json", json.dumps(card.to_json(), indent=2) + "\n")
@@ -288,13 +290,12 @@ class GeneratorCard:
     """What a generator checkpoint says about its network (``generator.json``), typed.
 
     Attributes:
-        region: the region it was trained for (its output squashing and channels).
+        preprocessing: the chain of the crops it was trained on; its region is the generator's (its output
+            squashing and channels).
         base_channels: the network's width.
         adversarial_weight: λ of its training.
         batch_stats: each crop normalised on its own statistics (``GanConfig.batch_stats``); False for
             files written before it was recorded (``BatchNorm3d``).
-        spacing_mm: voxel size of the crops it was trained on.
-        window_hu: HU window mapped to [0, 1] in those crops.
         roi: crop size in voxels.
         organ_channels: organ -> the output channel trained for it; empty in files written before it was
             recorded (the region's generalist task's channels, :meth:`channels`).
@@ -302,12 +303,10 @@ class GeneratorCard:
             ``hu_contrast``, ...), kept as written.
     """
 
-    region: str
+    preprocessing: Preprocessing
     base_channels: int
     adversarial_weight: float
     batch_stats: bool
-    spacing_mm: tuple[float, float, float]
-    window_hu: tuple[float, float]
     roi: tuple[int, int, int]
     organ_channels: Mapping[str, int] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -317,11 +316,12 @@ class GeneratorCard:
         """The card of a ``generator.json`` of this version or an earlier one."""
         gan = data["generator"]
         known = {"generator", "spacing_mm", "window_hu", "roi", "organ_channels"}
+        preprocessing = Preprocessing.for_region(
+            str(gan["region"]), spacing_mm=data["spacing_mm"], window_hu=data["window_hu"]
+        )  # generator.json keeps its flat layout: spacing and window beside the network's sizes
         return cls(
-            region=str(gan["region"]), base_channels=int(gan["base_channels"]),
+            preprocessing=preprocessing, base_channels=int(gan["base_channels"]),
             adversarial_weight=float(gan["adversarial_weight"]), batch_stats=bool(gan.get("batch_stats", False)),
-            spacing_mm=tuple(float(s) for s in data["spacing_mm"]),  # type: ignore[arg-type]
-            window_hu=tuple(float(w) for w in data["window_hu"]),  # type: ignore[arg-type]
             roi=tuple(int(r) for r in data["roi"]),  # type: ignore[arg-type]
             organ_channels={str(k): int(v) for k, v in (data.get("organ_channels") or {}).items()},
             extra={k: v for k, v in data.items() if k not in known},
@@ -334,21 +334,21 @@ class GeneratorCard:
                 "region": self.region, "base_channels": self.base_channels,
                 "adversarial_weight": self.adversarial_weight, "batch_stats": self.batch_stats,
             },
-            "spacing_mm": list(self.spacing_mm), "window_hu": list(self.window_hu), "roi": list(self.roi),
+            "spacing_mm": list(self.preprocessing.spacing_mm), "window_hu": list(self.preprocessing.window_hu),
+            "roi": list(self.roi),
             "organ_channels": dict(self.organ_channels), **self.extra,
         }  # fmt: skip
+
+    @property
+    def region(self) -> str:
+        """The region it was trained for."""
+        return self.preprocessing.region
 
     def gan(self) -> GanConfig:
         """The network's sizes."""
         from freetumor_cli.core.gan import GanConfig
 
         return GanConfig(self.region, self.base_channels, self.adversarial_weight, self.batch_stats)
-
-    def preprocessing(self) -> Preprocessing:
-        """The preprocessing of the crops it was trained on."""
-        from freetumor_cli.core.preprocess import Preprocessing
-
-        return Preprocessing.for_region(self.region, spacing_mm=self.spacing_mm, window_hu=self.window_hu)
 
     def channels(self) -> dict[str, int]:
         """Organ -> the output channel trained for it."""
@@ -463,9 +463,8 @@ def import_tgan(path: PathLike, *, device: str = "cpu") -> Generator:
     if parts["netSeg"]:
         critic = _import_critic({_released_unet_key(k): v for k, v in parts["netSeg"].items()}, path, region, device)
     card = GeneratorCard(
-        region, gan.base_channels, gan.adversarial_weight, gan.batch_stats, REGIONS[region].spacing_mm,
-        REGIONS[region].window_hu, REGIONS[region].roi, {o.name: 0 for o in region_organs(region)},
-        {"source": str(path), "released": True},
+        Preprocessing.for_region(region), gan.base_channels, gan.adversarial_weight, gan.batch_stats,
+        REGIONS[region].roi, {o.name: 0 for o in region_organs(region)}, {"source": str(path), "released": True},
     )  # fmt: skip
     return Generator(generator.to(device).eval(), card, disc_state, critic)
 
@@ -556,7 +555,7 @@ def convert_released(path: PathLike, out: PathLike, *, task: str | None = None) 
         gen = import_tgan(path)
         card = gen.card
         save_generator(
-            gen.module, card.gan(), out_path, spacing_mm=card.spacing_mm, window_hu=card.window_hu, roi=card.roi,
+            gen.module, card.gan(), out_path, preprocessing=card.preprocessing, roi=card.roi,
             organ_channels=card.organ_channels, discriminator=_as_module(gen), extra={"source": str(path), "released": True},
         )  # fmt: skip
         if gen.critic is not None:

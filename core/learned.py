@@ -102,7 +102,7 @@ def generator_map(
     from freetumor_cli.core.gan import intensity_map
     from freetumor_cli.core.seg_data import read_crop
 
-    preprocessing = card.preprocessing()
+    preprocessing = card.preprocessing
     roi = np.asarray(card.roi, dtype=int)
     grid, grid_shape = network_grid(preprocessing, affine, image_hu.shape)
     center_voxel = np.array([(s.start + s.stop - 1) / 2 for s in tumor_box])
@@ -181,6 +181,8 @@ class GeneratorIntensity:
         inside = hu_map[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tumor_box, box, strict=True))]
         sign = float(REGIONS[scene.organ.region].tumor_sign)
         image = scene.image[tumor_box]
-        delta = clamp_to_window(image, (sign * tumor.profile * inside).astype(np.float32), self.card.window_hu)
-        full = clamp_to_window(image[tumor.mask], sign * inside[tumor.mask], self.card.window_hu)
+        delta = clamp_to_window(
+            image, (sign * tumor.profile * inside).astype(np.float32), self.card.preprocessing.window_hu
+        )
+        full = clamp_to_window(image[tumor.mask], sign * inside[tumor.mask], self.card.preprocessing.window_hu)
         return delta, float(full.mean()) if full.size else 0.0

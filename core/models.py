@@ -7,9 +7,10 @@ Their checkpoints (``model.safetensors`` + ``model.json``) are read and written 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from freetumor_cli.core.errors import ConfigError, InputError
+from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.registry import (
     MODELS,
     ORGANS,
@@ -20,9 +21,6 @@ from freetumor_cli.core.registry import (
     check_choices,
     tasks_with_organ,
 )
-
-if TYPE_CHECKING:
-    from freetumor_cli.core.preprocess import Preprocessing
 
 ModelName = Literal["swinunetr", "unet", "unet-tiny"]
 assert get_args(ModelName) == MODELS, "the registry's MODELS are the command line's choices"
@@ -37,10 +35,8 @@ class ModelConfig:
             for CPUs) or ``unet-tiny`` (8..32, for tests and the demo).
         out_channels: classes predicted.
         roi: sliding-window / crop size in voxels.
-        region: the region of the task (its label space).
         task: the task the network serves (a registry task: its cases, organs and tumors).
-        spacing_mm: voxel size the network works at.
-        window_hu: HU window mapped to [0, 1].
+        preprocessing: the chain the network was trained with (its region is the task's: the label space).
         labels: output channel -> the class it predicts, by its name in the region's label space: the
             task's classes, or only its tumors (the authors' COVID-19 baseline: background, lesion; the
             lung is background to it). Empty: the task's classes.
@@ -50,21 +46,29 @@ class ModelConfig:
     name: ModelName = "swinunetr"
     out_channels: int = 3
     roi: tuple[int, int, int] = REGIONS["abdomen"].roi
-    region: RegionName = "abdomen"
     task: TaskName = "liver"
-    spacing_mm: tuple[float, float, float] = REGIONS["abdomen"].spacing_mm
-    window_hu: tuple[float, float] = REGIONS["abdomen"].window_hu
+    preprocessing: Preprocessing = field(default_factory=lambda: Preprocessing.for_region("abdomen"))
     labels: dict[str, str] = field(default_factory=dict)
     feature_size: int = 48
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.preprocessing.region != TASKS[self.task].region:
+            raise ValueError(
+                f"a {self.task} network works in the {TASKS[self.task].region}, its preprocessing is the "
+                f"{self.preprocessing.region}'s"
+            )
         if self.labels:
             names = REGIONS[self.region].labels.values()
             if sorted(self.labels) != sorted(str(c) for c in range(self.out_channels)):
                 raise ValueError(f"labels must name the channels 0..{self.out_channels - 1}, got {sorted(self.labels)}")
             if self.labels["0"] != "background" or not set(self.labels.values()) <= set(names):
                 raise ValueError(f"labels must be classes of the {self.region} with 0 background, got {self.labels}")
+
+    @property
+    def region(self) -> RegionName:
+        """The region of the task (its label space)."""
+        return self.preprocessing.region
 
     def class_names(self) -> dict[int, str]:
         """Output channel -> the name of the class it predicts, in the region's label space."""
@@ -96,12 +100,6 @@ class ModelConfig:
             f"a {self.task} network of classes {', '.join(self.class_names().values())} does not segment {organ} tumors",
             hint=f"use a network of a task that includes {organ}: {', '.join(tasks_with_organ(organ))}",
         )
-
-    def preprocessing(self) -> Preprocessing:
-        """The preprocessing the network was trained with."""
-        from freetumor_cli.core.preprocess import Preprocessing
-
-        return Preprocessing.for_region(self.region, spacing_mm=self.spacing_mm, window_hu=self.window_hu)
 
 
 def build_model(config: ModelConfig) -> Any:

@@ -38,7 +38,7 @@ def channels_to_region(config: ModelConfig) -> np.ndarray:
 def _preprocess(config: ModelConfig) -> Any:
     from monai import transforms as T
 
-    return T.Compose(config.preprocessing().transforms(("image",)))
+    return T.Compose(config.preprocessing.transforms(("image",)))
 
 
 def _probabilities(model: Any, config: ModelConfig, x: Any, *, overlap: float, tta: bool) -> Any:
@@ -147,7 +147,7 @@ def predict_cases(
 
     device = resolve_device(device or "auto")
     model, config, _ = load_checkpoint(checkpoint, device=device)
-    store = open_store(prepared, config.preprocessing()) if prepared is not None else None
+    store = open_store(prepared, config.preprocessing) if prepared is not None else None
     out = Path(out_dir)
     written, from_store = [], 0
     for item in entries:

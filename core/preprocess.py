@@ -62,6 +62,14 @@ class Preprocessing:
         window = tuple(float(w) for w in (window_hu if window_hu is not None else r.window_hu))
         return cls(region, spacing, window, orientation or r.orientation, crop_foreground)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        """The chain from its JSON form (``dataclasses.asdict``, lists for tuples)."""
+        return cls.for_region(
+            str(data["region"]), spacing_mm=data["spacing_mm"], window_hu=data["window_hu"],
+            orientation=data.get("orientation"), crop_foreground=bool(data.get("crop_foreground", True)),
+        )  # fmt: skip
+
     def digest(self) -> str:
         """A short hash of the chain: equal digests give equal arrays from equal inputs."""
         text = json.dumps({"format": 1, **asdict(self)}, sort_keys=True)

@@ -74,31 +74,29 @@ from freetumor_cli.core.training import (
 )
 
 
-def check_sees_as_run(
-    what: str, source: object, run: ModelConfig, *, region: str, spacing_mm: Any, window_hu: Any, roi: Any
-) -> None:
+def check_sees_as_run(what: str, source: object, run: ModelConfig, preprocessing: Preprocessing, roi: Any) -> None:
     """A network that works on the run's crops (quality-control baseline, generator) must see them as it
-    was trained to: the run's region, spacing, window and crop.
+    was trained to: its ``preprocessing`` (region, spacing, window) and crop ``roi`` are the run's.
 
     Raises:
         ConfigError: naming the first setting that differs, and how to make them agree.
     """
+    ours, theirs = run.preprocessing, preprocessing
     fixes = {
         "region": f"use a {what} trained for the {run.region}",
-        "spacing_mm": f"train the {what} at the run's spacing, or set the run's: --set spacing_mm={list(spacing_mm)}",
-        "window_hu": f"train the {what} with the {run.region}'s window {list(run.window_hu)}",
+        "spacing_mm": f"train the {what} at the run's spacing, or set the run's: --set spacing_mm={list(theirs.spacing_mm)}",
+        "window_hu": f"train the {what} with the {run.region}'s window {list(ours.window_hu)}",
         "roi": f"train the {what} on the run's crop, or set the run's: --set roi={list(roi)}",
     }
-    for key, ours, theirs in (
-        ("region", run.region, region),
-        ("spacing_mm", tuple(run.spacing_mm), tuple(float(s) for s in spacing_mm)),
-        ("window_hu", tuple(run.window_hu), tuple(float(w) for w in window_hu)),
+    for key, mine, its in (
+        ("region", ours.region, theirs.region),
+        ("spacing_mm", tuple(ours.spacing_mm), tuple(theirs.spacing_mm)),
+        ("window_hu", tuple(ours.window_hu), tuple(theirs.window_hu)),
         ("roi", tuple(run.roi), tuple(int(n) for n in roi)),
     ):
-        if ours != theirs:
+        if mine != its:
             raise ConfigError(
-                f"the {what} {source} was trained with {key} {theirs}, this run uses {ours}",
-                hint=fixes[key],
+                f"the {what} {source} was trained with {key} {its}, this run uses {mine}", hint=fixes[key]
             )
 
 
@@ -112,20 +110,14 @@ def check_quality_control_baseline(baseline: ModelConfig, run: ModelConfig, sour
     Raises:
         ConfigError: naming what differs.
     """
-    check_sees_as_run(
-        "quality-control baseline", source, run, region=baseline.region, spacing_mm=baseline.spacing_mm,
-        window_hu=baseline.window_hu, roi=baseline.roi,
-    )  # fmt: skip
+    check_sees_as_run("quality-control baseline", source, run, baseline.preprocessing, baseline.roi)
     return {o: baseline.tumor_channel(o) for o in TASKS[run.task].organs}
 
 
 def check_generator(card: GeneratorCard, run: ModelConfig, source: object) -> None:
     """A generator must see the run's crops as it was trained to: its region, spacing, window and crop
     (its card, ``generator.json``) are the run's (:func:`check_sees_as_run`)."""
-    check_sees_as_run(
-        "generator", source, run, region=card.region, spacing_mm=card.spacing_mm, window_hu=card.window_hu,
-        roi=card.roi,
-    )  # fmt: skip
+    check_sees_as_run("generator", source, run, card.preprocessing, card.roi)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -146,10 +138,8 @@ def model_config_for(config: TrainSegConfig) -> ModelConfig:
         name=config.model,
         out_channels=task.out_channels,
         roi=config.roi,
-        region=task.region,
         task=task.name,
-        spacing_mm=preprocessing.spacing_mm,
-        window_hu=preprocessing.window_hu,
+        preprocessing=preprocessing,
         labels={str(k): v for k, v in task.labels.items()},
     )
 
@@ -344,7 +334,7 @@ def set_up_run(
     train_entries = training_entries(config, lists)
     model_config = model_config_for(config)
     pipeline = Pipeline(
-        task=config.task, preprocessing=model_config.preprocessing(), roi=model_config.roi,
+        task=config.task, preprocessing=model_config.preprocessing, roi=model_config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg,
         synthesize=config.mode == "freesyn", augment=config.augment,
         geometry_only=config.mode == "freesyn" and config.engine == "generator", synth_prob=config.synth_prob,

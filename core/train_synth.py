@@ -209,7 +209,6 @@ def set_up_run(
 
     from freetumor_cli.core.checkpoints import load_checkpoint, load_generator, save_generator, trained_channels
     from freetumor_cli.core.gan import GanConfig, freeze_critic, make_discriminator, make_generator
-    from freetumor_cli.core.preprocess import Preprocessing
     from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms, read_task_datalist
 
     check_run_folder(out, resume)
@@ -238,9 +237,7 @@ def set_up_run(
         raise InputError(
             "train-synth needs tumor-labelled and organ-only cases in the prepared data", hint="see prepare_report.md"
         )
-    preprocessing = Preprocessing.for_region(
-        config.region, spacing_mm=config.spacing_mm or critic_config.spacing_mm, window_hu=critic_config.window_hu
-    )
+    preprocessing = critic_config.preprocessing  # the critic's task is of the run's region (generator_task)
     pipeline = Pipeline(
         task=task, preprocessing=preprocessing, roi=config.roi or critic_config.roi,
         crops_per_volume=config.crops_per_volume, pos=config.pos, neg=config.neg, geometry_only=True,
@@ -282,7 +279,7 @@ def set_up_run(
 
     def save(module: Any, folder: Path, extra: dict[str, Any]) -> None:
         save_generator(
-            module, gan, folder, spacing_mm=preprocessing.spacing_mm, window_hu=preprocessing.window_hu, roi=pipeline.roi,
+            module, gan, folder, preprocessing=preprocessing, roi=pipeline.roi,
             organ_channels=channels, discriminator=accelerator.unwrap_model(discriminator),
             extra={**extra, "critic": str(baseline), **({"init": str(config.init)} if init else {})},
         )  # fmt: skip
@@ -345,7 +342,7 @@ def train_generator(
     accelerator, plan, progress, generator = run.accelerator, run.plan, run.progress, run.generator
     rules_qc = float("nan")
     if run.heldout is not None:
-        window = (float(run.critic_config.window_hu[0]), float(run.critic_config.window_hu[1]))
+        window = run.critic_config.preprocessing.window_hu
         rules_scores = score_rules(run, window)
         rules_qc = rules_scores.get("qc_pass_rate", float("nan"))
         if not resume:
@@ -461,9 +458,10 @@ def _heldout_batch(
 
 def check_matches_critic(config: TrainSynthConfig, critic: Any) -> None:
     """A run's crop and voxel size must be the critic's: it judges tumors as it was trained to see them."""
-    if config.spacing_mm is not None and tuple(config.spacing_mm) != tuple(critic.spacing_mm):
+    critic_spacing = critic.preprocessing.spacing_mm
+    if config.spacing_mm is not None and tuple(config.spacing_mm) != tuple(critic_spacing):
         raise ConfigError(
-            f"spacing_mm {list(config.spacing_mm)} differs from the critic's {list(critic.spacing_mm)}",
+            f"spacing_mm {list(config.spacing_mm)} differs from the critic's {list(critic_spacing)}",
             hint="leave spacing_mm unset (the critic's is used) or train a critic at that spacing",
         )
     if config.roi is not None and tuple(config.roi) != tuple(critic.roi):

@@ -80,8 +80,8 @@ SCRIPT = textwrap.dedent(
     generator, opt_g = accelerator.prepare(generator, opt_g)
     critic = network(7).eval()
     critic_config = ModelConfig(
-        name="unet-tiny", out_channels=7, roi=(32, 32, 32), region="abdomen", task="all", spacing_mm=(4.0, 4.0, 4.0),
-        window_hu=(-175.0, 250.0),
+        name="unet-tiny", out_channels=7, roi=(32, 32, 32), task="all",
+        preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(4.0, 4.0, 4.0)),
     )
     synth = TrainSynthConfig(base_channels=4, roi=(32, 32, 32), workers=0, crops_per_volume=2)
     pipeline = Pipeline(task="all", preprocessing=pp, roi=(32, 32, 32), crops_per_volume=2, geometry_only=True)

@@ -21,6 +21,7 @@ from freetumor_cli.core.gan import (  # noqa: E402
     make_generator,
     voxel_roles,
 )
+from freetumor_cli.core.preprocess import Preprocessing  # noqa: E402
 
 
 def test_reference_generator_has_about_19m_parameters() -> None:
@@ -376,7 +377,7 @@ def test_a_generator_whose_tumors_are_brighter_than_the_liver_is_named(tmp_path:
         generator.out_tr.weight.zero_()
         generator.out_tr.bias.fill_(-5.0)
     save_generator(
-        generator, gan, root / "gen", spacing_mm=(4.0, 4.0, 4.0), window_hu=(-175.0, 250.0), roi=(32, 32, 32),
+        generator, gan, root / "gen", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(4.0,) * 3), roi=(32,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
     p = make_phantom((64, 60, 40), (4.0, 4.0, 4.0), seed=7)
@@ -427,7 +428,7 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     image = nib.load(path)
     hu, affine = np.asarray(image.dataobj), image.affine  # as synthesize has them (float32 in the header)
     card = GeneratorCard(
-        "abdomen", 2, 0.1, True, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-175.0, 250.0), roi=(16, 16, 16)
+        Preprocessing.for_region("abdomen", spacing_mm=(3.0, 3.0, 3.0)), 2, 0.1, True, roi=(16, 16, 16)
     )
     organ = p.labels.array == ORGANS["liver"].value
     from scipy import ndimage
@@ -439,7 +440,7 @@ def test_learned_engine_preprocesses_as_the_generator_was_trained(tmp_path: obje
     tumor_box = tuple(slice(int(c) - 2, int(c) + 2) for c in deepest)
     recorder = Recorder()
     box, change = generator_map(hu, affine, (tuple(slice(0, n) for n in hu.shape), organ), tumor_box, recorder, card, 0)
-    chain = Compose(card.preprocessing().transforms(("image",), crop_foreground=False))
+    chain = Compose(card.preprocessing.transforms(("image",), crop_foreground=False))
     whole = chain({"image": str(path)})["image"]
     grid = np.asarray(whole.affine)
     center = np.linalg.solve(grid[:3, :3], affine[:3, :3] @ (np.array(deepest) - 0.5) + affine[:3, 3] - grid[:3, 3])

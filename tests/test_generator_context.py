@@ -17,6 +17,7 @@ pytest.importorskip("monai")
 
 from freetumor_cli.core.errors import ConfigError  # noqa: E402
 from freetumor_cli.core.gan import GanConfig, intensity_map, make_generator, organ_voxels  # noqa: E402
+from freetumor_cli.core.preprocess import Preprocessing  # noqa: E402
 from freetumor_cli.core.registry import ORGANS, REGIONS  # noqa: E402
 
 
@@ -103,7 +104,7 @@ def test_synthesize_gives_the_map_the_training_path_gives(tmp_path: Path) -> Non
     hu, affine = p.ct.array.astype(np.float32), p.ct.affine
     organ = p.labels.array == ORGANS["liver"].value
     card = GeneratorCard(
-        "abdomen", 2, 0.1, True, spacing_mm=(3.0, 3.0, 3.0), window_hu=(-175.0, 250.0), roi=(16, 16, 16)
+        Preprocessing.for_region("abdomen", spacing_mm=(3.0, 3.0, 3.0)), 2, 0.1, True, roi=(16, 16, 16)
     )
     generator = released_like(3)
     center = np.argwhere(organ).mean(axis=0).round().astype(int)
@@ -159,7 +160,7 @@ def test_train_seg_refuses_a_generator_of_another_spacing(tmp_path: Path) -> Non
 
     gan = GanConfig(base_channels=2)
     generator = save_generator(
-        make_generator(gan), gan, tmp_path / "gen", spacing_mm=(3.0, 3.0, 3.0), window_hu=(-175, 250), roi=(32,) * 3,
+        make_generator(gan), gan, tmp_path / "gen", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(3.0,) * 3), roi=(32,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
     from freetumor_cli.core.prepare import PrepareConfig, prepare
@@ -189,7 +190,7 @@ def saturated_generator(folder: Path, *, spacing: float = 4.0) -> Path:
         module.out_tr.weight.zero_()
         module.out_tr.bias.fill_(20.0)
     return save_generator(
-        module, gan, folder, spacing_mm=(spacing,) * 3, window_hu=REGIONS["abdomen"].window_hu, roi=(32,) * 3,
+        module, gan, folder, preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(spacing,) * 3), roi=(32,) * 3,
         organ_channels={"liver": 0, "pancreas": 0, "kidney": 0},
     )  # fmt: skip
 
@@ -285,7 +286,7 @@ def test_a_generator_json_of_the_first_versions_still_loads(tmp_path: Path) -> N
 
     gan = GanConfig(base_channels=2, batch_stats=False)
     folder = save_generator(
-        make_generator(gan), gan, tmp_path / "first", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
+        make_generator(gan), gan, tmp_path / "first", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(1.5,) * 3), roi=(96,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
     first = {
@@ -296,9 +297,9 @@ def test_a_generator_json_of_the_first_versions_still_loads(tmp_path: Path) -> N
     (folder / "generator.json").write_text(json.dumps(first))
     loaded = load_generator(folder)
     assert loaded.card == GeneratorCard(
-        "abdomen", 2, 0.1, False, (1.5, 1.5, 1.5), (-175.0, 250.0), (96, 96, 96), {},
+        Preprocessing.for_region("abdomen", spacing_mm=(1.5, 1.5, 1.5)), 2, 0.1, False, (96, 96, 96), {},
         {"version": "0.1.0", "critic": "runs/baseline/checkpoints/best"},
     )  # fmt: skip
     assert type(loaded.module.down_tr64.ops[0].bn1) is torch.nn.BatchNorm3d
-    assert loaded.channel("kidney") == 2 and loaded.card.preprocessing().spacing_mm == (1.5, 1.5, 1.5)
+    assert loaded.channel("kidney") == 2 and loaded.card.preprocessing.spacing_mm == (1.5, 1.5, 1.5)
     assert loaded.meta["generator"]["batch_stats"] is False and loaded.meta["critic"] == first["critic"]

@@ -247,8 +247,8 @@ def test_every_read_of_a_damaged_store_case_falls_back_to_the_raw_files(stored: 
     records = read_manifest(stored)
     raw = [case_for_validation(CaseSource(pp, None), r, "liver") for r in records]
     torch.manual_seed(0)
-    config = ModelConfig(name="unet-tiny", out_channels=3, roi=(32, 32, 32), region="abdomen", task="liver",
-                         spacing_mm=(4.0, 4.0, 4.0), window_hu=(-175.0, 250.0))  # fmt: skip
+    config = ModelConfig(name="unet-tiny", out_channels=3, roi=(32, 32, 32), task="liver",
+                         preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(4.0, 4.0, 4.0)))  # fmt: skip
     checkpoint = save_checkpoint(build_model(config), config, tmp_path / "ckpt")
     expected, _, _ = predict_cases(checkpoint, records, tmp_path / "raw", device="cpu")
     for k, record in enumerate(records):

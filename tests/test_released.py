@@ -29,6 +29,7 @@ from freetumor_cli.core.checkpoints import (  # noqa: E402
 )
 from freetumor_cli.core.errors import InputError  # noqa: E402
 from freetumor_cli.core.gan import GanConfig, make_discriminator, make_generator  # noqa: E402
+from freetumor_cli.core.preprocess import Preprocessing  # noqa: E402
 
 from .conftest import flat  # noqa: E402
 from .hub_server import fail_writes_under, serve_hub, silent_hub  # noqa: E402
@@ -94,7 +95,7 @@ def test_the_authors_baselines_load_with_their_names(released: dict[str, Path]) 
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), swinunetr(7)(x))
     _, chest = import_segmentor(released["covid"])
-    assert (chest.task, chest.region, chest.spacing_mm, chest.roi, chest.out_channels) == (
+    assert (chest.task, chest.region, chest.preprocessing.spacing_mm, chest.roi, chest.out_channels) == (
         "covid",
         "chest",
         (1.25, 1.25, 5.0),
@@ -156,7 +157,7 @@ def test_an_untrained_channel_is_refused(released: dict[str, Path], tmp_path: Pa
 
     gan = GanConfig(base_channels=2)
     folder = save_generator(
-        make_generator(gan), gan, tmp_path / "liver_only", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(96,) * 3,
+        make_generator(gan), gan, tmp_path / "liver_only", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(1.5,) * 3), roi=(96,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
     loaded = load_generator(folder)
@@ -270,8 +271,9 @@ def test_evaluate_writes_and_scores_the_lesion_of_a_two_class_network(tmp_path: 
     from freetumor_cli.core.models import ModelConfig, build_model
 
     config = ModelConfig(
-        name="unet-tiny", out_channels=2, roi=(32, 32, 16), region="chest", task="covid", spacing_mm=(4.0, 4.0, 4.0),
-        window_hu=(-1000.0, 500.0), labels={"0": "background", "1": "lesion"},
+        name="unet-tiny", out_channels=2, roi=(32, 32, 16), task="covid",
+        preprocessing=Preprocessing.for_region("chest", spacing_mm=(4.0, 4.0, 4.0), window_hu=(-1000.0, 500.0)),
+        labels={"0": "background", "1": "lesion"},
     )  # fmt: skip
     model = build_model(config)
     with torch.no_grad():
@@ -600,3 +602,30 @@ def test_the_chest_workflow_with_the_two_class_baseline(released: dict[str, Path
     assert result.exit_code == 0, result.output
     predicted = load_volume(next((tmp_path / "ev" / "predictions").glob("*.nii.gz"))).array
     assert set(np.unique(predicted).tolist()) <= {0, 2}  # background and lesion, in the chest's space
+
+
+def test_a_model_json_of_earlier_versions_still_loads(tmp_path: Path) -> None:
+    """model.json nests the network's preprocessing now; a file with the earlier flat layout (region,
+    spacing_mm and window_hu beside the network's sizes) loads into the same configuration."""
+    import json
+
+    from freetumor_cli.core.checkpoints import load_checkpoint, save_checkpoint
+    from freetumor_cli.core.models import ModelConfig, build_model
+
+    config = ModelConfig(
+        name="unet-tiny", out_channels=2, roi=(32, 32, 16), task="covid",
+        preprocessing=Preprocessing.for_region("chest", spacing_mm=(4.0, 4.0, 4.0), window_hu=(-1000.0, 500.0)),
+        labels={"0": "background", "1": "lesion"},
+    )  # fmt: skip
+    folder = save_checkpoint(build_model(config), config, tmp_path / "net")
+    assert load_checkpoint(folder)[1] == config
+    written = json.loads((folder / "model.json").read_text())
+    assert written["model"]["preprocessing"]["window_hu"] == [-1000.0, 500.0]
+    earlier = {
+        "name": "unet-tiny", "out_channels": 2, "roi": [32, 32, 16], "region": "chest", "task": "covid",
+        "spacing_mm": [4.0, 4.0, 4.0], "window_hu": [-1000.0, 500.0], "labels": {"0": "background", "1": "lesion"},
+        "feature_size": 48,
+    }  # fmt: skip
+    (folder / "model.json").write_text(json.dumps({"model": earlier, "step": 10}))
+    _, loaded, meta = load_checkpoint(folder)
+    assert loaded == config and loaded.region == "chest" and meta["step"] == 10

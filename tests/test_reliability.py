@@ -23,6 +23,7 @@ from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.outputs import TEMP_PREFIX, OutputLock
 from freetumor_cli.core.phantom import Phantom
 from freetumor_cli.core.prepare import PrepareConfig
+from freetumor_cli.core.preprocess import Preprocessing
 
 from .conftest import flat, phantom_root_of, prepare_phantom_root
 
@@ -261,7 +262,7 @@ def test_checkpoints_and_training_state_follow_the_umask(prepared: Path, tmp_pat
         code, output = invoke("train-seg", "--data", prepared, "--out", tmp_path / "run", "--max-steps", "1", *TINY)
         gan = GanConfig(base_channels=4)
         save_generator(
-            make_generator(gan), gan, tmp_path / "gen", spacing_mm=(4, 4, 4), window_hu=(-175, 250), roi=(32, 32, 32),
+            make_generator(gan), gan, tmp_path / "gen", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(4, 4, 4)), roi=(32,) * 3,
             organ_channels={"liver": 0}, discriminator=make_discriminator(gan),
         )  # fmt: skip
     finally:
@@ -536,7 +537,7 @@ def test_a_truncated_generator_is_one_line(tmp_path: Path, totalseg_case: Path) 
 
     gan = GanConfig(region="abdomen", base_channels=4)
     folder = save_generator(
-        make_generator(gan), gan, tmp_path / "g", spacing_mm=(1.5,) * 3, window_hu=(-175, 250), roi=(32, 32, 32),
+        make_generator(gan), gan, tmp_path / "g", preprocessing=Preprocessing.for_region("abdomen", spacing_mm=(1.5,) * 3), roi=(32,) * 3,
         organ_channels={"liver": 0},
     )  # fmt: skip
     truncate(folder / "generator.safetensors", 0.3)
