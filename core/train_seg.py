@@ -129,11 +129,12 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 
 def model_config_for(config: TrainSegConfig) -> ModelConfig:
-    """The network's configuration: its task's label space and the run's preprocessing."""
-    config = config.resolved()
+    """The network's configuration: its task's label space and the run's preprocessing, from a resolved
+    ``config`` (:meth:`TrainSegConfig.resolved`, done once where a run starts)."""
+    if config.roi is None or config.spacing_mm is None:
+        raise ValueError("model_config_for needs a resolved configuration: pass config.resolved()")
     task = TASKS[config.task]
     preprocessing = Preprocessing.for_region(task.region, spacing_mm=config.spacing_mm)
-    assert config.roi is not None
     return ModelConfig(
         name=config.model,
         out_channels=task.out_channels,

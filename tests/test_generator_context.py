@@ -139,7 +139,7 @@ def test_a_generator_trained_otherwise_is_refused(key: str, value: list[float], 
     from freetumor_cli.core.checkpoints import GeneratorCard
     from freetumor_cli.core.train_seg import TrainSegConfig, check_generator, model_config_for
 
-    run = model_config_for(TrainSegConfig(task="liver", model="unet"))
+    run = model_config_for(TrainSegConfig(task="liver", model="unet").resolved())
     gan = {"region": "abdomen", "base_channels": 32, "adversarial_weight": 0.1}
     meta = {"generator": gan, "spacing_mm": [1.5] * 3, "window_hu": [-175.0, 250.0], "roi": [96] * 3}
     check_generator(GeneratorCard.from_json(meta), run, "gen")  # the same: accepted

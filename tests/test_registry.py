@@ -77,7 +77,7 @@ def test_region_defaults_come_from_the_library() -> None:
 
     chest = TrainSegConfig(task="covid", model="unet").resolved()
     assert chest.roi == (192, 192, 32) and chest.spacing_mm == (1.25, 1.25, 5.0)
-    model = model_config_for(TrainSegConfig(task="covid", model="unet"))
+    model = model_config_for(TrainSegConfig(task="covid", model="unet").resolved())
     assert (model.region, model.roi, model.preprocessing.window_hu, model.out_channels) == (
         "chest",
         (192, 192, 32),
@@ -137,7 +137,7 @@ def test_one_preprocessing_for_prepare_training_and_prediction() -> None:
 
     for region in REGIONS:
         assert PreprocessConfig().for_region(region) == Preprocessing.for_region(region)
-    trained = model_config_for(TrainSegConfig(task="liver")).preprocessing
+    trained = model_config_for(TrainSegConfig(task="liver").resolved()).preprocessing
     assert trained == Preprocessing.for_region("abdomen") == ModelConfig().preprocessing
     assert trained.digest() != Preprocessing.for_region("abdomen", spacing_mm=(2, 2, 2)).digest()
 

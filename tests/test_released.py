@@ -224,7 +224,7 @@ def test_quality_control_and_the_critic_read_the_lesion_channel(released: dict[s
     from freetumor_cli.core.train_synth import gan_batch
 
     _, config = import_segmentor(released["covid"])
-    run = model_config_for(TrainSegConfig(task="covid", model="unet"))
+    run = model_config_for(TrainSegConfig(task="covid", model="unet").resolved())
     channels = check_quality_control_baseline(config, run, "covid-baseline")
     assert channels == {"lung": 1}
 
