@@ -392,12 +392,14 @@ def trained_baseline(
 
 
 def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:
-    """Per tumor, the share of its voxels the baseline predicts as tumor (the quality-control measure)."""
-    values = []
-    for case, mask in truths:
-        predicted = load_volume(prediction_dir / f"{case}.nii.gz", what="prediction").array == 2
-        values.append(float((predicted & mask).sum() / max(1, mask.sum())))
-    return values
+    """Per tumor, the share of its voxels the baseline predicts as tumor: the quality-control measure
+    (:func:`~freetumor_cli.core.seg_data.found_share`) on its whole-CT prediction."""
+    from freetumor_cli.core.seg_data import found_share
+
+    return [
+        found_share(load_volume(prediction_dir / f"{case}.nii.gz", what="prediction").array, mask, LIVER.tumor_value)
+        for case, mask in truths
+    ]
 
 
 def _passes(recall: float, threshold: float) -> bool:
@@ -413,6 +415,7 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
     from scipy import ndimage
 
     from freetumor_cli.core.predict import predict_cases
+    from freetumor_cli.core.seg_data import passes_quality_control
     from freetumor_cli.core.synthesize import synthesize_tumors
 
     result_file = out / "qc_audit.json"
@@ -454,12 +457,12 @@ def qc_audit(out: Path, world: dict[str, Path], baseline: Path, generator: Path,
             chosen = [r for r, s in zip(recalls, sizes, strict=True) if s == size]
             per_size[size] = {
                 "n": len(chosen),
-                "pass_0.7": float(np.mean([r > 0.7 for r in chosen])),
+                "pass_0.7": float(np.mean([passes_quality_control(r, 0.7) for r in chosen])),
                 "pass_calibrated": float(np.mean([_passes(r, calibrated) for r in chosen])),
             }
         audit["engines"][engine] = {
             "recall": recalls,
-            "pass_0.7": float(np.mean([r > 0.7 for r in recalls])),
+            "pass_0.7": float(np.mean([passes_quality_control(r, 0.7) for r in recalls])),
             "pass_calibrated": float(np.mean([_passes(r, calibrated) for r in recalls])),
             "per_size": per_size,
         }

@@ -372,6 +372,22 @@ def cutmix_along_axis(images: Any, labels: Any, rng: np.random.Generator, *, alp
     return images, labels
 
 
+def found_share(predicted: Any, mask: Any, tumor_class: int) -> float:
+    """The quality-control measure: the share of a tumor's voxels (``mask``, bool) that a segmentor's
+    label map ``predicted`` (the argmax of its output; numpy or torch, the mask's shape) calls
+    ``tumor_class``; 0 for an empty mask. Training (:func:`quality_control`), the generator's held-out
+    scoring and the paired experiment's audit all measure tumors with it."""
+    voxels = int(mask.sum())
+    if voxels == 0:
+        return 0.0
+    return float((predicted[mask] == tumor_class).sum()) / voxels
+
+
+def passes_quality_control(share: float, threshold: float) -> bool:
+    """A synthetic tumor is kept when the segmentor finds more than ``threshold`` of it."""
+    return share > threshold
+
+
 def quality_control(
     probabilities: Any, synth_mask: Any, tumor_classes: Sequence[int], threshold: float
 ) -> tuple[list[bool], list[float]]:
@@ -387,17 +403,8 @@ def quality_control(
         (accepted per crop, the share per crop; crops without a synthetic tumor are not accepted, share 0).
     """
     predicted = probabilities.argmax(dim=1)
-    accepted, shares = [], []
-    for b, cls in enumerate(tumor_classes):
-        mask = synth_mask[b, 0].bool()
-        voxels = int(mask.sum())
-        if voxels == 0:
-            accepted.append(False)
-            shares.append(0.0)
-            continue
-        share = float((predicted[b][mask] == cls).float().mean())
-        shares.append(share)
-        accepted.append(share > threshold)
+    shares = [found_share(predicted[b], synth_mask[b, 0].bool(), cls) for b, cls in enumerate(tumor_classes)]
+    accepted = [bool(synth_mask[b].any()) and passes_quality_control(s, threshold) for b, s in enumerate(shares)]
     return accepted, shares
 
 
