@@ -582,9 +582,15 @@ def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
     organ_only = len(data["training"]) - labelled
     share = config.generator_tumor_share
     repeats = max(1, round(share / (1 - share) * organ_only / max(1, labelled))) if share < 1 else 1
+    heldout = heldout_cases(prepared)
+    if not heldout:
+        raise InputError(
+            f"{prepared} holds no organ-only case outside training, so the generator has no held-out crops",
+            hint="the world needs held-out organ-only CTs (FairConfig.heldout_cases > 0)",
+        )
     return TrainSynthConfig(
         region="abdomen", max_steps=config.synth_steps, roi=(config.roi,) * 3, labelled_repeats=repeats,
-        base_channels=config.generator_channels, heldout_crops=config.heldout_cases, lr=config.synth_lr,
+        base_channels=config.generator_channels, heldout_crops=len(heldout), lr=config.synth_lr,
         save_every_steps=max(25, config.synth_steps // 4), workers=config.workers, seed=seed,
         spacing_mm=config.spacing_mm, rules=crop_rules(config),
     )  # fmt: skip

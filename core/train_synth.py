@@ -88,14 +88,14 @@ class SynthSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def gan_batch(batch: Any, critic: Any, task: str, channels: Mapping[str, int]) -> Any:
-    """The adversarial step's batch from a training batch of geometry-only crops (:class:`SegBatch`): the
-    crops, their labels, the tumors' voxels and profile, and per crop its organ's generator channel, the
-    critic's tumor channel and the organ's voxels before synthesis."""
+def gan_batch(batch: Mapping[str, Any], critic: Any, task: str, channels: Mapping[str, int]) -> Any:
+    """The adversarial step's batch from a collated batch of geometry-only crops (read as a
+    :class:`SegBatch`): the crops, their labels, the tumors' voxels and profile, and per crop its organ's
+    generator channel, the critic's tumor channel and the organ's voxels before synthesis."""
     from freetumor_cli.core.gan import GanBatch
     from freetumor_cli.core.seg_data import SegBatch, tumor_organs
 
-    seg = SegBatch.of(batch) if isinstance(batch, Mapping) else batch
+    seg = SegBatch.of(batch)
     organs, organ_mask = tumor_organs(seg, task)
     return GanBatch(
         image=seg.image,
@@ -196,6 +196,8 @@ class SynthRun:
     window_width: float
     save: Callable[[Any, Path, dict[str, Any]], None]
     heldout: Any = None  # the fixed held-out GAN batch, or None
+    contrast_noted: bool = False  # a wrong held-out contrast was noted in run.log (once a run)
+    best_contrast: str | None = None  # what is wrong with the best checkpoint's contrast, or None
 
 
 def set_up_run(
@@ -350,7 +352,6 @@ def train_generator(
     step = int(progress["step"])
     store_fallback = StoreFallback(run.source, run.entries)
     generator_qc: list[float] = []
-    said = {"contrast": False, "best": None}
     with out_of_memory_is_an_error(out, accelerator.device, lambda: step + 1):
         for epoch in range(int(progress["epoch"]), plan.epochs):
             run.dataset.set_epoch(epoch)
@@ -393,7 +394,7 @@ def train_generator(
                 if on_step:
                     on_step(step, plan.total_steps, stats)
             if run.heldout is not None:
-                generator_qc.append(score_epoch(run, epoch, step, said))
+                generator_qc.append(score_epoch(run, epoch, step))
             progress.update({"epoch": epoch + 1, "step": step})
             if step >= plan.total_steps:
                 break
@@ -404,21 +405,22 @@ def train_generator(
             run.save(final, out / "checkpoints" / "best", {"step": step})
     save_training_state(accelerator, out, progress)
     accelerator.end_training()
-    warnings = [f"the best checkpoint: {said['best']}"] if said["best"] else []
+    warnings = [f"the best checkpoint: {run.best_contrast}"] if run.best_contrast else []
     return SynthSummary(out, step, generator_qc, rules_qc, accelerator.is_main_process, warnings)
 
 
-def score_epoch(run: SynthRun, epoch: int, step: int, said: dict[str, Any]) -> float:
+def score_epoch(run: SynthRun, epoch: int, step: int) -> float:
     """Score the generator on the held-out crops after an epoch: log it, preview it, keep it as
     ``checkpoints/best`` when best (QC pass rate, ties: critic tumor probability); its QC pass rate.
-    ``said`` remembers whether a wrong contrast was noted, and the best checkpoint's."""
+    A wrong contrast is noted once a run (``run.contrast_noted``), and the best checkpoint's kept
+    (``run.best_contrast``)."""
     accelerator, out, progress = run.accelerator, run.out, run.progress
     images, scores = score_heldout(
         accelerator.unwrap_model(run.generator), run.heldout, run.critic, run.config, run.window_width
     )
     contrast = wrong_contrast(run.config.region, scores.get("hu_contrast", 0.0), "the generator's tumors")
-    if contrast and not said["contrast"]:
-        said["contrast"] = True
+    if contrast and not run.contrast_noted:
+        run.contrast_noted = True
         note(accelerator, out, f"epoch {epoch + 1}, held-out crops: {contrast}")
     log_metrics(accelerator, out, {**scores, "epoch": epoch, "step": step}, step)
     key = [scores.get("qc_pass_rate", -1.0), scores.get("critic_tumor_prob", -1.0)]
@@ -426,7 +428,7 @@ def score_epoch(run: SynthRun, epoch: int, step: int, said: dict[str, Any]) -> f
         _preview(run.heldout, images, out / "previews" / f"epoch_{epoch:03d}.png")
     if key > progress["best"]:  # every process decides alike: the held-out batch is the same
         progress["best"] = key
-        said["best"] = contrast
+        run.best_contrast = contrast
         if accelerator.is_main_process:
             run.save(accelerator.unwrap_model(run.generator), out / "checkpoints" / "best", {"epoch": epoch, **scores})
     return float(scores.get("qc_pass_rate", float("nan")))
