@@ -269,7 +269,8 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         f"{config.labelled_cases} liver CTs with tumor labels, {config.organ_only_cases} CTs with organ labels only, "
         f"{config.test_cases} held-out test CTs with 3 liver tumors each, drawn by the phantom's recipe (not the "
         f"synthesizer's). {config.spacing_mm[0]:g} mm voxels, MONAI {config.model} on {config.roi}³ crops. One "
-        f"baseline ({config.baseline_steps} steps, warm-up, CutMix); every arm continues from it for "
+        f"baseline ({(seed or {}).get('baseline', {}).get('steps', config.baseline_steps)} steps, warm-up, CutMix); "
+        f"every arm continues from it for "
         f"{config.arm_steps} steps with the same seed and the same crops (B-D: the same tumor geometry in every "
         f"crop); the generator trained {config.synth_steps} steps with the baseline as critic (its last checkpoint). Synthetic sizes are those a crop holds (diameter at most half its side): "
         f"{', '.join((seed or {}).get('sizes', []))}.",

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from freetumor_cli.core.errors import InputError, OutputExistsError
+from freetumor_cli.core.errors import ConfigError, InputError, OutputExistsError
 from freetumor_cli.core.io import load_volume, save_volume
 from freetumor_cli.core.outputs import write_text_atomic
 from freetumor_cli.core.registry import ORGANS
@@ -142,6 +142,15 @@ class FairConfig:
     audit_cases: int = 16
     bootstrap: int = 2000
     workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.calibration_cases < 1:
+            raise ConfigError(
+                "the paired experiment needs calibration CTs: they check the baseline and calibrate the audit",
+                hint="set calibration_cases to 1 or more (5 by default)",
+            )
+        if self.plateau_retries < 0:
+            raise ConfigError(f"plateau_retries is {self.plateau_retries}", hint="use 0 (check only) or more")
 
     @classmethod
     def quick(cls) -> FairConfig:

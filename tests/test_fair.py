@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,6 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
 def test_held_out_crops_come_from_cases_no_stage_trains_on(tmp_path: Path) -> None:
     """The generator is scored on crops of organ-only cases outside every training list; the audit is
     calibrated on labelled CTs outside the data."""
-    from dataclasses import replace
 
     from freetumor_cli.core.fair import generator_config, heldout_cases, prepared_world
 
@@ -110,7 +110,6 @@ def test_held_out_crops_come_from_cases_no_stage_trains_on(tmp_path: Path) -> No
 
 
 def test_a_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
-    from dataclasses import replace
 
     from freetumor_cli.core.errors import OutputExistsError
     from freetumor_cli.core.fair import make_world
@@ -121,3 +120,13 @@ def test_a_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
     make_world(tmp_path, replace(config, arms=("A", "E"), seeds=(0, 1), bootstrap=50, workers=0), 0)
     with pytest.raises(OutputExistsError, match="baseline_steps"):
         make_world(tmp_path, replace(config, baseline_steps=99), 0)
+
+
+def test_a_configuration_without_calibration_cts_is_refused() -> None:
+    """The calibration CTs check the baseline before the arms start and calibrate the audit."""
+    from freetumor_cli.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration CTs"):
+        replace(FairConfig.quick(), calibration_cases=0)
+    with pytest.raises(ConfigError, match="plateau_retries"):
+        replace(FairConfig.quick(), plateau_retries=-1)
