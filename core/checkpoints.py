@@ -315,10 +315,11 @@ class GeneratorCard:
     def from_json(cls, data: Mapping[str, Any]) -> GeneratorCard:
         """The card of a ``generator.json`` of this version or an earlier one."""
         gan = data["generator"]
-        known = {"generator", "spacing_mm", "window_hu", "roi", "organ_channels"}
-        preprocessing = Preprocessing.for_region(
-            str(gan["region"]), spacing_mm=data["spacing_mm"], window_hu=data["window_hu"]
-        )  # generator.json keeps its flat layout: spacing and window beside the network's sizes
+        known = {"generator", "spacing_mm", "window_hu", "orientation", "roi", "organ_channels"}
+        preprocessing = Preprocessing.for_region(  # flat in generator.json, beside the network's sizes
+            str(gan["region"]), spacing_mm=data["spacing_mm"], window_hu=data["window_hu"],
+            orientation=data.get("orientation"),  # the region's in files written before it was recorded
+        )  # fmt: skip
         return cls(
             preprocessing=preprocessing, base_channels=int(gan["base_channels"]),
             adversarial_weight=float(gan["adversarial_weight"]), batch_stats=bool(gan.get("batch_stats", False)),
@@ -335,7 +336,7 @@ class GeneratorCard:
                 "adversarial_weight": self.adversarial_weight, "batch_stats": self.batch_stats,
             },
             "spacing_mm": list(self.preprocessing.spacing_mm), "window_hu": list(self.preprocessing.window_hu),
-            "roi": list(self.roi),
+            "orientation": self.preprocessing.orientation, "roi": list(self.roi),
             "organ_channels": dict(self.organ_channels), **self.extra,
         }  # fmt: skip
 

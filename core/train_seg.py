@@ -86,12 +86,14 @@ def check_sees_as_run(what: str, source: object, run: ModelConfig, preprocessing
         "region": f"use a {what} trained for the {run.region}",
         "spacing_mm": f"train the {what} at the run's spacing, or set the run's: --set spacing_mm={list(theirs.spacing_mm)}",
         "window_hu": f"train the {what} with the {run.region}'s window {list(ours.window_hu)}",
+        "orientation": f"prepare the run's data in the {what}'s orientation {theirs.orientation}",
         "roi": f"train the {what} on the run's crop, or set the run's: --set roi={list(roi)}",
     }
     for key, mine, its in (
         ("region", ours.region, theirs.region),
         ("spacing_mm", tuple(ours.spacing_mm), tuple(theirs.spacing_mm)),
         ("window_hu", tuple(ours.window_hu), tuple(theirs.window_hu)),
+        ("orientation", ours.orientation, theirs.orientation),
         ("roi", tuple(run.roi), tuple(int(n) for n in roi)),
     ):
         if mine != its:

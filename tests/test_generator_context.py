@@ -303,3 +303,24 @@ def test_a_generator_json_of_the_first_versions_still_loads(tmp_path: Path) -> N
     assert type(loaded.module.down_tr64.ops[0].bn1) is torch.nn.BatchNorm3d
     assert loaded.channel("kidney") == 2 and loaded.card.preprocessing.spacing_mm == (1.5, 1.5, 1.5)
     assert loaded.meta["generator"]["batch_stats"] is False and loaded.meta["critic"] == first["critic"]
+
+
+def test_a_generator_card_keeps_its_preprocessing(tmp_path: Path) -> None:
+    """The card's whole preprocessing survives generator.json (orientation included), and a generator
+    trained in another orientation is refused by a run that does not share it."""
+    from freetumor_cli.core.checkpoints import load_generator, save_generator
+    from freetumor_cli.core.train_seg import TrainSegConfig, check_generator, model_config_for
+
+    gan = GanConfig(base_channels=2)
+    for orientation in ("RAS", "LPS"):
+        preprocessing = Preprocessing.for_region("abdomen", spacing_mm=(1.5,) * 3, orientation=orientation)
+        folder = save_generator(
+            make_generator(gan), gan, tmp_path / orientation, preprocessing=preprocessing, roi=(96,) * 3,
+            organ_channels={"liver": 0},
+        )  # fmt: skip
+        card = load_generator(folder).card
+        assert card.preprocessing == preprocessing and card.region == "abdomen"
+    run = model_config_for(TrainSegConfig(task="liver", model="unet", roi=(96,) * 3, spacing_mm=(1.5,) * 3).resolved())
+    check_generator(load_generator(tmp_path / "RAS").card, run, "RAS")
+    with pytest.raises(ConfigError, match="orientation"):
+        check_generator(load_generator(tmp_path / "LPS").card, run, "LPS")
