@@ -249,11 +249,12 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
     """The one-page report: what ran, the comparison, the paired table, previews and plots."""
     from freetumor_cli.core.fair import audit_markdown, baseline_markdown, contrast_markdown, paired_markdown
 
+    baseline = (seed or {}).get("baseline", {})  # the plateau check's accepted run
     images = [
         ("per-case tumor Dice differences (a dot per test CT, the bar their mean)", "paired_differences.png"),
         ("synthetic liver tumors, rule-based engine", "synthetic/rules/demo_liver_synthetic_preview.png"),
         ("synthetic liver tumors, learned generator", "synthetic/generator/demo_liver_synthetic_preview.png"),
-        ("baseline training curves", f"runs/{(seed or {}).get('baseline', {}).get('run', 'baseline')}/curves.png"),
+        ("baseline training curves", f"runs/{baseline.get('run', 'baseline')}/curves.png"),
         *((f"arm {label(arm)} training curves", f"runs/{arm}/curves.png") for arm in DEMO_ARMS),
     ]
     previews = sorted((result.out_dir / "runs" / "generator" / "previews").glob("*.png"))
@@ -269,7 +270,7 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         f"{config.labelled_cases} liver CTs with tumor labels, {config.organ_only_cases} CTs with organ labels only, "
         f"{config.test_cases} held-out test CTs with 3 liver tumors each, drawn by the phantom's recipe (not the "
         f"synthesizer's). {config.spacing_mm[0]:g} mm voxels, MONAI {config.model} on {config.roi}³ crops. One "
-        f"baseline ({(seed or {}).get('baseline', {}).get('steps', config.baseline_steps)} steps, warm-up, CutMix); "
+        f"baseline ({baseline.get('steps', config.baseline_steps)} steps, warm-up, CutMix); "
         f"every arm continues from it for "
         f"{config.arm_steps} steps with the same seed and the same crops (B-D: the same tumor geometry in every "
         f"crop); the generator trained {config.synth_steps} steps with the baseline as critic (its last checkpoint). Synthetic sizes are those a crop holds (diameter at most half its side): "

@@ -259,9 +259,11 @@ def _split_for_the_experiment(prepared: Path) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
-def heldout_cases(prepared: Path) -> list[str]:
-    """The organ-only cases no stage trains on (the generator's held-out crops come from them)."""
-    data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
+def heldout_cases(prepared: Path, data: dict[str, Any] | None = None) -> list[str]:
+    """The organ-only cases no stage trains on (the generator's held-out crops come from them); ``data``:
+    the prepared data list when it was read already."""
+    if data is None:
+        data = json.loads((prepared / "datalists" / "liver_fold0.json").read_text(encoding="utf-8"))
     trained = {str(e["image"]) for e in data["training"]}
     return [str(e["image"]) for e in data.get("validation", []) if str(e["image"]) not in trained]
 
@@ -380,14 +382,12 @@ def trained_baseline(
     Returns ``{"run", "steps", "calibration_dice", "accepted", "attempts"}`` (``run``: the accepted run's
     folder under ``out/runs``, ``runs/baseline`` for the first attempt, ``runs/baseline_<steps>`` after).
     """
-    steps, attempts = config.baseline_steps, []
-    mean = math.nan
+    steps, attempts, calibration = config.baseline_steps, [], world["calibration"]
     for attempt in range(config.plateau_retries + 1):
         name = "baseline" if attempt == 0 else f"baseline_{steps}"
         step(f"seed {seed}: {name} ({steps} steps, warm-up, CutMix)")
         run = out / "runs" / name
         train_run(prepared, run, baseline_config(replace(config, baseline_steps=steps), seed), None, progress)
-        calibration = world["calibration"]
         lesions = score_checkpoint(
             run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
             out / "eval" / "calibration" / name,
@@ -398,7 +398,8 @@ def trained_baseline(
         if mean >= config.plateau_dice:
             break
         steps = round(steps * 1.5)
-    return {**attempts[-1], "accepted": bool(mean >= config.plateau_dice), "attempts": attempts}
+    accepted = mean >= config.plateau_dice  # the last attempt's
+    return {**attempts[-1], "accepted": bool(accepted), "attempts": attempts}
 
 
 def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:
@@ -592,7 +593,7 @@ def generator_config(config: FairConfig, seed: int, prepared: Path) -> Any:
     organ_only = len(data["training"]) - labelled
     share = config.generator_tumor_share
     repeats = max(1, round(share / (1 - share) * organ_only / max(1, labelled))) if share < 1 else 1
-    heldout = heldout_cases(prepared)
+    heldout = heldout_cases(prepared, data)
     if not heldout:
         raise InputError(
             f"{prepared} holds no organ-only case outside training, so the generator has no held-out crops",
