@@ -3,8 +3,10 @@
 The world is built like the experiment's (``freetumor_cli.core.fair``) from a seed the experiment never
 reports (99 by default), with a test set of its own; so choosing ``FairConfig.baseline_steps`` from this
 curve involves neither the reported seeds nor their test sets. Each point is a separate run with its own
-warm-up and cosine schedule (what a run of that length does), scored on the development test set.
-Resumable: a rerun skips the points it has.
+warm-up and cosine schedule (what a run of that length does), scored on the development test set (the
+mean of the CTs' tumor Dice and the Dice pooled over their tumor voxels) and on the development world's
+calibration CTs (the measure of the experiment's baseline check, ``FairConfig.plateau_dice``, whose floor
+comes from this curve). Resumable: a rerun skips the points it has.
 
     python benchmarks/fair_plateau.py [--out fair_plateau] [--steps 500 1000 2000 3000] [--lr 1e-3]
 
@@ -65,18 +67,30 @@ def main() -> None:
             fair.train_run(prepared, run, seg, None)
             summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
             dice, lesions = fair.read_scores(fair.score_run(run, world, args.out / "eval" / name))
+            calibration = world["calibration"]
+            calibrated = fair.score_checkpoint(
+                run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
+                args.out / "eval" / "calibration" / name,
+            )  # fmt: skip
             rows.append({
                 "steps": steps, "lr": lr, "train_seconds": summary.get("seconds"),
                 "loss_fifth_before": summary["loss_fifth_before"], "loss_last_fifth": summary["loss_last_fifth"],
                 "dice": float(np.mean(list(dice.values()))),
                 "sensitivity": float(np.mean([found for found, _ in lesions.values()])),
+                "pooled_dice": fair.pooled_dice(args.out / "eval" / name / "predictions", world["test_labels"]),
+                "calibration_case_mean": float(np.mean(list(fair.read_scores(calibrated)[0].values()))),
+                "calibration_dice": fair.pooled_dice(calibrated.parent / "predictions", calibration / "labelsTr"),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| steps | lr | training s | loss, fifth before → last fifth | dev tumor Dice | dev lesion sens. |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| steps | lr | training s | loss, fifth before → last fifth | dev tumor Dice, case mean / pooled "
+        "| dev lesion sens. | calibration Dice, case mean / pooled |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['steps']} | {r['lr']:g} | {r['train_seconds']} | {r['loss_fifth_before']:.3f} → {r['loss_last_fifth']:.3f} | "
-              f"{r['dice']:.3f} | {r['sensitivity']:.3f} |")  # fmt: skip
+              f"{r['dice']:.3f} / {r['pooled_dice']:.3f} | {r['sensitivity']:.3f} | "
+              f"{r['calibration_case_mean']:.3f} / {r['calibration_dice']:.3f} |")  # fmt: skip
     write_text_atomic(args.out / "plateau.json", json.dumps(rows, indent=1) + "\n")
 
 
@@ -93,6 +107,7 @@ def generator_sweep(args: argparse.Namespace) -> None:
         sys.exit(error.exit_code)
     runs, rules = out / "runs", fair.crop_rules(config)
     checked = fair.trained_baseline(out, world, prepared, config, args.seed, step=print)
+    fair.follow_baseline(runs, checked["run"], print)  # arm C and the grid continue from the accepted one
     baseline = runs / checked["run"] / "checkpoints" / "last"
     print(json.dumps({"baseline check": checked}), flush=True)
 

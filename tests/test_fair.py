@@ -65,7 +65,8 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     check = seed["baseline"]
     assert [a["steps"] for a in check["attempts"]] == [12, 18] and check["run"] == "baseline_18"
     assert not check["accepted"] and all(a["calibration_dice"] < config.plateau_dice for a in check["attempts"])
-    assert "- seed 0: 12 steps 0.00 → 18 steps" in text and "**failed**" in text
+    assert "- seed 0: 12 steps 0.00 (0.00) → 18 steps" in text and "**failed**" in text
+    assert all(0 <= a["calibration_case_mean"] < 1 for a in check["attempts"])
     runs = tmp_path / "fair" / "seed_0" / "runs"
     for arm in ("A", "D"):
         source = json.loads((runs / arm / "init.json").read_text())["source"]
@@ -117,7 +118,7 @@ def test_a_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
     config = replace(FairConfig.quick(), organ_only_cases=1, test_cases=1, labelled_cases=1, shape=(48, 48, 32))
     make_world(tmp_path, config, 0)
     # What runs and how the tables are drawn may change between resumes; the world and the runs may not.
-    make_world(tmp_path, replace(config, arms=("A", "E"), seeds=(0, 1), bootstrap=50, workers=0), 0)
+    make_world(tmp_path, replace(config, arms=("A", "E"), seeds=(0, 1), bootstrap=50, workers=0, plateau_dice=0.9), 0)
     with pytest.raises(OutputExistsError, match="baseline_steps"):
         make_world(tmp_path, replace(config, baseline_steps=99), 0)
 
@@ -130,3 +131,66 @@ def test_a_configuration_without_calibration_cts_is_refused() -> None:
         replace(FairConfig.quick(), calibration_cases=0)
     with pytest.raises(ConfigError, match="plateau_retries"):
         replace(FairConfig.quick(), plateau_retries=-1)
+
+
+def test_the_plateau_check_pools_the_calibration_tumors_voxels(tmp_path: Path) -> None:
+    """A missed small tumor costs its voxels, not a whole case's Dice."""
+    from freetumor_cli.core.fair import LIVER, pooled_dice
+    from freetumor_cli.core.io import Volume, save_volume
+
+    grid = Volume(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    truth, predicted = np.zeros((2, 8, 8, 8), np.uint8), np.zeros((2, 8, 8, 8), np.uint8)
+    truth[0, :2, :5, 0] = LIVER.tumor_value  # 10 voxels, half of them found, 5 false positives
+    predicted[0, :1, :5, 0] = predicted[0, 4, :5, 0] = LIVER.tumor_value
+    truth[1, 0, 0, :2] = LIVER.tumor_value  # a 2-voxel tumor, missed
+    predicted[:, 7, 7, 7] = LIVER.value  # organ voxels count for nothing
+    for i in range(2):
+        save_volume(truth[i], grid, tmp_path / "labels" / f"calib_{i:03d}.nii.gz", label=True)
+        save_volume(predicted[i], grid, tmp_path / "predictions" / f"calib_{i:03d}.nii.gz", label=True)
+    assert pooled_dice(tmp_path / "predictions", tmp_path / "labels") == pytest.approx(2 * 5 / (10 + 10 + 2))
+    # (the mean of the cases' Dice would be (0.5 + 0) / 2)
+
+
+def test_a_change_of_the_accepted_baseline_retrains_what_continued_from_the_other(tmp_path: Path) -> None:
+    from freetumor_cli.core.fair import follow_baseline
+
+    out = tmp_path / "seed_0"
+    kept = ("runs/baseline", "runs/baseline_3000", "eval/calibration/baseline", "eval/calibration/baseline_3000")
+    downstream = ("runs/generator", "runs/A", "runs/Cp", "eval/A", "eval/baseline", "qc_audit")
+    for stage in (*kept, *downstream):
+        (out / stage).mkdir(parents=True)
+    (out / "qc_audit" / "qc_audit.json").write_text("{}")
+    said: list[str] = []
+    follow_baseline(out / "runs", "baseline", said.append)  # the first check: everything is its own
+    follow_baseline(out / "runs", "baseline", said.append)
+    assert not said and all((out / stage).is_dir() for stage in (*kept, *downstream))
+    follow_baseline(out / "runs", "baseline_3000", said.append)
+    assert said == [
+        "the accepted baseline is now baseline_3000 (it was baseline): its generator and arms are trained again"
+    ]
+    assert [stage for stage in (*kept, *downstream) if (out / stage).exists()] == list(kept)
+    assert json.loads((out / "runs" / "accepted_baseline.json").read_text()) == {"run": "baseline_3000"}
+
+
+def test_a_folder_without_the_accepted_baseline_is_judged_by_its_arms(tmp_path: Path) -> None:
+    """A folder of an earlier version records no accepted baseline: its arms' init.json says which."""
+    from freetumor_cli.core.fair import follow_baseline
+
+    runs = tmp_path / "runs"
+    for stage in ("baseline", "baseline_3000", "generator", "A"):
+        (runs / stage).mkdir(parents=True)
+    source = runs / "baseline_3000" / "checkpoints" / "last"
+    (runs / "A" / "init.json").write_text(json.dumps({"source": str(source), "loaded": []}))
+    said: list[str] = []
+    follow_baseline(runs, "baseline", said.append)
+    assert said and "(it was baseline_3000)" in said[0]
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["baseline", "baseline_3000"]
+
+
+def test_pooling_over_no_label_is_an_error(tmp_path: Path) -> None:
+    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.fair import pooled_dice
+
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(InputError, match="no label"):
+        pooled_dice(tmp_path / "predictions", tmp_path / "labels")
