@@ -170,26 +170,36 @@ def one_line(exc: FreetumorError) -> str:
 
 
 @contextlib.contextmanager
-def stop_on_termination() -> Iterator[None]:
+def stop_on_termination() -> Iterator[list[int]]:
     """Inside, SIGTERM (``kill``, a batch scheduler's preemption, torchrun stopping its workers) stops a
     command as Ctrl-C does: the write in progress is removed, finished outputs and the last saved state are
     kept, locks are released, and the exit code is 130. Only the main thread can install it; the previous
-    handler comes back after the command, so a program that runs a command in its own process (a test, a
-    notebook) keeps its own (a pool's workers forked later must still end on SIGTERM)."""
+    handlers come back after the command, so a program that runs a command in its own process (a test, a
+    notebook) keeps its own (a pool's workers forked later must still end on SIGTERM).
+
+    Yields the signals received (SIGTERM, and SIGINT where Python's own handler had it): Python runs a
+    handler wherever the main thread is, and a KeyboardInterrupt raised inside a destructor is printed and
+    dropped, so the caller checks the list when the command returns."""
     import signal
     import threading
 
+    received: list[int] = []
+
     def interrupt(signum: int, _frame: object) -> None:
+        received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def report_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -199,9 +209,12 @@ def report_errors(func: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
         try:
-            with stop_on_termination():
+            with stop_on_termination() as received:
                 set_verbosity(quiet=quiet, verbose=verbose)
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+                if received:  # an interrupt whose exception was dropped (raised inside a destructor)
+                    raise KeyboardInterrupt(f"signal {received[0]}")
+                return result
         except FreetumorError as exc:
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None

@@ -370,8 +370,9 @@ def test_a_signal_stops_a_transfer_at_once_and_the_rerun_resumes_it(
             wait_for_partial(job, dest, big_repo, 200_000)
             sent = time.monotonic()
             job.send_signal(signal_number)
-            out, err = job.communicate(timeout=30)
+            job.wait(timeout=30)  # the process's end (the pipes may close later)
             took = time.monotonic() - sent
+            out, err = job.communicate(timeout=30)
         finally:
             job.kill()
         assert took < 4, f"{took:.1f} s to stop"

@@ -166,3 +166,29 @@ def test_a_command_run_in_process_gives_back_the_sigterm_handler() -> None:
     result = CliRunner().invoke(app, ["synthesize", "--in", "/nonexistent/ct.nii.gz", "--organ", "liver"])
     assert result.exit_code != 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_interrupt_a_destructor_dropped_still_ends_the_command_with_130() -> None:
+    """Python runs a signal handler wherever the main thread is; inside a destructor its KeyboardInterrupt
+    is printed and dropped, and the command would go on to exit 0 as if it had not been interrupted."""
+    import os
+
+    import typer
+
+    from freetumor_cli.commands._common import report_errors
+
+    class Closes:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs here, inside the destructor
+                pass
+
+    @report_errors
+    def command() -> str:
+        Closes()
+        return "finished"
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
