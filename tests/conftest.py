@@ -119,3 +119,11 @@ def flat(output: str) -> str:
 
 def volume(array: np.ndarray, affine: np.ndarray | None = None) -> Volume:
     return Volume(array, np.eye(4) if affine is None else affine)
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """A child's ``preexec_fn``: Ctrl-C's default disposition, which Python turns into KeyboardInterrupt.
+    A shell starts background jobs (``pytest … &``) with SIGINT ignored, and children inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

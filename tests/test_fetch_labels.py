@@ -21,7 +21,7 @@ from freetumor_cli.app import app
 from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.phantom import make_phantom
 
-from .conftest import flat
+from .conftest import ctrl_c_as_at_a_terminal, flat
 from .hub_server import fail_writes_under, serve_hub, silent_hub
 
 REPO = "Luffy503/FreeTumor"
@@ -345,7 +345,9 @@ def launch(dest: Path, endpoint: str, tmp_path: Path, *args: str) -> subprocess.
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "COLUMNS": "200"}
     env.pop("HF_HUB_OFFLINE", None)
     cmd = [sys.executable, "-m", "freetumor_cli", "fetch-labels", "--dest", str(dest), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_at_a_terminal
+    )
 
 
 def wait_for_partial(job: subprocess.Popen[str], dest: Path, repo: dict[str, bytes], past: int) -> None:
