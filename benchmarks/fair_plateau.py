@@ -66,7 +66,8 @@ def main() -> None:
             seg = fair.baseline_config(replace(config, baseline_steps=steps, lr=lr), args.seed)
             fair.train_run(prepared, run, seg, None)
             summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-            dice, lesions = fair.read_scores(fair.score_run(run, world, args.out / "eval" / name))
+            scored = fair.score_run(run, world, args.out / "eval" / name)
+            dice, lesions = fair.read_scores(scored)
             calibration = world["calibration"]
             calibrated = fair.score_checkpoint(
                 run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
@@ -77,9 +78,9 @@ def main() -> None:
                 "loss_fifth_before": summary["loss_fifth_before"], "loss_last_fifth": summary["loss_last_fifth"],
                 "dice": float(np.mean(list(dice.values()))),
                 "sensitivity": float(np.mean([found for found, _ in lesions.values()])),
-                "pooled_dice": fair.pooled_dice(args.out / "eval" / name / "predictions", world["test_labels"]),
+                "pooled_dice": fair.pooled_dice(scored),
                 "calibration_case_mean": float(np.mean(list(fair.read_scores(calibrated)[0].values()))),
-                "calibration_dice": fair.pooled_dice(calibrated.parent / "predictions", calibration / "labelsTr"),
+                "calibration_dice": fair.pooled_dice(calibrated),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     print(

@@ -176,8 +176,8 @@ def _liver_only(labels: np.ndarray) -> np.ndarray:
 
 
 # Settings a resumed folder may change: which seeds and arms run, the tables' resamples, the loaders, and
-# the baseline check's floor and retries (a change of the accepted baseline removes what continued from the other one:
-# :func:`follow_baseline`).
+# the baseline check's floor and retries (a change of the accepted baseline removes what continued from
+# the other one: :func:`follow_baseline`).
 _NOT_RESULTS = ("seeds", "arms", "bootstrap", "workers", "plateau_dice", "plateau_retries")
 
 
@@ -373,20 +373,17 @@ def score_checkpoint(checkpoint: Path, images: Path, labels: Path, out: Path) ->
     return out / "metrics_per_lesion.csv"
 
 
-def pooled_dice(predictions: Path, labels: Path) -> float:
-    """Tumor Dice over every CT's tumor voxels together, 2·Σ|P∩T| / (Σ|P| + Σ|T|): each tumor weighs by its
-    voxels, so a missed 1 ml tumor costs what it holds, not a whole case's Dice. NaN with no tumor at all."""
-    truths = sorted(labels.glob("*.nii.gz"))
-    if not truths:
-        raise InputError(f"{labels} holds no label (*.nii.gz) to pool the tumor Dice over", hint="check the folder")
-    overlap = total = 0
-    for truth_path in truths:
-        truth = load_volume(truth_path, what="label").array == LIVER.tumor_value
-        case = truth_path.name.removesuffix(".nii.gz")
-        predicted = load_volume(predictions / f"{case}.nii.gz", what="prediction").array == LIVER.tumor_value
-        overlap += int(np.count_nonzero(truth & predicted))
-        total += int(np.count_nonzero(truth)) + int(np.count_nonzero(predicted))
-    return 2 * overlap / total if total else math.nan
+def pooled_dice(lesion_csv: Path) -> float:
+    """Tumor Dice over every CT's tumor voxels together, 2·Σ|P∩T| / (Σ|P| + Σ|T|), from an evaluation's
+    per-case Dice and volumes (each case's overlap is its Dice times half its two volumes): each tumor
+    weighs by its voxels, so a missed 1 ml tumor costs what it holds, not a whole case's Dice. NaN when no
+    case holds a tumor or predicts one."""
+    dice, volumes = read_scores(lesion_csv)[0], read_volumes(lesion_csv)
+    if not dice:
+        raise InputError(f"{lesion_csv.parent} scores no label to pool the tumor Dice over", hint="check the folder")
+    weights = {case: true + predicted for case, (true, predicted) in volumes.items()}
+    total = sum(weights.values())
+    return sum(dice[case] * w for case, w in weights.items() if w > 0) / total if total else math.nan
 
 
 def trained_baseline(
@@ -414,7 +411,7 @@ def trained_baseline(
             run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
             out / "eval" / "calibration" / name,
         )  # fmt: skip
-        pooled = pooled_dice(lesions.parent / "predictions", calibration / "labelsTr")
+        pooled = pooled_dice(lesions)
         per_case = list(read_scores(lesions)[0].values())
         case_mean = float(np.mean(per_case)) if per_case else math.nan
         attempts.append({"run": name, "steps": steps, "calibration_dice": pooled, "calibration_case_mean": case_mean})

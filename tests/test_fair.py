@@ -135,6 +135,7 @@ def test_a_configuration_without_calibration_cts_is_refused() -> None:
 
 def test_the_plateau_check_pools_the_calibration_tumors_voxels(tmp_path: Path) -> None:
     """A missed small tumor costs its voxels, not a whole case's Dice."""
+    from freetumor_cli.core.evaluate import EvaluateConfig, evaluate, write_reports
     from freetumor_cli.core.fair import LIVER, pooled_dice
     from freetumor_cli.core.io import Volume, save_volume
 
@@ -147,7 +148,10 @@ def test_the_plateau_check_pools_the_calibration_tumors_voxels(tmp_path: Path) -
     for i in range(2):
         save_volume(truth[i], grid, tmp_path / "labels" / f"calib_{i:03d}.nii.gz", label=True)
         save_volume(predicted[i], grid, tmp_path / "predictions" / f"calib_{i:03d}.nii.gz", label=True)
-    assert pooled_dice(tmp_path / "predictions", tmp_path / "labels") == pytest.approx(2 * 5 / (10 + 10 + 2))
+    # From the evaluation the check runs (its per-case Dice and volumes), as the check reads it.
+    cases, scores, _ = evaluate(tmp_path / "predictions", tmp_path / "labels", EvaluateConfig(classes=("liver_tumor",)))
+    write_reports(cases, scores, tmp_path / "eval")
+    assert pooled_dice(tmp_path / "eval" / "metrics_per_lesion.csv") == pytest.approx(2 * 5 / (10 + 10 + 2), rel=1e-4)
     # (the mean of the cases' Dice would be (0.5 + 0) / 2)
 
 
@@ -191,6 +195,8 @@ def test_pooling_over_no_label_is_an_error(tmp_path: Path) -> None:
     from freetumor_cli.core.errors import InputError
     from freetumor_cli.core.fair import pooled_dice
 
-    (tmp_path / "labels").mkdir()
+    header = "case,class,value,prediction_missing,dice,gt_volume_ml,pred_volume_ml\n"
+    (tmp_path / "metrics_per_case.csv").write_text(header)
+    (tmp_path / "metrics_per_lesion.csv").write_text("case,class,source,index,matched,radius_mm\n")
     with pytest.raises(InputError, match="no label"):
-        pooled_dice(tmp_path / "predictions", tmp_path / "labels")
+        pooled_dice(tmp_path / "metrics_per_lesion.csv")
