@@ -151,12 +151,19 @@ def make_accelerator(out: Path, *, mixed_precision: str, grad_accum: int = 1, de
     )
 
 
+def fused_update(device: Any) -> bool | None:
+    """Whether Adam(W) updates every parameter in one fused kernel: on CPU and CUDA, where PyTorch has
+    one (None elsewhere: its default). On 2 CPU cores the per-tensor update of a 5-million-parameter UNet
+    costs 0.02-0.07 s a step, the fused one 0.004 s."""
+    return True if device.type in ("cpu", "cuda") else None
+
+
 def make_loader(dataset: Any, *, batch_size: int, workers: int, seed: int) -> DataLoader[Any]:
     import torch
 
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_crops,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
     )  # fmt: skip
 
 

@@ -261,3 +261,34 @@ def test_every_read_of_a_damaged_store_case_falls_back_to_the_raw_files(stored: 
     assert source.startswith("0 of")  # none came from the damaged store
     for a, b in zip(written, expected, strict=True):
         np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+
+
+def test_a_persistent_loader_worker_draws_each_epochs_own_samples(phantom_cases: dict[str, CaseData]) -> None:
+    """The loader's worker lives across epochs; the epoch it draws with is the one set before each: every
+    epoch's samples are those of a loader without workers, bit for bit, and a replaced sample says so.
+    (Their order is the sampler's: training's comes from Accelerate's seedable sampler, per epoch.)"""
+    from freetumor_cli.core.training import make_loader
+
+    pipeline = Pipeline(task="liver", preprocessing=PP15, roi=(32, 32, 32), crops_per_volume=1, synthesize=True)
+    source = MemorySource(phantom_cases, broken=frozenset({"case1"}))
+
+    def epochs(workers: int) -> list[list[dict[str, Any]]]:
+        dataset = CropDataset(entries(3), source, pipeline, crop_transforms(pipeline), seed=5)
+        loader = make_loader(dataset, batch_size=1, workers=workers, seed=5)
+        drawn = []
+        for epoch in (0, 1, 4):
+            dataset.set_epoch(epoch)
+            drawn.append(sorted(loader, key=lambda batch: int(batch["sample_index"][0])))
+        return drawn
+
+    inline, worker = epochs(0), epochs(1)
+    for epoch, first, second in zip((0, 1, 4), inline, worker, strict=True):
+        assert len(first) == len(second) == 3
+        for a, b in zip(first, second, strict=True):
+            torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+            assert a["incidents"] == b["incidents"]
+        (incident,) = [i for batch in second for i in batch["incidents"]]  # case1 is read in every epoch
+        assert incident["epoch"] == epoch
+    assert not torch.equal(worker[0][0]["image"], worker[1][0]["image"]) or not torch.equal(
+        worker[0][1]["image"], worker[1][1]["image"]
+    )  # another epoch, other crops
