@@ -58,6 +58,7 @@ from freetumor_cli.core.training import (
     case_source,
     check_run_folder,
     check_step_fits,
+    fused_update,
     gathered_list,
     gathered_sum,
     locked_run,
@@ -365,7 +366,10 @@ def set_up_run(
         suggestion="use --model unet, fewer crops (--set crops_per_volume=1), a smaller --set roi=[...], or a GPU",
     )
     init_report = initialize_from(model, config.init) if config.init and not resume else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True,
+        fused=fused_update(accelerator.device),
+    )  # fmt: skip
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = Schedule.of(len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps)
 

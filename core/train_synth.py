@@ -50,6 +50,7 @@ from freetumor_cli.core.training import (
     check_run_folder,
     check_step_fits,
     collate_crops,
+    fused_update,
     gathered_list,
     gathered_sum,
     locked_run,
@@ -274,8 +275,9 @@ def set_up_run(
         if init.discriminator_state is not None:
             discriminator.load_state_dict(init.discriminator_state)
         channels = {o: init.channel(o) for o in TASKS[task].organs}
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+    fused = fused_update(accelerator.device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas, fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas, fused=fused)
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
     fixed = _heldout_batch(heldout, source, pipeline, config, accelerator.device)
 
