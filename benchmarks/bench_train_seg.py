@@ -28,6 +28,7 @@ from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.preprocess import Preprocessing
 from freetumor_cli.core.seg_data import CropDataset, OnlineSynthesisd, Pipeline, crop_transforms
 from freetumor_cli.core.store import CaseSource
+from freetumor_cli.core.training import fused_update
 
 
 def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -59,7 +60,7 @@ def bench_model(name: str, roi: tuple[int, int, int], entries: list[dict[str, st
     per_crop_synth = float(np.median(synth_times))
     config = ModelConfig(name=name, out_channels=3, roi=roi)  # type: ignore[arg-type]
     model, baseline = build_model(config), build_model(config).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, amsgrad=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, amsgrad=True, fused=fused_update(torch.device("cpu")))
     x = torch.rand(4, 1, *roi)
     y = torch.randint(0, 3, (4, 1, *roi)).float()
     from monai.losses import DiceCELoss

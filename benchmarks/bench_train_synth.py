@@ -30,6 +30,7 @@ from freetumor_cli.core.gan import (
 )
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.phantom import make_phantom
+from freetumor_cli.core.training import fused_update
 from freetumor_cli.core.transforms import RandTumorGeometryd
 
 
@@ -57,8 +58,9 @@ def step_time(base: int, roi: int, crops: int, critic_name: str, repeats: int) -
     gan = GanConfig(base_channels=base)
     generator, discriminator = make_generator(gan), make_discriminator(gan)
     critic = freeze_critic(build_model(ModelConfig(name=critic_name, out_channels=7, roi=(roi,) * 3)))  # type: ignore[arg-type]
-    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    fused = fused_update(torch.device("cpu"))  # as train-synth
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.999), fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.0, 0.999), fused=fused)
     shape = (crops, 1, roi, roi, roi)
     synth = torch.zeros(shape, dtype=torch.bool)
     synth[:, :, roi // 3 : roi // 2, roi // 3 : roi // 2, roi // 3 : roi // 2] = True

@@ -51,9 +51,12 @@ def segmentation_step(
     from monai.losses import DiceCELoss
 
     from freetumor_cli.core.models import ModelConfig, build_model
+    from freetumor_cli.core.training import fused_update
 
     model = build_model(ModelConfig(name=model_name, out_channels=out_channels, roi=roi)).to(device)  # type: ignore[arg-type]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, amsgrad=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=3e-4, weight_decay=0.01, amsgrad=True, fused=fused_update(torch.device(device))
+    )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -132,12 +135,14 @@ def check_train_synth(device: str, roi: tuple[int, int, int], base: int, critic_
         make_generator,
     )
     from freetumor_cli.core.models import ModelConfig, build_model
+    from freetumor_cli.core.training import fused_update
 
     gan = GanConfig(base_channels=base)
     generator, discriminator = make_generator(gan).to(device), make_discriminator(gan).to(device)
     critic = freeze_critic(build_model(ModelConfig(name=critic_name, out_channels=7, roi=roi)).to(device))  # type: ignore[arg-type]
-    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    fused = fused_update(torch.device(device))  # as train-synth
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.999), fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.0, 0.999), fused=fused)
     shape = (4, 1, *roi)
     synth = torch.zeros(shape, dtype=torch.bool, device=device)
     synth[:, :, 30:60, 30:60, 30:60] = True

@@ -219,10 +219,10 @@ class CropDataset:
         self.pipeline = pipeline
         self.transform = transform
         self.seed = seed
-        # The epoch lives in shared memory: the loader's workers persist across epochs (starting them
-        # again every epoch costs about half a second, a third of a short epoch's time) and read it
-        # from there; set_epoch runs before the epoch's iterator asks them for its first sample.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Loader workers persist across epochs (starting them again every epoch costs about half a second,
+        # a third of a short epoch's time): they read the epoch from shared memory (share_epoch), which
+        # set_epoch fills before the epoch's iterator asks them for its first sample.
+        self._epoch = torch.zeros((), dtype=torch.int64)
         self.lut = task_lut(pipeline.task)
         self.foreground = frozenset(TASKS[pipeline.task].region_to_task())
 
@@ -232,6 +232,11 @@ class CropDataset:
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
+
+    def share_epoch(self) -> None:
+        """Put the epoch in shared memory, for loader workers (in place: the workers see set_epoch); a
+        run without workers needs none."""
+        self._epoch.share_memory_()
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -158,9 +158,21 @@ def fused_update(device: Any) -> bool | None:
     return True if device.type in ("cpu", "cuda") else None
 
 
+def match_update_path(optimizer: Any) -> None:
+    """After a saved state is loaded: a state saved by a per-tensor optimizer (an earlier version's) makes
+    a fused one per-tensor again (its groups carry ``fused=None``); it must then stop telling a gradient
+    scaler that it unscales in its own kernel, or an fp16 step fails on its arguments."""
+    if not all(group.get("fused") for group in optimizer.param_groups):
+        optimizer._step_supports_amp_scaling = False
+
+
 def make_loader(dataset: Any, *, batch_size: int, workers: int, seed: int) -> DataLoader[Any]:
+    """The training loader: shuffled, its workers (if any) alive across epochs, reading the epoch the
+    loop sets from shared memory (:meth:`~freetumor_cli.core.seg_data.CropDataset.share_epoch`)."""
     import torch
 
+    if workers > 0 and hasattr(dataset, "share_epoch"):
+        dataset.share_epoch()
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_crops,
         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
@@ -262,6 +274,8 @@ def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any
         raise InputError(f"cannot resume from {folder}: progress.json is damaged ({exc})", hint=hint) from None
     try:
         accelerator.load_state(str(folder))
+        for optimizer in accelerator._optimizers:
+            match_update_path(optimizer.optimizer)
     except Exception as exc:  # torch, safetensors and pickle raise many kinds for damaged or unsafe files
         # Saved tensors are read with weights_only: a file holding code is refused here, not run.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

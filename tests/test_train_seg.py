@@ -150,6 +150,67 @@ def test_resume_reproduces_the_uninterrupted_losses(prepared: Path, tmp_path: Pa
     assert "case store" in resumed.data
 
 
+def test_a_loader_worker_draws_what_a_run_without_one_draws_across_epochs_and_a_resume(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """Loader workers live across epochs and read the epoch from shared memory: a run with one, stopped
+    mid-epoch and resumed, takes the samples and losses of a run without workers, step for step (two
+    steps an epoch here, so five steps are three epochs)."""
+    from dataclasses import replace
+
+    config = tiny_config(max_steps=5, save_every_steps=1, augment=True)
+    train_segmentation(prepared, tmp_path / "inline", config)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_three(step: int, _total: int, _stats: dict[str, float]) -> None:
+        if step == 3:  # in the second epoch
+            raise Interrupted
+
+    worker = replace(config, workers=1)
+    with pytest.raises(Interrupted):
+        train_segmentation(prepared, tmp_path / "worker", worker, on_step=stop_after_three)
+    resumed = train_segmentation(prepared, tmp_path / "worker", worker, resume=True)
+    assert resumed.steps == 5 and resumed.epochs == 3
+
+    def steps(run: str) -> list[tuple[int, int, list[int], float]]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["epoch"], r["samples"], r["loss"]) for r in rows if "loss" in r]
+
+    inline, workers = steps("inline"), steps("worker")
+    assert [s[:3] for s in workers] == [s[:3] for s in inline] and len(inline) == 5
+    np.testing.assert_allclose([s[3] for s in workers], [s[3] for s in inline], rtol=1e-5)
+
+
+def test_an_optimizer_state_saved_without_the_fused_update_resumes_under_a_gradient_scaler() -> None:
+    """A state saved by an earlier version's per-tensor AdamW makes the fused one per-tensor again when
+    loaded; under a gradient scaler (fp16) its step must then get unscaled gradients, not fail."""
+    from freetumor_cli.core.training import match_update_path
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: object = None) -> None:
+        loss = model(torch.ones(3, 4)).square().mean()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()  # type: ignore[attr-defined]
+            scaler.step(optimizer)  # type: ignore[attr-defined]
+            scaler.update()  # type: ignore[attr-defined]
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    for saved_by in ("per-tensor", "fused"):
+        saving = torch.optim.AdamW(model.parameters(), amsgrad=True, fused=saved_by == "fused" or None)
+        step(model, saving)
+        resumed = torch.optim.AdamW(model.parameters(), amsgrad=True, fused=True)
+        resumed.load_state_dict(saving.state_dict())
+        match_update_path(resumed)
+        assert resumed._step_supports_amp_scaling is (saved_by == "fused"), saved_by  # type: ignore[attr-defined]
+        step(model, resumed, torch.amp.GradScaler("cpu"))  # fails without match_update_path
+
+
 @pytest.mark.parametrize("moment", ["after_state_files", "between_renames"])
 def test_a_run_killed_while_its_state_is_rewritten_resumes_with_the_same_losses(
     prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
