@@ -274,14 +274,14 @@ def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any
         raise InputError(f"cannot resume from {folder}: progress.json is damaged ({exc})", hint=hint) from None
     try:
         accelerator.load_state(str(folder))
-        for optimizer in accelerator._optimizers:
-            match_update_path(optimizer.optimizer)
     except Exception as exc:  # torch, safetensors and pickle raise many kinds for damaged or unsafe files
         # Saved tensors are read with weights_only: a file holding code is refused here, not run.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"cannot resume from {folder}: a damaged or unsafe file ({type(exc).__name__}: {first[:200]})", hint=hint
         ) from None
+    for optimizer in accelerator._optimizers:
+        match_update_path(optimizer.optimizer)
     return {**initial, **progress}
 
 

@@ -3,6 +3,7 @@ a case that cannot be read, a damaged case store."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,5 @@ def test_a_persistent_loader_worker_draws_each_epochs_own_samples(phantom_cases:
             assert a["incidents"] == b["incidents"]
         (incident,) = [i for batch in second for i in batch["incidents"]]  # case1 is read in every epoch
         assert incident["epoch"] == epoch
-    assert not torch.equal(worker[0][0]["image"], worker[1][0]["image"]) or not torch.equal(
-        worker[0][1]["image"], worker[1][1]["image"]
-    )  # another epoch, other crops
+    for first, second in itertools.pairwise(worker):  # another epoch, other crops of every sample
+        assert not any(torch.equal(a["image"], b["image"]) for a, b in zip(first, second, strict=True))

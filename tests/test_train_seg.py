@@ -211,6 +211,35 @@ def test_an_optimizer_state_saved_without_the_fused_update_resumes_under_a_gradi
         step(model, resumed, torch.amp.GradScaler("cpu"))  # fails without match_update_path
 
 
+def test_a_run_saved_with_the_per_tensor_update_resumes_with_it(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run an earlier version saved (per-tensor AdamW) resumes on that update: the losses of an
+    uninterrupted per-tensor run, and an optimizer that no longer tells a gradient scaler it unscales."""
+    from freetumor_cli.core import train_seg, training
+
+    config = tiny_config(max_steps=4, save_every_steps=2)
+    monkeypatch.setattr(train_seg, "fused_update", lambda _device: None)  # the earlier version's optimizer
+    full = train_segmentation(prepared, tmp_path / "full", config)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(
+            prepared, tmp_path / "cut", config,
+            on_step=lambda step, _total, _stats: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None,
+        )  # fmt: skip
+    monkeypatch.undo()
+    matched: list[tuple[object, bool]] = []
+
+    def spy(optimizer: torch.optim.Optimizer) -> None:
+        training_match(optimizer)
+        matched.append((optimizer.param_groups[0]["fused"], optimizer._step_supports_amp_scaling))  # type: ignore[attr-defined]
+
+    training_match = training.match_update_path
+    monkeypatch.setattr(training, "match_update_path", spy)
+    resumed = train_segmentation(prepared, tmp_path / "cut", config, resume=True)
+    assert matched == [(None, False)]
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
+
+
 @pytest.mark.parametrize("moment", ["after_state_files", "between_renames"])
 def test_a_run_killed_while_its_state_is_rewritten_resumes_with_the_same_losses(
     prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
@@ -297,7 +326,7 @@ def one_and_two_processes(prepared: Path, tmp_path_factory: pytest.TempPathFacto
         app, ["train-seg", "--data", str(prepared), "--out", str(runs / "one"), *TINY, *SCHEDULE]
     )
     assert result.exit_code == 0, result.output
-    done = launch(runs / "two", prepared)
+    done = launch(runs / "two", prepared, "--workers", "1")  # a loader worker per process, alive across epochs
     output, _ = done.communicate(timeout=300)
     assert done.returncode == 0, output[-3000:]
     return runs / "one", runs / "two"
@@ -308,6 +337,7 @@ def test_two_processes_follow_the_one_process_schedule_and_sample_order(
 ) -> None:
     one, two = (step_rows(run) for run in one_and_two_processes)
     assert len(one) == 16 and len(two) == 8  # 8 samples an epoch; each of 2 processes takes half
+    assert [two[s]["epoch"] for s in sorted(two)] == [0] * 4 + [1] * 4  # two epochs, the workers persist
     lr_one = [one[s]["lr"] for s in sorted(one)]
     lr_two = [two[s]["lr"] for s in sorted(two)]
     step_change = max(abs(a - b) for a, b in itertools.pairwise(lr_one))
