@@ -26,9 +26,10 @@ from freetumor_cli.core.io import save_volume
 from freetumor_cli.core.models import ModelConfig, build_model
 from freetumor_cli.core.phantom import make_phantom
 from freetumor_cli.core.preprocess import Preprocessing
-from freetumor_cli.core.seg_data import CropDataset, OnlineSynthesisd, Pipeline, crop_transforms
+from freetumor_cli.core.seg_data import CropDataset, Pipeline, crop_transforms
 from freetumor_cli.core.store import CaseSource
 from freetumor_cli.core.training import fused_update
+from freetumor_cli.core.transforms import RandTumorSynthd
 
 
 def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -45,7 +46,7 @@ def bench_model(name: str, roi: tuple[int, int, int], entries: list[dict[str, st
     dataset = CropDataset(entries, CaseSource(pipe.preprocessing, None), pipe, crop_transforms(pipe), seed=0)
     load = median_time(lambda: dataset[0], repeats)
     crops = dataset[1]
-    synth = OnlineSynthesisd("liver", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0))
+    synth = RandTumorSynthd(("image", "label"), "liver", spacing_mm=(1.5, 1.5, 1.5), window_hu=(-175.0, 250.0))
     organ_crops = [c for c in crops if bool((c["label"] == 1).any()) and not bool((c["label"] == 2).any())] or crops
     synth_times, inserted = [], 0
     for k in range(repeats * 2):
