@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -108,7 +109,7 @@ class FairConfig:
         baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
         plateau_dice, plateau_retries: the baseline's check before any arm starts (:func:`trained_baseline`):
             it is accepted when its pooled tumor Dice on the calibration CTs is at least ``plateau_dice``;
-            otherwise it is trained again from scratch with 1.5 times the steps, at most ``plateau_retries``
+            otherwise its last attempt trains on for half ``baseline_steps``, at most ``plateau_retries``
             times.
         lr, arm_lr, synth_lr: learning rates of the baseline, of the arms (which continue from it), of the
             generator (and its discriminator).
@@ -309,12 +310,13 @@ def prepared_world(
     return world, prepared
 
 
-def baseline_config(config: FairConfig, seed: int) -> Any:
-    """The shared baseline's run: labelled cases only, ``baseline_steps`` at ``lr``, 10 % warm-up, CutMix."""
+def baseline_config(config: FairConfig, seed: int, init: Path | None = None) -> Any:
+    """The shared baseline's run: labelled cases only, ``baseline_steps`` at ``lr``, 10 % warm-up, CutMix;
+    from ``init``'s weights when given (the plateau check's continued attempts)."""
     # An onlylabeled epoch is one step per labelled case (one volume per step, one process).
     warmup = 0.1 * config.baseline_steps / max(1, config.labelled_cases)
     return _seg(config, seed, mode="onlylabeled", steps=config.baseline_steps, lr=config.lr, warmup=warmup,
-                rules=crop_rules(config))  # fmt: skip
+                rules=crop_rules(config), init=None if init is None else str(init))  # fmt: skip
 
 
 def _done(run: Path) -> bool:
@@ -394,21 +396,29 @@ def trained_baseline(
 ) -> dict[str, Any]:  # fmt: skip
     """Train the shared baseline and check, before any arm starts, that it has learned the tumors: its
     tumor Dice pooled over the calibration CTs (:func:`pooled_dice`; labelled, never trained on; not the
-    test set) must be at least ``config.plateau_dice``. Otherwise it is trained again from scratch with
-    1.5 times the steps (a run of that length, with its own warm-up and schedule), at most
+    test set) must be at least ``config.plateau_dice``. Otherwise the last attempt trains on for half the
+    baseline's steps (its weights, a fresh optimizer, warm-up and schedule of that length), at most
     ``config.plateau_retries`` times; the arms continue from the last attempt either way, and the result
     says whether it passed.
 
     Returns ``{"run", "steps", "calibration_dice", "calibration_case_mean", "accepted", "attempts"}``
     (``run``: the accepted run's folder under ``out/runs``, ``runs/baseline`` for the first attempt,
-    ``runs/baseline_<steps>`` after; ``calibration_dice`` is the pooled Dice, the case mean is reported).
+    ``runs/baseline_continued_<steps>`` after; ``steps``: the steps trained in all, the continued ones
+    included; ``calibration_dice`` is the pooled Dice, the case mean is reported).
     """
     steps, attempts, calibration = config.baseline_steps, [], world["calibration"]
-    for attempt in range(config.plateau_retries + 1):
-        name = "baseline" if attempt == 0 else f"baseline_{steps}"
-        step(f"seed {seed}: {name} ({steps} steps, warm-up, CutMix)")
+    extra, previous = max(1, round(config.baseline_steps / 2)), None
+    for _ in range(config.plateau_retries + 1):
+        name = "baseline" if previous is None else f"baseline_continued_{steps}"
         run = out / "runs" / name
-        train_run(prepared, run, baseline_config(replace(config, baseline_steps=steps), seed), None, progress)
+        if previous is None:
+            step(f"seed {seed}: {name} ({steps} steps, warm-up, CutMix)")
+            seg_config = baseline_config(config, seed)
+        else:
+            step(f"seed {seed}: {name} ({previous} trained on for {extra} steps, warm-up, CutMix)")
+            init = out / "runs" / previous / "checkpoints" / "last"
+            seg_config = baseline_config(replace(config, baseline_steps=extra), seed, init=init)
+        train_run(prepared, run, seg_config, None, progress)
         lesions = score_checkpoint(
             run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
             out / "eval" / "calibration" / name,
@@ -416,10 +426,11 @@ def trained_baseline(
         pooled = pooled_dice(lesions)
         per_case = list(read_scores(lesions)[0].values())
         case_mean = float(np.mean(per_case)) if per_case else math.nan
-        attempts.append({"run": name, "steps": steps, "calibration_dice": pooled, "calibration_case_mean": case_mean})
+        attempts.append({"run": name, "steps": steps, "calibration_dice": pooled, "calibration_case_mean": case_mean,
+                         "continued_from": previous})  # fmt: skip
         if pooled >= config.plateau_dice:
             break
-        steps = round(steps * 1.5)
+        steps, previous = steps + extra, name
     accepted = pooled >= config.plateau_dice  # the last attempt's
     return {**attempts[-1], "accepted": bool(accepted), "attempts": attempts}
 
@@ -451,7 +462,8 @@ def follow_baseline(runs: Path, accepted: str, step: Callable[[str], None]) -> N
 
 def _is_baseline(name: str) -> bool:
     """Whether a folder under ``runs`` is one of the baseline check's attempts."""
-    return name == "baseline" or (name.startswith("baseline_") and name.removeprefix("baseline_").isdigit())
+    # ``baseline_<steps>``: an earlier version's attempts, trained again from scratch.
+    return re.fullmatch(r"baseline(_continued)?(_\d+)?", name) is not None and name != "baseline_continued"
 
 
 def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:
@@ -861,7 +873,8 @@ def baseline_markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> st
     for s in seeds:
         check = s["baseline"]
         tried = " → ".join(
-            f"{a['steps']} steps {a['calibration_dice']:.2f} ({a['calibration_case_mean']:.2f})"
+            f"{a['steps']} steps{', trained on,' if a.get('continued_from') else ''} "
+            f"{a['calibration_dice']:.2f} ({a['calibration_case_mean']:.2f})"
             for a in check["attempts"]
         )
         verdict = (

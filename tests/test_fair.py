@@ -60,17 +60,27 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     assert seed["qc_acceptance"]["Cp"] is not None and seed["qc_acceptance"]["Ap"] is None
     assert set(seed["audit"]["engines"]) == {"rules", "generator"}
     assert {"real_hu", "rules_hu_contrast", "generator_hu_contrast", "generator_halo"} <= set(seed["contrast"])
-    # 12 steps do not learn the tumors: the plateau check on the calibration CTs trains the baseline again
-    # with 1.5 times the steps, and every arm and the generator continue from that second baseline.
+    # 12 steps do not learn the tumors: the plateau check on the calibration CTs trains the baseline on for
+    # 6 more steps from its weights, and every arm and the generator continue from that second attempt.
     check = seed["baseline"]
-    assert [a["steps"] for a in check["attempts"]] == [12, 18] and check["run"] == "baseline_18"
+    assert [a["steps"] for a in check["attempts"]] == [12, 18] and check["run"] == "baseline_continued_18"
+    assert [a["continued_from"] for a in check["attempts"]] == [None, "baseline"]
     assert not check["accepted"] and all(a["calibration_dice"] < config.plateau_dice for a in check["attempts"])
     assert "- seed 0: 12 steps 0.00 (0.00) → 18 steps" in text and "**failed**" in text
+    continued = json.loads((tmp_path / "fair" / "seed_0" / "runs" / "baseline_continued_18" / "init.json").read_text())
+    assert Path(continued["source"]).parents[1].name == "baseline"
+    lrs = [
+        json.loads(line).get("lr")
+        for line in (tmp_path / "fair" / "seed_0" / "runs" / "baseline_continued_18" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert len([lr for lr in lrs if lr is not None]) == 6
     assert all(0 <= a["calibration_case_mean"] < 1 for a in check["attempts"])
     runs = tmp_path / "fair" / "seed_0" / "runs"
     for arm in ("A", "D"):
         source = json.loads((runs / arm / "init.json").read_text())["source"]
-        assert Path(source) == runs / "baseline_18" / "checkpoints" / "last", source
+        assert Path(source) == runs / "baseline_continued_18" / "checkpoints" / "last", source
     # The arms with organ-only crops see the same crops in the same order, under the same LR curve.
     arms = ("A", "Ap", "B", "C", "Cp", "D", "E")
     logs = {arm: [json.loads(line) for line in (runs / arm / "metrics.jsonl").read_text().splitlines()] for arm in arms}
@@ -159,8 +169,18 @@ def test_a_change_of_the_accepted_baseline_retrains_what_continued_from_the_othe
     from freetumor_cli.core.fair import follow_baseline
 
     out = tmp_path / "seed_0"
-    kept = ("runs/baseline", "runs/baseline_3000", "eval/calibration/baseline", "eval/calibration/baseline_3000")
-    downstream = ("runs/generator", "runs/A", "runs/Cp", "eval/A", "eval/baseline", "qc_audit")
+    # baseline_3000: an attempt of an earlier version (trained again from scratch), kept as an attempt.
+    kept = ("runs/baseline", "runs/baseline_continued_3000", "runs/baseline_3000", "eval/calibration/baseline",
+            "eval/calibration/baseline_continued_3000")  # fmt: skip
+    downstream = (
+        "runs/generator",
+        "runs/A",
+        "runs/Cp",
+        "runs/baseline_continued",
+        "eval/A",
+        "eval/baseline",
+        "qc_audit",
+    )
     for stage in (*kept, *downstream):
         (out / stage).mkdir(parents=True)
     (out / "qc_audit" / "qc_audit.json").write_text("{}")
@@ -168,12 +188,13 @@ def test_a_change_of_the_accepted_baseline_retrains_what_continued_from_the_othe
     follow_baseline(out / "runs", "baseline", said.append)  # the first check: everything is its own
     follow_baseline(out / "runs", "baseline", said.append)
     assert not said and all((out / stage).is_dir() for stage in (*kept, *downstream))
-    follow_baseline(out / "runs", "baseline_3000", said.append)
+    follow_baseline(out / "runs", "baseline_continued_3000", said.append)
     assert said == [
-        "the accepted baseline is now baseline_3000 (it was baseline): its generator and arms are trained again"
+        "the accepted baseline is now baseline_continued_3000 (it was baseline): its generator and arms are "
+        "trained again"
     ]
     assert [stage for stage in (*kept, *downstream) if (out / stage).exists()] == list(kept)
-    assert json.loads((out / "runs" / "accepted_baseline.json").read_text()) == {"run": "baseline_3000"}
+    assert json.loads((out / "runs" / "accepted_baseline.json").read_text()) == {"run": "baseline_continued_3000"}
 
 
 def test_a_folder_without_the_accepted_baseline_is_judged_by_its_arms(tmp_path: Path) -> None:
