@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from freetumor_cli.core.errors import InputError
-from freetumor_cli.core.fair import ARMS, FairConfig, label
+from freetumor_cli.core.fair import ARMS, FairConfig, baseline_steps, label
 from freetumor_cli.core.outputs import OutputLock, atomic_path, write_text_atomic
 
 # The comparison's columns, and its rows: run folder -> what it is.
@@ -270,7 +270,7 @@ def report_markdown(result: DemoResult, config: DemoConfig, seed: dict[str, Any]
         f"{config.labelled_cases} liver CTs with tumor labels, {config.organ_only_cases} CTs with organ labels only, "
         f"{config.test_cases} held-out test CTs with 3 liver tumors each, drawn by the phantom's recipe (not the "
         f"synthesizer's). {config.spacing_mm[0]:g} mm voxels, MONAI {config.model} on {config.roi}³ crops. One "
-        f"baseline ({baseline.get('steps', config.baseline_steps)} steps, warm-up, CutMix); "
+        f"baseline ({baseline_steps(baseline, config.baseline_steps)}, warm-up, CutMix); "
         f"every arm continues from it for "
         f"{config.arm_steps} steps with the same seed and the same crops (B-D: the same tumor geometry in every "
         f"crop); the generator trained {config.synth_steps} steps with the baseline as critic (its last checkpoint). Synthetic sizes are those a crop holds (diameter at most half its side): "

@@ -109,8 +109,8 @@ class FairConfig:
         baseline_steps, arm_steps, synth_steps: optimizer steps of the baseline, of each arm, of the generator.
         plateau_dice, plateau_retries: the baseline's check before any arm starts (:func:`trained_baseline`):
             it is accepted when its pooled tumor Dice on the calibration CTs is at least ``plateau_dice``;
-            otherwise its last attempt trains on for half ``baseline_steps``, at most ``plateau_retries``
-            times.
+            otherwise training continues from the last attempt's weights for ``baseline_steps // 2`` more
+            steps, at most ``plateau_retries`` times.
         lr, arm_lr, synth_lr: learning rates of the baseline, of the arms (which continue from it), of the
             generator (and its discriminator).
         generator_tumor_share: the share of the generator's samples drawn from labelled cases (real tumors).
@@ -396,28 +396,31 @@ def trained_baseline(
 ) -> dict[str, Any]:  # fmt: skip
     """Train the shared baseline and check, before any arm starts, that it has learned the tumors: its
     tumor Dice pooled over the calibration CTs (:func:`pooled_dice`; labelled, never trained on; not the
-    test set) must be at least ``config.plateau_dice``. Otherwise the last attempt trains on for half the
-    baseline's steps (its weights, a fresh optimizer, warm-up and schedule of that length), at most
-    ``config.plateau_retries`` times; the arms continue from the last attempt either way, and the result
-    says whether it passed.
+    test set) must be at least ``config.plateau_dice``. Otherwise training continues from the last
+    attempt's weights for ``baseline_steps // 2`` more steps, as a run of its own (a fresh optimizer, its
+    10 % warm-up and cosine schedule over those steps, and its own random stream: ``seed + 1000 ×`` the
+    attempt, so it draws other crops than the steps before it), at most ``config.plateau_retries`` times;
+    the arms continue from the last attempt either way, and the result says whether it passed.
 
     Returns ``{"run", "steps", "calibration_dice", "calibration_case_mean", "accepted", "attempts"}``
     (``run``: the accepted run's folder under ``out/runs``, ``runs/baseline`` for the first attempt,
     ``runs/baseline_continued_<steps>`` after; ``steps``: the steps trained in all, the continued ones
-    included; ``calibration_dice`` is the pooled Dice, the case mean is reported).
+    included; ``calibration_dice`` is the pooled Dice, the case mean is reported). ``attempts``: each
+    attempt's ``run``, ``steps``, ``calibration_dice``, ``calibration_case_mean`` and ``continued_from``
+    (the attempt it continued, ``None`` for the first).
     """
     steps, attempts, calibration = config.baseline_steps, [], world["calibration"]
-    extra, previous = max(1, round(config.baseline_steps / 2)), None
-    for _ in range(config.plateau_retries + 1):
+    extra, previous = max(1, config.baseline_steps // 2), None
+    for attempt in range(config.plateau_retries + 1):
         name = "baseline" if previous is None else f"baseline_continued_{steps}"
         run = out / "runs" / name
         if previous is None:
             step(f"seed {seed}: {name} ({steps} steps, warm-up, CutMix)")
             seg_config = baseline_config(config, seed)
         else:
-            step(f"seed {seed}: {name} ({previous} trained on for {extra} steps, warm-up, CutMix)")
+            step(f"seed {seed}: {name} ({previous} continued for {extra} steps, warm-up, CutMix)")
             init = out / "runs" / previous / "checkpoints" / "last"
-            seg_config = baseline_config(replace(config, baseline_steps=extra), seed, init=init)
+            seg_config = baseline_config(replace(config, baseline_steps=extra), seed + 1000 * attempt, init=init)
         train_run(prepared, run, seg_config, None, progress)
         lesions = score_checkpoint(
             run / "checkpoints" / "last", calibration / "imagesTr", calibration / "labelsTr",
@@ -446,7 +449,8 @@ def follow_baseline(runs: Path, accepted: str, step: Callable[[str], None]) -> N
     if marker.is_file():
         previous = json.loads(marker.read_text(encoding="utf-8"))["run"]
     else:
-        sources = [json.loads(p.read_text(encoding="utf-8"))["source"] for p in sorted(runs.glob("*/init.json"))]
+        arms = sorted(p for p in runs.glob("*/init.json") if not _is_baseline(p.parent.name))  # not an attempt's
+        sources = [json.loads(p.read_text(encoding="utf-8"))["source"] for p in arms]
         previous = next((Path(source).parents[1].name for source in sources), accepted)
     if previous != accepted:
         step(f"the accepted baseline is now {accepted} (it was {previous}): its generator and arms are trained again")
@@ -863,6 +867,15 @@ def audit_markdown(audits: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def baseline_steps(check: dict[str, Any], planned: int) -> str:
+    """The accepted baseline's steps in words: ``2000 steps``, or ``2000 steps, then 1000 more from its
+    weights`` for an attempt that continued another (``check``: :func:`trained_baseline`'s result; empty
+    before it ran, when ``planned`` is said)."""
+    attempts = check.get("attempts") or [{"steps": planned}]
+    first, last = attempts[0]["steps"], attempts[-1]["steps"]
+    return f"{first} steps" if last == first else f"{first} steps, then {last - first} more from its weights"
+
+
 def baseline_markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
     """Per seed: the baseline's plateau check (:func:`trained_baseline`), each attempt and its verdict."""
     lines = [
@@ -872,15 +885,15 @@ def baseline_markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> st
     ]
     for s in seeds:
         check = s["baseline"]
-        tried = " → ".join(
-            f"{a['steps']} steps{', trained on,' if a.get('continued_from') else ''} "
-            f"{a['calibration_dice']:.2f} ({a['calibration_case_mean']:.2f})"
-            for a in check["attempts"]
-        )
+        tried, before = [], 0
+        for a in check["attempts"]:
+            how = f" ({before} + {a['steps'] - before} continued)" if a.get("continued_from") else ""
+            tried.append(f"{a['steps']} steps{how} {a['calibration_dice']:.2f} ({a['calibration_case_mean']:.2f})")
+            before = a["steps"]
         verdict = (
             "passed" if check["accepted"] else "**failed**: its arms continue from a baseline short of the plateau"
         )
-        lines.append(f"- seed {s['seed']}: {tried}; {verdict}")
+        lines.append(f"- seed {s['seed']}: {' → '.join(tried)}; {verdict}")
     return "\n".join(lines)
 
 

@@ -48,7 +48,8 @@ def test_paired_statistics() -> None:
 def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     config = FairConfig.quick()
-    text = run_experiment(tmp_path / "fair", config)
+    said: list[str] = []
+    text = run_experiment(tmp_path / "fair", config, step=said.append)
     for row in ("| A′ - A |", "| B - A′ |", "| D - C′ |", "| C′ - C |", "| D - A |", "| E - D |"):
         assert row in text, row
     assert "Quality-control audit" in text and "Tumor contrast" in text and "predicted / true volume" in text
@@ -66,18 +67,19 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     assert [a["steps"] for a in check["attempts"]] == [12, 18] and check["run"] == "baseline_continued_18"
     assert [a["continued_from"] for a in check["attempts"]] == [None, "baseline"]
     assert not check["accepted"] and all(a["calibration_dice"] < config.plateau_dice for a in check["attempts"])
-    assert "- seed 0: 12 steps 0.00 (0.00) → 18 steps" in text and "**failed**" in text
-    continued = json.loads((tmp_path / "fair" / "seed_0" / "runs" / "baseline_continued_18" / "init.json").read_text())
-    assert Path(continued["source"]).parents[1].name == "baseline"
-    lrs = [
-        json.loads(line).get("lr")
-        for line in (tmp_path / "fair" / "seed_0" / "runs" / "baseline_continued_18" / "metrics.jsonl")
-        .read_text()
-        .splitlines()
-    ]
-    assert len([lr for lr in lrs if lr is not None]) == 6
-    assert all(0 <= a["calibration_case_mean"] < 1 for a in check["attempts"])
+    assert "- seed 0: 12 steps 0.00 (0.00) → 18 steps (12 + 6 continued) 0.00" in text and "**failed**" in text
+    assert not [line for line in said if "accepted baseline is now" in line]  # its first check changes nothing
     runs = tmp_path / "fair" / "seed_0" / "runs"
+    continued = json.loads((runs / "baseline_continued_18" / "init.json").read_text())
+    assert Path(continued["source"]).parents[1].name == "baseline"
+    # The continued attempt takes 6 steps of its own, on other crops than the first attempt's first 6.
+    samples = {
+        name: [json.loads(line)["samples"] for line in (runs / name / "metrics.jsonl").read_text().splitlines()
+               if "samples" in json.loads(line)]
+        for name in ("baseline", "baseline_continued_18")
+    }  # fmt: skip
+    assert len(samples["baseline_continued_18"]) == 6 and samples["baseline_continued_18"] != samples["baseline"][:6]
+    assert all(0 <= a["calibration_case_mean"] < 1 for a in check["attempts"])
     for arm in ("A", "D"):
         source = json.loads((runs / arm / "init.json").read_text())["source"]
         assert Path(source) == runs / "baseline_continued_18" / "checkpoints" / "last", source
@@ -210,6 +212,37 @@ def test_a_folder_without_the_accepted_baseline_is_judged_by_its_arms(tmp_path: 
     follow_baseline(runs, "baseline", said.append)
     assert said and "(it was baseline_3000)" in said[0]
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["baseline", "baseline_3000"]
+
+
+def test_a_continued_attempt_is_not_taken_for_an_arm_of_another_baseline(tmp_path: Path) -> None:
+    """A first check whose baseline was continued: the continued attempt's init.json names the first
+    attempt, which is no sign that an earlier invocation accepted it."""
+    from freetumor_cli.core.fair import follow_baseline
+
+    runs = tmp_path / "runs"
+    for stage in ("baseline", "baseline_continued_3000"):
+        (runs / stage).mkdir(parents=True)
+    source = runs / "baseline" / "checkpoints" / "last"
+    (runs / "baseline_continued_3000" / "init.json").write_text(json.dumps({"source": str(source), "loaded": []}))
+    said: list[str] = []
+    follow_baseline(runs, "baseline_continued_3000", said.append)
+    assert not said
+
+
+def test_a_continued_attempt_starts_from_the_last_with_a_schedule_and_stream_of_its_own(tmp_path: Path) -> None:
+    from freetumor_cli.core.fair import baseline_config, baseline_steps
+
+    config = FairConfig()
+    first = baseline_config(config, 2)
+    more = baseline_config(replace(config, baseline_steps=config.baseline_steps // 2), 2 + 1000, init=tmp_path)
+    assert first.init is None and more.init == str(tmp_path)
+    assert (first.max_steps, more.max_steps) == (2000, 1000)
+    # 10 % warm-up in epochs of one step per labelled case.
+    assert more.warmup_epochs * config.labelled_cases == pytest.approx(100)
+    assert first.lr == more.lr and first.seed != more.seed
+    check = {"attempts": [{"steps": 2000}, {"steps": 3000}]}
+    assert baseline_steps(check, 2000) == "2000 steps, then 1000 more from its weights"
+    assert baseline_steps({"attempts": [{"steps": 2000}]}, 2000) == baseline_steps({}, 2000) == "2000 steps"
 
 
 def test_pooling_over_no_label_is_an_error(tmp_path: Path) -> None:
