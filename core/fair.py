@@ -467,7 +467,7 @@ def follow_baseline(runs: Path, accepted: str, step: Callable[[str], None]) -> N
 def _is_baseline(name: str) -> bool:
     """Whether a folder under ``runs`` is one of the baseline check's attempts."""
     # ``baseline_<steps>``: an earlier version's attempts, trained again from scratch.
-    return re.fullmatch(r"baseline(_continued)?(_\d+)?", name) is not None and name != "baseline_continued"
+    return re.fullmatch(r"baseline(_continued_\d+|_\d+)?", name) is not None
 
 
 def _recalls(prediction_dir: Path, truths: Sequence[tuple[str, np.ndarray]]) -> list[float]:

@@ -396,7 +396,7 @@ def set_up_run(
         "task_remap": {str(k): v for k, v in task.region_to_task().items()},
     }
     progress = start_run(
-        accelerator, out, resume=resume, tracker="train_seg",
+        accelerator, out, resume=resume, tracker="train_seg", optimizers=(optimizer,),
         files={"config.yaml": version_header("train-seg") + to_yaml(config), "labels.json": json.dumps(labels_json, indent=2) + "\n"},
         initial={
             "epoch": 0, "step": 0, "best_dice": -1.0, "qc_seen": 0, "qc_kept": 0, "validations": 0, "validated_at": 0,

@@ -295,7 +295,7 @@ def set_up_run(
         base_channels=gan.base_channels, adversarial_weight=gan.adversarial_weight,
     )  # fmt: skip
     progress = start_run(
-        accelerator, out, resume=resume, tracker="train_synth",
+        accelerator, out, resume=resume, tracker="train_synth", optimizers=(opt_g, opt_d),
         files={"config.yaml": version_header("train-synth") + to_yaml(resolved)},
         initial={"epoch": 0, "step": 0, "best": [-1.0, -1.0], "bad_samples": 0},
     )  # fmt: skip

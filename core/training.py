@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +220,11 @@ def start_run(
     files: Mapping[str, str],
     initial: dict[str, Any],
     tracker: str,
+    optimizers: Sequence[Any],
 ) -> dict[str, Any]:
     """Resume the saved state, or start the run folder: ``files`` (name -> text) are written first.
+    ``optimizers``: the prepared ones, whose update path a resume matches to the state it loads
+    (:func:`match_update_path`).
 
     ``metrics.jsonl`` keeps only the rows up to the saved step on a resume (a run killed after its last
     save would otherwise repeat steps), and starts empty on a new run.
@@ -231,7 +234,7 @@ def start_run(
     """
     progress = dict(initial)
     if resume:
-        progress = _resume_state(accelerator, out, initial)
+        progress = _resume_state(accelerator, out, initial, optimizers)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -262,7 +265,9 @@ def command_line() -> str:
     return shlex.join(args)
 
 
-def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any]) -> dict[str, Any]:
+def _resume_state(
+    accelerator: Accelerator, out: Path, initial: Mapping[str, Any], optimizers: Sequence[Any]
+) -> dict[str, Any]:
     """Load the saved state of ``out`` into the prepared objects; a state this run cannot take is an error."""
     hint = "resume with the settings the run started with (its config.yaml), or start a new run in another --out"
     folder = saved_state(out) or out / STATE
@@ -280,8 +285,8 @@ def _resume_state(accelerator: Accelerator, out: Path, initial: Mapping[str, Any
         raise InputError(
             f"cannot resume from {folder}: a damaged or unsafe file ({type(exc).__name__}: {first[:200]})", hint=hint
         ) from None
-    for optimizer in accelerator._optimizers:
-        match_update_path(optimizer.optimizer)
+    for optimizer in optimizers:
+        match_update_path(optimizer.optimizer)  # the torch optimizer inside Accelerate's wrapper
     return {**initial, **progress}
 
 

@@ -47,6 +47,8 @@ def test_paired_statistics() -> None:
 
 def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     pytest.importorskip("torch")
+    from freetumor_cli.core.training import read_metrics
+
     config = FairConfig.quick()
     said: list[str] = []
     text = run_experiment(tmp_path / "fair", config, step=said.append)
@@ -72,12 +74,13 @@ def test_every_stage_runs_in_quick_mode_and_resumes(tmp_path: Path) -> None:
     runs = tmp_path / "fair" / "seed_0" / "runs"
     continued = json.loads((runs / "baseline_continued_18" / "init.json").read_text())
     assert Path(continued["source"]).parents[1].name == "baseline"
-    # The continued attempt takes 6 steps of its own, on other crops than the first attempt's first 6.
+    # The continued attempt takes 6 steps of its own, from a seed of its own (which draws its crops), in
+    # another order than the first attempt's first 6.
+    assert "\nseed: 1000\n" in (runs / "baseline_continued_18" / "config.yaml").read_text()
     samples = {
-        name: [json.loads(line)["samples"] for line in (runs / name / "metrics.jsonl").read_text().splitlines()
-               if "samples" in json.loads(line)]
+        name: [row["samples"] for row in read_metrics(runs / name / "metrics.jsonl") if "samples" in row]
         for name in ("baseline", "baseline_continued_18")
-    }  # fmt: skip
+    }
     assert len(samples["baseline_continued_18"]) == 6 and samples["baseline_continued_18"] != samples["baseline"][:6]
     assert all(0 <= a["calibration_case_mean"] < 1 for a in check["attempts"])
     for arm in ("A", "D"):
