@@ -50,7 +50,7 @@ import numpy as np
 
 from freetumor_cli.core.errors import ConfigError, InputError, OutputExistsError
 from freetumor_cli.core.io import load_volume, save_volume
-from freetumor_cli.core.outputs import write_text_atomic
+from freetumor_cli.core.outputs import writable_folder, write_text_atomic
 from freetumor_cli.core.registry import ORGANS
 from freetumor_cli.core.synthesis_config import SIZE_CLASSES, SynthesisConfig
 
@@ -944,7 +944,7 @@ def markdown(seeds: Sequence[dict[str, Any]], config: FairConfig) -> str:
 
 def run_experiment(out_dir: str | Path, config: FairConfig, *, step: Callable[[str], None] = lambda _m: None) -> str:
     """Every seed (resumable), then the tables, also written to ``<out>/fair_toy.md`` and ``.json``."""
-    out = Path(out_dir)
+    out = writable_folder(out_dir)  # a file or a folder that cannot be written: one line, before any work
     seeds = [run_seed(out / f"seed_{s}", config, s, step=step) for s in config.seeds]
     text = markdown(seeds, config)
     write_text_atomic(out / "fair_toy.md", text + "\n")

@@ -248,6 +248,16 @@ def test_a_continued_attempt_starts_from_the_last_with_a_schedule_and_stream_of_
     assert baseline_steps({"attempts": [{"steps": 2000}]}, 2000) == baseline_steps({}, 2000) == "2000 steps"
 
 
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    from freetumor_cli.core.errors import InputError
+    from freetumor_cli.core.fair import run_experiment
+
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        run_experiment(tmp_path / "out", FairConfig.quick())
+    assert (tmp_path / "out").read_text() == "x"
+
+
 def test_pooling_over_no_label_is_an_error(tmp_path: Path) -> None:
     from freetumor_cli.core.errors import InputError
     from freetumor_cli.core.fair import pooled_dice
